@@ -1,0 +1,421 @@
+"""Pixels in, Qwen2.5-VL patches out: load -> crop -> resize -> rescale/normalize -> patchify.
+
+Reproduces, bit for bit, the pipeline the released Chain-of-Focus code and Qwen's own tooling run:
+  - `resize` is Pillow 13.0.0's `Image.resize` for 8-bit RGB (src/libImaging/Resample.c): double-precision filter
+    coefficients (antialiased on downscale), 22-bit fixed point, a uint8 image between the two separable passes, and
+    Pillow 13's pass order (vertical first when the height shrinks by more than twice what the width shrinks).
+  - `patchify` is transformers' Qwen2-VL image processor (models/qwen2_vl/image_processing_pil_qwen2_vl.py, PIL
+    backend) after its resize: float64 rescale by 1/255 -> float32, CLIP mean/std in float32, the image duplicated in
+    time, and the (t, bh, bw, mh, mw | c, tt, py, px) patch order -> `[grid_h*grid_w, 1176]` plus `grid_thw`.
+  - `smart_resize` is transformers' function of the same name, including the errors it raises.
+
+Two implementations of `crop_resize_patchify`: the torch reference below (CPU, the executable spec) and Triton kernels
+for CUDA tensors (further down, imported lazily so that this module works where triton is absent). Both produce the
+same bits; tests/test_crop_kernels.py checks the reference against Pillow and transformers and the kernels against the
+reference (under TRITON_INTERPRET=1 on a CPU). `python crop_kernels.py --bench` times everything; `--check` is the
+one-call GPU acceptance run (bit-exactness on CUDA + the benchmark).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import threading
+import warnings
+
+import numpy as np
+import torch
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning threshold (Image.MAX_IMAGE_PIXELS)
+PRECISION_BITS = 32 - 8 - 2  # Resample.c: fixed-point fraction bits for 8-bit images
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# smart_resize
+
+
+def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280):
+    """Target (h, w) for an image of `height` x `width`, exactly as transformers' Qwen2-VL `smart_resize` (v4.53+/v5).
+
+    Both sides become multiples of `factor`; the area is brought inside [min_pixels, max_pixels] keeping the aspect
+    ratio roughly. Python's round() is banker's rounding (70/28 = 2.5 -> 2). Raises ValueError, like transformers,
+    when the aspect ratio exceeds 200, and (a clearer error than transformers' ZeroDivisionError) for empty sides.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"smart_resize: image sides must be positive, got height={height}, width={width}")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading and PIL interop
+
+
+class ImageTooLargeError(ValueError):
+    """An image's pixel count exceeds the decompression-bomb limit given to `load_image`."""
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def to_pil(image_u8):
+    """uint8 [3, H, W] tensor -> PIL RGB image."""
+    from PIL import Image
+
+    _check_image(image_u8, "to_pil")
+    return Image.fromarray(image_u8.cpu().permute(1, 2, 0).contiguous().numpy(), mode="RGB")
+
+
+def from_pil(img):
+    """PIL RGB image -> uint8 [3, H, W] tensor (contiguous)."""
+    if img.mode != "RGB":
+        raise ValueError(f"from_pil expects an RGB image, got mode {img.mode!r}; use load_image for other modes")
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()  # [3, H, W]
+
+
+def load_image(source, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, exif_transpose=True):
+    """Load an image as uint8 RGB [3, H, W].
+
+    `source`: a path (str / os.PathLike), encoded bytes, a binary file object, or a PIL image.
+    Mode conversion follows transformers' `convert_to_rgb` (v5.23+): an image with an alpha band or a `transparency`
+    entry (P/L/RGB with a transparent colour) is converted to RGBA and alpha-composited onto opaque white; every other
+    mode goes through PIL's `convert("RGB")` (L, 1, CMYK, YCbCr, I;16, ...).
+    EXIF orientation policy: with `exif_transpose=True` (default) the EXIF Orientation tag is applied
+    (`PIL.ImageOps.exif_transpose`, as transformers' `load_image` does), so pixels and box coordinates refer to the image
+    as a viewer shows it; pass False to keep the stored pixel order.
+    Decompression bombs: images with more than `max_pixels` pixels (checked from the header, before decoding) raise
+    `ImageTooLargeError`; pass a larger `max_pixels` (or None for no limit) if the image is trusted.
+    """
+    from PIL import Image, ImageOps
+
+    if isinstance(source, Image.Image):
+        img = source
+        _check_pixel_limit(img.size, max_pixels, "the given PIL image")
+    else:
+        name = repr(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+        with _PIL_LIMIT_LOCK:  # our own limit replaces Pillow's global one while the header is read
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = Image.open(fp)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        _check_pixel_limit(img.size, max_pixels, name)
+        img.load()
+    if exif_transpose:
+        img = ImageOps.exif_transpose(img)
+    has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba).convert("RGB")
+    elif img.mode != "RGB":
+        img = img.convert("RGB")
+    return from_pil(img)
+
+
+def _check_pixel_limit(size, max_pixels, name):
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLargeError(
+            f"{name} is {w}x{h} = {w * h} pixels, above the decompression-bomb limit max_pixels={max_pixels}; "
+            f"if the file is trusted, call load_image(..., max_pixels={w * h}) or max_pixels=None"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_image(image, where):
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+        desc = f"{image.dtype} tensor of shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image)
+        raise ValueError(f"{where}: expected a uint8 RGB tensor [3, H, W], got {desc} (use load_image / from_pil)")
+
+
+def _as_int(v, what):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point():
+            return int(v)
+        raise ValueError(f"{what} must be an integer, got {v!r}; round pixel coordinates before cropping")
+    return int(v)
+
+
+def check_box(box, height, width):
+    """Validate an integer crop box (x0, y0, x1, y1) against an image of height x width; return it as ints."""
+    if isinstance(box, torch.Tensor):
+        box = box.tolist()
+    if len(box) != 4:
+        raise ValueError(f"box must be (x0, y0, x1, y1), got {box!r}")
+    x0, y0, x1, y1 = (_as_int(v, f"box coordinate {n}") for v, n in zip(box, ("x0", "y0", "x1", "y1")))
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"box {(x0, y0, x1, y1)} is empty or inverted: need x0 < x1 and y0 < y1")
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise ValueError(
+            f"box {(x0, y0, x1, y1)} lies outside the {width}x{height} (WxH) image: need 0 <= x0 < x1 <= {width} "
+            f"and 0 <= y0 < y1 <= {height}; clip the box first"
+        )
+    return x0, y0, x1, y1
+
+
+def check_size(size, factor=28):
+    """Validate a target (h, w) whose sides are positive multiples of `factor`; return it as ints."""
+    if len(size) != 2:
+        raise ValueError(f"size must be (h, w), got {size!r}")
+    h, w = (_as_int(v, "size") for v in size)
+    if h <= 0 or w <= 0 or h % factor or w % factor:
+        raise ValueError(
+            f"size (h, w) = {(h, w)} must be positive multiples of {factor} (patch_size * merge_size); "
+            f"use smart_resize to pick one"
+        )
+    return h, w
+
+
+def crop(image_u8, box):
+    """Crop the integer box (x0, y0, x1, y1) (x1, y1 exclusive, like PIL) out of uint8 [3, H, W] -> [3, y1-y0, x1-x0].
+
+    Raises ValueError for non-integer, empty, inverted or out-of-image boxes (PIL would silently pad with black).
+    Returns a view; call .contiguous() if you need one.
+    """
+    _check_image(image_u8, "crop")
+    x0, y0, x1, y1 = check_box(box, image_u8.shape[1], image_u8.shape[2])
+    return image_u8[:, y0:y1, x0:x1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pillow's resampling (Resample.c), reference
+
+
+def _bilinear(x):
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+def _bicubic(x):  # Keys cubic, a = -0.5; same operation order as Resample.c
+    a = -0.5
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _sinc(x):
+    if x == 0.0:
+        return 1.0
+    x = x * math.pi
+    return math.sin(x) / x  # libm sin, the same function Pillow's C code calls
+
+
+def _lanczos(x):  # Lanczos-3, evaluated per element with math.sin to match libm bit for bit
+    flat = [(_sinc(v) * _sinc(v / 3)) if (-3.0 <= v < 3.0) else 0.0 for v in np.asarray(x, np.float64).ravel()]
+    return np.array(flat, dtype=np.float64).reshape(np.shape(x))
+
+
+_FILTERS = {"bilinear": (_bilinear, 1.0), "bicubic": (_bicubic, 2.0), "lanczos": (_lanczos, 3.0)}
+
+
+def _resample_name(resample):
+    """Accept 'lanczos' / 'bicubic' / 'bilinear' (any case) or PIL.Image.Resampling members / their ints (1, 2, 3)."""
+    by_int = {1: "lanczos", 2: "bilinear", 3: "bicubic"}
+    if isinstance(resample, str) and resample.lower() in _FILTERS:
+        return resample.lower()
+    if isinstance(resample, (int, np.integer)) and int(resample) in by_int:
+        return by_int[int(resample)]
+    raise ValueError(f"resample must be one of 'lanczos', 'bicubic', 'bilinear' (or PIL's 1, 3, 2), got {resample!r}")
+
+
+def pil_coeffs(in_size, out_size, resample):
+    """Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for a full-range box [0, in_size).
+
+    Returns (xmin int32 [out], count int32 [out], weights int32 [out, ksize]) where output index i reads input indices
+    xmin[i] .. xmin[i]+count[i]-1 with 22-bit fixed-point weights (entries past count are 0).
+    Support grows with the downscale factor (antialiasing); taps outside the image are dropped and the rest
+    renormalized. Coefficients are computed in double exactly in Resample.c's operation order.
+    """
+    fn, support0 = _FILTERS[_resample_name(resample)]
+    scale = in_size / out_size  # (double)(in1 - in0) / outSize
+    filterscale = max(scale, 1.0)
+    support = support0 * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale  # [out]  (in0 = 0)
+    ss = 1.0 / filterscale
+    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)  # (int) truncates toward zero
+    xmax = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64) - xmin
+    k = np.zeros((out_size, ksize), dtype=np.float64)
+    ww = np.zeros(out_size, dtype=np.float64)
+    for j in range(ksize):  # sequential sum, as in C
+        valid = j < xmax
+        w = fn(((j + xmin).astype(np.float64) - center + 0.5) * ss)
+        w = np.where(valid, w, 0.0)
+        k[:, j] = w
+        ww = ww + w
+    k = np.where(ww[:, None] != 0.0, k / np.where(ww == 0.0, 1.0, ww)[:, None], k)
+    scaled = k * (1 << PRECISION_BITS)
+    fixed = np.trunc(np.where(k < 0, scaled - 0.5, scaled + 0.5)).astype(np.int32)  # round half away from zero
+    return xmin.astype(np.int32), xmax.astype(np.int32), fixed
+
+
+def pil_pass_order(in_hw, out_hw):
+    """Which separable passes Pillow 13.0.0 runs for an RGB resize, in order: a list drawn from 'h' and 'v'.
+
+    A pass is skipped when its side does not change; the vertical pass goes first when the height shrinks by more
+    than twice as many pixels as the width (ImagingResampleInner in Pillow 13; Pillow <= 12 is always h then v).
+    """
+    (H, W), (h, w) = in_hw, out_hw
+    order = ["v", "h"] if (H - h) > 0 and (H - h) > (W - w) * 2 else ["h", "v"]
+    return [p for p in order if (p == "h" and w != W) or (p == "v" and h != H)]
+
+
+def _resample_pass(img, axis, out_size, resample):
+    """One Pillow 8-bit pass along `axis` (2 = width, 1 = height) of a uint8 [3, H, W] tensor."""
+    xmin, count, wts = pil_coeffs(img.shape[axis], out_size, resample)
+    ksize = wts.shape[1]
+    idx = torch.from_numpy(np.minimum(xmin[:, None] + np.arange(ksize), img.shape[axis] - 1).astype(np.int64))
+    wts = torch.from_numpy(wts)  # [out, ksize] int32; zero past count, so the clamped indices add nothing
+    shape = list(img.shape)
+    shape[axis] = out_size
+    acc = torch.full(shape, 1 << (PRECISION_BITS - 1), dtype=torch.int32)  # [3, h|H, W|w]
+    wshape = [1, 1, 1]
+    wshape[axis] = out_size
+    for j in range(ksize):
+        acc += img.index_select(axis, idx[:, j]).to(torch.int32) * wts[:, j].view(wshape)
+    return (acc >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)  # clip8
+
+
+def resize(image_u8, size, resample="lanczos"):
+    """Resize uint8 [3, H, W] to size=(h, w), bit-identical to Pillow 13.0.0 `Image.resize((w, h), resample)`.
+
+    `resample`: 'lanczos' | 'bicubic' | 'bilinear'. CPU reference; any positive size.
+    """
+    _check_image(image_u8, "resize")
+    h, w = (_as_int(v, "size") for v in size)
+    if h <= 0 or w <= 0:
+        raise ValueError(f"resize: target size must be positive, got (h, w) = {(h, w)}")
+    name = _resample_name(resample)
+    img = image_u8.cpu()
+    for p in pil_pass_order(tuple(img.shape[1:]), (h, w)):
+        img = _resample_pass(img, 2 if p == "h" else 1, w if p == "h" else h, name)
+    return img.clone() if img is image_u8 else img.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Normalize + patchify, reference
+
+
+def normalize_lut(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, rescale=1 / 255):
+    """float32 [3, 256]: the normalized value of every uint8 level, computed as transformers' PIL backend does:
+    float64 multiply by `rescale`, cast to float32, then (x - mean) / std in float32."""
+    levels = torch.arange(256, dtype=torch.float64) * rescale  # [256]
+    x = levels.to(torch.float32)[None, :]  # [1, 256]
+    m = torch.tensor(mean, dtype=torch.float32)[:, None]  # [3, 1]
+    s = torch.tensor(std, dtype=torch.float32)[:, None]
+    return (x - m) / s  # [3, 256]
+
+
+def patchify(image, patch_size=14, temporal_patch_size=2, merge_size=2, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+    """Qwen2-VL `pixel_values` for one image already at its final size.
+
+    image: uint8 [3, h, w], or float [3, h, w] holding 0-255 pixel values (rescaled the same way), h and w multiples
+    of patch_size * merge_size. Returns (pixel_values float32 [h*w/p^2, 3*T*p*p], grid_thw int64 [1, 3] = (1, h/p, w/p)).
+    Row order: block-row, block-col, in-block row, in-block col; column order: channel, time copy, py, px.
+    """
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"patchify expects [3, h, w], got shape {tuple(image.shape)}")
+    _, h, w = image.shape
+    factor = patch_size * merge_size
+    check_size((h, w), factor)
+    x = image.cpu().to(torch.float64) * (1 / 255)  # transformers: astype(float64) * rescale_factor
+    x = x.to(torch.float32)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    x = (x - m) / s  # [3, h, w]
+    gh, gw, p, ms = h // patch_size, w // patch_size, patch_size, merge_size
+    x = x.view(3, gh // ms, ms, p, gw // ms, ms, p)  # [c, bh, mh, py, bw, mw, px]
+    x = x.permute(1, 4, 2, 5, 0, 3, 6)  # [bh, bw, mh, mw, c, py, px]
+    x = x.reshape(gh * gw, 3, 1, p, p).expand(gh * gw, 3, temporal_patch_size, p, p)  # [N, c, tt, py, px]
+    pixel_values = x.reshape(gh * gw, 3 * temporal_patch_size * p * p)  # [N, 1176]
+    return pixel_values, torch.tensor([[1, gh, gw]], dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batched entry point
+
+
+def _prepare(image, boxes, sizes, resample, out_dtype):
+    """Validate the batch; return (list of [3,H,W] images, per-crop image index, boxes, sizes, filter name)."""
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    for i, im in enumerate(images):
+        _check_image(im, f"crop_resize_patchify image {i}")
+        if im.device != images[0].device:
+            raise ValueError(f"all images must be on one device, image {i} is on {im.device} not {images[0].device}")
+    if isinstance(boxes, torch.Tensor):
+        boxes = boxes.tolist()
+    boxes, sizes = list(boxes), list(sizes)
+    if len(boxes) != len(sizes) or not boxes:
+        raise ValueError(f"need one size per box and at least one box, got {len(boxes)} boxes and {len(sizes)} sizes")
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
+    ids, checked = [], []
+    for n, b in enumerate(boxes):
+        if len(images) > 1:  # (image_index, x0, y0, x1, y1)
+            if len(b) != 5:
+                raise ValueError(f"box {n}: with several images each box is (image_index, x0, y0, x1, y1), got {b!r}")
+            k = _as_int(b[0], f"box {n} image index")
+            if not 0 <= k < len(images):
+                raise ValueError(f"box {n}: image index {k} out of range for {len(images)} images")
+            b = b[1:]
+        else:
+            k = 0
+        H, W = images[k].shape[1:]
+        try:
+            checked.append(check_box(b, H, W))
+        except ValueError as e:
+            raise ValueError(f"box {n}: {e}") from None
+        ids.append(k)
+    sizes = [check_size(s) for s in sizes]
+    return images, ids, checked, sizes, _resample_name(resample)
+
+
+def crop_resize_patchify(image, boxes, sizes, resample="lanczos", out_dtype=torch.float32):
+    """Crop each box, resize it with Pillow's filter, normalize and patchify; all crops in one `pixel_values`.
+
+    image: uint8 [3, H, W] on CPU or CUDA, or a list of them (then each box is (image_index, x0, y0, x1, y1)).
+    boxes: integer (x0, y0, x1, y1) per crop, in image pixels, x1/y1 exclusive.
+    sizes: (h, w) per crop, multiples of 28 (see smart_resize).
+    Returns (pixel_values [sum_i h_i*w_i/196, 1176] in out_dtype on the image's device,
+             grid_thw int64 [n, 3] on the CPU). CUDA images take the Triton kernels, CPU images the reference;
+    both give the same bits (bf16 = round-to-nearest-even of the float32 values).
+    """
+    images, ids, boxes, sizes, name = _prepare(image, boxes, sizes, resample, out_dtype)
+    grid = torch.tensor([[1, h // 14, w // 14] for h, w in sizes], dtype=torch.int64)
+    if images[0].is_cuda:
+        return _triton_crop_resize_patchify(images, ids, boxes, sizes, name, out_dtype), grid
+    return reference_crop_resize_patchify(images, ids, boxes, sizes, name, out_dtype), grid
+
+
+def reference_crop_resize_patchify(images, ids, boxes, sizes, resample, out_dtype=torch.float32):
+    """The reference chain for a validated batch (see crop_resize_patchify); returns pixel_values only."""
+    out = []
+    for k, box, size in zip(ids, boxes, sizes):
+        pv, _ = patchify(resize(crop(images[k].cpu(), box), size, resample))
+        out.append(pv)
+    return torch.cat(out).to(out_dtype)
+
+
+def _triton_crop_resize_patchify(images, ids, boxes, sizes, resample, out_dtype):
+    raise NotImplementedError("Triton path not written yet")

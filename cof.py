@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass, field, fields
 
 # ----------------------------------------------------------------------------------------------------------------
 # Released strings (eval/vstar/vllm_inference.py; identical in verl/recipe/zoomin/data_progress/prepare_zoomin_data.py)
@@ -248,3 +249,367 @@ def match_answer(pred, label, options=None):
         return _norm(pred) == texts.get(label)
     m = re.match(r"^\(?([A-Z])(?:[).:]|\s)", pred)
     return bool(m) and m.group(1) == label
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images: main-image resize, crop -> pixels (crop_kernels), the released fallbacks
+
+
+def prepare_main(image, cfg):
+    """Load (path / bytes / PIL / uint8 [3,H,W]) and LANCZOS-resize the main image to its smart_resize size."""
+    import crop_kernels as ck
+    import torch
+
+    img = image if isinstance(image, torch.Tensor) else ck.load_image(image)
+    h, w = main_size(img.shape[1], img.shape[2], cfg.min_pixels, cfg.max_pixels)
+    return img, ck.resize(img, (h, w), "lanczos")
+
+
+def _encode(img_u8, box, size, cfg, keep):
+    """Crop `box` of img_u8, LANCZOS-resize to `size`, then the checkpoint processor's own smart_resize (BICUBIC,
+    a no-op unless `size` is outside its pixel limits) -> (pixel_values, grid_thw [1,3], uint8 image or None)."""
+    import crop_kernels as ck
+
+    h, w = size
+    ph, pw = ck.smart_resize(h, w, FACTOR, cfg.processor_min_pixels, cfg.processor_max_pixels)
+    if (ph, pw) == (h, w):
+        pv, grid = ck.crop_resize_patchify(img_u8, [box], [size], resample="lanczos")
+        out = ck.resize(ck.crop(img_u8, box), size, "lanczos") if keep else None
+        return pv, grid, out
+    out = ck.resize(ck.resize(ck.crop(img_u8, box), size, "lanczos"), (ph, pw), "bicubic")
+    pv, grid = ck.patchify(out)
+    return pv, grid, out
+
+
+def zoom(main_u8, text, cfg, keep=False):
+    """What the environment sends back for a turn that contains <tool_call> (vllm_inference.do_crop + its caller).
+
+    Returns dict(box, status, message, pixel_values, grid, image, size). status: "ok" (crop of box), "none" (no
+    valid box: the whole image goes through the crop rule, i.e. re-sent at x2 within the pixel limits), "error"
+    (the parser or the crop rule raised: the resized main image is re-sent as it is). With cfg.invalid == "text"
+    every status but "ok" yields no image and `message` is sent as a text turn instead (RL tool behaviour)."""
+    H, W = main_u8.shape[1], main_u8.shape[2]
+    box, status, message = find_box(text, W, H, cfg.enlarge)
+    crop_box = box if status == "ok" else (0, 0, W, H)
+    size = None
+    if status != "error":
+        try:
+            size = zoom_size(crop_box, cfg.scaleup, cfg.crop_min_pixels, cfg.crop_max_pixels)
+        except (ValueError, ZeroDivisionError) as e:   # empty crop / aspect ratio > 200: do_crop's except branch
+            status, message = "error", f"Error: {e}"
+            size = None
+    if status == "error":
+        crop_box, size = (0, 0, W, H), (H, W)
+    out = dict(box=box, status=status, message=message, size=size, pixel_values=None, grid=None, image=None)
+    if status != "ok" and cfg.invalid == "text":
+        return out
+    out["pixel_values"], out["grid"], out["image"] = _encode(main_u8, crop_box, size, cfg, keep)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop: one KV cache per conversation, many conversations per batch
+
+
+@dataclass
+class CofConfig:
+    """Loop options; defaults are the released evaluation values (vllm_inference.py, inference_vstar.sh)."""
+    min_pixels: int = MAIN_MIN_PIXELS            # main image smart_resize
+    max_pixels: int = MAIN_MAX_PIXELS
+    enlarge: float = ENLARGE                     # box grown about its centre before cropping
+    scaleup: float = SCALEUP                     # crop upscale before smart_resize
+    crop_min_pixels: int = MAIN_MIN_PIXELS
+    crop_max_pixels: int = MAIN_MAX_PIXELS       # the RL tool uses 5120*28*28
+    processor_min_pixels: int = PROCESSOR_MIN_PIXELS
+    processor_max_pixels: int = PROCESSOR_MAX_PIXELS
+    max_turns: int = MAX_TURNS                   # generations per conversation (a tool call in the last one ends it)
+    max_new_tokens: int = MAX_NEW_TOKENS         # per turn
+    invalid: str = "image"                       # "image": released eval fallback; "text": error message turn (RL)
+    do_sample: bool = False                      # greedy by default; GRPO rollouts sample
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    system: bool = True                          # send SYSTEM_PROMPT (the released eval does)
+    keep_images: bool = False                    # keep uint8 images of main image and crops (traces, GRPO)
+
+    def __post_init__(self):
+        if self.invalid not in ("image", "text"):
+            raise ValueError(f"CofConfig.invalid must be 'image' or 'text', got {self.invalid!r}")
+        if self.max_turns < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"max_turns and max_new_tokens must be >= 1, got {self.max_turns}, {self.max_new_tokens}")
+        if self.enlarge < 1 or self.scaleup <= 0:
+            raise ValueError(f"need enlarge >= 1 and scaleup > 0, got {self.enlarge}, {self.scaleup}")
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown CofConfig keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass
+class Trajectory:
+    """One conversation. `ids` is every token in order (prompt, generated turns, environment turns), exactly the
+    sequence held in the KV cache, so a training forward over `ids` with `pixel_values` / `image_grid_thw` sees
+    what the sampler saw. `gen_mask[i]` is True for tokens the model generated (the loss tokens), False for the
+    prompt and for environment tokens (turn headers, crop tokens, USER_PROMPT, error text, a closing <|im_end|>
+    added after a turn cut at max_new_tokens). `logprobs[i]` is log p(ids[i]) under the model at temperature 1
+    for generated tokens, 0.0 elsewhere."""
+    question: str
+    ids: list
+    gen_mask: list
+    logprobs: list
+    prompt_len: int
+    pixel_values: object           # float [sum patches, 1176], images in order: main image, then crops
+    image_grid_thw: object         # int64 [n_images, 3]
+    turns: list                    # per generation: text, n_tokens, stop, tool_call, box, status, message, crop_size
+    answer: str                    # extract_answer of the final turn ("" when the turn limit ended it)
+    n_zooms: int                   # turns that called the tool (valid box or not)
+    n_generated: int
+    finished: bool                 # ended with a turn without tool call (False: turn limit)
+    original_size: tuple           # (H, W) given
+    main_size: tuple               # (h, w) the model saw
+    images: list = field(default_factory=list)   # uint8 main image + crops (cfg.keep_images)
+    group: int = 0                 # index of the question in the batch (rollouts: G rows per group)
+
+    def to_json(self):
+        """JSON-ready dict (no tensors) for results files."""
+        return dict(question=self.question, answer=self.answer, n_zooms=self.n_zooms, n_generated=self.n_generated,
+                    finished=self.finished, original_size=list(self.original_size), main_size=list(self.main_size),
+                    turns=self.turns)
+
+
+def _device(model):
+    dev = getattr(model, "device", None)
+    if dev is None:
+        dev = next(model.parameters()).device
+    return dev
+
+
+def _pick(logits, cfg, generator):
+    """Next token per row from logits [R, V] (model.sample_next: greedy, or temperature -> top-k -> top-p)
+    -> (ids [R], log p at temperature 1 [R])."""
+    import torch
+    import model as M
+
+    nxt = M.sample_next(logits, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, generator)      # [R]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt[:, None]).squeeze(-1)              # [R]
+    return nxt, logp
+
+
+class _Turns:
+    """Environment token chunks, rendered by model.tokenize_chat (the owner of the chat layout): each new turn is
+    the whole-conversation rendering minus the rendering of a one-message prefix, so the ids are exactly those
+    the chat template gives for the full conversation (special tokens split the text, so pieces never merge)."""
+
+    def __init__(self, tokenizer):
+        import model as M
+
+        self.tok, self.M = tokenizer, M
+        self.base = M.tokenize_chat(tokenizer, [{"role": "system", "content": "x"}])[0]
+        end = self.base.index(tokenizer.im_end_id)
+        self.sep = self.base[end + 1:]                     # what follows <|im_end|> before the next <|im_start|>
+
+    def turn(self, message, grid=None):
+        ids = self.M.tokenize_chat(self.tok, [{"role": "system", "content": "x"}, message], image_grid_thw=grid,
+                                   add_generation_prompt=True)[0]
+        assert ids[:len(self.base)] == self.base, "tokenize_chat prefix changed: cannot splice turns"
+        return ids[len(self.base):]
+
+    def after_assistant(self, stop_token, message, grid=None):
+        """Env tokens after a turn that ended with `stop_token` (None: cut at max_new_tokens)."""
+        close = [] if stop_token == self.tok.im_end_id else [self.tok.im_end_id]
+        return close + self.sep + self.turn(message, grid)
+
+
+class _Progress:
+    """A hand-written progress bar on stderr (tqdm is not a runtime dependency)."""
+
+    def __init__(self, total, desc="", enabled=True):
+        import sys
+        import time
+
+        self.total, self.desc, self.n, self.enabled = total, desc, 0, enabled and total > 0
+        self.t0, self.stream, self.time = time.time(), sys.stderr, time.time
+
+    def update(self, k=1, note=""):
+        self.n += k
+        if not self.enabled:
+            return
+        el = self.time() - self.t0
+        frac = self.n / self.total
+        eta = el / frac - el if frac > 0 else 0.0
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        self.stream.write(f"\r{self.desc} [{bar}] {self.n}/{self.total} {el:6.1f}s eta {eta:6.1f}s {note}  ")
+        self.stream.flush()
+        if self.n >= self.total:
+            self.stream.write("\n")
+
+
+def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=None, messages=None, on_turn=None):
+    """Run the Chain-of-Focus loop for a batch of questions on one KV cache.
+
+    images: per question a path / bytes / PIL image / uint8 [3,H,W] (the original image; it is smart-resized here).
+    questions: per question the text (V* style: options and the answer hint already in it).
+    group_size: G trajectories per question (GRPO): the shared prompt is prefilled once and the cache is copied
+      with cache.repeat_interleave(G); use cfg.do_sample=True and a torch.Generator for distinct samples.
+    messages: optional per question first-turn message list (default build_messages(question, cfg.system)).
+    on_turn: optional callback(row, turn_dict) called when a turn ends (the CLI prints with it).
+    Returns one Trajectory per row, rows ordered question-major (question i's G samples are rows i*G .. i*G+G-1).
+    """
+    import torch
+
+    with torch.no_grad():
+        return _run(model, tokenizer, images, questions, cfg, group_size, generator, messages, on_turn)
+
+
+def _run(model, tokenizer, images, questions, cfg, group_size, generator, messages, on_turn):
+    import time
+
+    import torch
+    import model as M
+
+    cfg = cfg or CofConfig()
+    tok = tokenizer
+    dev = _device(model)
+    turns_tpl = _Turns(tok)
+    stop_ids = {i for i in (tok.im_end_id, getattr(tok, "eos_id", None), getattr(tok, "pad_id", None)) if i is not None}
+    B, G = len(questions), group_size
+    if len(images) != B:
+        raise ValueError(f"got {len(images)} images for {B} questions")
+
+    # ---- prompts: main image resize, vision inputs, chat tokens
+    rows = []
+    for b in range(B):
+        orig, main = prepare_main(images[b], cfg)
+        h, w = main.shape[1:]
+        pv, grid, img = _encode(main, (0, 0, w, h), (h, w), cfg, keep=cfg.keep_images)
+        msgs = messages[b] if messages is not None else build_messages(questions[b], cfg.system)
+        ids, _ = M.tokenize_chat(tok, msgs, image_grid_thw=grid, add_generation_prompt=True)
+        rows.append(dict(main=main, orig_size=tuple(orig.shape[1:]), ids=list(ids), gen=[False] * len(ids),
+                         lp=[0.0] * len(ids), pv=[pv], grid=[grid], imgs=[img] if cfg.keep_images else [],
+                         prompt_len=len(ids)))
+
+    cache = model.new_cache(B)
+    chunk, mask = _pad([r["ids"] for r in rows], tok.pad_id)
+    logits = model.extend(cache, chunk.to(dev), mask=mask.to(dev),
+                          pixel_values=torch.cat([r["pv"][0] for r in rows]).to(dev),
+                          image_grid_thw=torch.cat([r["grid"][0] for r in rows]).to(dev), last_only=True)  # [B,1,V]
+    if G > 1:
+        cache.repeat_interleave(G)
+        logits = logits.repeat_interleave(G, dim=0)
+    R = B * G
+    st = []
+    for r in range(R):
+        src = rows[r // G]
+        st.append(dict(src=src, ids=list(src["ids"]), gen=list(src["gen"]), lp=list(src["lp"]), pv=list(src["pv"]),
+                       grid=list(src["grid"]), imgs=list(src["imgs"]), turn=[], turn_lp=[], turns=[], n_zooms=0,
+                       done=False, finished=False, answer="", t0=time.time()))
+
+    live = list(range(R))             # cache row -> trajectory row
+    while live:
+        nxt, lp = _pick(logits[:, -1], cfg, generator)                          # [len(live)]
+        nxt, lp = nxt.tolist(), lp.tolist()
+        chunks, imgs_pv, imgs_grid = [], [], []
+        for c, r in enumerate(live):
+            s = st[r]
+            if s["done"]:                  # finished, still in the cache until the next compaction
+                chunks.append([])
+                continue
+            t = nxt[c]
+            s["turn"].append(t)
+            s["turn_lp"].append(lp[c])
+            stopped = t in stop_ids
+            if not stopped and len(s["turn"]) < cfg.max_new_tokens:
+                chunks.append([t])
+                continue
+            # ---- the turn ended: record it, then either finish or build the environment's reply
+            body = s["turn"][:-1] if stopped else s["turn"]
+            text = tok.decode(body, skip_special_tokens=True)
+            s["ids"] += s["turn"]
+            s["gen"] += [True] * len(s["turn"])
+            s["lp"] += s["turn_lp"]
+            info = dict(text=text, n_tokens=len(s["turn"]), stop="eos" if stopped else "length",
+                        tool_call=has_tool_call(text))
+            s["turn"], s["turn_lp"] = [], []
+            s["turns"].append(info)
+            if info["tool_call"] and len(s["turns"]) < cfg.max_turns:
+                z = zoom(s["src"]["main"], text, cfg, keep=cfg.keep_images)
+                s["n_zooms"] += 1
+                info.update(box=z["box"], status=z["status"], message=z["message"],
+                            crop_size=list(z["size"]) if z["size"] else None)
+                if z["pixel_values"] is None:
+                    env = turns_tpl.after_assistant(t if stopped else None, error_message(z["message"]))
+                else:
+                    env = turns_tpl.after_assistant(t if stopped else None, zoom_message(), z["grid"])
+                    imgs_pv.append(z["pixel_values"])
+                    imgs_grid.append(z["grid"])
+                    s["pv"].append(z["pixel_values"])
+                    s["grid"].append(z["grid"])
+                    if cfg.keep_images:
+                        s["imgs"].append(z["image"])
+                s["ids"] += env
+                s["gen"] += [False] * len(env)
+                s["lp"] += [0.0] * len(env)
+                chunks.append([t] + env)
+            else:
+                if info["tool_call"]:
+                    s["n_zooms"] += 1          # the turn limit: this call is never executed (released loop)
+                    info.update(box=parse_zoom(text, s["src"]["main"].shape[2], s["src"]["main"].shape[1],
+                                               cfg.enlarge), status="limit", message="turn limit reached")
+                s["finished"] = not info["tool_call"]
+                s["answer"] = extract_answer(text) if s["finished"] else ""
+                s["done"] = True
+                s["seconds"] = time.time() - s["t0"]
+                chunks.append([])
+            if on_turn is not None:
+                on_turn(r, info)
+        # drop finished rows from the cache when enough of them have piled up
+        dead = [c for c, r in enumerate(live) if st[r]["done"]]
+        if len(dead) == len(live):
+            break
+        if dead and len(dead) >= max(1, len(live) // 4):
+            keep = [c for c, r in enumerate(live) if not st[r]["done"]]
+            cache.select(keep)
+            live = [live[c] for c in keep]
+            chunks = [chunks[c] for c in keep]
+        # chunks whose row already finished (kept in the cache for now) are empty: all-padding
+        chunk, mask = _pad([ch for ch in chunks], tok.pad_id)
+        kw = {}
+        if imgs_pv:
+            kw = dict(pixel_values=torch.cat(imgs_pv).to(dev), image_grid_thw=torch.cat(imgs_grid).to(dev))
+        logits = model.extend(cache, chunk.to(dev), mask=mask.to(dev), last_only=True, **kw)   # [len(live),1,V]
+
+    out = []
+    for r, s in enumerate(st):
+        n_gen = sum(s["gen"])
+        out.append(Trajectory(
+            question=questions[r // G], ids=s["ids"], gen_mask=s["gen"], logprobs=s["lp"],
+            prompt_len=s["src"]["prompt_len"], pixel_values=torch.cat(s["pv"]), image_grid_thw=torch.cat(s["grid"]),
+            turns=s["turns"], answer=s["answer"], n_zooms=s["n_zooms"], n_generated=n_gen, finished=s["finished"],
+            original_size=s["src"]["orig_size"], main_size=tuple(s["src"]["main"].shape[1:]),
+            images=s["imgs"], group=r // G))
+    return out
+
+
+def _pad(seqs, pad_id):
+    """Right-pad token lists -> (ids [B, L] long, mask [B, L] bool); an empty list becomes an all-padding row."""
+    import torch
+
+    L = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = True
+    return ids, mask
+
+
+def rollouts(model, tokenizer, images, questions, group_size, cfg=None, generator=None, **overrides):
+    """GRPO rollouts: G sampled trajectories per question (temperature 1.0 by default, as the RL recipe samples).
+    Same loop as evaluation; see Trajectory for ids / gen_mask / images."""
+    base = cfg or CofConfig(do_sample=True)
+    cfg = CofConfig.from_dict({**{f.name: getattr(base, f.name) for f in fields(CofConfig)}, **overrides})
+    return run(model, tokenizer, images, questions, cfg, group_size=group_size, generator=generator)

@@ -17,6 +17,7 @@ one-call GPU acceptance run (bit-exactness on CUDA + the benchmark).
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -239,6 +240,7 @@ def _resample_name(resample):
     raise ValueError(f"resample must be one of 'lanczos', 'bicubic', 'bilinear' (or PIL's 1, 3, 2), got {resample!r}")
 
 
+@functools.lru_cache(maxsize=4096)
 def pil_coeffs(in_size, out_size, resample):
     """Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for a full-range box [0, in_size).
 
@@ -267,7 +269,10 @@ def pil_coeffs(in_size, out_size, resample):
     k = np.where(ww[:, None] != 0.0, k / np.where(ww == 0.0, 1.0, ww)[:, None], k)
     scaled = k * (1 << PRECISION_BITS)
     fixed = np.trunc(np.where(k < 0, scaled - 0.5, scaled + 0.5)).astype(np.int32)  # round half away from zero
-    return xmin.astype(np.int32), xmax.astype(np.int32), fixed
+    out = (xmin.astype(np.int32), xmax.astype(np.int32), fixed)
+    for a in out:
+        a.flags.writeable = False  # cached: shared between callers
+    return out
 
 
 def pil_pass_order(in_hw, out_hw):
@@ -286,7 +291,7 @@ def _resample_pass(img, axis, out_size, resample):
     xmin, count, wts = pil_coeffs(img.shape[axis], out_size, resample)
     ksize = wts.shape[1]
     idx = torch.from_numpy(np.minimum(xmin[:, None] + np.arange(ksize), img.shape[axis] - 1).astype(np.int64))
-    wts = torch.from_numpy(wts)  # [out, ksize] int32; zero past count, so the clamped indices add nothing
+    wts = torch.from_numpy(wts.copy())  # [out, ksize] int32; zero past count, so the clamped indices add nothing
     shape = list(img.shape)
     shape[axis] = out_size
     acc = torch.full(shape, 1 << (PRECISION_BITS - 1), dtype=torch.int32)  # [3, h|H, W|w]
@@ -417,5 +422,225 @@ def reference_crop_resize_patchify(images, ids, boxes, sizes, resample, out_dtyp
     return torch.cat(out).to(out_dtype)
 
 
-def _triton_crop_resize_patchify(images, ids, boxes, sizes, resample, out_dtype):
-    raise NotImplementedError("Triton path not written yet")
+def triton_crop_resize_patchify(image, boxes, sizes, resample="lanczos", out_dtype=torch.float32, **blocks):
+    """crop_resize_patchify through the Triton kernels wherever the tensors are (CUDA, or CPU with TRITON_INTERPRET=1).
+
+    Same arguments and result as crop_resize_patchify; `blocks` overrides the launch tiling (BP, BQ, BLOCK2).
+    """
+    images, ids, boxes, sizes, name = _prepare(image, boxes, sizes, resample, out_dtype)
+    grid = torch.tensor([[1, h // 14, w // 14] for h, w in sizes], dtype=torch.int64)
+    return _triton_crop_resize_patchify(images, ids, boxes, sizes, name, out_dtype, **blocks), grid
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Triton kernels (CUDA; CPU under TRITON_INTERPRET=1)
+#
+# Two launches per batch, because Pillow rounds to uint8 between its separable passes:
+#   pass 1: for every crop, Pillow's first pass (horizontal or vertical, per pil_pass_order) from the source image into
+#           a uint8 workspace [3, P, Q] per crop (an identity pass when that side keeps its size).
+#   pass 2: the second pass from the workspace, then uint8 -> normalized value through a [3, 256] table holding the
+#           output dtype's bit patterns (float32 or bf16, rounded on the host by torch, so the kernel only moves bits),
+#           stored twice (the two temporal copies) straight into pixel_values.
+# Filter weights are Pillow's int32 22-bit tables from pil_coeffs (host), accumulated in int32 as Resample.c does.
+#
+# Output index map (kernels.md 1.1), patch p=14, merge m=2, T=2, for one crop of h x w with gw2 = w / 28:
+#   unique value e = r*588 + c*196 + py*14 + px   (r: patch row of this crop, c: channel)
+#   mw = r % 2, mh = (r // 2) % 2, wb = (r // 4) % gw2, hb = r // (4*gw2)
+#   y = (2*hb + mh)*14 + py,  x = (2*wb + mw)*14 + px
+#   pixel_values[row0 + r, c*392 + tt*196 + py*14 + px] = lut[c, pixel(c, y, x)]  for tt in {0, 1}
+
+_M1 = ("src_off", "chan_stride", "row_stride", "P", "Q", "ws_off", "axis_h", "tb", "wb", "ks", "n_tp", "n_tq")
+_M2 = ("ws_off", "P", "Q", "gw2", "axis_h", "tb", "wb", "ks", "row0", "n")
+_KERNELS = {}
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _kernels():
+    """Define the Triton kernels on first use (after TRITON_INTERPRET is read), cached per interpreter setting."""
+    key = _interpreting()
+    if key in _KERNELS:
+        return _KERNELS[key]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def pass1_kernel(src_ptr, ws_ptr, bounds_ptr, wts_ptr, meta_ptr, prog_ptr,
+                     NM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr):
+        pid = tl.program_id(0)
+        crop = tl.load(prog_ptr + 2 * pid)
+        blk = tl.load(prog_ptr + 2 * pid + 1)
+        m = meta_ptr + crop * NM
+        src_off = tl.load(m + 0)
+        chan_stride = tl.load(m + 1)
+        row_stride = tl.load(m + 2)
+        P = tl.load(m + 3)
+        Q = tl.load(m + 4)
+        ws_off = tl.load(m + 5)
+        axis_h = tl.load(m + 6)
+        tb = tl.load(m + 7)
+        wb = tl.load(m + 8)
+        ks = tl.load(m + 9)
+        n_tp = tl.load(m + 10)
+        n_tq = tl.load(m + 11)
+        c = blk // (n_tp * n_tq)
+        tp = (blk // n_tq) % n_tp
+        tq = blk % n_tq
+        p = tp * BP + tl.arange(0, BP)[:, None]  # [BP, 1] workspace row
+        q = tq * BQ + tl.arange(0, BQ)[None, :]  # [1, BQ] workspace col
+        inside = (p < P) & (q < Q)  # [BP, BQ]
+        src = src_ptr + src_off + c * chan_stride
+        acc = tl.full((BP, BQ), 2097152, tl.int32)  # 1 << (PRECISION_BITS - 1)
+        if axis_h != 0:  # resample along width: output col q reads source cols xmin[q] + j of source row p
+            qm = q < Q
+            xmin = tl.load(bounds_ptr + 2 * (tb + q), mask=qm, other=0)  # [1, BQ]
+            cnt = tl.load(bounds_ptr + 2 * (tb + q) + 1, mask=qm, other=0)
+            base = src + p * row_stride + xmin  # [BP, BQ]
+            for j in range(ks):
+                w = tl.load(wts_ptr + wb + q * ks + j, mask=qm & (j < cnt), other=0)  # [1, BQ]
+                v = tl.load(base + j, mask=inside & (j < cnt), other=0)  # [BP, BQ] uint8
+                acc += v.to(tl.int32) * w
+        else:  # resample along height: output row p reads source rows xmin[p] + j at col q
+            pm = p < P
+            xmin = tl.load(bounds_ptr + 2 * (tb + p), mask=pm, other=0)  # [BP, 1]
+            cnt = tl.load(bounds_ptr + 2 * (tb + p) + 1, mask=pm, other=0)
+            base = src + xmin * row_stride + q  # [BP, BQ]
+            for j in range(ks):
+                w = tl.load(wts_ptr + wb + p * ks + j, mask=pm & (j < cnt), other=0)  # [BP, 1]
+                v = tl.load(base + j * row_stride, mask=inside & (j < cnt), other=0)
+                acc += v.to(tl.int32) * w
+        out = tl.minimum(tl.maximum(acc >> 22, 0), 255).to(tl.uint8)  # clip8
+        tl.store(ws_ptr + ws_off + c * P * Q + p * Q + q, out, mask=inside)
+
+    @triton.jit
+    def pass2_kernel(ws_ptr, out_ptr, lut_ptr, bounds_ptr, wts_ptr, meta_ptr, prog_ptr,
+                     NM: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        crop = tl.load(prog_ptr + 2 * pid)
+        blk = tl.load(prog_ptr + 2 * pid + 1)
+        m = meta_ptr + crop * NM
+        ws_off = tl.load(m + 0)
+        P = tl.load(m + 1)
+        Q = tl.load(m + 2)
+        gw2 = tl.load(m + 3)
+        axis_h = tl.load(m + 4)
+        tb = tl.load(m + 5)
+        wb = tl.load(m + 6)
+        ks = tl.load(m + 7)
+        row0 = tl.load(m + 8)
+        n = tl.load(m + 9)
+        e = blk * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] unique output values of this crop, in output order
+        inside = e < n
+        r = e // 588
+        c = (e // 196) % 3
+        pix = e % 196
+        py = pix // 14
+        px = pix % 14
+        blk4 = r // 4
+        y = (2 * (blk4 // gw2) + (r // 2) % 2) * 14 + py
+        x = (2 * (blk4 % gw2) + r % 2) * 14 + px
+        ws = ws_ptr + ws_off + c * P * Q
+        o = tl.where(axis_h != 0, x, y)  # output index along the resampled axis
+        u = tl.where(axis_h != 0, y, x)  # index along the other axis
+        u_stride = tl.where(axis_h != 0, Q, 1)
+        tap_stride = tl.where(axis_h != 0, 1, Q)
+        xmin = tl.load(bounds_ptr + 2 * (tb + o), mask=inside, other=0)
+        cnt = tl.load(bounds_ptr + 2 * (tb + o) + 1, mask=inside, other=0)
+        base = ws + u * u_stride + xmin * tap_stride
+        acc = tl.full((BLOCK,), 2097152, tl.int32)
+        for j in range(ks):
+            mj = inside & (j < cnt)
+            w = tl.load(wts_ptr + wb + o * ks + j, mask=mj, other=0)
+            v = tl.load(base + j * tap_stride, mask=mj, other=0)
+            acc += v.to(tl.int32) * w
+        v8 = tl.minimum(tl.maximum(acc >> 22, 0), 255)  # clip8
+        val = tl.load(lut_ptr + c * 256 + v8, mask=inside, other=0)  # output dtype's bit pattern
+        dst = out_ptr + (row0 + r).to(tl.int64) * 1176 + c * 392 + pix
+        tl.store(dst, val, mask=inside)
+        tl.store(dst + 196, val, mask=inside)
+
+    _KERNELS[key] = (pass1_kernel, pass2_kernel)
+    return _KERNELS[key]
+
+
+def _identity_coeffs(n):
+    return np.arange(n, dtype=np.int32), np.ones(n, np.int32), np.full((n, 1), 1 << PRECISION_BITS, np.int32)
+
+
+def _plan(shapes, offsets, ids, boxes, sizes, resample, BP, BQ, BLOCK2):
+    """Host side of the Triton path: per-crop pass tables, metadata rows and program -> (crop, block) maps (numpy)."""
+    bounds, wts, meta1, meta2, prog1, prog2 = [], [], [], [], [], []
+    n_b = n_w = ws_total = rows = 0
+    for i, (k, (x0, y0, x1, y1), (h, w)) in enumerate(zip(ids, boxes, sizes)):
+        H, W = y1 - y0, x1 - x0
+        order = pil_pass_order((H, W), (h, w))
+        first = order[0] if order else "h"
+        second = "v" if first == "h" else "h"
+        P, Q = (H, w) if first == "h" else (h, W)
+        tabs = []
+        for axis, n_in, n_out in ((first, W if first == "h" else H, w if first == "h" else h),
+                                  (second, P if second == "v" else Q, h if second == "v" else w)):
+            co = pil_coeffs(n_in, n_out, resample) if axis in order else _identity_coeffs(n_out)
+            tabs.append((n_b, n_w, co[2].shape[1]))
+            bounds.append(np.stack([co[0], co[1]], 1).ravel())
+            wts.append(co[2].ravel())
+            n_b += n_out
+            n_w += co[2].size
+        n_tp, n_tq = -(-P // BP), -(-Q // BQ)
+        imH, imW = shapes[k]
+        meta1.append((offsets[k] + y0 * imW + x0, imH * imW, imW, P, Q, ws_total, int(first == "h"), *tabs[0],
+                      n_tp, n_tq))
+        meta2.append((ws_total, P, Q, w // 28, int(second == "h"), *tabs[1], rows, 3 * h * w))
+        prog1.append(np.stack([np.full(3 * n_tp * n_tq, i), np.arange(3 * n_tp * n_tq)], 1))
+        nb2 = -(-3 * h * w // BLOCK2)
+        prog2.append(np.stack([np.full(nb2, i), np.arange(nb2)], 1))
+        ws_total += 3 * P * Q
+        rows += h * w // 196
+    if max(ws_total, offsets[-1] + 3 * shapes[-1][0] * shapes[-1][1], n_w) >= 2**31:
+        raise ValueError("batch too large for int32 indexing: split it into several calls")
+    cat = lambda xs: np.ascontiguousarray(np.concatenate(xs).astype(np.int32))
+    return dict(bounds=cat(bounds), wts=cat(wts), meta1=np.array(meta1, np.int32), meta2=np.array(meta2, np.int32),
+                prog1=cat(prog1), prog2=cat(prog2), ws_total=ws_total, rows=rows)
+
+
+def _lut_bits(out_dtype, device):
+    """[3, 256] normalized values in out_dtype, viewed as same-width ints (the kernels copy bits)."""
+    lut = normalize_lut().to(out_dtype)
+    return lut.view(torch.int32 if out_dtype == torch.float32 else torch.int16).contiguous().to(device)
+
+
+_WARNED = []
+
+
+def _triton_crop_resize_patchify(images, ids, boxes, sizes, resample, out_dtype, BP=None, BQ=None, BLOCK2=None):
+    device = images[0].device
+    try:
+        pass1, pass2 = _kernels()
+    except ImportError:
+        if not _WARNED:
+            warnings.warn("triton is not installed: crop_resize_patchify runs the CPU reference for CUDA images")
+            _WARNED.append(1)
+        cpu = [im.cpu() for im in images]
+        return reference_crop_resize_patchify(cpu, ids, boxes, sizes, resample, out_dtype).to(device)
+    big = _interpreting()  # the interpreter pays per program: few, large programs
+    BP, BQ, BLOCK2 = BP or (64 if big else 8), BQ or (128 if big else 128), BLOCK2 or (65536 if big else 1024)
+    if len(images) == 1:
+        src = images[0].contiguous()
+        offsets = [0]
+    else:  # one flat buffer so one pointer covers every source image
+        src = torch.cat([im.reshape(-1) for im in images])
+        offsets = np.cumsum([0] + [im.numel() for im in images[:-1]]).tolist()
+    shapes = [tuple(im.shape[1:]) for im in images]
+    plan = _plan(shapes, offsets, ids, boxes, sizes, resample, BP, BQ, BLOCK2)
+    t = {k: torch.from_numpy(v).to(device) for k, v in plan.items() if isinstance(v, np.ndarray)}
+    ws = torch.empty(plan["ws_total"], dtype=torch.uint8, device=device)
+    out = torch.empty(plan["rows"], 1176, dtype=torch.int32 if out_dtype == torch.float32 else torch.int16,
+                      device=device)
+    lut = _lut_bits(out_dtype, device)
+    pass1[(plan["prog1"].shape[0],)](src, ws, t["bounds"], t["wts"], t["meta1"], t["prog1"],
+                                      NM=len(_M1), BP=BP, BQ=BQ)
+    pass2[(plan["prog2"].shape[0],)](ws, out, lut, t["bounds"], t["wts"], t["meta2"], t["prog2"],
+                                      NM=len(_M2), BLOCK=BLOCK2)
+    return out.view(out_dtype)

@@ -217,3 +217,58 @@ def test_load_image_modes_alpha_exif_and_bomb_limit(tmp_path):
     with pytest.raises(ck.ImageTooLargeError, match=r"10x4 = 40 pixels.*max_pixels=40"):
         ck.load_image(buf.getvalue(), max_pixels=39)
     assert ck.load_image(buf.getvalue(), max_pixels=None).shape == (3, 10, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter (CPU tensors), against the reference
+
+TRITON_BOXES = [(0, 0, 90, 70), (10, 5, 40, 65), (60, 0, 90, 28), (89, 0, 90, 70), (0, 69, 90, 70), (30, 30, 58, 56),
+                (2, 40, 9, 45), (50, 10, 78, 70)]
+TRITON_SIZES = [(56, 84), (28, 28), (28, 28), (28, 28), (28, 56), (56, 28), (56, 56), (28, 28)]
+# whole image (v first, downscale), 30x60 -> 28x28 (v first), horizontal only, 1-px column (v first, then 1 -> 28 up),
+# 1-px row (h first, up), 28x26 -> 28x56 (vertical only, up), 7x5 -> 56x56 (h then v, up), 28x60 (vertical only, down)
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def test_triton_cases_cover_every_pass_order():
+    orders = {tuple(ck.pil_pass_order((b[3] - b[1], b[2] - b[0]), s)) for b, s in zip(TRITON_BOXES, TRITON_SIZES)}
+    assert orders == {("h", "v"), ("v", "h"), ("h",), ("v",)} and len(TRITON_BOXES) == len(TRITON_SIZES)
+
+
+@pytest.mark.parametrize("resample", list(PIL_FILTERS))
+def test_triton_bit_identical_to_reference(interpret, resample):
+    img = _rand_image(np.random.default_rng(11), 70, 90)
+    got, grid = ck.triton_crop_resize_patchify(img, TRITON_BOXES, TRITON_SIZES, resample)
+    want, want_grid = ck.crop_resize_patchify(img, TRITON_BOXES, TRITON_SIZES, resample)
+    assert got.dtype == torch.float32 and torch.equal(grid, want_grid)
+    assert torch.equal(got, want), f"max diff {(got - want).abs().max()}"
+
+
+def test_triton_bf16_small_blocks_and_several_images(interpret):
+    """bf16 output is round-to-nearest-even of the float32 values; small tiles exercise the multi-program masking;
+    an image with nothing to resize (crop size == target) and several source images in one launch."""
+    rng = np.random.default_rng(12)
+    a, b = _rand_image(rng, 40, 33), _rand_image(rng, 56, 28)
+    boxes, sizes = [(0, 0, 0, 33, 40), (1, 0, 0, 28, 56), (0, 5, 12, 33, 40)], [(56, 28), (56, 28), (28, 28)]
+    got, _ = ck.triton_crop_resize_patchify([a, b], boxes, sizes, "bicubic", torch.bfloat16, BP=8, BQ=16, BLOCK2=1024)
+    want, _ = ck.crop_resize_patchify([a, b], boxes, sizes, "bicubic", torch.float32)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+    assert not torch.equal(got.float(), want)  # bf16 really rounds: the check above is not vacuous
+
+
+def test_import_and_cpu_path_without_triton():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, crop_kernels as ck\n"
+            "pv, g = ck.crop_resize_patchify(torch.zeros(3, 30, 30, dtype=torch.uint8), [(0, 0, 30, 30)], [(28, 28)])\n"
+            "assert pv.shape == (4, 1176) and g.tolist() == [[1, 2, 2]]\n")
+    root = str(__import__("pathlib").Path(ck.__file__).parent)
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)

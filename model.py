@@ -1,0 +1,1210 @@
+"""Qwen2.5-VL written directly against Hugging Face safetensors checkpoints.
+
+Mirrors transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py (Qwen2_5_VLForConditionalGeneration, v5.24 math, which
+is the v4.49+ math for images) and the Qwen2.5-VL chat template + processor (processing_qwen2_5_vl.py):
+
+- config:   `ModelConfig.from_hf(dict)` reads both config.json layouts (hub flat layout with `rope_scaling.mrope_section`
+            and legacy vision keys; the nested `text_config` layout transformers 5 writes).
+- weights:  `Qwen25VL.from_pretrained(dir_or_hub_id)`: single file or sharded index, an explicit name -> shape table,
+            loaded tensor by tensor straight into the requested dtype/device.
+- vision:   Conv3d patch embed, 2-D rotary, window attention batched per layer (windows padded into one SDPA call),
+            full-attention blocks per image frame, RMSNorm, SwiGLU with bias, 2x2 patch merger.
+- text:     Qwen2 decoder (GQA, q/k/v bias), M-RoPE with 3-D position ids, image features scattered into
+            <|image_pad|> slots, left padding / arbitrary attention masks.
+- cache:    `KVCache` + `Qwen25VL.extend` append ragged chunks (with new images) per row; `generate` is built on it.
+- chat:     `Tokenizer` (tokenizer.json via `tokenizers`) and `tokenize_chat` (Qwen2.5-VL chat layout, assistant mask).
+- tests:    `make_tiny` writes a random HF-format model directory that transformers also loads.
+
+Run `python model.py --bench` for prefill/decode tokens/s against transformers.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------------------------
+
+# config.json keys we read elsewhere or that do not change the image/text math (kept out of the "unknown key" warning).
+_HF_TOP_IGNORED = {
+    "architectures", "torch_dtype", "dtype", "transformers_version", "use_cache", "attention_dropout", "hidden_act",
+    "initializer_range", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "vision_token_id",
+    "model_type", "text_config", "vision_config", "rope_scaling", "rope_parameters", "rope_theta", "_name_or_path",
+    "output_attentions", "output_hidden_states", "return_dict", "head_dim", "chunk_size_feed_forward", "is_encoder_decoder",
+    "id2label", "label2id", "problem_type", "tokenizer_class", "pad_token_id", "bos_token_id", "eos_token_id",
+    "tie_word_embeddings", "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+    "max_position_embeddings", "_attn_implementation_autoset", "attn_implementation", "keys_to_ignore_at_inference",
+}
+_HF_VISION_IGNORED = {"model_type", "hidden_act", "initializer_range", "in_chans", "spatial_patch_size", "embed_dim",
+                      "torch_dtype", "dtype", "rope_parameters", "_name_or_path", "transformers_version", "attn_implementation",
+                      "num_attention_heads", "num_hidden_layers", "in_channels"}
+
+
+@dataclass
+class VisionConfig:
+    """Vision tower dims (`vision_config` in config.json). Defaults are transformers' class defaults."""
+    hidden_size: int
+    out_hidden_size: int
+    intermediate_size: int
+    depth: int = 32
+    num_heads: int = 16
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple = (7, 15, 23, 31)
+    tokens_per_second: int = 4
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        self.fullatt_block_indexes = tuple(int(i) for i in self.fullatt_block_indexes)
+
+
+@dataclass
+class TextConfig:
+    """Qwen2 decoder dims (top level of the hub config.json, or `text_config`). Defaults are transformers' class defaults."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int = 8
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple = (16, 24, 24)
+    max_position_embeddings: int = 32768
+
+    def __post_init__(self):
+        self.mrope_section = tuple(int(s) for s in self.mrope_section)
+        hd = self.hidden_size // self.num_attention_heads
+        if hd * self.num_attention_heads != self.hidden_size:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if 2 * sum(self.mrope_section) != hd:
+            raise ValueError(f"mrope_section {list(self.mrope_section)} must sum to head_dim/2 = {hd // 2}")
+
+
+@dataclass
+class ModelConfig:
+    """Whole-model config: text + vision dims, token ids, tying."""
+    text: TextConfig
+    vision: VisionConfig
+    tie_word_embeddings: bool = False
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list | None = 151645
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        """Read a transformers config dict in either layout (flat hub layout or nested `text_config`)."""
+        mt = d.get("model_type")
+        if mt != "qwen2_5_vl":
+            raise ValueError(f"{source}: model_type is {mt!r}, expected 'qwen2_5_vl' (Qwen2.5-VL). "
+                             f"This loader implements only Qwen2.5-VL; Qwen2-VL/Qwen3-VL checkpoints differ.")
+        text = d.get("text_config") or {k: v for k, v in d.items() if k not in ("vision_config",)}
+        vis = d.get("vision_config")
+        if not isinstance(vis, dict):
+            raise ValueError(f"{source}: missing 'vision_config' section")
+        unknown = sorted(set(d) - _HF_TOP_IGNORED - {f.name for f in dataclasses.fields(TextConfig)})
+        if d.get("text_config"):
+            unknown += [f"text_config.{k}" for k in sorted(set(text) - _HF_TOP_IGNORED
+                                                           - {f.name for f in dataclasses.fields(TextConfig)})]
+        unknown += [f"vision_config.{k}" for k in sorted(set(vis) - _HF_VISION_IGNORED
+                                                         - {f.name for f in dataclasses.fields(VisionConfig)})]
+        if unknown:
+            warnings.warn(f"{source}: ignoring keys this implementation does not use: {unknown}")
+
+        def need(section, keys, where):
+            missing = [k for k in keys if section.get(k) is None]
+            if missing:
+                raise ValueError(f"{source}: missing required field(s) {missing} in {where}")
+
+        need(text, ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"],
+             "text_config" if d.get("text_config") else "the top level")
+        need(vis, ["hidden_size", "out_hidden_size", "intermediate_size"], "vision_config")
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or d.get("rope_scaling") or {}
+        if "mrope_section" not in rope:
+            raise ValueError(f"{source}: missing rope_scaling.mrope_section (or text_config.rope_parameters.mrope_section)")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "mrope"):
+            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (only plain M-RoPE)")
+        tkw = {k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                    "num_attention_heads", "rms_norm_eps", "max_position_embeddings") if k in text}
+        # transformers: absent -> class default 8; present but null -> num_attention_heads
+        tkw["num_key_value_heads"] = ((text.get("num_key_value_heads") or text["num_attention_heads"])
+                                      if "num_key_value_heads" in text else 8)
+        tkw["rope_theta"] = float(rope.get("rope_theta", text.get("rope_theta", d.get("rope_theta", 1_000_000.0))))
+        tkw["mrope_section"] = rope["mrope_section"]
+        vkw = {k: vis[k] for k in ("hidden_size", "out_hidden_size", "intermediate_size", "depth", "num_heads",
+                                   "patch_size", "temporal_patch_size", "spatial_merge_size", "window_size",
+                                   "fullatt_block_indexes", "tokens_per_second") if k in vis}
+        if "patch_size" not in vkw and "spatial_patch_size" in vis:
+            vkw["patch_size"] = vis["spatial_patch_size"]
+        vkw["rope_theta"] = float((vis.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        if vis.get("in_channels", vis.get("in_chans", 3)) != 3:
+            raise ValueError(f"{source}: vision in_channels must be 3")
+        tie = bool(d.get("tie_word_embeddings", False) or (text.get("tie_word_embeddings", False) if d.get("text_config") else False))
+        ids = {}
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if k in d:
+                ids[k] = d[k]
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if k in d:
+                ids[k] = d[k]
+            elif k in text:
+                ids[k] = text[k]
+        return cls(text=TextConfig(**tkw), vision=VisionConfig(**vkw), tie_word_embeddings=tie,
+                   torch_dtype=d.get("torch_dtype", d.get("dtype")), **ids)
+
+    def to_hf(self) -> dict:
+        """The hub's flat config.json layout (what the released checkpoints use; every transformers >= 4.49 reads it)."""
+        t, v = self.text, self.vision
+        return {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads, "rms_norm_eps": t.rms_norm_eps, "rope_theta": t.rope_theta,
+            "max_position_embeddings": t.max_position_embeddings, "hidden_act": "silu", "attention_dropout": 0.0,
+            "use_sliding_window": False, "sliding_window": None, "max_window_layers": t.num_hidden_layers,
+            "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
+            "tie_word_embeddings": self.tie_word_embeddings, "torch_dtype": self.torch_dtype or "float32",
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+            "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id,
+            "vision_config": {
+                "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+                "num_heads": v.num_heads, "out_hidden_size": v.out_hidden_size, "patch_size": v.patch_size,
+                "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
+                "window_size": v.window_size, "fullatt_block_indexes": list(v.fullatt_block_indexes),
+                "tokens_per_second": v.tokens_per_second, "in_chans": 3, "hidden_act": "silu",
+                "model_type": "qwen2_5_vl"},
+        }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dt = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dt)  # weight multiply after the cast back, like transformers
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _inv_freq(dim: int, theta: float, device) -> torch.Tensor:
+    # computed on CPU in fp32 like transformers' init, then moved
+    return (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))).to(device)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Vision tower
+# --------------------------------------------------------------------------------------------------------------------
+
+class _Segments:
+    """Contiguous segments of a packed sequence (cu_seqlens), laid out as a padded batch for one SDPA call."""
+
+    def __init__(self, cu: list[int], device):
+        lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        self.n, self.lmax, self.total = len(lens), max(lens), cu[-1]
+        self.equal = all(n == self.lmax for n in lens)
+        if not self.equal:
+            starts = torch.tensor(cu[:-1], device=device)
+            ar = torch.arange(self.lmax, device=device)
+            self.valid = ar[None, :] < torch.tensor(lens, device=device)[:, None]  # [S, Lmax]
+            self.index = torch.where(self.valid, starts[:, None] + ar[None, :], 0)  # [S, Lmax]
+
+    def attend(self, q, k, v, scale):
+        """q, k, v [N, H, d] -> [N, H, d]; attention only inside each segment (bidirectional)."""
+        N, H, d = q.shape
+        if self.equal:
+            q, k, v = (t.view(self.n, self.lmax, H, d).transpose(1, 2) for t in (q, k, v))  # [S, H, Lmax, d]
+            o = F.scaled_dot_product_attention(q, k, v, scale=scale)                      # [S, H, Lmax, d]
+            return o.transpose(1, 2).reshape(N, H, d)
+        q, k, v = (t[self.index].transpose(1, 2) for t in (q, k, v))                      # [S, H, Lmax, d]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.valid[:, None, None, :], scale=scale)
+        return o.transpose(1, 2)[self.valid]                                               # [N, H, d]
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(c.hidden_size, 1e-6)  # eps hard-coded in transformers
+        self.norm2 = RMSNorm(c.hidden_size, 1e-6)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size, bias=True)
+        self.attn.proj = nn.Linear(c.hidden_size, c.hidden_size, bias=True)
+        self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, bias=True)
+        self.heads = c.num_heads
+
+    def forward(self, x, seg: _Segments, cos, sin):
+        N, D = x.shape
+        hd = D // self.heads
+        qkv = self.attn.qkv(self.norm1(x)).view(N, 3, self.heads, hd)      # [N, 3, H, hd]
+        q, k, v = qkv.unbind(1)                                              # [N, H, hd]
+        dt = q.dtype
+        q32, k32 = q.float(), k.float()                                      # vision rope in fp32
+        q = (q32 * cos + _rotate_half(q32) * sin).to(dt)
+        k = (k32 * cos + _rotate_half(k32) * sin).to(dt)
+        a = seg.attend(q, k, v, hd ** -0.5).reshape(N, D)                    # [N, D]
+        x = x + self.attn.proj(a)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTower(nn.Module):
+    """Qwen2_5_VisionTransformerPretrainedModel: pixel_values [N, 3*2*14*14] -> merged features [N/4, out_hidden]."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.c = c
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv3d(3, c.hidden_size, (c.temporal_patch_size, c.patch_size, c.patch_size),
+                                          stride=(c.temporal_patch_size, c.patch_size, c.patch_size), bias=False)
+        self.blocks = nn.ModuleList(VisionBlock(c) for _ in range(c.depth))
+        self.merger = nn.Module()
+        self.merger.ln_q = RMSNorm(c.hidden_size, 1e-6)
+        m2 = c.hidden_size * c.spatial_merge_size ** 2
+        self.merger.mlp = nn.Sequential(nn.Linear(m2, m2), nn.GELU(), nn.Linear(m2, c.out_hidden_size))
+
+    def _layout(self, grids: list[tuple[int, int, int]], device):
+        """Rotary positions, window permutation and segment boundaries (transformers' get_window_index etc.)."""
+        c, m = self.c, self.c.spatial_merge_size
+        unit = m * m
+        win = c.window_size // m // c.patch_size  # window side in merged tokens (4 for 112 px)
+        hpos, wpos, win_index, cu_win, cu_full = [], [], [], [0], [0]
+        offset = 0
+        for t, h, w in grids:
+            if h % m or w % m:
+                raise ValueError(f"image grid {(t, h, w)}: h and w must be multiples of spatial_merge_size {m}")
+            hp = torch.arange(h)[:, None].expand(h, w).reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
+            wp = torch.arange(w)[None, :].expand(h, w).reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
+            hpos.append(hp.repeat(t))
+            wpos.append(wp.repeat(t))
+            lh, lw = h // m, w // m
+            index = torch.arange(t * lh * lw).reshape(t, lh, lw)
+            ph, pw = win - lh % win, win - lw % win  # == win when divisible: an empty band, dropped below
+            nh, nw = (lh + ph) // win, (lw + pw) // win
+            ip = F.pad(index, (0, pw, 0, ph), value=-100)
+            ip = ip.reshape(t, nh, win, nw, win).permute(0, 1, 3, 2, 4).reshape(t, nh * nw, win, win)
+            seqlens = (ip != -100).sum([2, 3]).reshape(-1)
+            ip = ip.reshape(-1)
+            win_index.append(ip[ip != -100] + offset)
+            for s in (seqlens.cumsum(0) * unit + cu_win[-1]).tolist():
+                if s != cu_win[-1]:  # unique_consecutive: drop empty windows
+                    cu_win.append(s)
+            for _ in range(t):
+                cu_full.append(cu_full[-1] + h * w)
+            offset += t * lh * lw
+        pos = torch.stack([torch.cat(hpos), torch.cat(wpos)], -1)  # [N, 2]
+        return pos.to(device), torch.cat(win_index).to(device), _Segments(cu_win, device), _Segments(cu_full, device)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
+        c = self.c
+        grids = [tuple(int(v) for v in g) for g in torch.as_tensor(grid_thw).tolist()]
+        w = self.patch_embed.proj.weight                                       # [D, 3, 2, 14, 14]
+        dev = w.device
+        n_expected = sum(t * h * w_ for t, h, w_ in grids)
+        if pixel_values.shape[0] != n_expected or pixel_values.shape[-1] != w[0].numel():
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)} but image_grid_thw {grids} needs "
+                             f"[{n_expected}, {w[0].numel()}]")
+        x = pixel_values.to(device=dev, dtype=w.dtype)                         # cast first (bf16 rounding like HF)
+        x = F.linear(x, w.reshape(w.shape[0], -1))                             # [N, D] == Conv3d with stride == kernel
+        pos, win_index, seg_win, seg_full = self._layout(grids, dev)
+        N, D = x.shape
+        unit = c.spatial_merge_size ** 2
+        x = x.view(N // unit, unit, D)[win_index].reshape(N, D)                # window order, merge units intact
+        hd = D // c.num_heads
+        f = pos[..., None].float() * _inv_freq(hd // 2, c.rope_theta, dev)    # [N, 2, hd/4]
+        f = f.flatten(1)                                                       # [N, hd/2] = [h freqs | w freqs]
+        f = f.view(N // unit, unit, -1)[win_index].reshape(N, -1)
+        emb = torch.cat([f, f], -1)                                            # [N, hd]
+        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]               # [N, 1, hd] fp32
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, seg_full if i in c.fullatt_block_indexes else seg_win, cos, sin)
+        y = self.merger.mlp(self.merger.ln_q(x).view(N // unit, unit * D))    # [N/4, out_hidden]
+        return y[torch.argsort(win_index)]                                     # back to raster order
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Language model
+# --------------------------------------------------------------------------------------------------------------------
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        hd = c.hidden_size // c.num_attention_heads
+        self.heads, self.kv_heads, self.hd = c.num_attention_heads, c.num_key_value_heads, hd
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = nn.Module()
+        self.self_attn.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * hd, bias=True)
+        self.self_attn.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * hd, bias=True)
+        self.self_attn.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * hd, bias=True)
+        self.self_attn.o_proj = nn.Linear(c.num_attention_heads * hd, c.hidden_size, bias=False)
+        self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv: tuple | None):
+        """x [B, L, D]; cos/sin [B, 1, L, hd]; mask [B, L, S] bool (True = attend); kv = (k_cache, v_cache, start) or None."""
+        B, L, D = x.shape
+        a = self.self_attn
+        h = self.input_layernorm(x)
+        q = a.q_proj(h).view(B, L, self.heads, self.hd).transpose(1, 2)        # [B, H, L, hd]
+        k = a.k_proj(h).view(B, L, self.kv_heads, self.hd).transpose(1, 2)     # [B, KV, L, hd]
+        v = a.v_proj(h).view(B, L, self.kv_heads, self.hd).transpose(1, 2)     # [B, KV, L, hd]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if kv is not None:
+            kc, vc, start = kv
+            kc[:, :, start:start + L] = k
+            vc[:, :, start:start + L] = v
+            k, v = kc[:, :, :start + L], vc[:, :, :start + L]                  # [B, KV, S, hd]
+        G, S = self.heads // self.kv_heads, k.shape[2]
+        # GQA without copying K/V: the G query heads of one KV head become G*L query rows of that head
+        q = q.reshape(B, self.kv_heads, G * L, self.hd)                        # [B, KV, G*L, hd]
+        m = mask[:, None, None].expand(B, 1, G, L, S).reshape(B, 1, G * L, S)  # [B, 1, G*L, S]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=self.hd ** -0.5)  # [B, KV, G*L, hd]
+        o = o.view(B, self.heads, L, self.hd).transpose(1, 2).reshape(B, L, D)           # [B, L, D]
+        x = x + a.o_proj(o)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------------------------------------
+
+class KVCache:
+    """Per-layer keys/values for a batch of rows that grow by chunks (see `Qwen25VL.extend`).
+
+    Every chunk appends the same number of slots to every row; `valid[b, s]` says whether slot s of row b holds a real
+    token (padding slots are stored but never attended to). `next_pos[b]` is the row's next text M-RoPE position,
+    `length[b]` its number of real tokens, `last_hidden[b]` the final-norm hidden state of its last real token.
+    """
+
+    def __init__(self, n_layers, batch_size, kv_heads, head_dim, hidden, dtype, device, capacity=0):
+        cap = max(int(capacity), 16)
+        self.k = [torch.empty(batch_size, kv_heads, cap, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.empty(batch_size, kv_heads, cap, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.valid = torch.zeros(batch_size, cap, dtype=torch.bool, device=device)
+        self.size = 0
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.last_hidden = torch.zeros(batch_size, hidden, dtype=dtype, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    def reserve(self, extra: int):
+        """Make room for `extra` more slots (grows geometrically, so appending is amortised O(1))."""
+        need = self.size + extra
+        if need <= self.capacity:
+            return
+        cap = max(need, 2 * self.capacity)
+
+        def grow(t, dim):
+            shape = list(t.shape)
+            shape[dim] = cap
+            new = t.new_zeros(shape) if t.dtype == torch.bool else t.new_empty(shape)
+            idx = [slice(None)] * len(shape)
+            idx[dim] = slice(0, self.size)
+            new[tuple(idx)] = t[tuple(idx)]
+            return new
+
+        self.k = [grow(t, 2) for t in self.k]
+        self.v = [grow(t, 2) for t in self.v]
+        self.valid = grow(self.valid, 1)
+
+    def _map_rows(self, fn):
+        self.k = [fn(t) for t in self.k]
+        self.v = [fn(t) for t in self.v]
+        self.valid, self.next_pos, self.length, self.last_hidden = (
+            fn(self.valid), fn(self.next_pos), fn(self.length), fn(self.last_hidden))
+        return self
+
+    def repeat_interleave(self, g: int) -> "KVCache":
+        """Copy each row g times in place (rows r*g .. r*g+g-1 come from row r): one prompt -> G GRPO samples."""
+        return self._map_rows(lambda t: t.repeat_interleave(g, dim=0))
+
+    def select(self, rows) -> "KVCache":
+        """Keep only `rows` (list or LongTensor of row indices, in that order), in place."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
+        return self._map_rows(lambda t: t.index_select(0, idx))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Weights: explicit name table
+# --------------------------------------------------------------------------------------------------------------------
+
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """Every tensor name of a Qwen2.5-VL checkpoint on disk (hub names, all transformers versions) -> its shape."""
+    t, v = cfg.text, cfg.vision
+    D, I, H = v.hidden_size, v.intermediate_size, t.hidden_size
+    hd = H // t.num_attention_heads
+    kv = t.num_key_value_heads * hd
+    m2 = D * v.spatial_merge_size ** 2
+    s = {"visual.patch_embed.proj.weight": (D, 3, v.temporal_patch_size, v.patch_size, v.patch_size)}
+    for i in range(v.depth):
+        p = f"visual.blocks.{i}."
+        s.update({p + "norm1.weight": (D,), p + "norm2.weight": (D,),
+                  p + "attn.qkv.weight": (3 * D, D), p + "attn.qkv.bias": (3 * D,),
+                  p + "attn.proj.weight": (D, D), p + "attn.proj.bias": (D,),
+                  p + "mlp.gate_proj.weight": (I, D), p + "mlp.gate_proj.bias": (I,),
+                  p + "mlp.up_proj.weight": (I, D), p + "mlp.up_proj.bias": (I,),
+                  p + "mlp.down_proj.weight": (D, I), p + "mlp.down_proj.bias": (D,)})
+    s.update({"visual.merger.ln_q.weight": (D,), "visual.merger.mlp.0.weight": (m2, m2), "visual.merger.mlp.0.bias": (m2,),
+              "visual.merger.mlp.2.weight": (v.out_hidden_size, m2), "visual.merger.mlp.2.bias": (v.out_hidden_size,),
+              "model.embed_tokens.weight": (t.vocab_size, H), "model.norm.weight": (H,)})
+    for j in range(t.num_hidden_layers):
+        p = f"model.layers.{j}."
+        s.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                  p + "self_attn.q_proj.weight": (H, H), p + "self_attn.q_proj.bias": (H,),
+                  p + "self_attn.k_proj.weight": (kv, H), p + "self_attn.k_proj.bias": (kv,),
+                  p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.v_proj.bias": (kv,),
+                  p + "self_attn.o_proj.weight": (H, H),
+                  p + "mlp.gate_proj.weight": (t.intermediate_size, H), p + "mlp.up_proj.weight": (t.intermediate_size, H),
+                  p + "mlp.down_proj.weight": (H, t.intermediate_size)})
+    if not cfg.tie_word_embeddings:
+        s["lm_head.weight"] = (t.vocab_size, H)
+    return s
+
+
+def _disk_name(name: str) -> str:
+    """transformers >= 4.52 in-memory names (save_original_format=False) -> hub names; hub names pass through."""
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    return name
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "chat_template.jinja",
+                    "preprocessor_config.json", "generation_config.json", "special_tokens_map.json", "vocab.json",
+                    "merges.txt", "processor_config.json")
+
+
+def resolve_checkpoint(path_or_id: str) -> str:
+    """A local directory as is; otherwise a hub id fetched (config, safetensors, tokenizer files) via huggingface_hub."""
+    path_or_id = os.fspath(path_or_id)
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+        raise FileNotFoundError(f"{path_or_id!r} is not a directory. Pass a checkpoint directory containing config.json "
+                                f"and model.safetensors (or model.safetensors.index.json), or a hub id like "
+                                f"'Qwen/Qwen2.5-VL-7B-Instruct'.")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
+    except Exception as e:  # offline, unknown repo, gated repo, ...
+        raise OSError(f"could not fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                      f"If this machine is offline, download it elsewhere with "
+                      f"`huggingface-cli download {path_or_id} --local-dir DIR`, copy DIR here and pass "
+                      f"`from_pretrained('DIR')`.") from None
+
+
+def _checkpoint_files(directory: str) -> dict[str, str]:
+    """tensor name (as stored) -> file path, from model.safetensors or model.safetensors.index.json."""
+    from safetensors import safe_open
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            wm = json.load(f).get("weight_map")
+        if not isinstance(wm, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        out = {k: os.path.join(directory, fn) for k, fn in wm.items()}
+        for fn in set(out.values()):
+            if not os.path.exists(fn):
+                raise FileNotFoundError(f"{index} names shard {os.path.basename(fn)} but {fn} does not exist")
+        return out
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{directory}: neither model.safetensors nor model.safetensors.index.json found")
+    try:
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{single}: cannot read the safetensors header ({e}); the file is truncated or corrupt, "
+                         f"download it again") from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------------
+
+class Qwen25VL(nn.Module):
+    """Qwen2_5_VLForConditionalGeneration. Module names equal the hub tensor names (visual.*, model.*, lm_head)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision)
+        self.model = TextModel(cfg.text)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.source_dir = None
+        self._rope_cache = {}
+
+    # ---- loading / saving ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, dtype=None, device=None) -> "Qwen25VL":
+        """Load a Qwen2.5-VL checkpoint (local directory or hub id) tensor by tensor into `dtype` on `device`.
+
+        dtype defaults to the checkpoint's `torch_dtype`, device to CPU. No full fp32 copy is ever built: the module
+        is created on the meta device, then each tensor is read (memory-mapped) and converted straight into place.
+        """
+        from safetensors import safe_open
+        directory = resolve_checkpoint(path_or_id)
+        cfg_path = os.path.join(directory, "config.json")
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"{directory}: no config.json")
+        with open(cfg_path) as f:
+            try:
+                cfg = ModelConfig.from_hf(json.load(f), source=cfg_path)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        if dtype is None:
+            dtype = getattr(torch, cfg.torch_dtype) if isinstance(cfg.torch_dtype, str) and \
+                isinstance(getattr(torch, cfg.torch_dtype, None), torch.dtype) else torch.float32
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to(dtype).to_empty(device=device)
+        model.source_dir = directory
+
+        expected = weight_shapes(cfg)
+        files = _checkpoint_files(directory)
+        by_disk = {}
+        for stored in files:
+            disk = _disk_name(stored)
+            if disk == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # tied: transformers ignores a stored lm_head too
+            if disk not in expected:
+                raise ValueError(f"{directory}: unexpected tensor {stored!r} (not part of a Qwen2.5-VL model with this "
+                                 f"config.json; wrong config or a different architecture?)")
+            by_disk[disk] = stored
+        missing = [k for k in expected if k not in by_disk]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ValueError(f"{directory}: missing tensor(s) {missing[:5]}{more} in the checkpoint")
+        per_file: dict[str, list[str]] = {}
+        for disk, stored in by_disk.items():
+            per_file.setdefault(files[stored], []).append(disk)
+        with torch.no_grad():
+            for fn, names in per_file.items():
+                try:
+                    with safe_open(fn, framework="pt") as f:
+                        for disk in names:
+                            stored = by_disk[disk]
+                            sl = f.get_slice(stored)
+                            shape = tuple(sl.get_shape())
+                            if shape != expected[disk]:
+                                raise ValueError(f"{fn}: tensor {stored!r} has shape {list(shape)} but config.json "
+                                                 f"implies {list(expected[disk])}")
+                            model.get_parameter(disk).copy_(f.get_tensor(stored))  # converts dtype/device in place
+                except ValueError:
+                    raise
+                except Exception as e:
+                    raise ValueError(f"{fn}: cannot read tensors ({type(e).__name__}: {e}); the file is truncated or "
+                                     f"corrupt, download it again") from None
+        model.eval()
+        return model
+
+    def save_pretrained(self, directory: str, max_shard_bytes: int = 5 * 2**30):
+        """Write config.json (hub flat layout) + model.safetensors (sharded with an index above max_shard_bytes),
+        with hub tensor names, plus the tokenizer/processor files of the directory this model was loaded from."""
+        import shutil
+        from safetensors.torch import save_file
+        os.makedirs(directory, exist_ok=True)
+        cfg = self.cfg.to_hf()
+        cfg["torch_dtype"] = str(self.model.embed_tokens.weight.dtype).replace("torch.", "")
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        tensors = {k: self.get_parameter(k).detach().to("cpu").contiguous() for k in weight_shapes(self.cfg)}
+        shards, cur, size = [], {}, 0
+        for k, t in tensors.items():
+            nb = t.numel() * t.element_size()
+            if cur and size + nb > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k] = t
+            size += nb
+        shards.append(cur)
+        for old in ("model.safetensors", "model.safetensors.index.json"):
+            if os.path.exists(os.path.join(directory, old)):
+                os.remove(os.path.join(directory, old))
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            wm = {}
+            for i, sh in enumerate(shards):
+                fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(sh, os.path.join(directory, fn), metadata={"format": "pt"})
+                wm.update({k: fn for k in sh})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": wm}, f, indent=2)
+        if self.source_dir and os.path.abspath(self.source_dir) != os.path.abspath(directory):
+            for fn in _TOKENIZER_FILES:
+                src = os.path.join(self.source_dir, fn)
+                if os.path.exists(src):
+                    shutil.copyfile(src, os.path.join(directory, fn))
+
+    # ---- helpers ---------------------------------------------------------------------------------------------------
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self):
+        return self.model.embed_tokens.weight.device
+
+    def _lm_head(self, h):
+        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, w)
+
+    def _text_rope(self, pos: torch.Tensor, dtype):
+        """pos [3, B, L] -> cos, sin [B, 1, L, hd] (M-RoPE: t/h/w take different frequency slices), in `dtype`."""
+        t = self.cfg.text
+        hd = t.hidden_size // t.num_attention_heads
+        key = (pos.device, hd)
+        if key not in self._rope_cache:
+            self._rope_cache[key] = _inv_freq(hd, t.rope_theta, pos.device)
+        f = pos[..., None].float() * self._rope_cache[key]                     # [3, B, L, hd/2]
+        parts, start = [], 0
+        for axis, n in enumerate(t.mrope_section):
+            parts.append(f[axis, ..., start:start + n])
+            start += n
+        f = torch.cat(parts, -1)                                               # [B, L, hd/2]
+        emb = torch.cat([f, f], -1)[:, None]                                   # [B, 1, L, hd]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _positions(self, ids, mask, next_pos, grids):
+        """M-RoPE positions of one chunk (transformers' get_rope_index, continued from each row's next_pos).
+
+        ids/mask [B, L]; grids: list of (t, h, w) for the images of this chunk (row-major). Returns pos [3, B, L] and
+        the rows' new next_pos. Text continues by +1; an image of merged grid (t, hm, wm) starting at s gets
+        t-axis s + frame, h-axis s + row, w-axis s + col, and the next text starts at s + max(hm, wm).
+        """
+        c = self.cfg
+        ms = c.vision.spatial_merge_size
+        B, L = ids.shape
+        is_img = (ids == c.image_token_id) & mask
+        pos = (next_pos[:, None] + mask.long().cumsum(1) - 1).clamp_min(0)    # [B, L] text-only rows
+        pos = pos[None].expand(3, B, L).clone()                                # [3, B, L]
+        new_next = next_pos + mask.long().sum(1)
+        if c.video_token_id is not None and bool(((ids == c.video_token_id) & mask).any()):
+            raise NotImplementedError("video inputs (<|video_pad|>) are not supported by this implementation")
+        if not bool(is_img.any()):
+            if grids:
+                raise ValueError(f"image_grid_thw has {len(grids)} image(s) but the chunk has no <|image_pad|> token "
+                                 f"(id {c.image_token_id})")
+            return pos, new_next
+        gi = 0
+        img_id = c.image_token_id
+        for b in torch.nonzero(is_img.any(1)).flatten().tolist():
+            cols = torch.nonzero(mask[b]).flatten()
+            row = ids[b, cols].tolist()
+            cur = int(next_pos[b])
+            out = []
+            i = 0
+            while i < len(row):
+                if row[i] == img_id:
+                    if gi >= len(grids):
+                        raise ValueError(f"the chunk has more <|image_pad|> runs than the {len(grids)} image(s) in "
+                                         f"image_grid_thw (row {b})")
+                    t, h, w = grids[gi]
+                    gi += 1
+                    hm, wm = h // ms, w // ms
+                    n = t * hm * wm
+                    if row[i:i + n] != [img_id] * n:
+                        raise ValueError(f"row {b}: image {gi - 1} with grid {(t, h, w)} needs {n} consecutive "
+                                         f"<|image_pad|> tokens but the run at token {i} is shorter")
+                    tt = torch.arange(t).view(t, 1, 1).expand(t, hm, wm).flatten()
+                    hh = torch.arange(hm).view(1, hm, 1).expand(t, hm, wm).flatten()
+                    ww = torch.arange(wm).view(1, 1, wm).expand(t, hm, wm).flatten()
+                    out.append(torch.stack([tt, hh, ww]) + cur)
+                    cur += max(hm, wm)
+                    i += n
+                else:
+                    j = i
+                    while j < len(row) and row[j] != img_id:
+                        j += 1
+                    out.append(torch.arange(cur, cur + j - i).expand(3, -1))
+                    cur += j - i
+                    i = j
+            pos[:, b, cols] = torch.cat(out, 1).to(pos.device)
+            new_next[b] = cur
+        if gi != len(grids):
+            raise ValueError(f"image_grid_thw has {len(grids)} image(s) but the chunk's <|image_pad|> runs use {gi}")
+        return pos, new_next
+
+    # ---- forward ---------------------------------------------------------------------------------------------------
+
+    def _run(self, input_ids, mask, pixel_values, image_grid_thw, cache: KVCache | None, last_only: bool,
+             next_pos=None):
+        c = self.cfg
+        dev = self.device
+        input_ids = input_ids.to(dev)
+        B, L = input_ids.shape
+        mask = torch.ones(B, L, dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool()
+        if mask.shape != (B, L):
+            raise ValueError(f"mask/attention_mask has shape {tuple(mask.shape)}, expected {(B, L)}")
+        grids = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in torch.as_tensor(image_grid_thw).tolist()]
+        if not grids and bool(((input_ids == c.image_token_id) & mask).any()):
+            raise ValueError("input_ids contain <|image_pad|> tokens but no pixel_values/image_grid_thw were given")
+        if next_pos is None:
+            next_pos = torch.zeros(B, dtype=torch.long, device=dev) if cache is None else cache.next_pos
+        pos, new_next = self._positions(input_ids, mask, next_pos, grids)
+
+        h = self.model.embed_tokens(input_ids)                                # [B, L, D]
+        if grids:
+            if pixel_values is None:
+                raise ValueError("image_grid_thw given without pixel_values")
+            feats = self.visual(pixel_values, grids)                          # [n_feat, D]
+            img = (input_ids == c.image_token_id) & mask
+            n_tok = int(img.sum())
+            if n_tok != feats.shape[0]:
+                raise ValueError(f"{n_tok} <|image_pad|> tokens but the images give {feats.shape[0]} features "
+                                 f"(grids {grids}, merge {c.vision.spatial_merge_size})")
+            h = h.masked_scatter(img[..., None].expand_as(h), feats.to(h.dtype))
+        elif pixel_values is not None:
+            raise ValueError("pixel_values given without image_grid_thw")
+
+        cos, sin = self._text_rope(pos, h.dtype)
+        start = 0 if cache is None else cache.size
+        S = start + L
+        if cache is not None:
+            cache.reserve(L)
+            cache.valid[:, start:S] = mask
+            keys_valid = cache.valid[:, :S]                                   # [B, S]
+        else:
+            keys_valid = mask
+        causal = torch.arange(S, device=dev)[None, :] <= (start + torch.arange(L, device=dev))[:, None]  # [L, S]
+        attn = keys_valid[:, None, :] & causal[None]                          # [B, L, S]
+        attn[:, torch.arange(L, device=dev), start + torch.arange(L, device=dev)] = True  # padding rows see themselves
+        for i, layer in enumerate(self.model.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i], start)
+            h = layer(h, cos, sin, attn, kv)
+        h = self.model.norm(h)                                                # [B, L, D]
+        if cache is not None:
+            cache.size = S
+            cache.next_pos = new_next
+            cache.length = cache.length + mask.long().sum(1)
+        if last_only:
+            has = mask.any(1)
+            last = (L - 1 - mask.flip(1).long().argmax(1))                    # index of each row's last real token
+            hl = h[torch.arange(B, device=dev), last]                         # [B, D]
+            if cache is not None:
+                hl = torch.where(has[:, None], hl, cache.last_hidden)
+                cache.last_hidden = hl
+            return self._lm_head(hl[:, None])                                 # [B, 1, V]
+        if cache is not None:
+            has = mask.any(1)
+            last = (L - 1 - mask.flip(1).long().argmax(1))
+            cache.last_hidden = torch.where(has[:, None], h[torch.arange(B, device=dev), last], cache.last_hidden)
+        return self._lm_head(h)                                               # [B, L, V]
+
+    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None):
+        """Full forward without cache. input_ids [B, T] (any padding, marked by attention_mask [B, T]);
+        pixel_values [N, 1176] + image_grid_thw [n_img, 3] for the images in order of their <|image_pad|> runs,
+        row-major over the batch. Returns logits [B, T, V] (padding positions hold garbage)."""
+        return self._run(input_ids, attention_mask, pixel_values, image_grid_thw, None, False)
+
+    # ---- cache API -------------------------------------------------------------------------------------------------
+
+    def new_cache(self, batch_size: int, capacity: int = 0) -> KVCache:
+        t = self.cfg.text
+        hd = t.hidden_size // t.num_attention_heads
+        return KVCache(t.num_hidden_layers, batch_size, t.num_key_value_heads, hd, t.hidden_size, self.dtype,
+                       self.device, capacity)
+
+    def extend(self, cache: KVCache, input_ids, mask=None, pixel_values=None, image_grid_thw=None, last_only=False):
+        """Append one chunk input_ids [B, L] to every row of `cache` and return its logits [B, L, V]
+        (or [B, 1, V] at each row's last real token so far if last_only).
+
+        mask [B, L] bool: False marks padding slots (stored, never attended, positions do not advance).
+        Images in the chunk are given by pixel_values/image_grid_thw in order of their <|image_pad|> runs, row-major.
+        The result for real tokens equals a full forward over each row's concatenated real tokens.
+        Runs under the caller's grad mode: wrap in torch.no_grad() for rollouts.
+        """
+        if input_ids.shape[0] != cache.batch_size:
+            raise ValueError(f"chunk has {input_ids.shape[0]} rows but the cache has {cache.batch_size}")
+        return self._run(input_ids, mask, pixel_values, image_grid_thw, cache, last_only)
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, max_new_tokens=64,
+                 do_sample=False, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None,
+                 generator=None) -> torch.Tensor:
+        """Prefill + decode. Returns new tokens only, LongTensor [B, <=max_new_tokens]; rows that stopped are padded
+        with the pad id after their stop token. eos_token_id: int or list (default: config's eos_token_id)."""
+        B, T = input_ids.shape
+        eos = self.cfg.eos_token_id if eos_token_id is None else eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        pad = pad_token_id if pad_token_id is not None else (
+            self.cfg.pad_token_id if self.cfg.pad_token_id is not None else (eos[0] if eos else 0))
+        eos_t = torch.tensor(eos, dtype=torch.long, device=self.device)
+        cache = self.new_cache(B, capacity=T + max_new_tokens)
+        logits = self.extend(cache, input_ids, attention_mask, pixel_values, image_grid_thw, last_only=True)[:, 0]
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        out = []
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, do_sample, temperature, top_p, top_k, generator)  # [B]
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out.append(nxt)
+            done = done | torch.isin(nxt, eos_t)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            logits = self.extend(cache, nxt[:, None], mask=~done[:, None], last_only=True)[:, 0]
+        return torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=self.device)
+
+
+def sample_next(logits, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, generator=None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. Greedy, or temperature -> top-k -> top-p (transformers' warper order)."""
+    if not do_sample or temperature == 0:
+        return logits.argmax(-1)
+    x = logits.float() / temperature
+    if top_k and top_k > 0:
+        kth = torch.topk(x, min(top_k, x.shape[-1]), dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        s, idx = torch.sort(x, descending=True, dim=-1)
+        cum = s.softmax(-1).cumsum(-1)
+        drop = cum - s.softmax(-1) >= top_p                                   # keep the smallest set reaching top_p
+        drop[..., 0] = False
+        x = x.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
+    probs = x.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenizer and chat layout
+# --------------------------------------------------------------------------------------------------------------------
+
+# Qwen2's tokenizer pipeline (transformers' Qwen2Tokenizer rebuilds exactly this around vocab + merges).
+QWEN_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                          r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Added tokens in Qwen2.5-VL's id order (151643..151664); the first 14 are "special" (skipped by decode).
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                       "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                       "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_ADDED_TOKENS = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                     "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# The Qwen2-VL / Qwen2.5-VL chat template (hub chat_template.json).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content "
+    "or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' "
+    "or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+
+
+class Tokenizer:
+    """Qwen2 byte-level BPE from tokenizer.json (through `tokenizers`), with the special-token ids as attributes."""
+
+    def __init__(self, tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"):
+        self.tok = tok
+
+        def tid(s):
+            i = tok.token_to_id(s)
+            if i is None:
+                raise ValueError(f"tokenizer has no {s!r} token; a Qwen2.5-VL tokenizer.json must define it")
+            return i
+
+        self.im_start_id, self.im_end_id = tid("<|im_start|>"), tid("<|im_end|>")
+        self.vision_start_id, self.vision_end_id = tid("<|vision_start|>"), tid("<|vision_end|>")
+        self.image_pad_id, self.video_pad_id = tid("<|image_pad|>"), tid("<|video_pad|>")
+        self.endoftext_id = tid("<|endoftext|>")
+        self.eos_id, self.pad_id = tid(eos_token), tid(pad_token)
+
+    @classmethod
+    def from_pretrained(cls, dir_or_id) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        directory = resolve_checkpoint(dir_or_id)
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{directory}: no tokenizer.json")
+        kw = {}
+        cfg_path = os.path.join(directory, "tokenizer_config.json")
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                tc = json.load(f)
+            for k in ("eos_token", "pad_token"):
+                v = tc.get(k)
+                v = v.get("content") if isinstance(v, dict) else v
+                if isinstance(v, str):
+                    kw[k] = v
+        return cls(HFTokenizer.from_file(path), **kw)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def tokenize_chat(tokenizer: Tokenizer, messages: list[dict], image_grid_thw=None, add_generation_prompt=False,
+                  merge_size=2) -> tuple[list[int], list[bool]]:
+    """Render `messages` exactly like Qwen2.5-VL's chat template + processor and tokenize.
+
+    messages: [{"role": "system"|"user"|"assistant", "content": str | [{"type": "image"}, {"type": "text", "text": ...}]}]
+    image_grid_thw: [n_images, 3] for the images in order of appearance; image i becomes <|vision_start|> +
+    t*h*w/merge_size**2 x <|image_pad|> + <|vision_end|>.
+    Returns (ids, assistant_mask) where assistant_mask marks assistant content tokens and their closing <|im_end|>.
+    """
+    grids = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in torch.as_tensor(image_grid_thw).tolist()]
+    parts: list[tuple[str, bool]] = []  # (text, is_assistant_content)
+    n_img = 0
+    for i, msg in enumerate(messages):
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"message {i}: unknown role {role!r}")
+        if i == 0 and role != "system":
+            parts.append((f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n", False))
+        parts.append((f"<|im_start|>{role}\n", False))
+        body = []
+        if isinstance(content, str):
+            body.append(content)
+        elif isinstance(content, list):
+            for item in content:
+                if not isinstance(item, dict):
+                    raise ValueError(f"message {i}: content items must be dicts, got {type(item).__name__}")
+                if item.get("type") == "image" or "image" in item or "image_url" in item:
+                    if n_img >= len(grids):
+                        raise ValueError(f"message {i}: image {n_img + 1} has no entry in image_grid_thw "
+                                         f"({len(grids)} given)")
+                    t, h, w = grids[n_img]
+                    n_img += 1
+                    body.append("<|vision_start|>" + "<|image_pad|>" * (t * h * w // merge_size ** 2) + "<|vision_end|>")
+                elif item.get("type") == "video" or "video" in item:
+                    raise NotImplementedError("video content is not supported")
+                elif "text" in item:
+                    body.append(item["text"])
+        else:
+            raise ValueError(f"message {i}: content must be a string or a list, got {type(content).__name__}")
+        parts.append(("".join(body) + "<|im_end|>", role == "assistant"))
+        parts.append(("\n", False))
+    if n_img != len(grids):
+        raise ValueError(f"image_grid_thw has {len(grids)} entries but the messages contain {n_img} image(s)")
+    if add_generation_prompt:
+        parts.append(("<|im_start|>assistant\n", False))
+    text = "".join(p for p, _ in parts)
+    enc = tokenizer.tok.encode(text, add_special_tokens=False)
+    # char spans of assistant content; a token belongs to it if its span overlaps one (tokenized as one string,
+    # exactly like the processor, so BPE merges across part boundaries are the same as transformers')
+    spans, pos = [], 0
+    for p, a in parts:
+        if a:
+            spans.append((pos, pos + len(p)))
+        pos += len(p)
+    mask = []
+    for s, e in enc.offsets:
+        mask.append(any(s < b and e > a for a, b in spans))
+    return enc.ids, mask
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tiny random models for tests and demos
+# --------------------------------------------------------------------------------------------------------------------
+
+def default_tiny_corpus() -> list[str]:
+    """Text the tiny BPE is trained on: chat scaffolding, CoF's released prompts, and some plain English.
+
+    The CoF strings are copied here as training text only; cof.py owns the canonical SYSTEM_PROMPT/USER_PROMPT.
+    """
+    cof_system = (
+        "You are a helpful assistant.\n\n# Tools\nYou may call one or more functions to assist with the user query.\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{\"type\": \"function\", "
+        "\"function\": {\"name\":\"image_zoom_in_tool\",\"description\":\"Zoom in on a specific region of an image by "
+        "cropping it based on a bounding box (bbox_2d) and an optional object label.\",\"parameters\":{\"properties\":"
+        "{\"bbox_2d\":{\"type\":\"array\",\"items\":{\"type\":\"number\"},\"minItems\":4,\"maxItems\":4,\"description\":"
+        "\"The bounding box of the region to zoom in, as [x1, y1, x2, y2], where (x1, y1) is the top-left corner and "
+        "(x2, y2) is the bottom-right corner.\"},\"label\":{\"type\":\"string\",\"description\":\"The name or label of "
+        "the object in the specified bounding box (optional).\"}},\"required\":[\"bbox_2d\"], \"type\":\"object\"},"
+        "\"args_format\": \"Format the arguments as a JSON object.\"}}\n</tools>\n\nFor the function call, return a json "
+        "object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": "
+        "<function-name>, \"arguments\": <args-json-object>}\n</tool_call>")
+    cof_user = ("\nThink in the mind first, and then decide whether to call tools one or more times OR provide final "
+                "answer. Format strictly as: <think>...</think> <tool_call>...</tool_call> <tool_call>...</tool_call> "
+                "(if any tools needed) OR <answer>...</answer> (if no tools needed).")
+    plain = ("What is the color of the cup? What is the material of the glove? Is the dog on the left or right side "
+             "of the car? The answer is red. The object is small, so I need to zoom in to see it clearly. "
+             "<think>The image shows a street scene. I should zoom in on the sign.</think> "
+             "<answer>A</answer> <answer>B</answer> (A) blue (B) green (C) yellow (D) white "
+             "{\"name\": \"image_zoom_in_tool\", \"arguments\": {\"bbox_2d\": [12, 40, 96, 128], \"label\": \"cup\"}} "
+             "0 1 2 3 4 5 6 7 8 9 10 100 1000 system user assistant Describe this image.")
+    return [cof_system, cof_user, plain] * 4
+
+
+def _train_tiny_bpe(corpus, vocab_size: int):
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE(dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                                 fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    from tokenizers import AddedToken
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED_TOKENS])
+    return tok
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    if head_dim % 16:
+        raise ValueError(f"text head_dim {head_dim} must be a multiple of 16 (M-RoPE sections t:h:w = 2:3:3)")
+    return [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+
+
+def make_tiny(directory, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+              vision_hidden_size=32, vision_depth=2, vision_heads=2, vision_intermediate_size=64,
+              fullatt_block_indexes=(1,), window_size=112, bpe_vocab_size=800, corpus=None, tie_word_embeddings=False,
+              layout="flat", seed=0, init_scale=1.0) -> str:
+    """Write a random Qwen2.5-VL in HF format that both this file and transformers load.
+
+    Files: config.json (`layout` "flat" = hub layout, "nested" = transformers-5 text_config layout), model.safetensors,
+    tokenizer.json (byte-level BPE trained on `corpus`, default `default_tiny_corpus()`, plus Qwen's added tokens),
+    tokenizer_config.json + chat_template.json (Qwen2.5-VL chat template), preprocessor_config.json.
+    Weights are drawn with unit-variance activations (not transformers' 0.02 init) so parity tests see O(1) logits.
+    """
+    from safetensors.torch import save_file
+    os.makedirs(directory, exist_ok=True)
+    tok = _train_tiny_bpe(corpus if corpus is not None else default_tiny_corpus(), bpe_vocab_size)
+    n_tok = tok.get_vocab_size(with_added_tokens=True)
+    vocab = (n_tok + 63) // 64 * 64  # embedding rows padded like the real checkpoints
+    ids = {t: tok.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
+    text = TextConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                      rms_norm_eps=1e-6, rope_theta=1_000_000.0, mrope_section=_mrope_section(hidden_size // num_heads),
+                      max_position_embeddings=32768)
+    vision = VisionConfig(hidden_size=vision_hidden_size, out_hidden_size=hidden_size,
+                          intermediate_size=vision_intermediate_size, depth=vision_depth, num_heads=vision_heads,
+                          window_size=window_size, fullatt_block_indexes=tuple(fullatt_block_indexes), tokens_per_second=2)
+    cfg = ModelConfig(text=text, vision=vision, tie_word_embeddings=tie_word_embeddings,
+                      image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                      bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                      torch_dtype="float32")
+    hf = cfg.to_hf()
+    if layout == "nested":
+        vis = hf.pop("vision_config")
+        vis["model_type"] = "qwen2_5_vl_vision"
+        rope = hf.pop("rope_scaling")
+        top = {k: hf.pop(k) for k in ("architectures", "model_type", "tie_word_embeddings", "image_token_id",
+                                      "video_token_id", "vision_start_token_id", "vision_end_token_id", "torch_dtype")}
+        hf["rope_parameters"] = {"rope_type": "default", "mrope_section": rope["mrope_section"],
+                                 "rope_theta": hf.pop("rope_theta")}
+        hf["model_type"] = "qwen2_5_vl_text"
+        top["dtype"] = top.pop("torch_dtype")
+        hf = {**top, "text_config": hf, "vision_config": vis}
+    elif layout != "flat":
+        raise ValueError(f"layout must be 'flat' or 'nested', got {layout!r}")
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in weight_shapes(cfg).items():
+        if len(shape) == 1 and ("norm" in name or "ln_q" in name):
+            t = 1.0 + 0.2 * torch.randn(shape, generator=g)
+        elif len(shape) == 1:  # bias
+            t = 0.2 * torch.randn(shape, generator=g)
+        elif name == "model.embed_tokens.weight":
+            t = 0.5 * torch.randn(shape, generator=g)
+        else:
+            fan_in = math.prod(shape[1:])
+            t = torch.randn(shape, generator=g) * (init_scale / math.sqrt(fan_in))
+        tensors[name] = t.contiguous()
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    added = {}
+    for t in QWEN_SPECIAL_TOKENS + QWEN_ADDED_TOKENS:
+        added[str(tok.token_to_id(t))] = {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                          "single_word": False, "special": t in QWEN_SPECIAL_TOKENS}
+    tc = {"add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
+          "additional_special_tokens": QWEN_SPECIAL_TOKENS[1:], "bos_token": None, "chat_template": CHAT_TEMPLATE,
+          "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+          "model_max_length": 131072, "pad_token": "<|endoftext|>", "split_special_tokens": False,
+          "tokenizer_class": "Qwen2Tokenizer", "unk_token": None, "processor_class": "Qwen2_5_VLProcessor"}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(tc, f, indent=2)
+    with open(os.path.join(directory, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": CHAT_TEMPLATE}, f, indent=2)
+    pp = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": vision.patch_size,
+          "temporal_patch_size": vision.temporal_patch_size, "merge_size": vision.spatial_merge_size,
+          "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+          "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor", "resample": 3,
+          "rescale_factor": 0.00392156862745098, "do_resize": True, "do_rescale": True, "do_normalize": True,
+          "do_convert_rgb": True}
+    with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+        json.dump(pp, f, indent=2)
+    return os.fspath(directory)

@@ -1,0 +1,252 @@
+"""model.py against transformers' Qwen2_5_VLForConditionalGeneration (fp32, CPU, tiny random checkpoints)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model as M
+from model_fixtures import hf, hf_logits, hf_processor, left_pad, ours, pixels, seq, tiny_dir
+
+TOL = 1e-4
+
+
+def test_config_layouts_agree():
+    flat = json.load(open(os.path.join(tiny_dir("flat"), "config.json")))
+    nested = json.load(open(os.path.join(tiny_dir("nested", tie=True), "config.json")))
+    assert "text_config" in nested and "text_config" not in flat and "rope_scaling" in flat
+    a, b = M.ModelConfig.from_hf(flat), M.ModelConfig.from_hf(nested)
+    assert a.text == b.text and a.vision == b.vision
+    assert (a.tie_word_embeddings, b.tie_word_embeddings) == (False, True)
+    assert a.text.mrope_section == (2, 3, 3) and a.vision.fullatt_block_indexes == (1,)
+
+
+def test_config_hub_legacy_keys():
+    d = json.load(open(os.path.join(tiny_dir("flat"), "config.json")))
+    v = d["vision_config"]
+    v["spatial_patch_size"] = v.pop("patch_size")  # legacy key name
+    d["num_key_value_heads"] = None                # null -> num_attention_heads, like transformers
+    with pytest.warns(UserWarning, match="some_new_key"):
+        c = M.ModelConfig.from_hf({**d, "some_new_key": 1})
+    assert c.vision.patch_size == 14 and c.text.num_key_value_heads == 4
+
+
+@pytest.mark.parametrize("key,msg", [("model_type", "model_type is 'qwen2_vl'"), ("hidden_size", "hidden_size"),
+                                     ("rope_scaling", "mrope_section")])
+def test_config_errors(key, msg):
+    d = json.load(open(os.path.join(tiny_dir("flat"), "config.json")))
+    if key == "model_type":
+        d[key] = "qwen2_vl"
+    else:
+        del d[key]
+    with pytest.raises(ValueError, match=msg):
+        M.ModelConfig.from_hf(d)
+
+
+CASES = {
+    "text_only": [],
+    "one_image_one_window": [(1, 8, 8)],
+    "two_images_different_sizes": [(1, 10, 6), (1, 4, 12)],   # partial windows, unequal full-attention segments
+    "grid_not_divisible_by_window": [(1, 20, 14)],            # merged 10x7: windows 4,4,2 x 4,3
+}
+
+
+@pytest.mark.parametrize("layout,tie", [("flat", False), ("nested", True)])
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(layout, tie, case):
+    d = tiny_dir(layout, tie=tie)
+    m, ref = ours(d), hf(d)
+    grids = CASES[case]
+    ids = torch.tensor([seq(m.cfg, grids)])
+    pv, g = pixels(grids)
+    with torch.no_grad():
+        a = m(ids, pv, g)
+    b = hf_logits(ref, ids, pv, g)
+    assert a.shape == b.shape == (1, ids.shape[1], m.cfg.text.vocab_size)
+    assert a.std() > 0.5  # O(1) logits, so a 1e-4 match means something
+    assert (a - b).abs().max() <= TOL
+
+
+def test_images_change_logits():
+    m = ours(tiny_dir())
+    grids = [(1, 8, 8)]
+    ids = torch.tensor([seq(m.cfg, grids)])
+    pv, g = pixels(grids)
+    with torch.no_grad():
+        a, b = m(ids, pv, g), m(ids, pv.flip(0), g)
+    assert (a - b)[0, 3:].abs().max() > 0.1
+
+
+def test_padded_batch_matches_transformers():
+    d = tiny_dir()
+    m, ref = ours(d), hf(d)
+    g1, g2 = [(1, 8, 12)], [(1, 4, 4), (1, 6, 10)]
+    rows = [seq(m.cfg, g1, text=(5, 6)), seq(m.cfg, g2, text=(5, 6, 7, 8, 9, 10, 11, 12, 13))]
+    ids, mask = left_pad(rows, pad_id=m.cfg.pad_token_id)
+    assert mask[0, 0] == 0
+    pv, g = pixels(g1 + g2)
+    with torch.no_grad():
+        a = m(ids, pv, g, attention_mask=mask)
+    b = hf_logits(ref, ids, pv, g, mask)
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max() <= TOL
+    for r, row in enumerate(rows):  # each row equals its own unpadded forward
+        gr = g1 if r == 0 else g2
+        pr, gg = pixels(gr, seed=0) if r == 0 else (pv[pixels(g1)[0].shape[0]:], torch.tensor(g2))
+        with torch.no_grad():
+            single = m(torch.tensor([row]), pr, gg)
+        assert (a[r][real[r]] - single[0]).abs().max() <= TOL
+
+
+def test_image_token_count_mismatch():
+    m = ours(tiny_dir())
+    ids = torch.tensor([seq(m.cfg, [(1, 8, 8)])])
+    pv, g = pixels([(1, 8, 12)])
+    with pytest.raises(ValueError, match="image"):
+        m(ids, pv, g)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        m(ids)
+
+
+# ---- weights -----------------------------------------------------------------------------------------------------
+
+def _copy(tmp_path, src):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_checkpoints(tmp_path):
+    from safetensors.torch import load_file, save_file
+    src = tiny_dir()
+    d = _copy(tmp_path, src)
+    w = load_file(d / "model.safetensors")
+    missing = dict(w)
+    del missing["model.layers.1.self_attn.k_proj.bias"]
+    save_file(missing, d / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensor.*model\.layers\.1\.self_attn\.k_proj\.bias"):
+        M.Qwen25VL.from_pretrained(d)
+    wrong = dict(w)
+    wrong["visual.blocks.0.attn.qkv.weight"] = torch.zeros(96, 31)
+    save_file(wrong, d / "model.safetensors")
+    with pytest.raises(ValueError, match=r"visual\.blocks\.0\.attn\.qkv\.weight.*\[96, 31\].*\[96, 32\]"):
+        M.Qwen25VL.from_pretrained(d)
+    extra = dict(w)
+    extra["model.layers.7.mlp.up_proj.weight"] = torch.zeros(2, 2)
+    save_file(extra, d / "model.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.7\.mlp\.up_proj\.weight'"):
+        M.Qwen25VL.from_pretrained(d)
+    save_file(w, d / "model.safetensors")
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        M.Qwen25VL.from_pretrained(d)
+    cfg = json.load(open(d / "config.json"))
+    cfg["model_type"] = "llava"
+    json.dump(cfg, open(d / "config.json", "w"))
+    with pytest.raises(ValueError, match="model_type is 'llava'"):
+        M.Qwen25VL.from_pretrained(d)
+
+
+def test_sharded_and_bf16_loading(tmp_path):
+    src = tiny_dir()
+    m = ours(src)
+    m.save_pretrained(tmp_path / "sharded", max_shard_bytes=200_000)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    m2 = M.Qwen25VL.from_pretrained(tmp_path / "sharded")
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+    m3 = M.Qwen25VL.from_pretrained(src, dtype=torch.bfloat16)
+    assert m3.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(m3.visual.blocks[0].attn.qkv.weight, m.visual.blocks[0].attn.qkv.weight.bfloat16())
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    for tie in (False, True):
+        m = ours(tiny_dir("nested", tie=tie))
+        out = tmp_path / f"saved_{tie}"
+        m.save_pretrained(out)
+        assert (out / "tokenizer.json").exists()
+        ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+        grids = [(1, 6, 8)]
+        ids = torch.tensor([seq(m.cfg, grids)])
+        pv, g = pixels(grids)
+        with torch.no_grad():
+            a = m(ids, pv, g)
+        assert (a - hf_logits(ref, ids, pv, g)).abs().max() <= TOL
+        assert torch.equal(M.Qwen25VL.from_pretrained(out)(ids, pv, g), a)
+
+
+def test_hub_id_offline_message(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("no connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OSError, match="huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct --local-dir"):
+        M.Qwen25VL.from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        M.Qwen25VL.from_pretrained(str(tmp_path / "nope"))
+
+
+# ---- tokenizer and chat layout -----------------------------------------------------------------------------------
+
+def _messages():
+    sys_prompt, user_suffix = M.default_tiny_corpus()[:2]
+    return [
+        {"role": "system", "content": sys_prompt},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is  the color?\n\n" + user_suffix}]},
+        {"role": "assistant", "content": "<think>zoom</think> <tool_call>\n{\"name\": 1}\n</tool_call>"},
+        {"role": "user", "content": [{"type": "text", "text": "\nhere"}, {"type": "image"}]},
+        {"role": "assistant", "content": "  <answer>B</answer>\n"},
+    ]
+
+
+def test_chat_ids_match_transformers_processor():
+    d = tiny_dir()
+    proc, tok = hf_processor(d), M.Tokenizer.from_pretrained(d)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (100, 130, 3), dtype=np.uint8)),
+            Image.fromarray(rng.integers(0, 255, (60, 200, 3), dtype=np.uint8))]
+    for msgs, gen in [(_messages()[1:2], True), (_messages()[:2], True), (_messages(), False)]:
+        n_img = sum(isinstance(x["content"], list) and sum(c["type"] == "image" for c in x["content"]) for x in msgs)
+        text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        out = proc(text=[text], images=imgs[:n_img], return_tensors="pt")
+        ids, mask = M.tokenize_chat(tok, msgs, out["image_grid_thw"], add_generation_prompt=gen)
+        assert ids == out["input_ids"][0].tolist()
+        assert len(mask) == len(ids)
+    ids, mask = M.tokenize_chat(tok, _messages(), out["image_grid_thw"])  # last `out` is the full conversation's
+    got = tok.decode([i for i, k in zip(ids, mask) if k])
+    assert got == ("<think>zoom</think> <tool_call>\n{\"name\": 1}\n</tool_call><|im_end|>"
+                   "  <answer>B</answer>\n<|im_end|>")
+    assert ids.count(tok.image_pad_id) == int(out["image_grid_thw"].prod(-1).sum()) // 4
+
+
+def test_tokenizer_matches_transformers_and_compresses_prompt():
+    from transformers import AutoTokenizer
+    d = tiny_dir()
+    tok, ref = M.Tokenizer.from_pretrained(d), AutoTokenizer.from_pretrained(d)
+    for s in ["hello <|im_start|> world\n\n x", "Ünïcödé  tabs\t\tand 1234567 <tool_call>{\"a\": [1, 2]}</tool_call>",
+              "<|vision_start|><|image_pad|><|image_pad|><|vision_end|>what's it?"]:
+        assert tok.encode(s) == ref(s, add_special_tokens=False).input_ids
+        assert tok.decode(tok.encode(s)) == s
+    assert tok.decode(tok.encode("a<|im_end|>b"), skip_special_tokens=True) == "ab"
+    assert (tok.eos_id, tok.pad_id) == (tok.im_end_id, tok.tok.token_to_id("<|endoftext|>"))
+    cfg = ours(d).cfg
+    assert (tok.image_pad_id, tok.vision_start_id, tok.vision_end_id) == \
+        (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
+    system_prompt = M.default_tiny_corpus()[0]
+    assert len(system_prompt) > 1000 and len(tok.encode(system_prompt)) < 300  # bytes would be > 1000
+
+
+def test_tokenize_chat_errors():
+    tok = M.Tokenizer.from_pretrained(tiny_dir())
+    with pytest.raises(ValueError, match="image 1 has no entry"):
+        M.tokenize_chat(tok, [{"role": "user", "content": [{"type": "image"}]}])
+    with pytest.raises(ValueError, match="2 entries but the messages contain 1"):
+        M.tokenize_chat(tok, [{"role": "user", "content": [{"type": "image"}]}], [[1, 4, 4], [1, 4, 4]])

@@ -494,23 +494,24 @@ def _kernels():
         src = src_ptr + src_off + c * chan_stride
         acc = tl.full((BP, BQ), 2097152, tl.int32)  # 1 << (PRECISION_BITS - 1)
         if axis_h != 0:  # resample along width: output col q reads source cols xmin[q] + j of source row p
+            # (names differ between the branches: Triton's `if` rejects a name bound to two shapes)
             qm = q < Q
-            xmin = tl.load(bounds_ptr + 2 * (tb + q), mask=qm, other=0)  # [1, BQ]
-            cnt = tl.load(bounds_ptr + 2 * (tb + q) + 1, mask=qm, other=0)
-            base = src + p * row_stride + xmin  # [BP, BQ]
+            hxmin = tl.load(bounds_ptr + 2 * (tb + q), mask=qm, other=0)  # [1, BQ]
+            hcnt = tl.load(bounds_ptr + 2 * (tb + q) + 1, mask=qm, other=0)
+            hbase = src + p * row_stride + hxmin  # [BP, BQ]
             for j in range(ks):
-                w = tl.load(wts_ptr + wb + q * ks + j, mask=qm & (j < cnt), other=0)  # [1, BQ]
-                v = tl.load(base + j, mask=inside & (j < cnt), other=0)  # [BP, BQ] uint8
-                acc += v.to(tl.int32) * w
+                hw = tl.load(wts_ptr + wb + q * ks + j, mask=qm & (j < hcnt), other=0)  # [1, BQ]
+                hv = tl.load(hbase + j, mask=inside & (j < hcnt), other=0)  # [BP, BQ] uint8
+                acc += hv.to(tl.int32) * hw
         else:  # resample along height: output row p reads source rows xmin[p] + j at col q
             pm = p < P
-            xmin = tl.load(bounds_ptr + 2 * (tb + p), mask=pm, other=0)  # [BP, 1]
-            cnt = tl.load(bounds_ptr + 2 * (tb + p) + 1, mask=pm, other=0)
-            base = src + xmin * row_stride + q  # [BP, BQ]
-            for j in range(ks):
-                w = tl.load(wts_ptr + wb + p * ks + j, mask=pm & (j < cnt), other=0)  # [BP, 1]
-                v = tl.load(base + j * row_stride, mask=inside & (j < cnt), other=0)
-                acc += v.to(tl.int32) * w
+            vxmin = tl.load(bounds_ptr + 2 * (tb + p), mask=pm, other=0)  # [BP, 1]
+            vcnt = tl.load(bounds_ptr + 2 * (tb + p) + 1, mask=pm, other=0)
+            vbase = src + vxmin * row_stride + q  # [BP, BQ]
+            for i in range(ks):
+                vw = tl.load(wts_ptr + wb + p * ks + i, mask=pm & (i < vcnt), other=0)  # [BP, 1]
+                vv = tl.load(vbase + i * row_stride, mask=inside & (i < vcnt), other=0)  # [BP, BQ] uint8
+                acc += vv.to(tl.int32) * vw
         out = tl.minimum(tl.maximum(acc >> 22, 0), 255).to(tl.uint8)  # clip8
         tl.store(ws_ptr + ws_off + c * P * Q + p * Q + q, out, mask=inside)
 
@@ -605,42 +606,59 @@ def _plan(shapes, offsets, ids, boxes, sizes, resample, BP, BQ, BLOCK2):
                 prog1=cat(prog1), prog2=cat(prog2), ws_total=ws_total, rows=rows)
 
 
+_LUTS = {}
+
+
 def _lut_bits(out_dtype, device):
-    """[3, 256] normalized values in out_dtype, viewed as same-width ints (the kernels copy bits)."""
-    lut = normalize_lut().to(out_dtype)
-    return lut.view(torch.int32 if out_dtype == torch.float32 else torch.int16).contiguous().to(device)
+    """[3, 256] normalized values in out_dtype, viewed as same-width ints (the kernels copy bits); cached per device."""
+    key = (out_dtype, str(device))
+    if key not in _LUTS:
+        lut = normalize_lut().to(out_dtype)  # bf16: torch's round-to-nearest-even of the float32 values
+        _LUTS[key] = lut.view(torch.int32 if out_dtype == torch.float32 else torch.int16).contiguous().to(device)
+    return _LUTS[key]
 
 
 _WARNED = []
 
 
-def _triton_crop_resize_patchify(images, ids, boxes, sizes, resample, out_dtype, BP=None, BQ=None, BLOCK2=None):
+def _triton_launcher(images, ids, boxes, sizes, resample, out_dtype, BP=None, BQ=None, BLOCK2=None):
+    """Do the host work once (tables, metadata, one upload, buffers) and return run() -> pixel_values (two launches)."""
+    pass1, pass2 = _kernels()
     device = images[0].device
+    big = _interpreting()  # the interpreter pays per program: few, large programs
+    BP, BQ, BLOCK2 = BP or (64 if big else 8), BQ or 128, BLOCK2 or (65536 if big else 1024)
+    if len(images) == 1:
+        src, offsets = images[0].contiguous(), [0]
+    else:  # one flat buffer so that one pointer covers every source image
+        src = torch.cat([im.reshape(-1) for im in images])
+        offsets = np.cumsum([0] + [im.numel() for im in images[:-1]]).tolist()
+    plan = _plan([tuple(im.shape[1:]) for im in images], offsets, ids, boxes, sizes, resample, BP, BQ, BLOCK2)
+    names = ("bounds", "wts", "meta1", "meta2", "prog1", "prog2")
+    flat = torch.from_numpy(np.concatenate([plan[k].ravel() for k in names])).to(device)  # one host -> device copy
+    t, at = {}, 0
+    for k in names:
+        t[k] = flat[at:at + plan[k].size]
+        at += plan[k].size
+    ws = torch.empty(plan["ws_total"], dtype=torch.uint8, device=device)
+    out = torch.empty(plan["rows"], 1176, dtype=torch.int32 if out_dtype == torch.float32 else torch.int16,
+                      device=device)
+    lut = _lut_bits(out_dtype, device)
+    n1, n2 = plan["prog1"].shape[0], plan["prog2"].shape[0]
+
+    def run():
+        pass1[(n1,)](src, ws, t["bounds"], t["wts"], t["meta1"], t["prog1"], NM=len(_M1), BP=BP, BQ=BQ)
+        pass2[(n2,)](ws, out, lut, t["bounds"], t["wts"], t["meta2"], t["prog2"], NM=len(_M2), BLOCK=BLOCK2)
+        return out.view(out_dtype)
+
+    return run
+
+
+def _triton_crop_resize_patchify(images, ids, boxes, sizes, resample, out_dtype, **blocks):
     try:
-        pass1, pass2 = _kernels()
+        return _triton_launcher(images, ids, boxes, sizes, resample, out_dtype, **blocks)()
     except ImportError:
         if not _WARNED:
             warnings.warn("triton is not installed: crop_resize_patchify runs the CPU reference for CUDA images")
             _WARNED.append(1)
         cpu = [im.cpu() for im in images]
-        return reference_crop_resize_patchify(cpu, ids, boxes, sizes, resample, out_dtype).to(device)
-    big = _interpreting()  # the interpreter pays per program: few, large programs
-    BP, BQ, BLOCK2 = BP or (64 if big else 8), BQ or (128 if big else 128), BLOCK2 or (65536 if big else 1024)
-    if len(images) == 1:
-        src = images[0].contiguous()
-        offsets = [0]
-    else:  # one flat buffer so one pointer covers every source image
-        src = torch.cat([im.reshape(-1) for im in images])
-        offsets = np.cumsum([0] + [im.numel() for im in images[:-1]]).tolist()
-    shapes = [tuple(im.shape[1:]) for im in images]
-    plan = _plan(shapes, offsets, ids, boxes, sizes, resample, BP, BQ, BLOCK2)
-    t = {k: torch.from_numpy(v).to(device) for k, v in plan.items() if isinstance(v, np.ndarray)}
-    ws = torch.empty(plan["ws_total"], dtype=torch.uint8, device=device)
-    out = torch.empty(plan["rows"], 1176, dtype=torch.int32 if out_dtype == torch.float32 else torch.int16,
-                      device=device)
-    lut = _lut_bits(out_dtype, device)
-    pass1[(plan["prog1"].shape[0],)](src, ws, t["bounds"], t["wts"], t["meta1"], t["prog1"],
-                                      NM=len(_M1), BP=BP, BQ=BQ)
-    pass2[(plan["prog2"].shape[0],)](ws, out, lut, t["bounds"], t["wts"], t["meta2"], t["prog2"],
-                                      NM=len(_M2), BLOCK=BLOCK2)
-    return out.view(out_dtype)
+        return reference_crop_resize_patchify(cpu, ids, boxes, sizes, resample, out_dtype).to(images[0].device)

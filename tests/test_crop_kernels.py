@@ -272,3 +272,30 @@ def test_import_and_cpu_path_without_triton():
             "assert pv.shape == (4, 1176) and g.tolist() == [[1, 2, 2]]\n")
     root = str(__import__("pathlib").Path(ck.__file__).parent)
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
+
+
+def test_triton_kernels_compile_for_hopper_and_ampere():
+    """The interpreter does not type-check like the compiler does (e.g. Triton's `if` rejects a name bound to two
+    shapes): compile both kernels to cubin for sm_90 and sm_80 with triton's bundled ptxas, no GPU needed."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no NVIDIA backend")
+    if ck._interpreting():
+        pytest.skip("TRITON_INTERPRET is set for the whole session")
+    pass1, pass2 = ck._kernels()
+    i32 = "*i32"
+    sig1 = dict(src_ptr="*u8", ws_ptr="*u8", bounds_ptr=i32, wts_ptr=i32, meta_ptr=i32, prog_ptr=i32,
+                NM="constexpr", BP="constexpr", BQ="constexpr")
+    for cc in (90, 80):
+        k = triton.compile(ASTSource(pass1, sig1, constexprs=dict(NM=len(ck._M1), BP=8, BQ=128)),
+                           target=GPUTarget("cuda", cc, 32))
+        assert "ld.global" in k.asm["ptx"] and k.asm["cubin"]
+        for out in ("*i32", "*i16"):  # float32 / bf16 bit patterns
+            sig2 = dict(ws_ptr="*u8", out_ptr=out, lut_ptr=out, bounds_ptr=i32, wts_ptr=i32, meta_ptr=i32, prog_ptr=i32,
+                        NM="constexpr", BLOCK="constexpr")
+            k = triton.compile(ASTSource(pass2, sig2, constexprs=dict(NM=len(ck._M2), BLOCK=1024)),
+                               target=GPUTarget("cuda", cc, 32))
+            assert k.asm["cubin"]

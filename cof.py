@@ -613,3 +613,407 @@ def rollouts(model, tokenizer, images, questions, group_size, cfg=None, generato
     base = cfg or CofConfig(do_sample=True)
     cfg = CofConfig.from_dict({**{f.name: getattr(base, f.name) for f in fields(CofConfig)}, **overrides})
     return run(model, tokenizer, images, questions, cfg, group_size=group_size, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmarks: readers (V*, HR-Bench, our synthetic split), evaluation with resume, summary
+
+SWEEP = (224, 448, 672, 1024, 1344, 1920, 2560, 3840)   # long-side sizes of the resolution sweep
+
+
+class BenchError(ValueError):
+    """A benchmark file that cannot be read; the message names the file, the row and the field."""
+
+
+def _need(row, keys, where):
+    missing = [k for k in keys if k not in row or row[k] is None]
+    if missing:
+        raise BenchError(f"{where}: missing field(s) {missing}; have {sorted(row)}")
+
+
+def read_vstar(root, categories=None):
+    """V* Bench (craigwu/vstar_bench): `root/test_questions.jsonl`, one JSON object per line with `image` (path
+    relative to root, e.g. direct_attributes/sa_4690.jpg), `text` (question + options + answer hint), `label`
+    (letter), `category`, `question_id`. Returns items dict(id, image (path), question, label, category, options)."""
+    import os
+
+    path = os.path.join(root, "test_questions.jsonl")
+    if not os.path.exists(path):
+        raise BenchError(f"{path} not found: point --data at the V* folder holding test_questions.jsonl")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BenchError(f"{where}: not JSON ({e})") from None
+            _need(row, ("image", "text", "label"), where)
+            cat = row.get("category") or os.path.dirname(row["image"]) or "all"
+            if categories and cat not in categories:
+                continue
+            image = os.path.normpath(os.path.join(root, row["image"]))
+            if not os.path.exists(image):
+                raise BenchError(f"{where}: image {row['image']!r} not found under {root}")
+            items.append(dict(id=str(row.get("question_id", n - 1)), image=image, question=row["text"],
+                              label=str(row["label"]).strip(), category=cat, options=parse_options(row["text"])))
+    return items
+
+
+def hrbench_question(question, options, style="vstar"):
+    """HR-Bench question text. "vstar" (default): V*'s layout, which CoF was evaluated and trained with
+    ("(A) ..." lines + LETTER_HINT). "vlmeval": VLMEvalKit's "Options:\\nA. ...\\nPlease select ..." layout."""
+    if style == "vstar":
+        return question + "".join(f"\n({k}) {v}" for k, v in options.items()) + LETTER_HINT
+    if style == "vlmeval":
+        return (question + "\nOptions:\n" + "".join(f"{k}. {v}\n" for k, v in options.items())
+                + "Please select the correct answer from the options above. \n")
+    raise ValueError(f"unknown HR-Bench prompt style {style!r}: use 'vstar' or 'vlmeval'")
+
+
+def read_hrbench(path, style="vstar"):
+    """HR-Bench (DreamMr/HR-Bench) TSV: columns index, question, answer (letter), category (single/cross), A, B,
+    C, D, cycle_category (0-3: the same question with its options rotated), image (base64 JPEG; VLMEvalKit may
+    store the index of another row holding the same image instead). Images stay base64 until used."""
+    import csv
+    import sys
+
+    csv.field_size_limit(sys.maxsize)
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        rows = list(reader)
+    if not rows:
+        raise BenchError(f"{path}: no rows")
+    by_index = {r.get("index"): r.get("image") for r in rows}
+    items = []
+    for n, row in enumerate(rows, 2):
+        where = f"{path} row {n} (index {row.get('index')})"
+        _need(row, ("index", "question", "answer", "image", "A", "B"), where)
+        img = row["image"]
+        if len(img) <= 64 and img in by_index:             # VLMEvalKit: a reference to another row's image
+            img = by_index[img]
+        options = {k: row[k] for k in "ABCDEFGH" if row.get(k) not in (None, "", "nan")}
+        label = row["answer"].strip()
+        if label not in options:
+            raise BenchError(f"{where}: answer {label!r} is not one of the options {sorted(options)}")
+        cyc = row.get("cycle_category")
+        items.append(dict(id=str(row["index"]), image_b64=img, question=hrbench_question(row["question"], options, style),
+                          label=label, category=row.get("category") or "all", options=options,
+                          cycle=int(cyc) if cyc not in (None, "") else None))
+    return items
+
+
+def read_synthetic(path):
+    """Our synthetic test split (data/): a V*-layout folder (test_questions.jsonl + images), or a JSON / JSONL file
+    of released CoF-RL input records {question, groundtruth, image_name, category?} (images relative to the file's
+    folder); the question gets the RL recipe's hint (letter hint for multiple choice)."""
+    import os
+
+    if os.path.isdir(path):
+        return read_vstar(path)
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        rows = json.loads(text) if path.endswith(".json") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    except json.JSONDecodeError as e:
+        raise BenchError(f"{path}: not JSON / JSONL ({e})") from None
+    items = []
+    for n, row in enumerate(rows):
+        where = f"{path} record {n}"
+        _need(row, ("question", "groundtruth", "image_name"), where)
+        q, gt = row["question"], str(row["groundtruth"]).strip()
+        hint = rl_prompt(q, gt)[len("<image> Question: ") + len(q):-len(USER_PROMPT)]
+        image = os.path.normpath(os.path.join(root, row["image_name"]))
+        if not os.path.exists(image):
+            raise BenchError(f"{where}: image {row['image_name']!r} not found under {root}")
+        items.append(dict(id=str(row.get("id", n)), image=image, question=q + hint, label=gt,
+                          category=row.get("category") or row.get("data_source") or "all", options=parse_options(q)))
+    return items
+
+
+def load_item_image(item):
+    """uint8 [3, H, W] of a benchmark item (path or base64)."""
+    import base64
+
+    import crop_kernels as ck
+
+    if "image_b64" in item:
+        return ck.load_image(base64.b64decode(item["image_b64"]))
+    return ck.load_image(item["image"])
+
+
+def resize_long_side(img_u8, size):
+    """Resolution sweep: LANCZOS-resize so the long side is `size` (aspect kept); None keeps the image."""
+    import crop_kernels as ck
+
+    if size is None:
+        return img_u8
+    H, W = img_u8.shape[1:]
+    s = size / max(H, W)
+    return ck.resize(img_u8, (max(1, round(H * s)), max(1, round(W * s))), "lanczos")
+
+
+def is_correct(item, answer):
+    """Rule-based scoring: letter labels through match_answer, free-form labels by normalised equality."""
+    label = item["label"]
+    if len(label) == 1 and label.isalpha() and label.isupper():
+        return match_answer(answer, label, item.get("options"))
+    return bool(_norm(answer)) and _norm(answer) == _norm(label)
+
+
+def _key(res, item):
+    return f"{res or 'orig'}:{item['id']}"
+
+
+def load_results(path):
+    """Records of a results JSONL by key; a truncated last line (an interrupted run) is skipped."""
+    import os
+
+    out = {}
+    if not os.path.exists(path):
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[rec["key"]] = rec
+    return out
+
+
+def evaluate(model, tokenizer, items, out_path, cfg=None, resolutions=(None,), batch_size=8, bench="bench",
+             progress=True):
+    """Run the loop on every (resolution, item), appending one JSON line per question (the whole trajectory) to
+    `out_path`; questions already in the file are skipped (resume). Returns summarize(...) of the whole file."""
+    import time
+
+    cfg = cfg or CofConfig()
+    done = load_results(out_path)
+    todo = [(res, it) for res in resolutions for it in items if _key(res, it) not in done]
+    bar = _Progress(len(todo), f"{bench}", progress)
+    with open(out_path, "a", encoding="utf-8") as f:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            imgs = [resize_long_side(load_item_image(it), res) for res, it in batch]
+            t0 = time.time()
+            trajs = run(model, tokenizer, imgs, [it["question"] for _, it in batch], cfg)
+            dt = (time.time() - t0) / len(batch)
+            n_ok = 0
+            for (res, it), tr in zip(batch, trajs):
+                ok = is_correct(it, tr.answer)
+                n_ok += ok
+                rec = dict(key=_key(res, it), bench=bench, id=it["id"], resolution=res, category=it["category"],
+                           cycle=it.get("cycle"), label=it["label"], correct=ok, seconds=dt, **tr.to_json())
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            bar.update(len(batch), f"acc(batch) {n_ok}/{len(batch)}")
+    return summarize(list(load_results(out_path).values()))
+
+
+def summarize(records):
+    """Per resolution: accuracy per category and overall (micro over questions; for HR-Bench, whose records carry a
+    cycle, accuracy per option rotation averaged over the rotations as VLMEvalKit's report_acc_hrbench does),
+    mean zooms, mean generated tokens, seconds per question. Returns a list of row dicts."""
+    import statistics as stats
+
+    def acc(recs):
+        cycles = sorted({r["cycle"] for r in recs if r.get("cycle") is not None})
+        if cycles:
+            return 100 * stats.fmean(stats.fmean(float(r["correct"]) for r in recs if r.get("cycle") == c)
+                                     for c in cycles if any(r.get("cycle") == c for r in recs))
+        return 100 * stats.fmean(float(r["correct"]) for r in recs)
+
+    rows = []
+    for res in sorted({r["resolution"] for r in records}, key=lambda x: (x is not None, x or 0)):
+        recs = [r for r in records if r["resolution"] == res]
+        row = dict(resolution=res or "orig", n=len(recs))
+        for cat in sorted({r["category"] for r in recs}):
+            row[f"acc_{cat}"] = acc([r for r in recs if r["category"] == cat])
+        row["acc_overall"] = acc(recs)
+        row["zooms"] = stats.fmean(r["n_zooms"] for r in recs)
+        row["gen_tokens"] = stats.fmean(r["n_generated"] for r in recs)
+        row["s_per_q"] = stats.fmean(r["seconds"] for r in recs)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows):
+    """Markdown table of summarize() rows."""
+    if not rows:
+        return "(no results)"
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)   # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trace: the chain drawn on one PNG
+
+_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230)]
+
+
+def draw_trace(traj, path, panel=640, thumb=220, width_chars=110):
+    """Draw a Trajectory (run with keep_images=True) to a PNG: the image the model saw with every crop box (numbered,
+    one colour per zoom), the crops it got back beside it, and the text of every turn below."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    import crop_kernels as ck
+
+    if not traj.images:
+        raise ValueError("draw_trace needs the images: run the loop with CofConfig(keep_images=True)")
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:                        # Pillow without FreeType: the bitmap font
+        font = ImageFont.load_default()
+    main = ck.to_pil(traj.images[0])
+    s = panel / max(main.size)
+    left = main.resize((max(1, round(main.width * s)), max(1, round(main.height * s))), Image.Resampling.BICUBIC)
+    d = ImageDraw.Draw(left)
+    crops, k = [], 0
+    for n, t in enumerate(traj.turns):
+        if not t.get("tool_call"):
+            continue
+        color = _COLORS[k % len(_COLORS)]
+        if t.get("box") and t.get("status") in ("ok", "limit"):
+            x0, y0, x1, y1 = (v * s for v in t["box"])
+            d.rectangle([x0, y0, x1, y1], outline=color, width=3)
+            d.text((x0 + 3, y0 + 2), str(k + 1), fill=color, font=font)
+        if t.get("status") in ("ok", "none", "error") and 1 + len(crops) < len(traj.images):
+            crops.append((traj.images[1 + len(crops)], color, f"zoom {k + 1}: {t.get('status')} box {t.get('box')} "
+                          f"-> {t.get('crop_size')}"))
+        k += 1
+    lines = []
+    for n, t in enumerate(traj.turns):
+        head = f"turn {n + 1} ({t['n_tokens']} tokens)" + (f", zoom {t.get('status')}" if t.get("tool_call") else "")
+        lines.append(head + ":")
+        for para in t["text"].splitlines() or [""]:
+            lines += textwrap.wrap(para, width_chars) or [""]
+    lines.append(f"answer: {traj.answer!r}   zooms: {traj.n_zooms}   generated tokens: {traj.n_generated}")
+    lines = lines[:80]
+    line_h = 18
+    col_w = thumb + 20
+    width = max(left.width + col_w + 30, 8 * width_chars)
+    crops_h = sum(min(thumb, round(thumb * c[0].shape[1] / max(c[0].shape[1:]))) + 30 for c in crops)
+    top = max(left.height, crops_h) + 40
+    canvas = Image.new("RGB", (width, top + line_h * len(lines) + 20), "white")
+    dc = ImageDraw.Draw(canvas)
+    dc.text((10, 8), f"image seen by the model: {traj.main_size[1]}x{traj.main_size[0]} (original "
+            f"{traj.original_size[1]}x{traj.original_size[0]})", fill="black", font=font)
+    canvas.paste(left, (10, 30))
+    y = 30
+    for img, color, caption in crops:
+        im = ck.to_pil(img)
+        sc = thumb / max(im.size)
+        im = im.resize((max(1, round(im.width * sc)), max(1, round(im.height * sc))), Image.Resampling.BICUBIC)
+        x = left.width + 30
+        dc.text((x, y), caption, fill=color, font=font)
+        canvas.paste(im, (x, y + 20))
+        dc.rectangle([x - 2, y + 18, x + im.width + 1, y + 21 + im.height], outline=color, width=3)
+        y += im.height + 30
+    for i, line in enumerate(lines):
+        dc.text((10, top + i * line_h), line, fill="black", font=font)
+    canvas.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _cfg_from_args(pairs, **base):
+    """CofConfig from `key=value` strings (typed by the dataclass fields)."""
+    types = {f.name: f.type for f in fields(CofConfig)}
+    d = dict(base)
+    for p in pairs or []:
+        if "=" not in p:
+            raise SystemExit(f"--cfg expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        if k not in types:
+            raise SystemExit(f"unknown --cfg key {k!r}; valid keys: {sorted(types)}")
+        t = types[k]
+        d[k] = (v.lower() in ("1", "true", "yes")) if t in ("bool", bool) else (
+            int(v) if t in ("int", int) else float(v) if t in ("float", float) else v)
+    return CofConfig.from_dict(d)
+
+
+def _load(model_path, device, dtype):
+    import torch
+
+    import model as M
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return M.Qwen25VL.from_pretrained(model_path, dtype=dt, device=dev).eval(), M.Tokenizer.from_pretrained(model_path)
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    import time
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    common.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    common.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    common.add_argument("--cfg", action="append", metavar="KEY=VALUE",
+                        help="loop option, e.g. max_turns=6, invalid=text, max_pixels=1003520 (see CofConfig)")
+    if argv[:1] == ["eval"]:
+        p = argparse.ArgumentParser(prog="cof.py eval", parents=[common],
+                                    description="Evaluate the CoF loop on a benchmark (JSONL per question + summary).")
+        p.add_argument("--bench", required=True, choices=["vstar", "hrbench", "synthetic"])
+        p.add_argument("--data", required=True, help="V* folder / HR-Bench .tsv / synthetic folder or RL JSON")
+        p.add_argument("--out", required=True, help="results JSONL (appended; an existing file resumes)")
+        p.add_argument("--resolutions", default=None,
+                       help="comma-separated long sides to resize to before the loop ('orig' = as is)")
+        p.add_argument("--sweep", action="store_true", help=f"the 8-size sweep {','.join(map(str, SWEEP))}")
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--limit", type=int, default=None, help="first N questions only")
+        p.add_argument("--hr-prompt", default="vstar", choices=["vstar", "vlmeval"])
+        a = p.parse_args(argv[1:])
+        items = {"vstar": read_vstar, "synthetic": read_synthetic,
+                 "hrbench": lambda d: read_hrbench(d, a.hr_prompt)}[a.bench](a.data)[:a.limit]
+        res = list(SWEEP) if a.sweep else [None if r.strip() == "orig" else int(r)
+                                             for r in (a.resolutions or "orig").split(",")]
+        model, tok = _load(a.model, a.device, a.dtype)
+        rows = evaluate(model, tok, items, a.out, _cfg_from_args(a.cfg), res, a.batch_size, a.bench)
+        table = format_table(rows)
+        print(table)
+        with open(a.out.rsplit(".", 1)[0] + "_summary.md", "w") as f:
+            f.write(table + "\n")
+        return rows
+    p = argparse.ArgumentParser(prog="cof.py", parents=[common],
+                                description="Chain-of-Focus on one image: prints each turn; `cof.py eval -h` for benchmarks.")
+    p.add_argument("--image", required=True)
+    p.add_argument("--question", required=True)
+    p.add_argument("--trace", default=None, help="write the chain as a PNG here")
+    a = p.parse_args(argv)
+    model, tok = _load(a.model, a.device, a.dtype)
+    cfg = _cfg_from_args(a.cfg, keep_images=a.trace is not None)
+
+    def show(row, t):
+        print(f"--- turn {len(shown) + 1} ({t['n_tokens']} tokens, stop: {t['stop']})\n{t['text']}")
+        if t.get("tool_call"):
+            print(f"[zoom: {t.get('status')} box={t.get('box')} crop={t.get('crop_size')} {t.get('message', '')}]")
+        shown.append(t)
+
+    shown = []
+    t0 = time.time()
+    traj = run(model, tok, [a.image], [a.question], cfg, on_turn=show)[0]
+    print(f"=== answer: {traj.answer!r}  (zooms {traj.n_zooms}, generated tokens {traj.n_generated}, "
+          f"image {traj.main_size[1]}x{traj.main_size[0]}, {time.time() - t0:.1f}s)")
+    if a.trace:
+        print(f"trace: {draw_trace(traj, a.trace)}")
+    return traj
+
+
+if __name__ == "__main__":
+    main()

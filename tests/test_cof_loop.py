@@ -1,0 +1,341 @@
+"""The CoF loop end to end: a scripted stand-in model (emits given texts through model.py's cache interface) checks the
+turn layout token by token against model.tokenize_chat of the whole conversation, the zoom limit, fallbacks, batching
+and grouping; a tiny random Qwen2.5-VL (model.make_tiny) runs the real loop on the CPU, batched with zooms, and the
+KV-cache path is checked against re-encoding the whole conversation."""
+import json
+
+import pytest
+import torch
+
+import cof
+import crop_kernels as ck
+import model as M
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = M.make_tiny(str(tmp_path_factory.mktemp("tiny_cof")))
+    return M.Qwen25VL.from_pretrained(d).eval(), M.Tokenizer.from_pretrained(d)
+
+
+def img(h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+
+
+def call(b):
+    return f'<tool_call>\n{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": {b}}}}}\n</tool_call>'
+
+
+# ---- the scripted stand-in ----------------------------------------------------------------------------------------
+
+class ScriptCache:
+    def __init__(self, n):
+        self.rows = [[] for _ in range(n)]     # real tokens per row
+        self.src = list(range(n))              # which script each row follows
+        self.images = [[] for _ in range(n)]   # pixel_values seen per row
+
+    def repeat_interleave(self, g):
+        self.rows = [list(r) for r in self.rows for _ in range(g)]
+        self.images = [list(r) for r in self.images for _ in range(g)]
+        self.src = [s for s in self.src for _ in range(g)]
+        return self
+
+    def select(self, keep):
+        self.rows = [self.rows[i] for i in keep]
+        self.images = [self.images[i] for i in keep]
+        self.src = [self.src[i] for i in keep]
+        return self
+
+
+class ScriptedModel:
+    """Emits scripts[q][k] (text of turn k for question q, then <|im_end|>) through new_cache / extend, checking that
+    the loop feeds back exactly what it emitted and that every <|image_pad|> run comes with its image."""
+    device = torch.device("cpu")
+
+    def __init__(self, tok, scripts, vocab=None):
+        self.tok, self.vocab = tok, vocab or tok.vocab_size
+        self.scripts = [[tok.encode(t) + [tok.im_end_id] for t in s] for s in scripts]
+        self.header = tok.encode("<|im_start|>assistant\n")
+        self.calls = 0
+
+    def new_cache(self, batch_size):
+        return ScriptCache(batch_size)
+
+    def _next(self, row, src):
+        n = len(self.header)
+        starts = [i + n for i in range(len(row) - n + 1) if row[i:i + n] == self.header]
+        assert starts, "no assistant header: the loop asked for a token outside an assistant turn"
+        k, j = len(starts) - 1, len(row) - starts[-1]
+        script = self.scripts[src]
+        turn = script[min(k, len(script) - 1)]
+        return turn[j] if j < len(turn) else self.tok.im_end_id
+
+    def extend(self, cache, input_ids, mask=None, pixel_values=None, image_grid_thw=None, last_only=False):
+        assert last_only
+        self.calls += 1
+        B, L = input_ids.shape
+        mask = torch.ones(B, L, dtype=torch.bool) if mask is None else mask
+        grids = [] if image_grid_thw is None else image_grid_thw.tolist()
+        pv_off, gi = 0, 0
+        logits = torch.zeros(B, 1, self.vocab)
+        for b in range(B):
+            new = input_ids[b][mask[b]].tolist()
+            if new and cache.rows[b]:   # the token we emitted last must come back first
+                assert new[0] == self._next(cache.rows[b], cache.src[b]), "loop did not feed back the emitted token"
+            runs = sum(1 for i, t in enumerate(new) if t == self.tok.image_pad_id and (i == 0 or new[i - 1] != t))
+            for _ in range(runs):
+                t, h, w = grids[gi]
+                n = t * h * w
+                cache.images[b].append(pixel_values[pv_off:pv_off + n])
+                pv_off += n
+                gi += 1
+            cache.rows[b] += new
+            if cache.rows[b]:
+                logits[b, 0, self._next(cache.rows[b], cache.src[b])] = 1.0
+        assert gi == len(grids) and (pixel_values is None or pv_off == pixel_values.shape[0])
+        return logits
+
+
+def reference_ids(tok, question, texts, grids, env=None):
+    """tokenize_chat of the equivalent whole conversation (the chat template, one string), without the final '\\n'."""
+    msgs = cof.build_messages(question)
+    for k, t in enumerate(texts):
+        msgs.append({"role": "assistant", "content": t})
+        if k < len(texts) - 1:
+            msgs.append(env[k] if env else cof.zoom_message())
+    ids, amask = M.tokenize_chat(tok, msgs, image_grid_thw=grids)
+    assert ids[-1] == tok.encode("\n")[0]
+    return ids[:-1], amask[:-1]
+
+
+Q = "What is the colour of the cup?\n(A) red\n(B) blue\nAnswer with the option's letter from the given choices directly."
+
+
+def test_turn_layout_matches_whole_conversation(tiny):
+    _, tok = tiny
+    texts = ["<think>The cup is small.</think> " + call("[20, 30, 60, 70]"),
+             "<think>Closer.</think> " + call("[40, 40, 100, 90]"),
+             "<think>It is red.</think> <answer>A</answer>"]
+    sm = ScriptedModel(tok, [texts])
+    main = img(168, 224)
+    tr = cof.run(sm, tok, [main], [Q], cof.CofConfig(keep_images=True))[0]
+    ids, amask = reference_ids(tok, Q, texts, tr.image_grid_thw)
+    assert tr.ids == ids
+    assert tr.gen_mask == amask                               # generated = assistant content + its <|im_end|>
+    assert tr.prompt_len == len(M.tokenize_chat(tok, cof.build_messages(Q), tr.image_grid_thw[:1],
+                                                add_generation_prompt=True)[0])
+    assert [t["text"] for t in tr.turns] == texts and tr.answer == "A" and tr.finished and tr.n_zooms == 2
+    # crop sizes: box enlarged x1.5, then x2 + smart_resize; taken from the resized main image each time
+    assert tr.main_size == (168, 224)
+    for k, box in enumerate([(10, 20, 70, 80), (25, 27, 115, 102)]):
+        assert tuple(tr.turns[k]["box"]) == box
+        h, w = cof.zoom_size(box)
+        assert tr.image_grid_thw[k + 1].tolist() == [1, h // 14, w // 14]
+        ref = ck.resize(ck.crop(main, box), (h, w), "lanczos")
+        assert torch.equal(tr.images[k + 1], ref)
+        assert torch.equal(tr.pixel_values[sum(int(g.prod()) for g in tr.image_grid_thw[:k + 1]):][:h * w // 196],
+                           ck.patchify(ref)[0])
+
+
+def test_model_sees_exactly_the_trajectory(tiny):
+    _, tok = tiny
+    texts = [call("[0, 0, 50, 50]"), "<answer>B</answer>"]
+    sm = ScriptedModel(tok, [texts])
+    seen = {}
+    orig_new = sm.new_cache
+
+    def spy(n):
+        seen["cache"] = orig_new(n)
+        return seen["cache"]
+    sm.new_cache = spy
+    tr = cof.run(sm, tok, [img(112, 112)], [Q])[0]
+    assert seen["cache"].rows[0] == tr.ids[:-1]               # everything but the final <|im_end|>
+    assert torch.equal(torch.cat(seen["cache"].images[0]), tr.pixel_values)
+
+
+def test_zoom_limit_and_unexecuted_last_call(tiny):
+    _, tok = tiny
+    texts = [call(f"[{i}, {i}, {i + 30}, {i + 30}]") for i in range(10)]
+    sm = ScriptedModel(tok, [texts])
+    tr = cof.run(sm, tok, [img(140, 140)], [Q])[0]
+    assert len(tr.turns) == 6 and tr.n_zooms == 6 and not tr.finished and tr.answer == ""
+    assert tr.image_grid_thw.shape[0] == 6                   # main image + 5 crops: the 6th call is never executed
+    assert tr.turns[-1]["status"] == "limit"
+    tr = cof.run(sm, tok, [img(140, 140)], [Q], cof.CofConfig(max_turns=2))[0]
+    assert len(tr.turns) == 2 and tr.image_grid_thw.shape[0] == 2
+
+
+def test_max_new_tokens_cut_closes_the_turn(tiny):
+    _, tok = tiny
+    long = "<think>" + "very " * 40 + "</think> " + call("[0, 0, 50, 50]")
+    sm = ScriptedModel(tok, [[long, "<answer>A</answer>"]])
+    tr = cof.run(sm, tok, [img(112, 112)], [Q], cof.CofConfig(max_new_tokens=10))[0]
+    t0 = tr.turns[0]
+    assert t0["stop"] == "length" and t0["n_tokens"] == 10 and not t0["tool_call"]
+    assert len(tr.turns) == 1 and tr.answer == "" and tr.finished
+    # a cut turn that holds a tool call: the environment closes it with <|im_end|> (not a model token)
+    short_call = "<tool_call>" + "x" * 60
+    sm = ScriptedModel(tok, [[short_call, "<answer>A</answer>"]])
+    tr = cof.run(sm, tok, [img(112, 112)], [Q], cof.CofConfig(max_new_tokens=3))[0]
+    assert tr.turns[0]["stop"] == "length" and tr.turns[0]["status"] == "none"
+    p = tr.prompt_len
+    assert tr.gen_mask[p:p + 3] == [True] * 3 and tr.ids[p + 3] == tok.im_end_id and not tr.gen_mask[p + 3]
+    assert len(tr.turns) == 2 and tr.turns[1]["text"] == tok.decode(tok.encode("<answer>A</answer>")[:3])
+
+
+def test_invalid_box_policies(tiny):
+    _, tok = tiny
+    texts = [call("[0, 0, 999, 50]"), "<answer>A</answer>"]
+    main = img(112, 140)
+    tr = cof.run(ScriptedModel(tok, [texts]), tok, [main], [Q], cof.CofConfig(keep_images=True))[0]
+    assert tr.turns[0]["status"] == "none"                   # released: whole image, x2
+    assert tr.images[1].shape[1:] == cof.zoom_size((0, 0, 140, 112))
+    tr = cof.run(ScriptedModel(tok, [texts]), tok, [main], [Q], cof.CofConfig(invalid="text"))[0]
+    msg = tr.turns[0]["message"]
+    assert msg.startswith("Invalid bounding box") and tr.image_grid_thw.shape[0] == 1
+    ids, amask = reference_ids(tok, Q, texts, tr.image_grid_thw, env=[cof.error_message(msg)])
+    assert tr.ids == ids and tr.gen_mask == amask
+
+
+def test_batch_rows_finish_and_zoom_at_different_times(tiny):
+    _, tok = tiny
+    scripts = [["<answer>A</answer>"],
+               [call("[0, 0, 40, 40]"), call("[10, 10, 90, 60]"), call("[5, 5, 20, 20]"), "<answer>B</answer>"],
+               ["<think>" + "hmm " * 30 + "</think>" + call("[1, 2, 30, 40]"), "<answer>C</answer>"],
+               [call("[0, 0, 1, 1]"), "<think>x</think><answer>D</answer>"],
+               [call("[3, 3, 3, 3]")] * 8]
+    images = [img(112 + 28 * i, 140, seed=i) for i in range(5)]
+    qs = [f"Question {i}?" for i in range(5)]
+    sm = ScriptedModel(tok, scripts)
+    batch = cof.run(sm, tok, images, qs)
+    for i in range(5):
+        single = cof.run(ScriptedModel(tok, [scripts[i]]), tok, [images[i]], [qs[i]])[0]
+        assert batch[i].ids == single.ids and batch[i].gen_mask == single.gen_mask
+        assert torch.equal(batch[i].pixel_values, single.pixel_values)
+        assert batch[i].image_grid_thw.tolist() == single.image_grid_thw.tolist()
+    assert [t.answer for t in batch] == ["A", "B", "C", "D", ""]
+    assert [t.n_zooms for t in batch] == [0, 3, 1, 1, 6]
+
+
+def test_groups_repeat_the_prefix(tiny):
+    _, tok = tiny
+    scripts = [[call("[0, 0, 40, 40]"), "<answer>A</answer>"], ["<answer>B</answer>"]]
+    out = cof.run(ScriptedModel(tok, scripts), tok, [img(112, 112), img(112, 140, 1)], ["q0", "q1"], group_size=3)
+    assert [t.group for t in out] == [0, 0, 0, 1, 1, 1]
+    assert [t.answer for t in out] == ["A"] * 3 + ["B"] * 3
+    assert all(t.ids == out[0].ids for t in out[:3]) and all(t.ids == out[3].ids for t in out[3:])
+
+
+# ---- the tiny random model: the real cache path --------------------------------------------------------------------
+
+class Prefixed:
+    """The real model, but each turn k starts with the forced text prefixes[q][k] (so a random model zooms); after
+    the prefix the model's own logits decide. Forced tokens come back as logits too, so the loop cannot tell."""
+
+    def __init__(self, model, tok, prefixes):
+        self.m, self.tok = model, tok
+        self.device = model.device
+        self.pre = [[tok.encode(p) for p in ps] for ps in prefixes]
+        self.header = tok.encode("<|im_start|>assistant\n")
+        self.rows, self.src = None, None
+
+    def new_cache(self, n):
+        self.rows, self.src = [[] for _ in range(n)], list(range(n))
+        c = self.m.new_cache(n)
+        outer = self
+
+        class Wrap:
+            def __getattr__(self, k):
+                return getattr(c, k)
+
+            def repeat_interleave(self, g):
+                outer.rows = [list(r) for r in outer.rows for _ in range(g)]
+                outer.src = [s for s in outer.src for _ in range(g)]
+                c.repeat_interleave(g)
+                return self
+
+            def select(self, keep):
+                outer.rows = [outer.rows[i] for i in keep]
+                outer.src = [outer.src[i] for i in keep]
+                c.select(keep)
+                return self
+        self.cache = c
+        return Wrap()
+
+    def extend(self, cache, ids, mask=None, **kw):
+        logits = self.m.extend(self.cache, ids, mask=mask, **kw).clone()
+        n = len(self.header)
+        for b in range(ids.shape[0]):
+            self.rows[b] += ids[b][mask[b]].tolist()
+            row = self.rows[b]
+            starts = [i + n for i in range(len(row) - n + 1) if row[i:i + n] == self.header]
+            if not starts:
+                continue
+            k, j = len(starts) - 1, len(row) - starts[-1]
+            pre = self.pre[self.src[b]]
+            if k < len(pre) and j < len(pre[k]):
+                logits[b, 0] = -1e4
+                logits[b, 0, pre[k][j]] = 1e4
+        return logits
+
+
+def forced_positions(tok, ids, prefixes):
+    header = tok.encode("<|im_start|>assistant\n")
+    n = len(header)
+    starts = [i + n for i in range(len(ids) - n + 1) if ids[i:i + n] == header]
+    return {s + j for k, s in enumerate(starts) if k < len(prefixes) for j in range(len(tok.encode(prefixes[k])))}
+
+
+def test_tiny_model_end_to_end_batched_with_zooms_matches_full_forward(tiny):
+    model, tok = tiny
+    prefixes = [["<think>look</think> " + call("[10, 10, 60, 50]"), "<think>more</think>" + call("[30, 20, 90, 80]")],
+                [call("[0, 0, 200, 30]")],
+                []]
+    images = [img(140, 168, 1), img(112, 224, 2), img(168, 112, 3)]
+    cfg = cof.CofConfig(max_new_tokens=12, max_turns=3)
+    trajs = cof.run(Prefixed(model, tok, prefixes), tok, images, [Q, "Where?", "Which?"], cfg)
+    assert trajs[0].n_zooms >= 2 and trajs[1].n_zooms >= 1
+    assert trajs[0].image_grid_thw.shape[0] == 1 + min(trajs[0].n_zooms, cfg.max_turns - 1)
+    n_checked = 0
+    for q, tr in enumerate(trajs):
+        with torch.no_grad():   # re-encode the whole conversation at once
+            full = model(torch.tensor([tr.ids]), pixel_values=tr.pixel_values, image_grid_thw=tr.image_grid_thw)[0]
+        logp = torch.log_softmax(full.float(), -1)                             # [T, V]
+        forced = forced_positions(tok, tr.ids, prefixes[q])
+        for p in range(tr.prompt_len, len(tr.ids)):
+            if not tr.gen_mask[p] or p in forced:
+                continue
+            # the cache path's log-prob and greedy token equal those of the full re-encode at every free position
+            assert abs(tr.logprobs[p] - logp[p - 1, tr.ids[p]].item()) < 1e-3
+            top2 = torch.topk(full[p - 1], 2).values
+            if top2[0] - top2[1] > 1e-4:
+                assert full[p - 1].argmax().item() == tr.ids[p]
+                n_checked += 1
+    assert n_checked > 10        # free greedy tokens agree with re-encoding the whole conversation
+
+
+def test_tiny_model_rollouts_for_grpo(tiny):
+    model, tok = tiny
+    prefixes = [[call("[10, 10, 60, 50]")], []]
+    g = torch.Generator().manual_seed(0)
+    cfg = cof.CofConfig(do_sample=True, max_new_tokens=8, max_turns=2, keep_images=True)
+    out = cof.run(Prefixed(model, tok, prefixes), tok, [img(140, 168, 1), img(112, 140, 2)], [Q, "q"], cfg,
+                  group_size=3, generator=g)
+    assert len(out) == 6 and [t.group for t in out] == [0, 0, 0, 1, 1, 1]
+    assert len({tuple(t.ids) for t in out[:3]}) > 1                       # distinct samples in a group
+    for t in out:
+        assert len(t.ids) == len(t.gen_mask) == len(t.logprobs)
+        assert not any(t.gen_mask[:t.prompt_len])
+        pads = [i for i, x in enumerate(t.ids) if x == tok.image_pad_id]
+        assert not any(t.gen_mask[i] for i in pads)                        # crop tokens are environment tokens
+        assert sum(int(g_.prod()) // 4 for g_ in t.image_grid_thw) == len(pads)
+        assert len(t.images) == t.image_grid_thw.shape[0]
+        with torch.no_grad():
+            full = model(torch.tensor([t.ids]), pixel_values=t.pixel_values, image_grid_thw=t.image_grid_thw)[0]
+        logp = torch.log_softmax(full.float(), -1)
+        forced = forced_positions(tok, t.ids, prefixes[t.group])
+        for p in range(t.prompt_len, len(t.ids)):
+            if t.gen_mask[p] and p not in forced:
+                assert abs(t.logprobs[p] - logp[p - 1, t.ids[p]].item()) < 1e-3
+    assert all(t.n_zooms >= 1 for t in out[:3])

@@ -485,10 +485,10 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
     for b in range(B):
         orig, main = prepare_main(images[b], cfg)
         h, w = main.shape[1:]
-        pv, grid, img = _encode(main, (0, 0, w, h), (h, w), cfg, keep=cfg.keep_images)
+        pv, grid, img = _encode(main.to(dev), (0, 0, w, h), (h, w), cfg, keep=cfg.keep_images)
         msgs = messages[b] if messages is not None else build_messages(questions[b], cfg.system)
         ids, _ = M.tokenize_chat(tok, msgs, image_grid_thw=grid, add_generation_prompt=True)
-        rows.append(dict(main=main, orig_size=tuple(orig.shape[1:]), ids=list(ids), gen=[False] * len(ids),
+        rows.append(dict(main=main, main_dev=main.to(dev), orig_size=tuple(orig.shape[1:]), ids=list(ids), gen=[False] * len(ids),
                          lp=[0.0] * len(ids), pv=[pv], grid=[grid], imgs=[img] if cfg.keep_images else [],
                          prompt_len=len(ids)))
 
@@ -536,7 +536,7 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
             s["turn"], s["turn_lp"] = [], []
             s["turns"].append(info)
             if info["tool_call"] and len(s["turns"]) < cfg.max_turns:
-                z = zoom(s["src"]["main"], text, cfg, keep=cfg.keep_images)
+                z = zoom(s["src"]["main_dev"], text, cfg, keep=cfg.keep_images)
                 s["n_zooms"] += 1
                 info.update(box=z["box"], status=z["status"], message=z["message"],
                             crop_size=list(z["size"]) if z["size"] else None)
@@ -789,12 +789,20 @@ def evaluate(model, tokenizer, items, out_path, cfg=None, resolutions=(None,), b
              progress=True):
     """Run the loop on every (resolution, item), appending one JSON line per question (the whole trajectory) to
     `out_path`; questions already in the file are skipped (resume). Returns summarize(...) of the whole file."""
+    import os
     import time
 
     cfg = cfg or CofConfig()
     done = load_results(out_path)
     todo = [(res, it) for res in resolutions for it in items if _key(res, it) not in done]
     bar = _Progress(len(todo), f"{bench}", progress)
+    if os.path.exists(out_path) and os.path.getsize(out_path):
+        with open(out_path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        if cut:                                  # an interrupted write: end that line so the next record parses
+            with open(out_path, "a", encoding="utf-8") as f:
+                f.write("\n")
     with open(out_path, "a", encoding="utf-8") as f:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
@@ -885,10 +893,10 @@ def draw_trace(traj, path, panel=640, thumb=220, width_chars=110):
         if t.get("box") and t.get("status") in ("ok", "limit"):
             x0, y0, x1, y1 = (v * s for v in t["box"])
             d.rectangle([x0, y0, x1, y1], outline=color, width=3)
-            d.text((x0 + 3, y0 + 2), str(k + 1), fill=color, font=font)
+            d.text((x0, y0 - 17) if y0 >= 17 else (x0, y1 + 2), str(k + 1), fill=color, font=font)
         if t.get("status") in ("ok", "none", "error") and 1 + len(crops) < len(traj.images):
-            crops.append((traj.images[1 + len(crops)], color, f"zoom {k + 1}: {t.get('status')} box {t.get('box')} "
-                          f"-> {t.get('crop_size')}"))
+            crops.append((traj.images[1 + len(crops)], color, f"zoom {k + 1} ({t.get('status')}): crop "
+                          f"{t.get('box') or 'whole image'} -> {t.get('crop_size')}"))
         k += 1
     lines = []
     for n, t in enumerate(traj.turns):

@@ -2,7 +2,7 @@
 turn layout token by token against model.tokenize_chat of the whole conversation, the zoom limit, fallbacks, batching
 and grouping; a tiny random Qwen2.5-VL (model.make_tiny) runs the real loop on the CPU, batched with zooms, and the
 KV-cache path is checked against re-encoding the whole conversation."""
-import json
+import os
 
 import pytest
 import torch
@@ -12,10 +12,13 @@ import crop_kernels as ck
 import model as M
 
 
+DEV = os.environ.get("COF_TEST_DEVICE", "cpu")   # COF_TEST_DEVICE=cuda runs the tiny-model tests on a GPU
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = M.make_tiny(str(tmp_path_factory.mktemp("tiny_cof")))
-    return M.Qwen25VL.from_pretrained(d).eval(), M.Tokenizer.from_pretrained(d)
+    return M.Qwen25VL.from_pretrained(d, device=DEV).eval(), M.Tokenizer.from_pretrained(d)
 
 
 def img(h, w, seed=0):
@@ -67,9 +70,12 @@ class ScriptedModel:
         starts = [i + n for i in range(len(row) - n + 1) if row[i:i + n] == self.header]
         assert starts, "no assistant header: the loop asked for a token outside an assistant turn"
         k, j = len(starts) - 1, len(row) - starts[-1]
-        script = self.scripts[src]
+        script = self._script(row, src)
         turn = script[min(k, len(script) - 1)]
         return turn[j] if j < len(turn) else self.tok.im_end_id
+
+    def _script(self, row, src):
+        return self.scripts[src]
 
     def extend(self, cache, input_ids, mask=None, pixel_values=None, image_grid_thw=None, last_only=False):
         assert last_only
@@ -300,7 +306,7 @@ def test_tiny_model_end_to_end_batched_with_zooms_matches_full_forward(tiny):
     n_checked = 0
     for q, tr in enumerate(trajs):
         with torch.no_grad():   # re-encode the whole conversation at once
-            full = model(torch.tensor([tr.ids]), pixel_values=tr.pixel_values, image_grid_thw=tr.image_grid_thw)[0]
+            full = model(torch.tensor([tr.ids], device=DEV), pixel_values=tr.pixel_values, image_grid_thw=tr.image_grid_thw)[0]
         logp = torch.log_softmax(full.float(), -1)                             # [T, V]
         forced = forced_positions(tok, tr.ids, prefixes[q])
         for p in range(tr.prompt_len, len(tr.ids)):
@@ -318,7 +324,7 @@ def test_tiny_model_end_to_end_batched_with_zooms_matches_full_forward(tiny):
 def test_tiny_model_rollouts_for_grpo(tiny):
     model, tok = tiny
     prefixes = [[call("[10, 10, 60, 50]")], []]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=DEV).manual_seed(0)
     cfg = cof.CofConfig(do_sample=True, max_new_tokens=8, max_turns=2, keep_images=True)
     out = cof.run(Prefixed(model, tok, prefixes), tok, [img(140, 168, 1), img(112, 140, 2)], [Q, "q"], cfg,
                   group_size=3, generator=g)
@@ -332,7 +338,7 @@ def test_tiny_model_rollouts_for_grpo(tiny):
         assert sum(int(g_.prod()) // 4 for g_ in t.image_grid_thw) == len(pads)
         assert len(t.images) == t.image_grid_thw.shape[0]
         with torch.no_grad():
-            full = model(torch.tensor([t.ids]), pixel_values=t.pixel_values, image_grid_thw=t.image_grid_thw)[0]
+            full = model(torch.tensor([t.ids], device=DEV), pixel_values=t.pixel_values, image_grid_thw=t.image_grid_thw)[0]
         logp = torch.log_softmax(full.float(), -1)
         forced = forced_positions(tok, t.ids, prefixes[t.group])
         for p in range(t.prompt_len, len(t.ids)):

@@ -1,0 +1,213 @@
+"""Benchmark side of cof.py: V* / HR-Bench / synthetic readers on fixtures written here in the exact formats,
+evaluation with resume and the resolution sweep (scripted stand-in model), the summary (HR-Bench cycle averaging),
+the trace PNG and the command line on a tiny random model."""
+import base64
+import csv
+import io
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import cof
+import model as M
+from test_cof_loop import ScriptedModel, call, img
+
+
+def save_jpg(path, h, w, seed):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(img(h, w, seed).permute(1, 2, 0).numpy()).save(path, quality=95)
+
+
+VSTAR = [  # (image, text, category, label)
+    ("direct_attributes/sa_4690.jpg", "What is the material of the glove?\n(A) rubber\n(B) cotton\n(C) kevlar\n"
+     "(D) leather\nAnswer with the option's letter from the given choices directly.", "direct_attributes", "A"),
+    ("direct_attributes/sa_86101.jpg", "What is the color of the dustpan?\n(A) red\n(B) blue\n(C) green\n(D) black\n"
+     "Answer with the option's letter from the given choices directly.", "direct_attributes", "C"),
+    ("relative_position/sa_1.jpg", "Is the cup on the left or right side of the dog?\n(A) left\n(B) right\n"
+     "Answer with the option's letter from the given choices directly.", "relative_position", "B"),
+]
+
+
+@pytest.fixture()
+def vstar_dir(tmp_path):
+    with open(tmp_path / "test_questions.jsonl", "w") as f:
+        for i, (im, text, cat, label) in enumerate(VSTAR):
+            save_jpg(str(tmp_path / im), 150 + 20 * i, 200, i)
+            f.write(json.dumps({"image": im, "text": text, "category": cat, "question_id": i, "label": label}) + "\n")
+    return str(tmp_path)
+
+
+def b64jpg(h, w, seed):
+    buf = io.BytesIO()
+    Image.fromarray(img(h, w, seed).permute(1, 2, 0).numpy()).save(buf, format="JPEG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture()
+def hr_tsv(tmp_path):
+    """2 questions x 4 option rotations (cycle_category 0-3), VLMEvalKit-style: rows 1-3 of each question refer to
+    the image of its first row by index."""
+    path = tmp_path / "hr_bench_4k.tsv"
+    cols = ["index", "question", "answer", "category", "A", "B", "C", "D", "cycle_category", "image"]
+    qs = [("What color is the car?", ["red", "blue", "green", "white"], 0, "single"),
+          ("What is written on the sign?", ["STOP", "GO", "EXIT", "OPEN"], 2, "cross")]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(cols)
+        idx = 0
+        for qi, (q, opts, correct, cat) in enumerate(qs):
+            first = idx
+            for cyc in range(4):
+                rot = opts[cyc:] + opts[:cyc]
+                ans = "ABCD"[rot.index(opts[correct])]
+                image = b64jpg(120, 160, qi) if cyc == 0 else str(first)
+                w.writerow([idx, q, ans, cat, *rot, cyc, image])
+                idx += 1
+    return str(path)
+
+
+def test_read_vstar(vstar_dir):
+    items = cof.read_vstar(vstar_dir)
+    assert [it["label"] for it in items] == ["A", "C", "B"]
+    assert items[0]["options"] == {"A": "rubber", "B": "cotton", "C": "kevlar", "D": "leather"}
+    assert items[2]["category"] == "relative_position" and os.path.exists(items[2]["image"])
+    assert items[0]["question"] == VSTAR[0][1]
+    assert len(cof.read_vstar(vstar_dir, categories=["relative_position"])) == 1
+    with open(os.path.join(vstar_dir, "test_questions.jsonl"), "a") as f:
+        f.write(json.dumps({"image": "direct_attributes/sa_4690.jpg", "label": "A"}) + "\n")
+    with pytest.raises(cof.BenchError, match=r"test_questions.jsonl line 4: missing field\(s\) \['text'\]"):
+        cof.read_vstar(vstar_dir)
+
+
+def test_read_hrbench(hr_tsv):
+    items = cof.read_hrbench(hr_tsv)
+    assert len(items) == 8 and [it["cycle"] for it in items] == [0, 1, 2, 3] * 2
+    assert [it["label"] for it in items[:4]] == ["A", "D", "C", "B"]          # the correct option rotates
+    assert items[1]["options"] == {"A": "blue", "B": "green", "C": "white", "D": "red"}
+    assert items[1]["question"] == ("What color is the car?\n(A) blue\n(B) green\n(C) white\n(D) red"
+                                    + cof.LETTER_HINT)
+    a, b = cof.load_item_image(items[0]), cof.load_item_image(items[3])      # row 3 refers to row 0's image
+    assert a.shape == (3, 120, 160) and torch.equal(a, b)
+    v = cof.read_hrbench(hr_tsv, style="vlmeval")[0]["question"]
+    assert v.startswith("What color is the car?\nOptions:\nA. red\nB. blue\n")
+
+
+def test_read_synthetic_rl_records(tmp_path):
+    save_jpg(str(tmp_path / "img" / "s0.jpg"), 112, 112, 0)
+    recs = [{"question": "What is the stripe direction?\n(A) vertical\n(B) horizontal", "groundtruth": "B",
+             "image_name": "img/s0.jpg", "category": "attribute"},
+            {"question": "What colour is the target?", "groundtruth": "red", "image_name": "img/s0.jpg"}]
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps(recs))
+    items = cof.read_synthetic(str(path))
+    assert items[0]["question"].endswith(cof.LETTER_HINT) and items[1]["question"].endswith(cof.PHRASE_HINT)
+    assert cof.is_correct(items[0], "B") and cof.is_correct(items[1], "Red.") and not cof.is_correct(items[1], "blue")
+
+
+class ByQuestion(ScriptedModel):
+    """Picks the script by a keyword of the question found in the conversation (batches change between calls)."""
+
+    def __init__(self, tok, table):
+        super().__init__(tok, [])
+        self.table = {k: [tok.encode(t) + [tok.im_end_id] for t in v] for k, v in table.items()}
+
+    def _script(self, row, src):
+        text = self.tok.decode(row)
+        return next(v for k, v in self.table.items() if k in text)
+
+
+TABLE = {"glove": [call("[10, 10, 60, 60]"), "<answer>A</answer>"],             # right, 1 zoom
+         "dustpan": ["<answer>(B) blue</answer>"],                               # wrong
+         "cup on the left": [call("[0, 0, 50, 50]"), call("[5, 5, 30, 30]"), "<answer>right</answer>"]}  # right
+
+
+def test_evaluate_resume_and_sweep(tiny_tok, vstar_dir, tmp_path):
+    tok = tiny_tok
+    sm = ByQuestion(tok, TABLE)
+    items = cof.read_vstar(vstar_dir)
+    out = str(tmp_path / "res.jsonl")
+    rows = cof.evaluate(sm, tok, items, out, resolutions=[None, 224], batch_size=2, bench="vstar", progress=False)
+    assert [r["resolution"] for r in rows] == ["orig", 224]
+    for r in rows:
+        assert r["n"] == 3 and r["acc_direct_attributes"] == 50.0 and r["acc_relative_position"] == 100.0
+        assert abs(r["acc_overall"] - 200 / 3) < 1e-9                           # micro over questions
+        assert r["zooms"] == 1.0 and r["gen_tokens"] > 0 and r["s_per_q"] >= 0
+    recs = [json.loads(l) for l in open(out)]
+    assert len(recs) == 6 and {r["key"] for r in recs} == {f"{s}:{i}" for s in ("orig", 224) for i in "012"}
+    swept = next(r for r in recs if r["key"] == "224:0")
+    assert max(swept["original_size"]) == 224 and swept["main_size"] == list(cof.main_size(*swept["original_size"]))
+    assert swept["turns"][0]["tool_call"] and swept["turns"][1]["text"] == "<answer>A</answer>"
+    # resume: nothing left to do
+    calls = sm.calls
+    cof.evaluate(sm, tok, items, out, resolutions=[None, 224], batch_size=2, progress=False)
+    assert sm.calls == calls and len(open(out).readlines()) == 6
+    # an interrupted run (truncated last line) re-runs just that question
+    lines = open(out).readlines()
+    with open(out, "w") as f:
+        f.writelines(lines[:-1] + [lines[-1][:20]])
+    rows2 = cof.evaluate(sm, tok, items, out, resolutions=[None, 224], batch_size=2, progress=False)
+    assert sm.calls > calls and len(cof.load_results(out)) == 6
+    assert [(r["n"], r["acc_overall"], r["zooms"]) for r in rows2] == [(r["n"], r["acc_overall"], r["zooms"]) for r in rows]
+    assert "| resolution | n |" in cof.format_table(rows)
+
+
+def test_hrbench_cycle_average():
+    # cycle 0: 2/2 right, cycle 1: 0/1 right -> HR-Bench average 50%, a micro average would say 66.7%
+    recs = [dict(resolution=None, category="single", cycle=0, correct=True, n_zooms=1, n_generated=5, seconds=1.0),
+            dict(resolution=None, category="single", cycle=0, correct=True, n_zooms=0, n_generated=5, seconds=1.0),
+            dict(resolution=None, category="single", cycle=1, correct=False, n_zooms=2, n_generated=5, seconds=1.0)]
+    row = cof.summarize(recs)[0]
+    assert row["acc_overall"] == 50.0 and row["acc_single"] == 50.0 and row["zooms"] == 1.0
+
+
+def test_hrbench_eval_with_rotations(tiny_tok, hr_tsv, tmp_path):
+    tok = tiny_tok
+    # always answers "A": right on exactly one rotation of each question -> 25% in every cycle-averaged cell
+    sm = ByQuestion(tok, {"car": ["<answer>A</answer>"], "sign": ["<answer>A</answer>"]})
+    rows = cof.evaluate(sm, tok, cof.read_hrbench(hr_tsv), str(tmp_path / "hr.jsonl"), batch_size=3, progress=False)
+    assert rows[0]["acc_overall"] == 25.0 and rows[0]["acc_single"] == 25.0 and rows[0]["acc_cross"] == 25.0
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return M.make_tiny(str(tmp_path_factory.mktemp("tiny_cli")))
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tiny_dir):
+    return M.Tokenizer.from_pretrained(tiny_dir)
+
+
+def test_trace_png(tiny_tok, tmp_path):
+    tok = tiny_tok
+    texts = ["<think>The sign is far away.</think> " + call("[120, 40, 180, 90]"),
+             "<think>Closer still.</think> " + call("[130, 50, 150, 70]"), "<answer>A</answer>"]
+    main = torch.full((3, 168, 224), 255, dtype=torch.uint8)
+    tr = cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"], cof.CofConfig(keep_images=True))[0]
+    path = cof.draw_trace(tr, str(tmp_path / "t.png"))
+    im = Image.open(path).convert("RGB")
+    assert im.width >= 640 + 220 and im.height > 480
+    colors = {c for _, c in im.getcolors(maxcolors=1 << 20)}
+    assert cof._COLORS[0] in colors and cof._COLORS[1] in colors              # both boxes drawn
+    with pytest.raises(ValueError, match="keep_images"):
+        cof.draw_trace(cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"])[0], str(tmp_path / "u.png"))
+
+
+def test_cli_single_and_eval(tiny_dir, vstar_dir, tmp_path, capsys):
+    png = tmp_path / "in.png"
+    Image.fromarray(img(140, 180, 3).permute(1, 2, 0).numpy()).save(png)
+    tr = cof.main(["--model", tiny_dir, "--image", str(png), "--question", "What is it?", "--device", "cpu",
+                   "--cfg", "max_new_tokens=6", "--trace", str(tmp_path / "trace.png")])
+    out = capsys.readouterr().out
+    assert "--- turn 1 (6 tokens, stop: length)" in out and "=== answer:" in out and os.path.exists(tmp_path / "trace.png")
+    assert tr.n_generated == 6
+    res = tmp_path / "ev.jsonl"
+    rows = cof.main(["eval", "--model", tiny_dir, "--bench", "vstar", "--data", vstar_dir, "--out", str(res),
+                     "--device", "cpu", "--resolutions", "orig,112", "--cfg", "max_new_tokens=4", "--batch-size", "3"])
+    assert [r["n"] for r in rows] == [3, 3] and len(open(res).readlines()) == 6
+    assert os.path.exists(str(res).rsplit(".", 1)[0] + "_summary.md")
+    with pytest.raises(SystemExit):
+        cof.main(["--model", tiny_dir, "--image", str(png), "--question", "q", "--cfg", "max_turn=3"])

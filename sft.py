@@ -1,0 +1,1005 @@
+"""Supervised fine-tuning of Qwen2.5-VL on Chain-of-Focus trajectories, from one CPU process to torchrun.
+
+Reproduces the released CoF SFT stage (LLaMA-Factory, `configs/sft_lora-7b.yaml` in xtong-zhang/Chain-of-Focus):
+ShareGPT rows with `<image>` placeholders rendered with the qwen2_vl chat template, loss on assistant tokens only
+(their closing <|im_end|> included) with <|image_pad|> tokens masked, AdamW, cosine schedule with warmup, vision tower
+frozen, optional LoRA on all linear layers of the language model. What is ours: the loss is normalised by the number
+of label tokens in the whole global batch (all ranks, all accumulation steps), so `torchrun --nproc_per_node=N` gives
+the update of one process with the same global batch; checkpoints are HF-format directories written atomically with
+the optimizer, schedule, RNG and data position next to them, so `--resume` continues exactly.
+
+    python sft.py                                  # synthetic task + tiny model on the CPU, then CoF evaluation
+    python sft.py --model DIR --data rows.json     # real checkpoint; torchrun ... sft.py --dist fsdp for big models
+
+`python sft.py --help` lists every option. Sequences come from model.tokenize_chat, images from model.preprocess_image,
+the evaluation from cof.py's zoom loop.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE = -100  # label value that the loss skips (PyTorch's cross_entropy default ignore_index)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+def _opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str = _opt("", "HF-format Qwen2.5-VL dir or hub id; empty = build the tiny model under runs/")
+    data: str = _opt("", "CoF SFT JSON (ShareGPT rows with <image> placeholders); empty = build the synthetic set")
+    eval_data: str = _opt("", "held-out records (RL/test format) for the CoF-loop evaluation; empty = none, or the "
+                              "synthetic val split when --data is empty")
+    out: str = _opt("runs/sft", "output dir: checkpoints ckpt-NNNNNN/, `latest`, metrics.jsonl")
+    # schedule and optimizer (defaults = the released recipe)
+    epochs: float = _opt(3.0, "passes over the training rows (ignored when --max_steps > 0)")
+    max_steps: int = _opt(0, "optimizer steps to run; 0 = derive from --epochs")
+    batch_size: int = _opt(2, "rows per micro-batch per rank")
+    grad_accum: int = _opt(2, "micro-batches per optimizer step; global batch = batch_size * grad_accum * ranks")
+    lr: float = _opt(1e-5, "peak learning rate")
+    vision_lr_scale: float = _opt(1.0, "learning rate multiplier for the vision tower (merger included)")
+    min_lr_ratio: float = _opt(0.0, "final lr of the cosine schedule, as a fraction of --lr")
+    warmup_ratio: float = _opt(0.1, "fraction of the steps with linear warmup")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (not applied to norms, biases and LoRA)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.999, "AdamW beta2")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon")
+    clip_grad: float = _opt(1.0, "clip the global gradient norm to this; 0 = off")
+    # sequences
+    max_len: int = _opt(16384, "longest allowed sample in tokens (images included); longer rows are bad data")
+    min_pixels: int = _opt(112 * 112, "smart_resize lower bound for every image (released: 12544)")
+    max_pixels: int = _opt(3840 * 3840, "smart_resize upper bound for every image (released: 3840*3840)")
+    answer_weight: float = _opt(1.0, "loss weight of tokens in final-answer turns (turns with no <tool_call>)")
+    # model
+    freeze_vision: str = _opt("auto", "freeze the vision tower (merger excluded): yes | no | auto (= yes for a "
+                                      "pretrained --model, no for the tiny model trained from scratch)")
+    freeze_merger: bool = _opt(False, "also freeze the vision-language merger")
+    freeze_llm: bool = _opt(False, "freeze the language model (embeddings, decoder, lm_head); LoRA still trains")
+    lora_rank: int = _opt(0, "LoRA rank; 0 = full fine-tuning (released: 32)")
+    lora_alpha: float = _opt(0.0, "LoRA alpha; 0 = 2 * rank (LLaMA-Factory's default)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
+    lora_targets: str = _opt("all", "comma-separated linear-layer names of the language model "
+                                    "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) or `all`")
+    act_ckpt: bool = _opt(False, "activation checkpointing of every decoder layer and vision block")
+    dtype: str = _opt("auto", "weights of frozen params: float32 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU); "
+                              "trainable params are always float32, compute is bf16 autocast on CUDA")
+    dist: str = _opt("ddp", "with torchrun: ddp (replicated) | fsdp (FSDP2 fully_shard per block)")
+    # run
+    seed: int = _opt(0, "seed of init, data order and dropout")
+    skip_bad: bool = _opt(False, "skip and count bad rows instead of stopping at the first one")
+    workers: int = _opt(0, "DataLoader worker processes for image decoding")
+    threads: int = _opt(0, "torch CPU threads; 0 = leave torch's default")
+    log_every: int = _opt(1, "steps between metric lines")
+    eval_every: int = _opt(0, "steps between CoF evaluations; 0 = only at the end")
+    eval_n: int = _opt(200, "held-out records per evaluation; 0 = all")
+    eval_max_turns: int = _opt(6, "generations per question in the CoF evaluation (released: 6)")
+    eval_max_new_tokens: int = _opt(512, "new tokens per generation in the CoF evaluation (released: 512)")
+    eval_batch: int = _opt(16, "questions decoded together in the CoF evaluation")
+    eval_no_zoom: bool = _opt(True, "also evaluate with the zoom tool banned (forced direct answers) at the end")
+    save_every: int = _opt(0, "steps between checkpoints; 0 = only at the end")
+    keep_last: int = _opt(2, "checkpoints kept on disk (older ones are deleted after a successful save)")
+    resume: str = _opt("", "checkpoint dir to continue from, or `auto` = the one named in OUT/latest")
+    progress: bool = _opt(True, "show the progress bar (rank 0)")
+
+    def __post_init__(self):
+        if self.freeze_vision not in ("auto", "yes", "no"):
+            raise ValueError(f"--freeze_vision must be auto, yes or no, got {self.freeze_vision!r}")
+        if self.dist not in ("ddp", "fsdp"):
+            raise ValueError(f"--dist must be ddp or fsdp, got {self.dist!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        for k in ("batch_size", "grad_accum"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"--{k} must be >= 1, got {getattr(self, k)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+
+# Values the built-in default run (`python sft.py`: synthetic task, tiny model from scratch) uses for every option
+# the command line leaves unset. Sizes of the tiny model are in TINY_MODEL.
+TINY_PRESET = dict(epochs=0.0, max_steps=1500, batch_size=32, grad_accum=1, lr=2e-3, warmup_ratio=0.05,
+                   min_lr_ratio=0.05, weight_decay=0.0, clip_grad=1.0, max_len=512, min_pixels=28 * 28,
+                   eval_every=500, eval_n=200, save_every=500, threads=2, out="runs/sft-tiny")
+TINY_MODEL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, vision_hidden_size=64, vision_intermediate_size=128, vision_depth=2,
+                  vision_num_heads=2, rope_theta=100.0)
+TINY_MODEL_DIR = "runs/tiny-model"
+SYNTH_DIR = "runs/synth"
+SYNTH_ROWS = 2000
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Fill TrainConfig from the command line; an option not given keeps the dataclass default (or the tiny preset
+    when both --model and --data are empty). argparse rejects unknown options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        h = f"{f.metadata['help']} (default: {f.default!r}"
+        h += f"; tiny preset: {TINY_PRESET[f.name]!r})" if f.name in TINY_PRESET else ")"
+        if f.type in ("bool", bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h)
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(f"--{f.name}", type=typ, default=argparse.SUPPRESS, help=h, metavar=f.name.upper())
+    given = vars(p.parse_args(argv))
+    preset = TINY_PRESET if not given.get("model") and not given.get("data") else {}
+    return TrainConfig.from_dict({**preset, **given})
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+
+def dist_info():
+    """(rank, world, local_rank); a plain `python sft.py` is rank 0 of 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+def init_distributed() -> torch.device:
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def log0(*a):
+    if dist_info()[0] == 0:
+        print(*a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+class BadRow(ValueError):
+    """A training row that cannot be used; the message names the file and the row."""
+
+
+def image_grid(path, cfg) -> tuple:
+    """(t, h, w) patch grid of one image as preprocess_image will make it, from the file header only."""
+    from PIL import Image
+
+    from crop_kernels import smart_resize
+    with Image.open(path) as im:
+        w, h = im.size   # EXIF rotation would swap h and w; the token count h*w/4 does not change
+    rh, rw = smart_resize(h, w, factor=28, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    return (1, rh // 14, rw // 14)
+
+
+def render(row, tokenizer, grids, answer_weight=1.0):
+    """One row -> (input_ids, labels, weights) as lists. Labels are the token itself on assistant tokens (the closing
+    <|im_end|> included) and IGNORE elsewhere; <|image_pad|> is never a label. `weights` is the loss weight of each
+    label: `answer_weight` in assistant turns without a <tool_call> (final answers), 1 in the others."""
+    from data.formats import to_chat
+    from model import tokenize_chat
+    ids, amask = tokenize_chat(tokenizer, to_chat(row["messages"]), image_grid_thw=torch.tensor(grids).view(-1, 3)
+                               if grids else None)
+    turn_w = [answer_weight if "<tool_call>" not in _text(m["content"]) else 1.0
+              for m in row["messages"] if m["role"] == "assistant"]
+    labels, weights, turn, prev = [], [], -1, False
+    for tok, is_asst in zip(ids, amask):
+        if is_asst and not prev:
+            turn += 1   # each run of assistant tokens is the next assistant turn
+        prev = is_asst
+        keep = is_asst and tok != tokenizer.image_pad_id
+        labels.append(tok if keep else IGNORE)
+        weights.append(turn_w[min(turn, len(turn_w) - 1)] if keep else 0.0)
+    return ids, labels, weights
+
+
+def _text(content):
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+
+
+def load_rows(path, tokenizer, cfg):
+    """Read and validate every row before training starts. data.formats.read_sft checks the format (missing image,
+    placeholder/image count mismatch, unknown role, paths outside the dataset); here each row is also rendered to find
+    over-long samples. Returns (rows, n_bad); a bad row raises BadRow/DataError unless --skip_bad."""
+    from data.formats import read_sft
+    rows, n_bad = read_sft(path, skip_bad=cfg.skip_bad)
+    kept = []
+    for i, row in enumerate(rows):
+        where = f"{path}, row {row.get('row', i)}"
+        try:
+            grids = [image_grid(p, cfg) for p in row["images"]]
+            ids, labels, _ = render(row, tokenizer, grids)
+            if len(ids) > cfg.max_len:
+                raise BadRow(f"{where}: sample is {len(ids)} tokens (images included), longer than --max_len "
+                             f"{cfg.max_len}; raise --max_len, lower --max_pixels, or pass --skip_bad to drop it")
+            if not any(l != IGNORE for l in labels):
+                raise BadRow(f"{where}: no assistant tokens to learn from; add an assistant turn or --skip_bad")
+        except BadRow:
+            if not cfg.skip_bad:
+                raise
+            n_bad += 1
+            continue
+        kept.append(row)
+    if not kept:
+        raise BadRow(f"{path}: no usable rows ({n_bad} bad)")
+    return kept, n_bad
+
+
+class SFTData(torch.utils.data.Dataset):
+    """Rows -> encoded samples: token ids, labels, loss weights, and every image (main + crops) as patches."""
+
+    def __init__(self, rows, tokenizer, cfg, cache=False):
+        self.rows, self.tok, self.cfg = rows, tokenizer, cfg
+        self.cache = {} if cache else None
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        from crop_kernels import load_image
+        from model import preprocess_image
+        row = self.rows[i]
+        pix, grids = [], []
+        for p in row["images"]:
+            pv, g = preprocess_image(load_image(p), min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels)
+            pix.append(pv)                                              # [h*w, 1176]
+            grids.append(g.view(-1, 3))                                 # [1, 3]
+        grid = torch.cat(grids) if grids else torch.zeros(0, 3, dtype=torch.long)
+        ids, labels, weights = render(row, self.tok, grid.tolist(), self.cfg.answer_weight)
+        s = dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), weights=torch.tensor(weights),
+                 pixel_values=torch.cat(pix) if pix else None, image_grid_thw=grid)
+        if self.cache is not None:
+            self.cache[i] = s
+        return s
+
+
+def collate(samples, pad_id):
+    """Right-pad a micro-batch. Returns input_ids/labels/weights/attention_mask [B, T] and the images of all rows in
+    row order (the order of their <|image_pad|> runs)."""
+    T = max(len(s["input_ids"]) for s in samples)
+    B = len(samples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    weights = torch.zeros(B, T)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[b, :n], labels[b, :n], weights[b, :n], mask[b, :n] = s["input_ids"], s["labels"], s["weights"], 1
+    pix = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    return dict(input_ids=ids, labels=labels, weights=weights, attention_mask=mask,
+                pixel_values=torch.cat(pix) if pix else None,
+                image_grid_thw=torch.cat([s["image_grid_thw"] for s in samples]))
+
+
+def steps_per_epoch(n_rows, global_batch):
+    if n_rows < global_batch:
+        raise ValueError(f"{n_rows} training rows are fewer than one global batch ({global_batch} = batch_size * "
+                         f"grad_accum * ranks); lower --batch_size or --grad_accum")
+    return n_rows // global_batch
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches (lists of row indices) for steps start..end-1, in order.
+
+    Step s of epoch e takes rows perm_e[k*G:(k+1)*G] (G = global batch, k = s mod steps_per_epoch, perm_e a
+    permutation seeded by (seed, e); the last partial batch of an epoch is dropped). Those G rows are cut into
+    ranks*grad_accum micro-batches; micro-batch j goes to rank j % ranks. One process with grad_accum=N and N ranks
+    with grad_accum=1 therefore see the same rows in every step, and a resumed run sees exactly the rows it would have.
+    """
+
+    def __init__(self, n_rows, cfg, start, end, rank, world):
+        self.n, self.cfg, self.start, self.end, self.rank, self.world = n_rows, cfg, start, end, rank, world
+        self.G = cfg.batch_size * cfg.grad_accum * world
+        self.spe = steps_per_epoch(n_rows, self.G)
+
+    def __len__(self):
+        return (self.end - self.start) * self.cfg.grad_accum
+
+    def __iter__(self):
+        perm, perm_epoch = None, -1
+        for s in range(self.start, self.end):
+            epoch, k = divmod(s, self.spe)
+            if epoch != perm_epoch:
+                g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+                perm, perm_epoch = torch.randperm(self.n, generator=g), epoch
+            micro = perm[k * self.G:(k + 1) * self.G].view(self.world * self.cfg.grad_accum, self.cfg.batch_size)
+            for j in range(self.rank, len(micro), self.world):
+                yield micro[j].tolist()
+
+
+# ------------------------------------------------------------------------------------------------ model: LoRA, freezing
+
+LORA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T (Hu et al. 2021; PEFT's init: A Kaiming-uniform, B = 0, so
+    step 0 is the base model). W and b keep the names `weight` and `bias` of the nn.Linear it replaces."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / rank
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        lora = F.linear(F.linear(self.drop(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))  # [..., out]
+        return F.linear(x, self.weight, self.bias) + lora * self.scale
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with W + scale * B A (the weight the HF checkpoint stores)."""
+        lin = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale                  # [out, in]
+            lin.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+
+def _parent(model, name):
+    mod = model
+    parts = name.split(".")
+    for p in parts[:-1]:
+        mod = getattr(mod, p)
+    return mod, parts[-1]
+
+
+def is_vision(name):
+    return name.startswith("visual.") or ".visual." in name
+
+
+def is_merger(name):
+    return is_vision(name) and ".merger." in f".{name}"
+
+
+def add_lora(model, cfg):
+    """Replace the target nn.Linear layers of the language model (never the vision tower or lm_head) by LoRALinear."""
+    targets = LORA_ALL if cfg.lora_targets == "all" else tuple(t.strip() for t in cfg.lora_targets.split(","))
+    bad = sorted(set(targets) - set(LORA_ALL))
+    if bad:
+        raise ValueError(f"--lora_targets: unknown layer names {bad}; choose from {list(LORA_ALL)} or `all`")
+    alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not is_vision(n) and n.split(".")[-1] in targets]
+    if not names:
+        raise ValueError(f"--lora_targets {cfg.lora_targets}: no such linear layers in the language model")
+    for n in names:
+        parent, attr = _parent(model, n)
+        setattr(parent, attr, LoRALinear(getattr(parent, attr), cfg.lora_rank, alpha, cfg.lora_dropout))
+    return names
+
+
+@contextlib.contextmanager
+def lora_merged(model):
+    """Inside: every LoRALinear is swapped for its merged nn.Linear (to save an HF checkpoint); restored on exit
+    without any arithmetic on the training weights, so training continues bit for bit."""
+    swapped = []
+    for n, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            parent, attr = _parent(model, n)
+            setattr(parent, attr, m.merged())
+            swapped.append((parent, attr, m))
+    try:
+        yield model
+    finally:
+        for parent, attr, m in swapped:
+            setattr(parent, attr, m)
+
+
+def set_trainable(model, cfg, pretrained):
+    """Freeze per the options; LoRA params always train. Returns {"trainable": n, "total": n} parameter counts."""
+    freeze_vision = cfg.freeze_vision == "yes" or (cfg.freeze_vision == "auto" and pretrained)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(True)
+        elif is_vision(n):
+            p.requires_grad_(not (cfg.freeze_merger if is_merger(n) else freeze_vision))
+        else:
+            p.requires_grad_(not (cfg.freeze_llm or cfg.lora_rank > 0))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": n_train, "total": sum(p.numel() for p in model.parameters())}
+
+
+def blocks(model):
+    """The repeated blocks (decoder layers, vision blocks): units of activation checkpointing and FSDP sharding."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and name.split(".")[-1] in ("layers", "blocks"):
+            out.extend(m)
+    return out
+
+
+def add_activation_checkpointing(model):
+    from torch.utils.checkpoint import checkpoint
+    for blk in blocks(model):
+        fwd = blk.forward
+        blk.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+# ------------------------------------------------------------------------------------------------ loss, schedule
+
+def sft_loss(logits, labels, weights, n_global):
+    """Weighted token cross-entropy of next-token prediction, summed, divided by the global label count.
+
+    logits [B, T, V] (any dtype; the selected rows are cast to float32), labels/weights [B, T] (labels IGNORE where
+    no loss), n_global = sum of `weights` over every micro-batch of this optimizer step on every rank. Summing the
+    returned value over micro-batches and ranks gives the mean loss per label token of the global batch.
+    """
+    targets = labels[:, 1:]                                      # [B, T-1], position t predicts token t+1
+    sel = targets != IGNORE                                      # [B, T-1]
+    logits = logits[:, :-1][sel].float()                         # [N, V] only the positions that carry a label
+    ce = F.cross_entropy(logits, targets[sel], reduction="none")  # [N]
+    return (ce * weights[:, 1:][sel]).sum() / n_global
+
+
+def lr_at(step, total, cfg):
+    """Linear warmup over ceil(warmup_ratio * total) steps (step 0 already gets lr/warmup, not 0), then cosine from
+    --lr down to --min_lr_ratio * lr at the last step."""
+    warm = math.ceil(cfg.warmup_ratio * total)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm - 1)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model, cfg):
+    """AdamW over the trainable params: no weight decay on 1-D params (norms, biases) and LoRA; the vision tower's
+    groups get lr * --vision_lr_scale. Each group carries `lr_scale`, applied to the scheduled lr every step."""
+    groups = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and "lora_" not in n and cfg.weight_decay > 0
+        scale = cfg.vision_lr_scale if is_vision(n) else 1.0
+        groups.setdefault((decay, scale), []).append(p)
+    param_groups = [dict(params=ps, weight_decay=cfg.weight_decay if decay else 0.0, lr_scale=scale, lr=cfg.lr * scale)
+                    for (decay, scale), ps in sorted(groups.items())]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def _fsync_tree(root):
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomic(path, text):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_fsdp(model):
+    return type(model).__name__.startswith("FSDP")
+
+
+def trainable_state(raw):
+    """{name: full float32 CPU tensor} of the trainable params (gathered from every rank under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    names = {n for n, p in raw.named_parameters() if p.requires_grad}
+    if _is_fsdp(raw):
+        sd = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = raw.state_dict()
+    return {n: t.detach().to("cpu", torch.float32).clone() for n, t in sd.items() if n in names}
+
+
+def optimizer_state(raw, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                              cpu_offload=_is_fsdp(raw)))
+
+
+def rng_state():
+    s = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def export_hf(raw, directory):
+    """HF-format checkpoint (config.json, model.safetensors, and the tokenizer/processor files of the source model,
+    copied by save_pretrained) with LoRA merged into the weights. Collective under FSDP; only rank 0 writes."""
+    if _is_fsdp(raw):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist_info()[0] == 0:
+            save_state_dict_hf(raw, sd, directory)
+    elif dist_info()[0] == 0:
+        with lora_merged(raw):
+            raw.save_pretrained(directory)
+
+
+def save_state_dict_hf(raw, sd, directory):
+    """Write a full (gathered) state dict of `raw` in HF format: LoRA pairs merged into their weights, then
+    Qwen25VL.save_pretrained on a twin built on the meta device that takes the gathered tensors as they are."""
+    from model import Qwen25VL
+    sd = dict(sd)
+    for k in [k for k in sd if k.endswith(".lora_A")]:
+        base = k[: -len(".lora_A")]
+        B, A = sd.pop(base + ".lora_B").float(), sd.pop(k).float()
+        w = sd[base + ".weight"]
+        sd[base + ".weight"] = (w.float() + (B @ A) * _get_module(raw, base).scale).to(w.dtype)   # [out, in]
+    with torch.device("meta"):
+        twin = Qwen25VL(raw.cfg)
+    twin.load_state_dict(sd, assign=True, strict=False)
+    twin.source_dir = raw.source_dir
+    twin.save_pretrained(directory)
+
+
+def _get_module(model, name):
+    for p in name.split("."):
+        model = getattr(model, p)
+    return model
+
+
+def save_checkpoint(raw, optimizer, step, cfg, extra):
+    """Write OUT/ckpt-{step:06d} atomically: everything goes to a temp dir first, is fsynced, and is renamed into
+    place; then OUT/latest is replaced (also atomically). A crash at any point leaves the previous checkpoint and
+    `latest` whole. Collective: every rank calls it."""
+    rank, world, _ = dist_info()
+    out = Path(cfg.out)
+    final, tmp = out / f"ckpt-{step:06d}", out / f".tmp-ckpt-{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "trainer").mkdir(parents=True)
+    barrier()
+    export_hf(raw, str(tmp))
+    train_sd = trainable_state(raw)
+    opt_sd = optimizer_state(raw, optimizer)
+    torch.save(rng_state(), tmp / "trainer" / f"rng-rank{rank}.pt")
+    if rank == 0:
+        from safetensors.torch import save_file
+        save_file(train_sd, str(tmp / "trainer" / "trainable.safetensors"))
+        torch.save(opt_sd, tmp / "trainer" / "optimizer.pt")
+        state = dict(step=step, world=world, config=dataclasses.asdict(cfg), **extra)
+        (tmp / "trainer" / "state.json").write_text(json.dumps(state, indent=1))
+    barrier()
+    if rank == 0:
+        _fsync_tree(tmp)
+        if final.exists():   # re-saving a step (after a resume): move the old one aside first
+            old = out / f".old-ckpt-{step:06d}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _write_atomic(str(out / "latest"), final.name + "\n")
+        ckpts = sorted(p for p in out.glob("ckpt-*") if p.is_dir())
+        for p in ckpts[:-cfg.keep_last] if cfg.keep_last > 0 else []:
+            shutil.rmtree(p, ignore_errors=True)
+    barrier()
+    return final
+
+
+def resolve_resume(cfg):
+    if cfg.resume != "auto":
+        return Path(cfg.resume)
+    latest = Path(cfg.out) / "latest"
+    if not latest.exists():
+        return None   # nothing to resume: start fresh
+    return Path(cfg.out) / latest.read_text().strip()
+
+
+def load_trainable(raw, ckpt):
+    """Copy trainable.safetensors into the (unwrapped, not yet sharded) model; every trainable param must be there."""
+    from safetensors.torch import load_file
+    sd = load_file(str(Path(ckpt) / "trainer" / "trainable.safetensors"))
+    params = dict(raw.named_parameters())
+    want = {n for n, p in params.items() if p.requires_grad}
+    if set(sd) != want:
+        raise ValueError(f"{ckpt}: trainable params differ from this run's (missing {sorted(want - set(sd))[:5]}, "
+                         f"unexpected {sorted(set(sd) - want)[:5]}); resume with the same --lora_* and --freeze_* "
+                         f"options as the run that wrote it")
+    with torch.no_grad():
+        for n, t in sd.items():
+            if params[n].shape != t.shape:
+                raise ValueError(f"{ckpt}: {n} has shape {tuple(t.shape)}, this model has {tuple(params[n].shape)}")
+            params[n].copy_(t)
+
+
+def load_optimizer(raw, optimizer, ckpt):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    sd = torch.load(Path(ckpt) / "trainer" / "optimizer.pt", map_location="cpu", weights_only=False)
+    set_optimizer_state_dict(raw, optimizer, sd, options=StateDictOptions(full_state_dict=True))
+
+
+def load_rng(ckpt):
+    rank = dist_info()[0]
+    set_rng_state(torch.load(Path(ckpt) / "trainer" / f"rng-rank{rank}.pt", weights_only=False))
+
+
+# ------------------------------------------------------------------------------------------------ progress, metrics
+
+class Progress:
+    """One-line progress bar on stderr (rank 0): step, bar, loss, lr, tokens/s, elapsed and ETA. Without a terminal
+    it prints a plain line every ~2% of the run instead of redrawing."""
+
+    def __init__(self, start, total, enabled):
+        self.start, self.total, self.t0 = start, total, time.time()
+        self.enabled = enabled and dist_info()[0] == 0
+        self.tty = sys.stderr.isatty()
+        self.every = max(1, (total - start) // 50)
+
+    def update(self, step, **m):   # step = steps done
+        if not self.enabled:
+            return
+        done = (step - self.start) / max(1, self.total - self.start)
+        el = time.time() - self.t0
+        eta = el / done * (1 - done) if done > 0 else 0
+        bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
+        stats = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
+        line = f"{step}/{self.total} [{bar}] {stats} | {_hms(el)}<{_hms(eta)}"
+        if self.tty:
+            sys.stderr.write("\r" + line[: shutil.get_terminal_size((120, 20)).columns - 1].ljust(20) + "\x1b[K")
+            sys.stderr.flush()
+        elif step % self.every == 0 or step == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+def _hms(s):
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Metrics:
+    """Appends one JSON object per line to OUT/metrics.jsonl (rank 0)."""
+
+    def __init__(self, path):
+        self.path = path if dist_info()[0] == 0 else None
+
+    def log(self, **m):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+def prepare_defaults(cfg):
+    """Paths of (model, train data, eval data). With --model / --data empty, builds the synthetic dataset and the
+    tiny model under runs/ if they are missing (rank 0 builds, the others wait)."""
+    model_path, data_path, eval_path = cfg.model, cfg.data, cfg.eval_data
+    if not cfg.data:
+        data_path, synth_eval = build_synthetic(SYNTH_DIR)
+        eval_path = eval_path or synth_eval
+    if not cfg.model:
+        model_path = build_tiny_model(TINY_MODEL_DIR, data_path)
+    return model_path, data_path, eval_path
+
+
+def build_synthetic(directory):
+    """The toy-V* dataset (data/build.py) under `directory` unless it is already there. Returns (SFT train file,
+    held-out val records)."""
+    train, val = os.path.join(directory, "sft_train.json"), os.path.join(directory, "val.jsonl")
+    if dist_info()[0] == 0 and not (os.path.exists(train) and os.path.exists(val)):
+        from data import build
+        t0 = time.time()
+        build.build(build.BuildConfig(out=directory, n=SYNTH_ROWS, seed=0, table_items=0))
+        log0(f"built the synthetic dataset in {directory} ({time.time() - t0:.0f} s)")
+    barrier()
+    return train, val
+
+
+def build_tiny_model(directory, data_path):
+    """The tiny model (model.make_tiny, sizes TINY_MODEL) under `directory` unless it is already there; its BPE
+    vocabulary is trained on the text of the training rows so that CoF's long prompts cost few tokens."""
+    if dist_info()[0] == 0 and not os.path.exists(os.path.join(directory, "model.safetensors")):
+        import model as M
+        from data.formats import read_sft
+        rows, _ = read_sft(data_path)
+        corpus = [m["content"].replace("<image>", "") for r in rows[:1000] for m in r["messages"]]
+        sizes = dict(TINY_MODEL)
+        rope_theta = sizes.pop("rope_theta")
+        M.make_tiny(directory, corpus=corpus, seed=0, **sizes)
+        # M-RoPE with head_dim 32 at the default theta 1e6 leaves the h/w sections with ~zero frequencies; a small
+        # theta is a plain config value (transformers reads it), so the model stays a stock Qwen2.5-VL.
+        path = os.path.join(directory, "config.json")
+        with open(path) as f:
+            c = json.load(f)
+        c["rope_theta"] = rope_theta
+        _write_atomic(path, json.dumps(c, indent=2))
+        log0(f"built the tiny model in {directory}")
+    barrier()
+    return directory
+
+
+def load_eval_items(path):
+    """Held-out questions for the CoF loop: whatever cof.read_synthetic reads (a V*-layout folder, released RL
+    input records), or a JSONL of V* test_questions lines (image relative to the file's folder), which is what
+    data/build.py writes as val.jsonl / test.jsonl."""
+    import cof
+    if os.path.isfile(path) and path.endswith(".jsonl"):
+        with open(path) as f:
+            first = json.loads(f.readline())
+        if {"image", "text", "label"} <= set(first):
+            root = os.path.dirname(os.path.abspath(path))
+            items = []
+            with open(path) as f:
+                for n, line in enumerate(f):
+                    if line.strip():
+                        r = json.loads(line)
+                        items.append(dict(id=str(r.get("question_id", n)), image=os.path.join(root, r["image"]),
+                                          question=r["text"], label=str(r["label"]).strip(),
+                                          category=r.get("category") or "all", options=cof.parse_options(r["text"])))
+            return items
+    return cof.read_synthetic(path)
+
+
+class NoZoom:
+    """The model with the <tool_call> token banned (logit -inf) at every step: run through the CoF loop, it has to
+    answer from the main image. The forced no-zoom baseline of the evaluation."""
+
+    def __init__(self, model, banned_id):
+        self.model, self.banned = model, banned_id
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def extend(self, *a, **k):
+        logits = self.model.extend(*a, **k)
+        logits[..., self.banned] = float("-inf")
+        return logits
+
+
+def evaluate(raw, tokenizer, eval_path, cfg, device, no_zoom=False):
+    """CoF-loop accuracy (%) and mean zooms on the first --eval_n held-out questions; each rank runs its share and
+    the counts are summed. no_zoom: the forced no-zoom baseline (see NoZoom)."""
+    import cof
+    rank, world, _ = dist_info()
+    items = load_eval_items(eval_path)
+    items = items[:cfg.eval_n] if cfg.eval_n > 0 else items
+    ccfg = cof.CofConfig(processor_min_pixels=cfg.min_pixels, processor_max_pixels=cfg.max_pixels,
+                         max_turns=cfg.eval_max_turns, max_new_tokens=cfg.eval_max_new_tokens)
+    path = os.path.join(cfg.out, f".eval-rank{rank}.jsonl")
+    if os.path.exists(path):
+        os.remove(path)
+    model = NoZoom(raw, tokenizer.tok.token_to_id("<tool_call>")) if no_zoom else raw
+    was_training = raw.training
+    raw.eval()
+    unshard = _is_fsdp(raw)
+    if unshard:
+        raw.unshard()
+    try:
+        cof.evaluate(model, tokenizer, items[rank::world], path, ccfg, batch_size=cfg.eval_batch,
+                     bench="eval-no-zoom" if no_zoom else "eval", progress=False)
+        recs = list(cof.load_results(path).values())
+    finally:
+        if unshard:
+            raw.reshard()
+        raw.train(was_training)
+    c = all_reduce_sum(torch.tensor([sum(r["correct"] for r in recs), sum(r["n_zooms"] for r in recs), len(recs)],
+                                    dtype=torch.float64)).tolist()
+    os.remove(path)
+    return dict(accuracy=100 * c[0] / max(1, c[2]), mean_zooms=c[1] / max(1, c[2]), n=int(c[2]))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run SFT as configured. Returns {"losses": [...], "checkpoint": path, "eval": {...}, ...} (rank 0 values)."""
+    device = init_distributed()
+    rank, world, _ = dist_info()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    log0("TrainConfig(\n" + "".join(f"  {k}={v!r},\n" for k, v in dataclasses.asdict(cfg).items()) + ")")
+    if world > 1:
+        log0(f"distributed: {world} ranks, {cfg.dist}, backend {dist.get_backend()}")
+    model_path, data_path, eval_path = prepare_defaults(cfg)
+    barrier()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    from model import Qwen25VL, Tokenizer
+    tokenizer = Tokenizer.from_pretrained(model_path)
+    rows, n_bad = load_rows(data_path, tokenizer, cfg)
+    log0(f"data: {len(rows)} rows from {data_path}" + (f", {n_bad} bad rows skipped" if n_bad else ""))
+    on_cuda = device.type == "cuda"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype,
+                                                                      torch.bfloat16 if on_cuda else torch.float32)
+    if cfg.dist == "fsdp" and world > 1:
+        dtype = torch.float32   # FSDP2 wants one dtype per shard group; bf16 compute comes from its mp_policy
+    raw = Qwen25VL.from_pretrained(model_path, dtype=dtype, device=device)
+    raw.train()
+    if cfg.lora_rank > 0:
+        add_lora(raw, cfg)
+    counts = set_trainable(raw, cfg, pretrained=bool(cfg.model))
+    for p in raw.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()   # fp32 master weights for everything that trains
+    log0(f"model: {model_path}, {counts['total'] / 1e6:.2f} M params, {counts['trainable'] / 1e6:.3f} M trainable")
+
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    spe = steps_per_epoch(len(rows), global_batch)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * spe))
+    ckpt = resolve_resume(cfg) if cfg.resume else None
+    start = 0
+    if ckpt is not None:
+        state = json.loads((ckpt / "trainer" / "state.json").read_text())
+        if state["global_batch"] != global_batch or state["n_rows"] != len(rows):
+            raise ValueError(f"{ckpt}: written with global batch {state['global_batch']} over {state['n_rows']} rows; "
+                             f"this run has {global_batch} over {len(rows)}. Resume with the same data and "
+                             f"batch_size * grad_accum * ranks, or start a new --out")
+        load_trainable(raw, ckpt)
+        start = state["step"]
+        log0(f"resuming from {ckpt} at step {start}")
+    if cfg.act_ckpt:
+        add_activation_checkpointing(raw)
+
+    model = raw
+    if world > 1 and cfg.dist == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda \
+            else MixedPrecisionPolicy()
+        for blk in blocks(raw):
+            fully_shard(blk, mesh=mesh, mp_policy=mp)
+        fully_shard(raw, mesh=mesh, mp_policy=mp)
+    elif world > 1:
+        model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if on_cuda else None,
+                                                    find_unused_parameters=True)
+    optimizer = make_optimizer(raw, cfg)
+    if ckpt is not None:
+        load_optimizer(raw, optimizer, ckpt)
+        load_rng(ckpt)
+
+    ds = SFTData(rows, tokenizer, cfg, cache=cfg.workers == 0 and not cfg.model)
+    sampler = StepSampler(len(rows), cfg, start, total, rank, world)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.workers,
+                                         collate_fn=functools.partial(collate, pad_id=tokenizer.pad_id),
+                                         generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
+    batches = iter(loader)
+    os.makedirs(cfg.out, exist_ok=True)
+    metrics = Metrics(os.path.join(cfg.out, "metrics.jsonl"))
+    bar = Progress(start, total, cfg.progress)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
+    losses, evals, last_ckpt = [], [], None
+    extra = dict(global_batch=global_batch, n_rows=len(rows), total=total, model=model_path, data=data_path)
+    t_run = time.time()
+    for step in range(start, total):
+        t0 = time.time()
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        counts = torch.tensor([sum(float(b["weights"][:, 1:].sum()) for b in micro),
+                               sum(float(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64)
+        n_global, n_tokens = all_reduce_sum(counts).tolist()
+        lr = lr_at(step, total, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for j, b in enumerate(micro):
+            last = j == len(micro) - 1
+            if isinstance(model, nn.parallel.DistributedDataParallel) and not last:
+                sync = model.no_sync()
+            else:
+                sync = contextlib.nullcontext()
+                if hasattr(model, "set_requires_gradient_sync"):
+                    model.set_requires_gradient_sync(last)
+            with sync, autocast():
+                logits = model(b["input_ids"].to(device), pixel_values=_to(b["pixel_values"], device),
+                               image_grid_thw=b["image_grid_thw"], attention_mask=b["attention_mask"].to(device))
+                loss = sft_loss(logits, b["labels"].to(device), b["weights"].to(device), n_global)
+            (loss * world).backward()   # DDP / FSDP average gradients over ranks; the loss is already a global mean
+            loss_sum += loss.detach().double().cpu()
+        if cfg.clip_grad > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
+        else:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_val = float(all_reduce_sum(loss_sum))
+        losses.append(loss_val)
+        dt = time.time() - t0
+        m = dict(step=step + 1, loss=loss_val, lr=lr, grad_norm=gnorm, tokens_per_s=n_tokens / dt,
+                 label_tokens=n_global, elapsed_s=time.time() - t_run)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            metrics.log(**m)
+        bar.update(step + 1, loss=loss_val, lr=lr, **{"tok/s": round(n_tokens / dt)})
+        done = step + 1 == total
+        if eval_path and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
+            bar.close()
+            for no_zoom in ((False, True) if done and cfg.eval_no_zoom else (False,)):
+                ev = evaluate(raw, tokenizer, eval_path, cfg, device, no_zoom=no_zoom)
+                tag = "eval_no_zoom" if no_zoom else "eval"
+                evals.append(dict(step=step + 1, mode=tag, **ev))
+                metrics.log(step=step + 1, **{f"{tag}/{k}": v for k, v in ev.items()})
+                log0(f"{tag} @ step {step + 1}: accuracy {ev['accuracy']:.1f}% over {ev['n']} questions, "
+                     f"mean zooms {ev['mean_zooms']:.2f}")
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done:
+            last_ckpt = save_checkpoint(raw, optimizer, step + 1, cfg, extra)
+    bar.close()
+    if last_ckpt is not None:
+        log0(f"checkpoint: {last_ckpt} (HF format: loads with model.Qwen25VL.from_pretrained and transformers)")
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return dict(losses=losses, checkpoint=str(last_ckpt) if last_ckpt else None, eval=evals,
+                start=start, total=total, n_bad=n_bad, seconds=time.time() - t_run)
+
+
+def _to(x, device):
+    return None if x is None else x.to(device)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

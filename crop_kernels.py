@@ -425,7 +425,7 @@ def reference_crop_resize_patchify(images, ids, boxes, sizes, resample, out_dtyp
 def triton_crop_resize_patchify(image, boxes, sizes, resample="lanczos", out_dtype=torch.float32, **blocks):
     """crop_resize_patchify through the Triton kernels wherever the tensors are (CUDA, or CPU with TRITON_INTERPRET=1).
 
-    Same arguments and result as crop_resize_patchify; `blocks` overrides the launch tiling (BP, BQ, BLOCK2).
+    Same arguments and result as crop_resize_patchify; `blocks` overrides the launch tiling (BP, BQ, BLOCK2, num_warps).
     """
     images, ids, boxes, sizes, name = _prepare(image, boxes, sizes, resample, out_dtype)
     grid = torch.tensor([[1, h // 14, w // 14] for h, w in sizes], dtype=torch.int64)
@@ -621,7 +621,7 @@ def _lut_bits(out_dtype, device):
 _WARNED = []
 
 
-def _triton_launcher(images, ids, boxes, sizes, resample, out_dtype, BP=None, BQ=None, BLOCK2=None):
+def _triton_launcher(images, ids, boxes, sizes, resample, out_dtype, BP=None, BQ=None, BLOCK2=None, num_warps=4):
     """Do the host work once (tables, metadata, one upload, buffers) and return run() -> pixel_values (two launches)."""
     pass1, pass2 = _kernels()
     device = images[0].device
@@ -646,8 +646,10 @@ def _triton_launcher(images, ids, boxes, sizes, resample, out_dtype, BP=None, BQ
     n1, n2 = plan["prog1"].shape[0], plan["prog2"].shape[0]
 
     def run():
-        pass1[(n1,)](src, ws, t["bounds"], t["wts"], t["meta1"], t["prog1"], NM=len(_M1), BP=BP, BQ=BQ)
-        pass2[(n2,)](ws, out, lut, t["bounds"], t["wts"], t["meta2"], t["prog2"], NM=len(_M2), BLOCK=BLOCK2)
+        pass1[(n1,)](src, ws, t["bounds"], t["wts"], t["meta1"], t["prog1"], NM=len(_M1), BP=BP, BQ=BQ,
+                     num_warps=num_warps)
+        pass2[(n2,)](ws, out, lut, t["bounds"], t["wts"], t["meta2"], t["prog2"], NM=len(_M2), BLOCK=BLOCK2,
+                     num_warps=num_warps)
         return out.view(out_dtype)
 
     return run
@@ -662,3 +664,229 @@ def _triton_crop_resize_patchify(images, ids, boxes, sizes, resample, out_dtype,
             _WARNED.append(1)
         cpu = [im.cpu() for im in images]
         return reference_crop_resize_patchify(cpu, ids, boxes, sizes, resample, out_dtype).to(images[0].device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Benchmark and GPU acceptance check: python crop_kernels.py --bench | --check
+
+BENCH_SOURCES = ((1024, 768), (2048, 1536), (3840, 2160), (7680, 4320))  # (W, H)
+
+
+def _bench_batch(W, H, n=8):
+    """n crops of about half the source's sides, spread around the centre; each resized per smart_resize defaults."""
+    cw, ch = W // 2, H // 2
+    boxes = []
+    for i in range(n):
+        dx, dy = (i % 4 - 1.5) / 1.5 * (W // 8), (i // 4 - 0.5) * (H // 8)  # within +-W/8, +-H/16 of centred
+        x0, y0 = W // 4 + int(dx), H // 4 + int(dy)
+        boxes.append((x0, y0, x0 + cw, y0 + ch))
+    return boxes, [smart_resize(ch, cw)] * n
+
+
+def _timer_cpu(fn, budget_s=1.0, max_reps=20):
+    """(p50, p20, p80) in ms of fn() on the CPU: one warm-up run (kept as the only sample if it took over budget_s),
+    then more runs while under budget_s."""
+    import time
+
+    t0 = time.perf_counter()
+    fn()
+    first = (time.perf_counter() - t0) * 1e3
+    if first > budget_s * 1e3:
+        return first, first, first
+    times, t_end = [], time.perf_counter() + budget_s
+    while len(times) < max_reps and (not times or time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = np.percentile(times, [50, 20, 80])
+    return tuple(float(v) for v in q)
+
+
+def _timer_cuda(fn):
+    import triton.testing
+
+    return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+
+
+def _copy_bandwidth(device):
+    """Measured copy bandwidth in GB/s (bytes read + written) of a 512 MiB (CUDA) / 128 MiB (CPU) buffer."""
+    n = (512 if device.type == "cuda" else 128) << 20
+    x = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    y = torch.empty_like(x)
+    t = (_timer_cuda if device.type == "cuda" else _timer_cpu)(lambda: y.copy_(x))[0]
+    return 2 * n / (t * 1e-3) / 1e9
+
+
+def _torch_eager(image, boxes, sizes):
+    """Plain torch on the image's device: crop + interpolate(bicubic, antialias) + round + normalize + patchify.
+    (Not Pillow-exact: a float filter with no uint8 step between passes; here only for speed.)"""
+    import torch.nn.functional as F
+
+    mean = torch.tensor(OPENAI_CLIP_MEAN, device=image.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(OPENAI_CLIP_STD, device=image.device).view(1, 3, 1, 1) * 255
+    out = []
+    for (x0, y0, x1, y1), (h, w) in zip(boxes, sizes):
+        x = image[None, :, y0:y1, x0:x1].float()  # [1, 3, Hc, Wc]
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 255).round_()
+        x = (x - mean) / std  # [1, 3, h, w]
+        x = x.view(3, h // 28, 2, 14, w // 28, 2, 14).permute(1, 4, 2, 5, 0, 3, 6)  # [bh, bw, mh, mw, c, py, px]
+        x = x.reshape(-1, 3, 1, 14, 14).expand(-1, 3, 2, 14, 14)
+        out.append(x.reshape(-1, 1176))
+    return torch.cat(out)
+
+
+def _pil_pipeline(image_u8, boxes, sizes, proc):
+    """The released CoF path on the CPU: PIL crop + LANCZOS resize, then transformers' PIL image processor."""
+    pil = to_pil(image_u8)
+    crops = [pil.crop(b).resize((w, h), 1) for b, (h, w) in zip(boxes, sizes)]
+    return proc(images=crops, do_resize=False, return_tensors="pt")["pixel_values"]
+
+
+def bench(sources=BENCH_SOURCES, n_crops=8, resample="lanczos", sweep=False):
+    """Print one table: ms (p50 [p20, p80]), GB/s and % of measured copy bandwidth per implementation and source."""
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    card = torch.cuda.get_device_name() if cuda else "no CUDA GPU (CPU rows only)"
+    copy_cpu = _copy_bandwidth(torch.device("cpu"))
+    copy_dev = _copy_bandwidth(dev) if cuda else copy_cpu
+    print(f"# crop_kernels bench: {card}; torch {torch.__version__} ({torch.get_num_threads()} CPU threads); "
+          f"{n_crops} crops per batch, resample={resample}")
+    print(f"# copy bandwidth: device {copy_dev:.0f} GB/s, host {copy_cpu:.1f} GB/s. GB/s counts the crops' uint8 bytes "
+          f"read once + pixel_values written; % is of the copy bandwidth of the device the row runs on.")
+    hf_dev = hf_pil = None
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        hf_pil = Qwen2VLImageProcessorPil()
+    except Exception as e:  # noqa: BLE001 - a benchmark row, reported
+        print(f"# transformers PIL processor unavailable: {e!r}")
+    try:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+        hf_dev = Qwen2VLImageProcessor()
+    except Exception as e:  # noqa: BLE001
+        print(f"# transformers torchvision processor unavailable: {type(e).__name__}: {e}")
+    hdr = f"{'source':>10} {'implementation':<44} {'ms p50':>9} {'[p20, p80]':>19} {'GB/s':>8} {'% copy':>7} {'vs HF':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    g = torch.Generator().manual_seed(0)
+    for W, H in sources:
+        boxes, sizes = _bench_batch(W, H, n_crops)
+        image_cpu = torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g)
+        image = image_cpu.to(dev)
+        in_bytes = sum(3 * (y1 - y0) * (x1 - x0) for x0, y0, x1, y1 in boxes)
+        out_elems = sum(3 * 2 * h * w for h, w in sizes)
+        rows = []  # (name, device, out bytes per element, timings or an error string)
+
+        def add(name, where, nbytes, timer, fn):
+            try:
+                rows.append((name, where, nbytes, timer(fn)))
+            except Exception as e:  # noqa: BLE001 - one failing baseline must not hide the others
+                rows.append((name, where, nbytes, f"failed: {type(e).__name__}: {str(e)[:80]}"))
+
+        if cuda:
+            ids = [0] * len(boxes)
+            if hf_dev is not None:
+                crops = [image[:, y0:y1, x0:x1] for x0, y0, x1, y1 in boxes]
+                add("transformers Qwen2VLImageProcessor (device)", "dev", 4, _timer_cuda,
+                    lambda: hf_dev(images=crops, device=dev, return_tensors="pt"))
+            add("torch eager: crop+interpolate+normalize (fp32)", "dev", 4, _timer_cuda,
+                lambda: _torch_eager(image, boxes, sizes))
+            for dt, nb in ((torch.float32, 4), (torch.bfloat16, 2)):
+                run = _triton_launcher([image], ids, boxes, sizes, resample, dt)
+                add(f"ours: Triton kernels only ({str(dt)[6:]})", "dev", nb, _timer_cuda, run)
+            add("ours: crop_resize_patchify end-to-end (fp32)", "dev", 4, _timer_cuda,
+                lambda: crop_resize_patchify(image, boxes, sizes, resample))
+            if sweep:
+                for cfg in (dict(BP=4, BQ=256), dict(BP=16, BQ=64), dict(BLOCK2=2048), dict(BLOCK2=512),
+                            dict(num_warps=8), dict(BP=16, BQ=128, BLOCK2=2048, num_warps=8)):
+                    add(f"  sweep bf16 {cfg}", "dev", 2, _timer_cuda,
+                        _triton_launcher([image], ids, boxes, sizes, resample, torch.bfloat16, **cfg))
+        else:
+            add("torch eager: crop+interpolate+normalize (fp32)", "cpu", 4, _timer_cpu,
+                lambda: _torch_eager(image_cpu, boxes, sizes))
+            add("ours: torch reference on CPU (fp32)", "cpu", 4, _timer_cpu,
+                lambda: crop_resize_patchify(image_cpu, boxes, sizes, resample))
+        if hf_pil is not None:
+            add("PIL LANCZOS + transformers PIL processor (CPU)", "cpu", 4, _timer_cpu,
+                lambda: _pil_pipeline(image_cpu, boxes, sizes, hf_pil))
+        ref_ms = next((r[3][0] for r in rows if r[0].startswith("transformers") and not isinstance(r[3], str)), None)
+        for name, where, nb, timing in rows:
+            if isinstance(timing, str):
+                print(f"{W:>5}x{H:<4} {name:<44} {timing}")
+                continue
+            p50, p20, p80 = timing
+            gbs = (in_bytes + out_elems * nb) / (p50 * 1e-3) / 1e9
+            pct = 100 * gbs / (copy_dev if where == "dev" else copy_cpu)
+            vs = f"{ref_ms / p50:6.1f}x" if ref_ms else "   n/a"
+            print(f"{W:>5}x{H:<4} {name:<44} {p50:9.3f} [{p20:8.3f}, {p80:8.3f}] {gbs:8.3g} {pct:6.2g}% {vs}")
+        print(f"{'':>10} ({n_crops} crops of {boxes[0][2] - boxes[0][0]}x{boxes[0][3] - boxes[0][1]} -> "
+              f"{sizes[0][1]}x{sizes[0][0]}, {in_bytes / 1e6:.1f} MB in, {out_elems * 4 / 1e6:.1f} MB out in fp32)")
+
+
+def gpu_check(seed=0):
+    """Bit-exactness of the Triton kernels on CUDA against the CPU reference; returns the number of failures."""
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to check here (the CPU tests run the kernels under TRITON_INTERPRET=1)")
+        return 0
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    cases = []  # (source (H, W), boxes, sizes)
+    for H, W in ((97, 131), (480, 640), (1080, 1920)):
+        boxes, sizes = [(0, 0, W, H), (0, 0, 1, H), (W - 1, 0, W, H), (0, H - 1, W, H)], [(28, 28), (56, 28), (28, 56),
+                                                                                         (28, 84)]
+        for _ in range(8):
+            x0, y0 = int(rng.integers(0, W - 1)), int(rng.integers(0, H - 1))
+            x1, y1 = int(rng.integers(x0 + 1, W + 1)), int(rng.integers(y0 + 1, H + 1))
+            boxes.append((x0, y0, x1, y1))
+            sizes.append((28 * int(rng.integers(1, 30)), 28 * int(rng.integers(1, 30))))
+        boxes.append((0, 0, W, H))
+        sizes.append(smart_resize(H, W))
+        cases.append(((H, W), boxes, sizes))
+    cases.append(((4320, 7680), [(1920, 1080, 5760, 3240), (0, 0, 7680, 4320), (0, 0, 7680, 40)],
+                  [smart_resize(2160, 3840), (28, 56), (28, 5600)]))  # big crop, 137x downscale, 200:1 aspect
+    fails = 0
+    for (H, W), boxes, sizes in cases:
+        img = torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g)
+        img_dev = img.cuda()
+        for resample in ("lanczos", "bicubic", "bilinear"):
+            want, _ = crop_resize_patchify(img, boxes, sizes, resample)
+            for dt in (torch.float32, torch.bfloat16):
+                got, _ = crop_resize_patchify(img_dev, boxes, sizes, resample, dt)
+                ok = torch.equal(got.cpu(), want.to(dt))
+                fails += not ok
+                diff = "" if ok else f" max |diff| {(got.cpu().float() - want.to(dt).float()).abs().max():.3g}"
+                print(f"check {W}x{H} {len(boxes)} crops {resample:8} {str(dt)[6:]:8} {'OK' if ok else 'MISMATCH'}{diff}")
+    print(f"gpu_check: {'PASS' if fails == 0 else f'FAIL ({fails} mismatching cases)'}")
+    return fails
+
+
+def _main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bench", action="store_true", help="print the benchmark table")
+    ap.add_argument("--check", action="store_true", help="GPU acceptance: bit-exactness on CUDA, then the benchmark")
+    ap.add_argument("--sources", default=None, help="comma list of WxH sources, e.g. 1024x768,7680x4320")
+    ap.add_argument("--resample", default="lanczos")
+    ap.add_argument("--sweep", action="store_true", help="also time a few tilings (CUDA)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    sources = BENCH_SOURCES if not a.sources else [tuple(int(v) for v in s.split("x")) for s in a.sources.split(",")]
+    fails = 0
+    if a.check:
+        import triton
+
+        print(f"torch {torch.__version__}, triton {triton.__version__}")
+        fails = gpu_check()
+    if a.bench or a.check:
+        bench(sources, resample=a.resample, sweep=a.sweep or a.check)
+    if not (a.bench or a.check):
+        ap.print_help()
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

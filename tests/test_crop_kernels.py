@@ -299,3 +299,18 @@ def test_triton_kernels_compile_for_hopper_and_ampere():
             k = triton.compile(ASTSource(pass2, sig2, constexprs=dict(NM=len(ck._M2), BLOCK=1024)),
                                target=GPUTarget("cuda", cc, 32))
             assert k.asm["cubin"]
+
+
+def test_bench_and_check_run_on_cpu(capsys):
+    """The benchmark prints its CPU rows with numbers on a machine without a GPU; --check says there is no GPU."""
+    ck.bench(sources=[(112, 84)], n_crops=2)
+    out = capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert ck.gpu_check() == 0 and "no CUDA GPU" in capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.strip().startswith("112x84")]
+    names = " ".join(rows)
+    assert "ours: torch reference on CPU" in names or "ours: Triton kernels only" in names
+    assert "PIL LANCZOS + transformers PIL processor" in names
+    for line in rows:
+        if "failed:" not in line:
+            assert float(line.split()[-3]) > 0  # GB/s column

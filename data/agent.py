@@ -1,0 +1,417 @@
+"""The MM-CoF visual search agent: a thought/action loop that finds where to look, then summarizes the search into
+a Chain-of-Focus training trajectory.
+
+The paper (arXiv 2505.15436, project page, `assets/visual_agent.jpg`) builds its SFT data with a ReAct-style agent
+(locate -> VLM look -> adjust box -> verify, then "summarize the visual search steps"); that agent was never
+released. This is our version. Tools are plain callables on a `World` (one image + one question at one resolution):
+
+    locate(world)            -> box          where the asked-about object is (absolute px of the resized image)
+    look(world, view)        -> Look         answer from what the model would see (the main view or a zoom view)
+    adjust_box(world, box)   -> box | None   a tighter box on the detail (None: nothing better to try)
+    verify(world, look)      -> bool         is the answer right (and does the crop hold the whole target)
+
+Two backends: `OracleTools` (scene annotations of data/synth.py; `look` READS the pixels with synth.read_pattern,
+so "not legible" is measured) and `ModelTools` (our model.py Qwen2.5-VL, prompted for boxes / answers / yes-no;
+for real images with V*-style annotations and a large checkpoint).
+
+What the model sees, exactly as the CoF loop feeds it (cof.py owns the rules; nothing is copied here):
+  main image  = the image LANCZOS-resized to cof.main_size (min 112^2, max 3840^2 px): the frame of every box;
+  zoom image  = cof.parse_zoom(tool-call text) (x1.5 about the centre, clipped, int), cropped from the main image,
+                LANCZOS-resized to cof.zoom_size (x2, smart-resized);
+  model view  = either of them smart-resized by the model's image processor (crop_kernels.smart_resize with the
+                processor's min/max pixels, BICUBIC). With the released 7B (max 12,845,056 px) the view is the image
+                itself; the tiny preset caps it at 112 x 112, which is what makes zooming necessary there.
+
+The summary keeps the first box and the final one (as the paper's figure does) and writes the released message
+format: system prompt, `<image> Question: ...` user turn, assistant turns `<think>...</think>` + `<tool_call>`
+JSON with `bbox_2d`, each crop as a new user turn `<image>` + USER_PROMPT, and a final `<answer>`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+import cof
+import crop_kernels
+from data import synth
+
+TOOL_NAME = "image_zoom_in_tool"
+TINY_VIEW_MAX_PIXELS = 112 * 112            # the tiny preset's processor cap: a 448 scene is seen as 112 x 112
+QWEN_VIEW_MAX_PIXELS = cof.PROCESSOR_MAX_PIXELS
+VIEW_MIN_PIXELS = 56 * 56                   # Qwen2.5-VL preprocessor_config min_pixels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The world: one image at one resolution, as the CoF loop and the model see it
+
+
+def resize_long_side(img, long_side):
+    """LANCZOS-resize a PIL image so that its long side is `long_side` (the evaluation-resolution sweep)."""
+    w, h = img.size
+    s = long_side / max(w, h)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return img if size == img.size else img.resize(size, Image.Resampling.LANCZOS)
+
+
+@dataclass
+class View:
+    """An image the model sees. crop_box: integer box in the main-image frame (None for the main view).
+    scale: (sx, sy) from main-image px to view px; origin: crop_box's top-left (0, 0 for the main view)."""
+    image: Image.Image          # after the processor resize: exactly the model's pixels
+    sent: Image.Image           # what the CoF loop sends (the main image or the zoom image), stored in datasets
+    crop_box: tuple | None
+    scale: tuple
+    origin: tuple
+
+    def from_main(self, box):
+        """A box in main-image px -> view px."""
+        (sx, sy), (ox, oy) = self.scale, self.origin
+        return ((box[0] - ox) * sx, (box[1] - oy) * sy, (box[2] - ox) * sx, (box[3] - oy) * sy)
+
+    def to_main(self, box):
+        """A box in view px -> main-image px."""
+        (sx, sy), (ox, oy) = self.scale, self.origin
+        return (box[0] / sx + ox, box[1] / sy + oy, box[2] / sx + ox, box[3] / sy + oy)
+
+
+class World:
+    """One question about one image at one working resolution.
+
+    image: PIL RGB source; resolution: long side to resize to first (None: keep); view_max_pixels / view_min_pixels:
+    the model processor's limits. scene: a synth.Scene when the image is a toy-V* scene (oracle tools need it).
+    target_box: the asked-about box in SOURCE px (V* `bbox`), target_name: what to locate (V* `target_object`).
+    """
+
+    def __init__(self, image, question, label=None, options=None, resolution=None, view_max_pixels=TINY_VIEW_MAX_PIXELS,
+                 view_min_pixels=VIEW_MIN_PIXELS, scene=None, target_box=None, target_name=None):
+        self.question, self.label, self.scene = question, label, scene
+        self.options = options if options is not None else cof.parse_options(question)
+        self.view_max_pixels, self.view_min_pixels = view_max_pixels, view_min_pixels
+        src_w, src_h = image.size
+        img = resize_long_side(image.convert("RGB"), resolution) if resolution else image.convert("RGB")
+        h, w = cof.main_size(img.height, img.width)
+        self.main = img if (w, h) == img.size else img.resize((w, h), Image.Resampling.LANCZOS)
+        self.resolution = resolution or max(src_w, src_h)
+        self.src_scale = (w / src_w, h / src_h)             # source px -> main px
+        self.target_box = self.from_source(target_box) if target_box is not None else None
+        self.target_name = target_name or (scene.name if scene is not None else "object in question")
+
+    @property
+    def size(self):
+        return self.main.size
+
+    def from_source(self, box):
+        sx, sy = self.src_scale
+        return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+    def _processor(self, img):
+        h, w = crop_kernels.smart_resize(img.height, img.width, 28, self.view_min_pixels, self.view_max_pixels)
+        return img if (w, h) == img.size else img.resize((w, h), Image.Resampling.BICUBIC)
+
+    def main_view(self):
+        v = self._processor(self.main)
+        return View(v, self.main, None, (v.width / self.main.width, v.height / self.main.height), (0, 0))
+
+    def zoom(self, tool_text):
+        """The view the CoF loop produces for an assistant turn `tool_text`, or None for an invalid box."""
+        W, H = self.size
+        box = cof.parse_zoom(tool_text, W, H)
+        if box is None:
+            return None
+        h, w = cof.zoom_size(box)
+        sent = self.main.crop(box).resize((w, h), Image.Resampling.LANCZOS)
+        v = self._processor(sent)
+        return View(v, sent, box, (v.width / (box[2] - box[0]), v.height / (box[3] - box[1])), (box[0], box[1]))
+
+
+def tool_call_text(box):
+    """The assistant's tool call, as in the released traces."""
+    return "<tool_call>\n" + json.dumps({"name": TOOL_NAME, "arguments": {"bbox_2d": [int(v) for v in box]}}) + \
+        "\n</tool_call>"
+
+
+def contains(outer, inner, tol=0.5):
+    return (outer[0] <= inner[0] + tol and outer[1] <= inner[1] + tol and outer[2] >= inner[2] - tol
+            and outer[3] >= inner[3] - tol)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tool results
+
+
+@dataclass
+class Look:
+    """What `look` saw. answer: option text or None (not legible); letter: its option letter;
+    contrast: per read texture (oracle); note: free text (model backend's raw reply)."""
+    view: View
+    answer: str | None
+    letter: str | None
+    contrast: list = field(default_factory=list)
+    note: str = ""
+
+
+def _letter(options, answer):
+    for k, v in options.items():
+        if v == answer:
+            return k
+    return None
+
+
+class OracleTools:
+    """Tools backed by a toy-V* scene's annotations; `look` reads the rendered pixels (synth.read_texture)."""
+
+    def locate(self, world):
+        """The target's grid cell (the object with a margin), in main-image px."""
+        r, c = world.scene.target_obj.cell
+        return _round_box(world.from_source(synth._cell_box(r, c)))
+
+    def adjust_box(self, world, box):
+        """The detail region snapped outward to the 28 px sub-grid (the tag, or the textured centre / patches),
+        in main-image px; None when `box` is already that tight."""
+        d = world.scene.detail_box
+        g = synth.TAG_SIZE
+        snapped = (d[0] // g * g, d[1] // g * g, -(-d[2] // g) * g, -(-d[3] // g) * g)
+        new = _round_box(world.from_source(snapped))
+        return None if tuple(new) == tuple(box) else new
+
+    def look(self, world, view):
+        sx, sy = world.src_scale
+        readings, contrast = [], []
+        for t in world.scene.details:
+            ori, c, ok = synth.read_texture(view.image, t, lambda b: view.from_main((b[0] * sx, b[1] * sy,
+                                                                                    b[2] * sx, b[3] * sy)))
+            readings.append(ori if ok else None)
+            contrast.append(round(c, 3))
+        ans = synth.answer_from_reading(world.scene, readings)
+        return Look(view, ans, _letter(world.options, ans) if ans else None, contrast)
+
+    def verify(self, world, look):
+        """Right answer, and (for a zoom) the crop holds the whole asked-about box."""
+        if look.answer is None or look.letter != world.label:
+            return False
+        return look.view.crop_box is None or contains(look.view.crop_box, world.target_box)
+
+
+def _round_box(b):
+    return [int(round(v)) for v in b]
+
+
+_NUMS = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def parse_box_reply(text):
+    """The first four numbers after "bbox_2d" (Qwen2.5-VL grounding JSON), else the first [a, b, c, d] list."""
+    i = text.find("bbox_2d")
+    for chunk in ([text[i + len("bbox_2d"):]] if i >= 0 else []) + re.findall(r"\[[^\[\]]*\]", text):
+        nums = _NUMS.findall(chunk)
+        if len(nums) >= 4:
+            x0, y0, x1, y1 = (float(v) for v in nums[:4])
+            if x1 > x0 and y1 > y0:
+                return (x0, y0, x1, y1)
+    return None
+
+
+class ModelTools:
+    """Tools backed by a Qwen2.5-VL of model.py (greedy). Boxes come back in the pixels of the view the model saw
+    and are mapped to main-image px. For real images: give World a target_name (V* `target_object`)."""
+
+    def __init__(self, model, tokenizer, max_new_tokens=128):
+        self.model, self.tok, self.max_new_tokens = model, tokenizer, max_new_tokens
+
+    def ask(self, images, text):
+        """One user turn [images..., text] -> the model's reply (special tokens stripped)."""
+        import torch
+        from model import tokenize_chat
+        pv, grids = [], []
+        for img in images:
+            p, g = crop_kernels.patchify(crop_kernels.from_pil(img))
+            pv.append(p)
+            grids.append(g)
+        msgs = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}]
+        grid = torch.cat(grids) if grids else None
+        ids, _ = tokenize_chat(self.tok, msgs, image_grid_thw=grid, add_generation_prompt=True)
+        dev = self.model.device
+        out = self.model.generate(torch.tensor([ids], device=dev),
+                                  pixel_values=torch.cat(pv).to(dev) if pv else None,
+                                  image_grid_thw=grid.to(dev) if grid is not None else None,
+                                  max_new_tokens=self.max_new_tokens, eos_token_id=[self.tok.im_end_id, self.tok.eos_id])
+        return self.tok.decode(out[0].tolist(), skip_special_tokens=True).strip()
+
+    def _box(self, view, what):
+        reply = self.ask([view.image], f"Locate the {what} in the image, output its bbox coordinates using JSON format.")
+        b = parse_box_reply(reply)
+        if b is None:
+            return None
+        W, H = view.image.size
+        b = (max(0, b[0]), max(0, b[1]), min(W, b[2]), min(H, b[3]))
+        return _round_box(view.to_main(b)) if b[2] > b[0] and b[3] > b[1] else None
+
+    def locate(self, world):
+        return self._box(world.main_view(), world.target_name)
+
+    def adjust_box(self, world, box):
+        view = world.zoom(tool_call_text(box))
+        if view is None:
+            return None
+        new = self._box(view, f"part of the {world.target_name} needed to answer: {world.question.splitlines()[0]}")
+        return None if new is None or new == list(box) else new
+
+    def look(self, world, view):
+        reply = self.ask([view.image], f"{world.question}\nIf the details needed to answer cannot be seen clearly in "
+                                       f"this image, reply \"unclear\". Otherwise answer with the option's letter.")
+        m = re.search(r"\(?\b([A-L])\b\)?", reply)
+        if "unclear" in reply.lower() or not m or m.group(1) not in world.options:
+            return Look(view, None, None, note=reply)
+        return Look(view, world.options[m.group(1)], m.group(1), note=reply)
+
+    def verify(self, world, look):
+        if look.letter is None:
+            return False
+        reply = self.ask([look.view.image], f"{world.question}\nProposed answer: ({look.letter}) {look.answer}. "
+                                            f"Is the proposed answer correct for this image? Reply yes or no.")
+        ok = reply.strip().lower().startswith("yes")
+        if ok and world.label is not None:
+            ok = look.letter == world.label          # with ground truth: a "yes" to a wrong answer never passes
+        return ok
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The search loop and the summary
+
+
+@dataclass
+class Step:
+    """One thought/action of the search log (kept for inspection; the summary keeps a subset)."""
+    thought: str
+    action: str                 # "look" | "locate" | "adjust_box" | "verify"
+    box: list | None = None     # the box proposed (main-image px)
+    look: Look | None = None
+    ok: bool | None = None
+
+
+@dataclass
+class Search:
+    world: World
+    steps: list
+    zooms: list                 # the (box, Look) pairs of the successful path, in order
+    final: Look | None
+    success: bool
+
+
+def search(world, tools, max_zooms=3):
+    """Run the thought/action loop. Answers from the main view when `look` reads it there and `verify` agrees;
+    otherwise locates the target, zooms, and tightens the box (adjust_box) until the answer verifies or no tighter
+    box is left (at most `max_zooms` zooms)."""
+    steps = []
+    first = tools.look(world, world.main_view())
+    ok = first.answer is not None and tools.verify(world, first)
+    steps.append(Step("Try to answer from the whole image.", "look", None, first, ok))
+    if ok:
+        return Search(world, steps, [], first, True)
+    box = tools.locate(world)
+    steps.append(Step(f"Locate the {world.target_name}.", "locate", box))
+    path = []
+    for _ in range(max_zooms):
+        if box is None:
+            break
+        view = world.zoom(tool_call_text(box))
+        if view is None:
+            steps.append(Step("The box is not valid for this image.", "look", box, None, False))
+            break
+        seen = tools.look(world, view)
+        ok = seen.answer is not None and tools.verify(world, seen)
+        steps.append(Step("Look at the zoomed region.", "look", box, seen, ok))
+        path.append((box, seen))
+        if ok:
+            return Search(world, steps, path, seen, True)
+        box = tools.adjust_box(world, box)
+        steps.append(Step("The detail is still unclear: tighten the box.", "adjust_box", box))
+    return Search(world, steps, path, None, False)
+
+
+_REL = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
+
+
+def _where(world, box):
+    if world.scene is not None:
+        return "in the " + synth.where(world.scene)
+    W, H = world.size
+    cx, cy = (box[0] + box[2]) / 2 / W, (box[1] + box[3]) / 2 / H
+    v = "upper" if cy < 1 / 3 else ("lower" if cy > 2 / 3 else "middle")
+    h = "left" if cx < 1 / 3 else ("right" if cx > 2 / 3 else "centre")
+    return f"in the {v} {h} part of the image"
+
+
+def _conclusion(world, look, zoomed):
+    sc, L = world.scene, look.letter
+    lead = "In the zoomed view" if zoomed else "At this resolution"
+    if sc is None:
+        return f"{lead} I can see the {world.target_name} clearly: the answer is {look.answer}. So the answer is {L}."
+    if sc.category == "relative_position":
+        return (f"{lead} the horizontally striped patch is {_REL[look.answer]} the vertically striped patch. "
+                f"So the answer is {L}.")
+    what = f"the small tag of the {sc.name}" if sc.difficulty == "hard" else f"the {sc.name}"
+    return f"{lead} the stripes on {what} are {look.answer}. So the answer is {L}."
+
+
+def _first_thought(world, box):
+    sc = world.scene
+    if sc is None:
+        return (f"The {world.target_name} is {_where(world, box)}, but it is too small to answer from this view. "
+                f"I will zoom in on it.")
+    loc = f"The {sc.name} is {_where(world, box)}"
+    if sc.category == "relative_position":
+        return f"{loc}, but the two striped patches on it are too small to tell apart here. I will zoom in on it."
+    if sc.difficulty == "hard":
+        return f"{loc}, but its small tag is too small to read here. I will zoom in on the {sc.target_obj.shape} first."
+    return f"{loc}, but its stripes are too fine to make out here. I will zoom in on it."
+
+
+def _again_thought(world):
+    sc = world.scene
+    if sc is not None and sc.difficulty == "hard" and sc.category == "direct_attributes":
+        return f"The zoomed view shows the tag on the {sc.name}, but its stripes are still too fine. I will zoom in on the tag."
+    return f"The zoomed view shows the {world.target_name}, but the detail is still too small. I will zoom in closer."
+
+
+def summarize(result):
+    """The CoF trajectory of a successful search: (assistant texts, images) where images[0] is the main image and
+    images[k] the zoom image after assistant turn k. Keeps the first zoom and the last one, like the paper's
+    summary (`assets/visual_agent.jpg`)."""
+    if not result.success:
+        raise ValueError("summarize: the search did not succeed; there is nothing to summarize")
+    world = result.world
+    zooms = result.zooms if len(result.zooms) <= 2 else [result.zooms[0], result.zooms[-1]]
+    images = [world.main]
+    if not zooms:
+        box = world.target_box or [0, 0, *world.size]
+        t = f"The {world.target_name} is {_where(world, box)}. " + _conclusion(world, result.final, False)
+        return [f"<think>{t}</think>\n<answer>{result.final.letter}</answer>"], images
+    texts = []
+    for k, (box, seen) in enumerate(zooms):
+        t = _first_thought(world, box) if k == 0 else _again_thought(world)
+        texts.append(f"<think>{t}</think>\n{tool_call_text(box)}")
+        images.append(seen.view.sent)
+    texts.append(f"<think>{_conclusion(world, result.final, True)}</think>\n<answer>{result.final.letter}</answer>")
+    return texts, images
+
+
+def to_messages(question_with_options, label, assistant_texts):
+    """ShareGPT messages in the released CoF-SFT layout (`<image>` placeholders, one per image)."""
+    msgs = [{"role": "system", "content": cof.SYSTEM_PROMPT},
+            {"role": "user", "content": cof.rl_prompt(question_with_options, label)}]
+    for k, t in enumerate(assistant_texts):
+        msgs.append({"role": "assistant", "content": t})
+        if k < len(assistant_texts) - 1:
+            msgs.append({"role": "user", "content": "<image>" + cof.USER_PROMPT})
+    return msgs
+
+
+def scene_world(scene, image=None, resolution=synth.SCENE, view_max_pixels=TINY_VIEW_MAX_PIXELS):
+    """A World for a toy-V* scene (rendered when `image` is None)."""
+    image = image if image is not None else synth.render(scene)
+    return World(image, scene.question, scene.label, dict(zip("ABCD", scene.options)), resolution, view_max_pixels,
+                 scene=scene, target_box=scene.target_box, target_name=scene.name)

@@ -1,0 +1,264 @@
+"""Build the toy-V* dataset: images, CoF SFT trajectories, CoF-RL prompts, V*-format val/test splits, data card.
+
+    python -m data.build --out data/synth --n 2000 --seed 0
+
+Writes under OUT:
+  images/{split}/{uid}.png       the main image of each item (the smart-resized image at its resolution)
+  images/train/{uid}_z{k}.png    zoom images of the trajectories (exactly what cof.py sends back)
+  sft_train.json, sft_val.json   released CoF-SFT ShareGPT rows (data/formats.py), one per successful search
+  rl_train.jsonl                 released CoF-RL rows (prepare_zoomin_data.py layout), one per train item
+  val.jsonl, test_questions.jsonl  the held-out splits in V*'s test_questions.jsonl layout (image, text, category,
+                                 question_id, label) plus bbox ([x, y, w, h], V* per-image json style),
+                                 target_object, difficulty, uid; OUT is a V*-layout folder for `cof.py eval`
+  card.json, card.md             counts, zoom histogram, the measured legibility table, a sample trajectory
+Same --seed, same files (byte for byte). Items are drawn per (seed, split, index), so --n only adds items.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+
+import cof
+from data import agent, formats, synth
+
+
+def progress(items, total=None, desc="", stream=sys.stderr, width=28):
+    """A small progress bar (no tqdm at run time): `desc |#####     | k/n [elapsed<left]`."""
+    total = len(items) if total is None else total
+    start, last = time.time(), 0.0
+    for k, x in enumerate(items):
+        yield x
+        now = time.time()
+        if now - last > 0.2 or k + 1 == total:
+            last = now
+            done = (k + 1) / max(total, 1)
+            el = now - start
+            left = el / done - el if done else 0
+            bar = "#" * int(width * done)
+            stream.write(f"\r{desc} |{bar:<{width}}| {k + 1}/{total} [{el:4.0f}s<{left:4.0f}s]")
+            stream.flush()
+    stream.write("\n")
+
+
+@dataclass
+class BuildConfig:
+    out: str = "data/synth"
+    n: int = 2000                   # train items (SFT rows = the successful searches among them)
+    seed: int = 0
+    val: int = 200
+    test: int = 400
+    resolutions: str = "448"        # comma list; item i uses resolutions[i % len]; e.g. "224,448,...,3840"
+    view_max_pixels: int = agent.TINY_VIEW_MAX_PIXELS   # the model processor's cap (12845056 for the 7B)
+    mix: str = "easy=0.1,medium=0.65,hard=0.25"
+    relative: float = 0.35          # share of relative_position items
+    max_zooms: int = 3
+    table_items: int = 3            # scenes per kind for the legibility table (0: skip it)
+
+    @classmethod
+    def from_args(cls, argv=None):
+        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        for f in fields(cls):
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        return cls(**vars(p.parse_args(argv)))
+
+    def parsed_mix(self):
+        mix = {}
+        for part in self.mix.split(","):
+            k, _, v = part.partition("=")
+            if k.strip() not in synth.DIFFICULTIES:
+                raise ValueError(f"--mix: unknown difficulty {k!r}; use {', '.join(synth.DIFFICULTIES)}")
+            mix[k.strip()] = float(v)
+        return mix
+
+    def parsed_resolutions(self):
+        return [int(r) for r in self.resolutions.split(",")]
+
+
+def _items(cfg, split, n):
+    mix = cfg.parsed_mix()
+    out = []
+    for i in range(n):
+        rng = synth.scene_rng(cfg.seed, split, i)
+        cat = "relative_position" if rng.random() < cfg.relative else "direct_attributes"
+        out.append(synth.make_scene(rng, uid=f"{split}-{i:06d}", category=cat, mix=mix))
+    return out
+
+
+def _save_png(img, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path, format="PNG")
+    return path
+
+
+def vstar_record(scene, image_rel, qid):
+    """A V* test_questions.jsonl line for one item (plus our annotations)."""
+    x0, y0, x1, y1 = scene.target_box
+    return {"image": image_rel, "text": scene.text, "category": scene.category, "question_id": qid,
+            "label": scene.label, "bbox": [[x0, y0, x1 - x0, y1 - y0]], "target_object": [scene.name],
+            "difficulty": scene.difficulty, "uid": scene.uid}
+
+
+def trajectories(cfg, scenes, split, tools=None, desc=None):
+    """Run the agent on every scene -> (sft rows, per-item records). Saves main and zoom images."""
+    tools = tools or agent.OracleTools()
+    res = cfg.parsed_resolutions()
+    rows, recs = [], []
+    for i, sc in enumerate(progress(scenes, desc=desc or f"{split} searches")):
+        R = res[i % len(res)]
+        world = agent.scene_world(sc, synth.render(sc), R, cfg.view_max_pixels)
+        result = agent.search(world, tools, cfg.max_zooms)
+        rec = {"uid": sc.uid, "category": sc.category, "difficulty": sc.difficulty, "resolution": R,
+               "success": result.success, "zooms": len(result.zooms) if result.success else None}
+        recs.append(rec)
+        if not result.success:
+            continue
+        texts, images = agent.summarize(result)
+        rec["zooms"] = len(images) - 1
+        paths = [_save_png(images[0], os.path.join(cfg.out, "images", split, f"{sc.uid}.png"))]
+        paths += [_save_png(im, os.path.join(cfg.out, "images", split, f"{sc.uid}_z{k}.png"))
+                  for k, im in enumerate(images[1:], 1)]
+        rows.append({"messages": agent.to_messages(sc.question, sc.label, texts), "images": paths})
+    return rows, recs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The legibility table: how big the detail is, and whether it survives, per resolution (measured)
+
+KINDS = (("direct_attributes", "easy"), ("direct_attributes", "medium"), ("direct_attributes", "hard"),
+         ("relative_position", "easy"), ("relative_position", "medium"))
+
+
+def legibility_table(resolutions=synth.RESOLUTIONS, view_max_pixels=agent.TINY_VIEW_MAX_PIXELS, n=12, seed=12345):
+    """For each resolution and kind of item: the stripe period in px of the main image and of each model view
+    (main view, zoom on the object's cell, zoom on the detail), the measured contrast left (fraction of the rendered
+    RMS contrast) and the share of items whose texture is read correctly with contrast >= LEGIBLE_CONTRAST.
+    Returns a list of dicts (one per resolution x kind)."""
+    tools = agent.OracleTools()
+    out = []
+    scenes = {k: [synth.make_scene(synth.scene_rng(seed, "test", 1000 * j + i), category=k[0], difficulty=k[1])
+                  for i in range(n)] for j, k in enumerate(KINDS)}
+    images = {k: [synth.render(s) for s in v] for k, v in scenes.items()}
+    for R in resolutions:
+        for kind in KINDS:
+            stats = {"main": [], "cell": [], "detail": []}
+            for sc, img in zip(scenes[kind], images[kind]):
+                w = agent.scene_world(sc, img, R, view_max_pixels)
+                views = {"main": w.main_view(), "cell": w.zoom(agent.tool_call_text(tools.locate(w)))}
+                tight = tools.adjust_box(w, tools.locate(w))
+                views["detail"] = w.zoom(agent.tool_call_text(tight)) if tight else views["cell"]
+                for name, v in views.items():
+                    look = tools.look(w, v)
+                    p = sc.details[0].period * w.src_scale[0] * v.scale[0]
+                    stats[name].append((p, min(look.contrast), look.answer == sc.answer))
+            row = {"resolution": R, "main_px": w.size[0], "category": kind[0], "difficulty": kind[1],
+                   "period_image_px": round(sc.details[0].period * w.src_scale[0], 2)}
+            for name, s in stats.items():
+                row[f"{name}_period_px"] = round(sum(x[0] for x in s) / len(s), 2)
+                row[f"{name}_contrast"] = round(sum(x[1] for x in s) / len(s), 3)
+                row[f"{name}_legible"] = round(sum(x[2] for x in s) / len(s), 3)
+            out.append(row)
+    return out
+
+
+def table_markdown(rows):
+    head = ("| long side | main image | item | stripe period in image | main view: period / contrast / legible | "
+            "zoom on object | zoom on detail |\n|---|---|---|---|---|---|---|\n")
+    body = ""
+    for r in rows:
+        cells = [f"{r[f'{v}_period_px']:.1f} px / {r[f'{v}_contrast']:.2f} / {100 * r[f'{v}_legible']:.0f}%"
+                 for v in ("main", "cell", "detail")]
+        body += (f"| {r['resolution']} | {r['main_px']} | {r['category'].split('_')[0]} {r['difficulty']} | "
+                 f"{r['period_image_px']:.1f} px | " + " | ".join(cells) + " |\n")
+    return head + body
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build(cfg):
+    t0 = time.time()
+    os.makedirs(cfg.out, exist_ok=True)
+    train, val, test = _items(cfg, "train", cfg.n), _items(cfg, "val", cfg.val), _items(cfg, "test", cfg.test)
+    sft_train, rec_train = trajectories(cfg, train, "train")
+    sft_val, rec_val = trajectories(cfg, val, "val")
+    formats.write_sft(os.path.join(cfg.out, "sft_train.json"), sft_train)
+    formats.write_sft(os.path.join(cfg.out, "sft_val.json"), sft_val)
+
+    rl = []
+    for i, sc in enumerate(train):
+        path = os.path.join(cfg.out, "images", "train", f"{sc.uid}.png")
+        if not os.path.exists(path):       # failed searches still make RL prompts
+            _save_png(agent.scene_world(sc, synth.render(sc), cfg.parsed_resolutions()[i % len(
+                cfg.parsed_resolutions())], cfg.view_max_pixels).main, path)
+        rel = formats.relative_image(path, cfg.out)
+        rl.append(formats.rl_record(cof.SYSTEM_PROMPT, cof.rl_prompt(sc.question, sc.label), rel, sc.label,
+                                    sc.question, i, "train"))
+    formats.write_rl(os.path.join(cfg.out, "rl_train.jsonl"), rl)
+
+    for split, scenes in (("val", val), ("test", test)):
+        recs = []
+        for i, sc in enumerate(progress(scenes, desc=f"{split} images")):
+            path = os.path.join(cfg.out, "images", split, f"{sc.uid}.png")
+            if not os.path.exists(path):
+                _save_png(synth.render(sc), path)
+            recs.append(vstar_record(sc, formats.relative_image(path, cfg.out), i))
+        name = "test_questions.jsonl" if split == "test" else f"{split}.jsonl"
+        formats.write_jsonl(os.path.join(cfg.out, name), recs)
+
+    card = {"config": asdict(cfg), "counts": {"train_items": len(train), "sft_train_rows": len(sft_train),
+                                              "sft_val_rows": len(sft_val), "rl_rows": len(rl),
+                                              "val_items": len(val), "test_items": len(test)},
+            "zooms": zoom_histogram(rec_train), "zooms_by_kind": zoom_by_kind(rec_train),
+            "test_mix": dict(Counter(f"{s.category}/{s.difficulty}" for s in test))}
+    if cfg.table_items:
+        card["legibility"] = legibility_table(view_max_pixels=cfg.view_max_pixels, n=cfg.table_items)
+    if sft_train:
+        card["sample"] = {"images": [formats.relative_image(p, cfg.out) for p in sft_train[0]["images"]],
+                          "messages": sft_train[0]["messages"][1:]}
+    card["seconds"] = round(time.time() - t0, 1)
+    with open(os.path.join(cfg.out, "card.json"), "w") as f:
+        json.dump(card, f, indent=1)
+    with open(os.path.join(cfg.out, "card.md"), "w") as f:
+        f.write(card_markdown(card))
+    return card
+
+
+def zoom_histogram(recs):
+    c = Counter("failed" if not r["success"] else ("2+" if r["zooms"] >= 2 else str(r["zooms"])) for r in recs)
+    return {k: c.get(k, 0) for k in ("0", "1", "2+", "failed")}
+
+
+def zoom_by_kind(recs):
+    c = Counter((r["category"], r["difficulty"], r["resolution"], r["zooms"] if r["success"] else "failed")
+                for r in recs)
+    return [{"category": a, "difficulty": b, "resolution": R, "zooms": z, "count": n}
+            for (a, b, R, z), n in sorted(c.items(), key=str)]
+
+
+def card_markdown(card):
+    z = card["zooms"]
+    s = (f"Items: {card['counts']['train_items']} train ({card['counts']['sft_train_rows']} SFT trajectories), "
+         f"{card['counts']['val_items']} val, {card['counts']['test_items']} test. "
+         f"Trajectories zooming 0 / 1 / 2+ times: {z['0']} / {z['1']} / {z['2+']} (failed searches: {z['failed']}).\n\n")
+    if "legibility" in card:
+        s += table_markdown(card["legibility"]) + "\n"
+    if "sample" in card:
+        s += "Sample: " + ", ".join(card["sample"]["images"]) + "\n\n```\n"
+        s += "\n---\n".join(f"[{m['role']}] {m['content']}" for m in card["sample"]["messages"]) + "\n```\n"
+    return s
+
+
+def main(argv=None):
+    cfg = BuildConfig.from_args(argv)
+    card = build(cfg)
+    print(card_markdown(card))
+    print(f"wrote {cfg.out} in {card['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

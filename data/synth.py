@@ -1,0 +1,429 @@
+"""Toy V*: procedurally generated visual-search scenes whose asked-about detail needs a zoom at low resolution.
+
+V* Bench (penghao-wu/vstar) asks multiple-choice questions about small objects in large images, in two categories,
+`direct_attributes` and `relative_position`. This module makes a synthetic stand-in that a tiny Qwen2.5-VL can learn
+on a CPU, deterministic from a seed, with the same question text style ("(A) ..." lines, options shuffled,
+"Answer with the option's letter from the given choices directly.").
+
+The scene (grid-aligned on purpose, so that a box is "which cell" and costs a few tokens):
+  * 448 x 448 px, a 4 x 4 grid of 112 px cells, at most one object per cell (8..16 objects), each a square or a
+    circle with a flat fill colour. The target is the only object of its colour; the others are distractors.
+  * Every object carries a texture made of light/dark stripes around its own fill colour (fill +- 50), so the
+    texture averages back to the flat fill colour once the image is shrunk: at a low working resolution each
+    object is a flat coloured blob (easy to find) whose texture is gone (impossible to read).
+  * Questions (the answer is always a property of the texture):
+      direct_attributes  "What is the direction of the stripes on the red circle?"  horizontal / vertical /
+                         rising diagonal (/) / falling diagonal (\\)
+      relative_position  "Where is the horizontally striped patch relative to the vertically striped patch on the
+                         red circle?"  left / right / above / below (two small striped patches on a plain object)
+  * Difficulty = stripe period (in px of the 448 scene) and where the texture is:
+      easy    period 16 px over the whole object          -> readable without zooming at a 112 px working view
+      medium  period 6 px over the whole object           -> needs one zoom on the object
+      hard    period 2.5 px on a 28 px tag (dark border)  -> a zoom on the object shows the tag but not its stripes;
+              inside the object (attributes only)            a second zoom on the tag reads it
+Legibility is measured, not assumed: `read_pattern` reads a texture from pixels (2-D FFT peak) and reports its
+contrast relative to the rendered scene; `legibility_table` runs it through the real resizes (LANCZOS to the
+evaluation resolution, cof.py's crop rule, the model processor's BICUBIC smart-resize).
+
+Coordinates: boxes are (x0, y0, x1, y1) in pixels, x1/y1 exclusive, in the 448 scene unless said otherwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+SCENE = 448                 # scene side, px
+GRID = 4                    # cells per side
+CELL = SCENE // GRID        # 112 px; at a 112 px working view one cell = one merged 28 px Qwen token
+OBJ_MARGIN = 8              # object box inside its cell: [8, 104)
+AMPLITUDE = 50              # stripes are fill +- AMPLITUDE on every channel
+SUPERSAMPLE = 4             # stripes are rendered antialiased (periods need not be whole pixels)
+RESOLUTIONS = (224, 448, 672, 1024, 1344, 1920, 2560, 3840)   # V* evaluation sizes (long side)
+ANSWER_HINT = "\nAnswer with the option's letter from the given choices directly."   # V* test_questions.jsonl
+CATEGORIES = ("direct_attributes", "relative_position")
+DIFFICULTIES = ("easy", "medium", "hard")
+PERIOD = {"easy": 16.0, "medium": 6.0, "hard": 2.5}
+
+BACKGROUND = (232, 230, 224)
+# Fill colours: every channel in [50, 205] so that fill +- AMPLITUDE stays inside [0, 255] (mean preserved).
+PALETTE = {
+    "red": (200, 55, 55), "green": (55, 160, 70), "blue": (60, 90, 200), "yellow": (205, 185, 55),
+    "purple": (140, 65, 185), "orange": (205, 120, 50), "cyan": (55, 175, 185), "pink": (205, 105, 165),
+    "brown": (130, 85, 55),
+}
+SHAPES = ("square", "circle")
+TAG_SIZE, TAG_BORDER = 28, 2
+TAG_BORDER_RGB, TAG_LIGHT, TAG_DARK = (25, 25, 25), 215, 45
+MARK_SIZE = 36
+# Orientation names (image coordinates, y down). "rising" = '/', constant along x + y; "falling" = '\', along x - y.
+ORIENTATIONS = ("horizontal", "vertical", "rising diagonal", "falling diagonal")
+RELATIONS = ("left", "right", "above", "below")
+ROW_WORDS = ("top row", "second row", "third row", "bottom row")
+COL_WORDS = ("first column", "second column", "third column", "fourth column")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scene description
+
+
+@dataclass
+class Texture:
+    """Stripes inside `box` (scene px): orientation, period (px along the x / y axis), colours around `mean`."""
+    box: tuple
+    orientation: str
+    period: float
+    mean: tuple             # the colour the texture averages to
+    amplitude: float        # +- per channel
+    read_box: tuple | None = None   # where it is read (inside the object's shape); default: box
+
+    def __post_init__(self):
+        if self.read_box is None:
+            self.read_box = self.box
+
+    def to_dict(self):
+        return {"box": list(self.box), "orientation": self.orientation, "period": self.period,
+                "mean": list(self.mean), "amplitude": self.amplitude, "read_box": list(self.read_box)}
+
+
+@dataclass
+class Obj:
+    cell: tuple             # (row, col)
+    shape: str
+    colour: str
+    box: tuple              # the object's box in the scene
+    textures: list = field(default_factory=list)
+    tag: tuple | None = None    # box of a bordered tag (its stripes are one of `textures`)
+
+    def to_dict(self):
+        return {"cell": list(self.cell), "shape": self.shape, "colour": self.colour, "box": list(self.box),
+                "textures": [t.to_dict() for t in self.textures], "tag": list(self.tag) if self.tag else None}
+
+
+@dataclass
+class Scene:
+    """One toy-V* item: the objects, the question, its options and answer, and the boxes an agent needs.
+
+    target_box: the box the question is about (the object, or the tag for hard attribute items) - V*'s `bbox`.
+    object_box: the target object's box. detail_box: the smallest box that holds every texture the answer needs.
+    details: the textures the answer is read from (1 for attributes, 2 marks for relative position).
+    """
+    uid: str
+    category: str
+    difficulty: str
+    objects: list
+    target: int
+    question: str           # question + "(A) ..." lines, without the answer hint
+    options: list           # option texts in display order
+    label: str              # correct letter
+    answer: str             # correct option text
+    target_box: tuple
+    object_box: tuple
+    detail_box: tuple
+    details: list
+
+    @property
+    def text(self):
+        """The V* test_questions.jsonl `text`: question, options, answer hint."""
+        return self.question + ANSWER_HINT
+
+    @property
+    def target_obj(self):
+        return self.objects[self.target]
+
+    @property
+    def name(self):
+        o = self.target_obj
+        return f"{o.colour} {o.shape}"
+
+    def to_dict(self):
+        return {"uid": self.uid, "category": self.category, "difficulty": self.difficulty,
+                "objects": [o.to_dict() for o in self.objects], "target": self.target, "question": self.question,
+                "options": list(self.options), "label": self.label, "answer": self.answer,
+                "target_box": list(self.target_box), "object_box": list(self.object_box),
+                "detail_box": list(self.detail_box), "details": [t.to_dict() for t in self.details]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def _cell_box(r, c):
+    return (c * CELL, r * CELL, (c + 1) * CELL, (r + 1) * CELL)
+
+
+def _obj_box(r, c):
+    x0, y0, _, _ = _cell_box(r, c)
+    return (x0 + OBJ_MARGIN, y0 + OBJ_MARGIN, x0 + CELL - OBJ_MARGIN, y0 + CELL - OBJ_MARGIN)
+
+
+def _centre_box(box, side):
+    cx, cy = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
+    return (cx - side // 2, cy - side // 2, cx - side // 2 + side, cy - side // 2 + side)
+
+
+def _union(*boxes):
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def _tag_box(rng, r, c):
+    """A 28 px tag on the 28 px sub-grid, in the middle 2 x 2 of the cell's 4 x 4 sub-cells (inside any shape)."""
+    x0, y0, _, _ = _cell_box(r, c)
+    i, j = rng.integers(1, 3, size=2)
+    return (x0 + TAG_SIZE * int(i), y0 + TAG_SIZE * int(j), x0 + TAG_SIZE * (int(i) + 1), y0 + TAG_SIZE * (int(j) + 1))
+
+
+def _tag_texture(tag, orientation, period):
+    b = TAG_BORDER
+    mid = (TAG_LIGHT + TAG_DARK) / 2
+    return Texture((tag[0] + b, tag[1] + b, tag[2] - b, tag[3] - b), orientation, period, (mid, mid, mid),
+                   (TAG_LIGHT - TAG_DARK) / 2)
+
+
+def _mark_boxes(obj_box, axis):
+    """Two MARK_SIZE patches side by side (axis 'x') or stacked (axis 'y'), centred in the object."""
+    cx, cy = (obj_box[0] + obj_box[2]) // 2, (obj_box[1] + obj_box[3]) // 2
+    gap, s = 6, MARK_SIZE
+    if axis == "x":
+        return ((cx - gap - s, cy - s // 2, cx - gap, cy + s // 2), (cx + gap, cy - s // 2, cx + gap + s, cy + s // 2))
+    return ((cx - s // 2, cy - gap - s, cx + s // 2, cy - gap), (cx - s // 2, cy + gap, cx + s // 2, cy + gap + s))
+
+
+def _distractor(rng, r, c, colour):
+    box = _obj_box(r, c)
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    fill = PALETTE[colour]
+    kind = rng.random()
+    period = PERIOD["easy"] if rng.random() < 0.5 else PERIOD["medium"]
+    ori = ORIENTATIONS[rng.integers(4)]
+    if kind < 0.6:     # striped object, like attribute targets
+        return Obj((r, c), shape, colour, box, [Texture(box, ori, period, fill, AMPLITUDE, _centre_box(box, 48))])
+    if kind < 0.8:     # plain object with a tag, like hard targets
+        tag = _tag_box(rng, r, c)
+        return Obj((r, c), shape, colour, box, [_tag_texture(tag, ori, PERIOD["hard"])], tag=tag)
+    axis = "x" if rng.random() < 0.5 else "y"   # two striped patches, like relative-position targets
+    a, b = _mark_boxes(box, axis)
+    first = "horizontal" if rng.random() < 0.5 else "vertical"
+    second = "vertical" if first == "horizontal" else "horizontal"
+    return Obj((r, c), shape, colour, box, [Texture(a, first, period, fill, AMPLITUDE),
+                                            Texture(b, second, period, fill, AMPLITUDE)])
+
+
+def make_scene(rng, uid="0", category=None, difficulty=None, mix=None):
+    """One random item. `rng`: numpy Generator. category/difficulty: fixed, or drawn (difficulty from `mix`, a dict
+    difficulty -> weight; hard is attributes-only, relative_position items draw from easy/medium)."""
+    category = category or CATEGORIES[int(rng.random() < 0.35)]
+    if difficulty is None:
+        mix = dict(mix or DEFAULT_MIX)
+        if category == "relative_position":
+            mix.pop("hard", None)
+        names = sorted(mix)
+        w = np.array([mix[k] for k in names], dtype=float)
+        difficulty = names[rng.choice(len(names), p=w / w.sum())]
+    if category == "relative_position" and difficulty == "hard":
+        raise ValueError("relative_position items have no 'hard' level (easy/medium only)")
+
+    n_obj = int(rng.integers(8, GRID * GRID + 1))
+    cells = [(int(k) // GRID, int(k) % GRID) for k in rng.permutation(GRID * GRID)[:n_obj]]
+    colours = list(PALETTE)
+    tcolour = colours[rng.integers(len(colours))]
+    others = [c for c in colours if c != tcolour]
+    objects = [_distractor(rng, r, c, others[rng.integers(len(others))]) for (r, c) in cells[1:]]
+
+    r, c = cells[0]
+    box = _obj_box(r, c)
+    fill = PALETTE[tcolour]
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    if category == "direct_attributes":
+        ori = ORIENTATIONS[rng.integers(4)]
+        if difficulty == "hard":
+            tag = _tag_box(rng, r, c)
+            tex = _tag_texture(tag, ori, PERIOD["hard"])
+            target = Obj((r, c), shape, tcolour, box, [tex], tag=tag)
+            q = f"What is the direction of the stripes on the small tag of the {tcolour} {shape}?"
+            target_box, detail_box = tag, tag
+        else:
+            tex = Texture(box, ori, PERIOD[difficulty], fill, AMPLITUDE, _centre_box(box, 48))
+            target = Obj((r, c), shape, tcolour, box, [tex])
+            q = f"What is the direction of the stripes on the {tcolour} {shape}?"
+            target_box, detail_box = box, _centre_box(box, 56)
+        details, answer, choices = [tex], ori, list(ORIENTATIONS)
+    else:
+        axis = "x" if rng.random() < 0.5 else "y"
+        a, b = _mark_boxes(box, axis)
+        h_first = rng.random() < 0.5
+        ta = Texture(a, "horizontal" if h_first else "vertical", PERIOD[difficulty], fill, AMPLITUDE)
+        tb = Texture(b, "vertical" if h_first else "horizontal", PERIOD[difficulty], fill, AMPLITUDE)
+        target = Obj((r, c), shape, tcolour, box, [ta, tb])
+        q = (f"Where is the horizontally striped patch relative to the vertically striped patch on the "
+             f"{tcolour} {shape}?")
+        # relation of the horizontal patch (a if h_first) to the vertical one
+        answer = {("x", True): "left", ("x", False): "right", ("y", True): "above", ("y", False): "below"}[
+            (axis, h_first)]
+        details, choices = [ta, tb], list(RELATIONS)
+        target_box, detail_box = box, _union(a, b)
+    objects.insert(0, target)
+    order = [int(i) for i in rng.permutation(len(objects))]
+    objects = [objects[i] for i in order]
+    tindex = order.index(0)
+    opts = [choices[int(i)] for i in rng.permutation(len(choices))]
+    letters = "ABCD"[:len(opts)]
+    question = q + "".join(f"\n({L}) {o}" for L, o in zip(letters, opts))
+    label = letters[opts.index(answer)]
+    return Scene(uid, category, difficulty, objects, tindex, question, opts, label, answer, tuple(target_box),
+                 tuple(box), tuple(detail_box), details)
+
+
+DEFAULT_MIX = {"easy": 0.1, "medium": 0.65, "hard": 0.25}
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+def scene_rng(seed, split, index):
+    """The Generator for item `index` of `split`: independent of how many items are made."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), SPLIT_IDS[split], int(index)]))
+
+
+def make_split(seed, split, n, mix=None, category=None):
+    """n items of a split; the same (seed, split, index) always gives the same item."""
+    return [make_scene(scene_rng(seed, split, i), uid=f"{split}-{seed}-{i:06d}", category=category, mix=mix)
+            for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _stripe_fraction(box, orientation, period):
+    """Fraction of each pixel of `box` covered by the light half of the stripes, from SUPERSAMPLE^2 samples per
+    pixel. The pattern depends on one coordinate u (y, x, x + y or x - y), so it is computed once per value of u's
+    integer part and broadcast: [h, w] float."""
+    x0, y0, x1, y1 = box
+    h, w = y1 - y0, x1 - x0
+    off = (np.arange(SUPERSAMPLE) + 0.5) / SUPERSAMPLE
+    i, j = np.arange(h)[:, None], np.arange(w)[None, :]
+
+    def frac(base, two_d):          # base: [n] integer part of u; two_d: u sums two sample offsets
+        sub = (off[:, None] + (off[None, :] if orientation == "rising diagonal" else -off[None, :])).ravel() \
+            if two_d else off
+        return (np.mod(base[:, None] + sub[None, :], period) < period / 2).mean(axis=1)
+
+    if orientation == "horizontal":
+        return np.broadcast_to(frac(y0 + np.arange(h, dtype=float), False)[:, None], (h, w))
+    if orientation == "vertical":
+        return np.broadcast_to(frac(x0 + np.arange(w, dtype=float), False)[None, :], (h, w))
+    if orientation == "rising diagonal":     # u = x + y
+        return frac(x0 + y0 + np.arange(h + w - 1, dtype=float), True)[i + j]
+    k = np.arange(h + w - 1) - (h - 1)       # u = x - y, index j - i + (h - 1)
+    return frac(x0 - y0 + k.astype(float), True)[j - i + (h - 1)]
+
+
+def _shape_mask(obj):
+    x0, y0, x1, y1 = obj.box
+    if obj.shape == "square":
+        return np.ones((y1 - y0, x1 - x0), bool)
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    cx, cy, rad = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+    return (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= rad ** 2
+
+
+def render(scene):
+    """The scene as a PIL RGB image, SCENE x SCENE."""
+    img = np.empty((SCENE, SCENE, 3), np.float32)
+    img[:] = BACKGROUND
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.box
+        layer = np.empty((y1 - y0, x1 - x0, 3), np.float32)         # the object, then its shape mask
+        layer[:] = PALETTE[obj.colour]
+        boxes = ([obj.tag] if obj.tag is not None else []) + [t.box for t in obj.textures]
+        fills = ([TAG_BORDER_RGB] if obj.tag is not None else []) + obj.textures
+        for (bx0, by0, bx1, by1), what in zip(boxes, fills):
+            sl = layer[by0 - y0:by1 - y0, bx0 - x0:bx1 - x0]
+            if isinstance(what, Texture):
+                f = _stripe_fraction(what.box, what.orientation, what.period)[..., None]     # [h, w, 1]
+                sl[:] = np.asarray(what.mean, np.float32) + what.amplitude * (2 * f - 1)
+            else:
+                sl[:] = what
+        mask = _shape_mask(obj)
+        img[y0:y1, x0:x1][mask] = layer[mask]
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a texture from pixels (the legibility measurement)
+
+LEGIBLE_CONTRAST = 0.4      # a texture counts as legible when its orientation is read right AND it keeps >= 40%
+#                             of its rendered RMS contrast (the measured contrasts cluster near 0 or well above 0.5)
+
+
+def _luma(img):
+    return np.asarray(img, np.float32).mean(axis=2)
+
+
+def read_pattern(img, box):
+    """Read a stripe texture inside `box` (px of `img`, floats allowed) of a PIL image.
+
+    Returns (orientation, rms): the orientation of the strongest 2-D Fourier peak (phase-free, so it does not matter
+    where the stripes start) and the RMS of the luminance about its mean. The box is shrunk by one pixel on each
+    side, so the object's own edge never counts. Orientation None when the region is under 3 x 3 px."""
+    x0, y0, x1, y1 = math.ceil(box[0]) + 1, math.ceil(box[1]) + 1, math.floor(box[2]) - 1, math.floor(box[3]) - 1
+    if x1 - x0 < 3 or y1 - y0 < 3:
+        return None, 0.0
+    L = _luma(img)[y0:y1, x0:x1]
+    L = L - L.mean()
+    rms = float(np.sqrt((L ** 2).mean()))
+    h, w = L.shape
+    n = 64 if max(h, w) <= 64 else 1 << (max(h, w) - 1).bit_length()
+    P = np.abs(np.fft.fft2(L * np.outer(np.hanning(h + 2)[1:-1], np.hanning(w + 2)[1:-1]), s=(n, n))) ** 2
+    fy, fx = np.meshgrid(np.fft.fftfreq(n), np.fft.fftfreq(n), indexing="ij")
+    P[np.hypot(fy * h, fx * w) < 1.5] = 0          # at least 1.5 cycles across the region: not a gradient
+    k = np.unravel_index(np.argmax(P), P.shape)
+    theta = math.atan2(fy[k], fx[k]) % math.pi     # direction in which the intensity varies
+    cls = int(round(theta / (math.pi / 4))) % 4
+    # intensity varying along x -> vertical stripes; along (1, 1) -> constant on x + y -> rising ('/')
+    return ("vertical", "rising diagonal", "horizontal", "falling diagonal")[cls], rms
+
+
+def texture_rms(texture):
+    """RMS luminance contrast of a texture as rendered in the 448 scene (its reading reference)."""
+    b = texture.read_box
+    f = _stripe_fraction(b, texture.orientation, texture.period)[1:-1, 1:-1]
+    v = texture.amplitude * (2 * np.clip(np.rint(f * 255) / 255, 0, 1) - 1)
+    return float(np.sqrt(((v - v.mean()) ** 2).mean()))
+
+
+def read_texture(img, texture, to_view):
+    """(orientation read, relative contrast, legible) of `texture` in `img`; `to_view` maps a scene box into
+    `img`'s pixel frame."""
+    ori, rms = read_pattern(img, to_view(texture.read_box))
+    contrast = rms / max(texture_rms(texture), 1e-6)
+    return ori, contrast, (ori == texture.orientation and contrast >= LEGIBLE_CONTRAST)
+
+
+def answer_from_reading(scene, readings):
+    """The option text implied by what was read (None where something was not legible)."""
+    if any(r is None for r in readings):
+        return None
+    if scene.category == "direct_attributes":
+        return readings[0]
+    a, b = scene.details
+    if set(readings) != {"horizontal", "vertical"}:
+        return None
+    h, v = (a, b) if readings[0] == "horizontal" else (b, a)
+    hx, hy = (h.box[0] + h.box[2]) / 2, (h.box[1] + h.box[3]) / 2
+    vx, vy = (v.box[0] + v.box[2]) / 2, (v.box[1] + v.box[3]) / 2
+    if abs(hx - vx) >= abs(hy - vy):
+        return "left" if hx < vx else "right"
+    return "above" if hy < vy else "below"
+
+
+def where(scene):
+    """'second row, third column' for the target object."""
+    r, c = scene.target_obj.cell
+    return f"{ROW_WORDS[r]}, {COL_WORDS[c]}"
+
+
+def scale_box(box, sx, sy=None):
+    sy = sx if sy is None else sy
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)

@@ -324,6 +324,7 @@ class CofConfig:
     processor_max_pixels: int = PROCESSOR_MAX_PIXELS
     max_turns: int = MAX_TURNS                   # generations per conversation (a tool call in the last one ends it)
     max_new_tokens: int = MAX_NEW_TOKENS         # per turn
+    max_model_len: int = 32768                   # whole conversation (vLLM max_model_len in the released eval)
     invalid: str = "image"                       # "image": released eval fallback; "text": error message turn (RL)
     do_sample: bool = False                      # greedy by default; GRPO rollouts sample
     temperature: float = 1.0
@@ -508,6 +509,11 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
                        grid=list(src["grid"]), imgs=list(src["imgs"]), turn=[], turn_lp=[], turns=[], n_zooms=0,
                        done=False, finished=False, answer="", t0=time.time()))
 
+    for s in st:                      # a prompt vLLM would refuse: no generation, empty answer
+        if len(s["ids"]) >= cfg.max_model_len:
+            s.update(done=True, seconds=0.0)
+            s["turns"].append(dict(text="", n_tokens=0, stop="context", tool_call=False, status="context",
+                                   message=f"prompt of {len(s['ids'])} tokens >= max_model_len {cfg.max_model_len}"))
     live = list(range(R))             # cache row -> trajectory row
     while live:
         nxt, lp = _pick(logits[:, -1], cfg, generator)                          # [len(live)]
@@ -522,7 +528,8 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
             s["turn"].append(t)
             s["turn_lp"].append(lp[c])
             stopped = t in stop_ids
-            if not stopped and len(s["turn"]) < cfg.max_new_tokens:
+            full = len(s["ids"]) + len(s["turn"]) >= cfg.max_model_len
+            if not stopped and not full and len(s["turn"]) < cfg.max_new_tokens:
                 chunks.append([t])
                 continue
             # ---- the turn ended: record it, then either finish or build the environment's reply
@@ -535,6 +542,7 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
                         tool_call=has_tool_call(text))
             s["turn"], s["turn_lp"] = [], []
             s["turns"].append(info)
+            env = None
             if info["tool_call"] and len(s["turns"]) < cfg.max_turns:
                 z = zoom(s["src"]["main_dev"], text, cfg, keep=cfg.keep_images)
                 s["n_zooms"] += 1
@@ -544,6 +552,12 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
                     env = turns_tpl.after_assistant(t if stopped else None, error_message(z["message"]))
                 else:
                     env = turns_tpl.after_assistant(t if stopped else None, zoom_message(), z["grid"])
+                if len(s["ids"]) + len(env) >= cfg.max_model_len:   # vLLM would refuse the next prompt
+                    info.update(status="context", message=f"conversation longer than max_model_len "
+                                                          f"{cfg.max_model_len}: stopped")
+                    env = None
+            if env is not None:
+                if z["pixel_values"] is not None:
                     imgs_pv.append(z["pixel_values"])
                     imgs_grid.append(z["grid"])
                     s["pv"].append(z["pixel_values"])
@@ -555,7 +569,7 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
                 s["lp"] += [0.0] * len(env)
                 chunks.append([t] + env)
             else:
-                if info["tool_call"]:
+                if info["tool_call"] and "status" not in info:
                     s["n_zooms"] += 1          # the turn limit: this call is never executed (released loop)
                     info.update(box=parse_zoom(text, s["src"]["main"].shape[2], s["src"]["main"].shape[1],
                                                cfg.enlarge), status="limit", message="turn limit reached")
@@ -632,12 +646,16 @@ def _need(row, keys, where):
 
 
 def read_vstar(root, categories=None):
-    """V* Bench (craigwu/vstar_bench): `root/test_questions.jsonl`, one JSON object per line with `image` (path
-    relative to root, e.g. direct_attributes/sa_4690.jpg), `text` (question + options + answer hint), `label`
-    (letter), `category`, `question_id`. Returns items dict(id, image (path), question, label, category, options)."""
+    """V* Bench (craigwu/vstar_bench): `root/test_questions.jsonl` (or `root` itself when it is a .jsonl file in that
+    layout), one JSON object per line with `image` (path relative to the file's folder, e.g.
+    direct_attributes/sa_4690.jpg), `text` (question + options + answer hint), `label` (letter), `category`,
+    `question_id`. Returns items dict(id, image (path), question, label, category, options)."""
     import os
 
-    path = os.path.join(root, "test_questions.jsonl")
+    if os.path.isfile(root):
+        path, root = root, os.path.dirname(os.path.abspath(root))
+    else:
+        path = os.path.join(root, "test_questions.jsonl")
     if not os.path.exists(path):
         raise BenchError(f"{path} not found: point --data at the V* folder holding test_questions.jsonl")
     items = []
@@ -706,13 +724,15 @@ def read_hrbench(path, style="vstar"):
 
 
 def read_synthetic(path):
-    """Our synthetic test split (data/): a V*-layout folder (test_questions.jsonl + images), or a JSON / JSONL file
-    of released CoF-RL input records {question, groundtruth, image_name, category?} (images relative to the file's
-    folder); the question gets the RL recipe's hint (letter hint for multiple choice)."""
+    """Our synthetic test split (python -m data.build writes OUT/test.jsonl in V*'s test_questions.jsonl layout,
+    images relative to OUT): a folder (its test.jsonl, else test_questions.jsonl), a .jsonl file in that layout, or a
+    JSON / JSONL file of released CoF-RL input records {question, groundtruth, image_name, category?} (images
+    relative to the file's folder; the question gets the RL recipe's hint, the letter hint for multiple choice)."""
     import os
 
     if os.path.isdir(path):
-        return read_vstar(path)
+        test = os.path.join(path, "test.jsonl")
+        return read_vstar(test if os.path.exists(test) else path)
     root = os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as f:
         text = f.read()
@@ -720,6 +740,8 @@ def read_synthetic(path):
         rows = json.loads(text) if path.endswith(".json") else [json.loads(l) for l in text.splitlines() if l.strip()]
     except json.JSONDecodeError as e:
         raise BenchError(f"{path}: not JSON / JSONL ({e})") from None
+    if rows and isinstance(rows[0], dict) and "text" in rows[0] and "label" in rows[0]:
+        return read_vstar(path)
     items = []
     for n, row in enumerate(rows):
         where = f"{path} record {n}"

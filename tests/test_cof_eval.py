@@ -105,6 +105,15 @@ def test_read_synthetic_rl_records(tmp_path):
     items = cof.read_synthetic(str(path))
     assert items[0]["question"].endswith(cof.LETTER_HINT) and items[1]["question"].endswith(cof.PHRASE_HINT)
     assert cof.is_correct(items[0], "B") and cof.is_correct(items[1], "Red.") and not cof.is_correct(items[1], "blue")
+    # data.build's test split: OUT/test.jsonl in V*'s layout (plus annotations), images relative to OUT
+    rec = {"image": "img/s0.jpg", "text": "Which way do the stripes run?\n(A) vertical\n(B) horizontal\n"
+           "Answer with the option's letter from the given choices directly.", "category": "direct_attributes",
+           "question_id": 7, "label": "A", "bbox": [[1, 2, 3, 4]], "difficulty": "hard", "uid": "test-000007"}
+    (tmp_path / "test.jsonl").write_text(json.dumps(rec) + "\n")
+    for src in (str(tmp_path), str(tmp_path / "test.jsonl")):
+        (it,) = cof.read_synthetic(src)
+        assert it["id"] == "7" and it["label"] == "A" and it["question"] == rec["text"]
+        assert it["image"] == str(tmp_path / "img" / "s0.jpg")
 
 
 class ByQuestion(ScriptedModel):

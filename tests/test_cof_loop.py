@@ -345,3 +345,22 @@ def test_tiny_model_rollouts_for_grpo(tiny):
             if t.gen_mask[p] and p not in forced:
                 assert abs(t.logprobs[p] - logp[p - 1, t.ids[p]].item()) < 1e-3
     assert all(t.n_zooms >= 1 for t in out[:3])
+
+
+def test_context_limit(tiny):
+    _, tok = tiny
+    texts = ["<think>a</think> " + call("[0, 0, 60, 60]"), "<answer>A</answer>"]
+    full = cof.run(ScriptedModel(tok, [texts]), tok, [img(112, 112)], [Q])[0]
+    assert full.answer == "A"
+    # the crop turn would not fit: stop there with no answer (vLLM refuses the prompt; the released loop records "")
+    first_turn_end = full.prompt_len + full.turns[0]["n_tokens"]
+    cut = cof.run(ScriptedModel(tok, [texts]), tok, [img(112, 112)], [Q],
+                  cof.CofConfig(max_model_len=first_turn_end + 5))[0]
+    assert cut.turns[-1]["status"] == "context" and cut.answer == "" and not cut.finished
+    assert cut.ids == full.ids[:first_turn_end] and cut.image_grid_thw.shape[0] == 1
+    # generation stops at the limit inside a turn
+    cut = cof.run(ScriptedModel(tok, [texts]), tok, [img(112, 112)], [Q], cof.CofConfig(max_model_len=full.prompt_len + 4))[0]
+    assert len(cut.ids) == full.prompt_len + 4 and cut.turns[0]["stop"] == "length"
+    # a prompt that is already too long gets no generation
+    cut = cof.run(ScriptedModel(tok, [texts]), tok, [img(112, 112)], [Q], cof.CofConfig(max_model_len=50))[0]
+    assert cut.n_generated == 0 and cut.turns[0]["status"] == "context" and cut.answer == ""

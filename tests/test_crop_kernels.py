@@ -121,6 +121,8 @@ def test_crop_resize_patchify_reference_end_to_end():
             for b, s in zip(boxes, sizes)]
     torch.testing.assert_close(pv, torch.cat([w["pixel_values"] for w in want]), atol=1e-6, rtol=0)
     assert torch.equal(grid, torch.cat([w["image_grid_thw"] for w in want]))
+    images, ids, vboxes, vsizes, _ = ck._prepare(img, boxes, sizes, "lanczos", torch.float32)
+    assert torch.equal(ck.reference_crop_resize_patchify(images, ids, vboxes, vsizes, "lanczos", use_pillow=False), pv)
     pv16, _ = ck.crop_resize_patchify(img, boxes, sizes, resample="lanczos", out_dtype=torch.bfloat16)
     assert torch.equal(pv16, pv.to(torch.bfloat16))
     # several source images: boxes carry the image index
@@ -229,6 +231,13 @@ TRITON_SIZES = [(56, 84), (28, 28), (28, 28), (28, 28), (28, 56), (56, 28), (56,
 # 1-px row (h first, up), 28x26 -> 28x56 (vertical only, up), 7x5 -> 56x56 (h then v, up), 28x60 (vertical only, down)
 
 
+def _spec(image, boxes, sizes, resample):
+    """The torch-only reference chain (no Pillow inside): the executable spec the kernels must match."""
+    images, ids, boxes, sizes, name = ck._prepare(image, boxes, sizes, resample, torch.float32)
+    grid = torch.tensor([[1, h // 14, w // 14] for h, w in sizes])
+    return ck.reference_crop_resize_patchify(images, ids, boxes, sizes, name, use_pillow=False), grid
+
+
 @pytest.fixture
 def interpret(monkeypatch):
     pytest.importorskip("triton")
@@ -245,7 +254,7 @@ def test_triton_cases_cover_every_pass_order():
 def test_triton_bit_identical_to_reference(interpret, resample):
     img = _rand_image(np.random.default_rng(11), 70, 90)
     got, grid = ck.triton_crop_resize_patchify(img, TRITON_BOXES, TRITON_SIZES, resample)
-    want, want_grid = ck.crop_resize_patchify(img, TRITON_BOXES, TRITON_SIZES, resample)
+    want, want_grid = _spec(img, TRITON_BOXES, TRITON_SIZES, resample)
     assert got.dtype == torch.float32 and torch.equal(grid, want_grid)
     assert torch.equal(got, want), f"max diff {(got - want).abs().max()}"
 
@@ -257,7 +266,7 @@ def test_triton_bf16_small_blocks_and_several_images(interpret):
     a, b = _rand_image(rng, 40, 33), _rand_image(rng, 56, 28)
     boxes, sizes = [(0, 0, 0, 33, 40), (1, 0, 0, 28, 56), (0, 5, 12, 33, 40)], [(56, 28), (56, 28), (28, 28)]
     got, _ = ck.triton_crop_resize_patchify([a, b], boxes, sizes, "bicubic", torch.bfloat16, BP=8, BQ=16, BLOCK2=1024)
-    want, _ = ck.crop_resize_patchify([a, b], boxes, sizes, "bicubic", torch.float32)
+    want, _ = _spec([a, b], boxes, sizes, "bicubic")
     assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
     assert not torch.equal(got.float(), want)  # bf16 really rounds: the check above is not vacuous
 
@@ -309,7 +318,7 @@ def test_bench_and_check_run_on_cpu(capsys):
         assert ck.gpu_check() == 0 and "no CUDA GPU" in capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.strip().startswith("112x84")]
     names = " ".join(rows)
-    assert "ours: torch reference on CPU" in names or "ours: Triton kernels only" in names
+    assert "ours: crop_resize_patchify on CPU" in names or "ours: Triton kernels only" in names
     assert "PIL LANCZOS + transformers PIL processor" in names
     for line in rows:
         if "failed:" not in line:

@@ -17,6 +17,7 @@ one-call GPU acceptance run (bit-exactness on CUDA + the benchmark).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -658,6 +659,10 @@ def _triton_launcher(images, ids, boxes, sizes, resample, out_dtype, BP=None, BQ
     n1, n2 = plan["prog1"].shape[0], plan["prog2"].shape[0]
 
     def run():
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # launch on its GPU
+            return launch()
+
+    def launch():
         pass1[(n1,)](src, ws, t["bounds"], t["wts"], t["meta1"], t["prog1"], NM=len(_M1), BP=BP, BQ=BQ,
                      num_warps=num_warps)
         pass2[(n2,)](ws, out, lut, t["bounds"], t["wts"], t["meta2"], t["prog2"], NM=len(_M2), BLOCK=BLOCK2,

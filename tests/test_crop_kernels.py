@@ -1,7 +1,6 @@
 """crop_kernels.py against its oracles: Pillow 13.0.0 (resize), transformers' Qwen2-VL PIL image processor (pixel_values,
 smart_resize, RGB conversion), and the torch reference (Triton kernels, under TRITON_INTERPRET=1 on a CPU)."""
 import io
-import math
 
 import numpy as np
 import pytest

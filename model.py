@@ -385,7 +385,9 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, bias=False)
 
     def forward(self, x, cos, sin, mask, kv: tuple | None):
-        """x [B, L, D]; cos/sin [B, 1, L, hd]; mask [B, L, S] bool (True = attend); kv = (k_cache, v_cache, start) or None."""
+        """x [B, L, D]; cos/sin [B, 1, L, hd]; kv = (k_cache, v_cache, start) or None; mask is one of
+        [B, 1, G*L, S] bool (True = attend; query row g*L + l is position l of the g-th head of a KV group),
+        None (every query sees every key: one decode step with no padding anywhere), "causal" (dense prefill)."""
         B, L, D = x.shape
         a = self.self_attn
         h = self.input_layernorm(x)
@@ -399,12 +401,12 @@ class DecoderLayer(nn.Module):
             kc[:, :, start:start + L] = k
             vc[:, :, start:start + L] = v
             k, v = kc[:, :, :start + L], vc[:, :, :start + L]                  # [B, KV, S, hd]
-        G, S = self.heads // self.kv_heads, k.shape[2]
-        # GQA without copying K/V: the G query heads of one KV head become G*L query rows of that head
-        q = q.reshape(B, self.kv_heads, G * L, self.hd)                        # [B, KV, G*L, hd]
-        m = mask[:, None, None].expand(B, 1, G, L, S).reshape(B, 1, G * L, S)  # [B, 1, G*L, S]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=self.hd ** -0.5)  # [B, KV, G*L, hd]
-        o = o.view(B, self.heads, L, self.hd).transpose(1, 2).reshape(B, L, D)           # [B, L, D]
+        if isinstance(mask, str):  # "causal": a dense prefill from position 0, the flash-attention path
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.hd ** -0.5, enable_gqa=True)
+        else:  # GQA without copying K/V: the G query heads of one KV head become G*L query rows of that head
+            q = q.reshape(B, self.kv_heads, -1, self.hd)                       # [B, KV, G*L, hd]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.hd ** -0.5)  # [B, KV, G*L, hd]
+        o = o.reshape(B, self.heads, L, self.hd).transpose(1, 2).reshape(B, L, D)        # [B, L, D]
         x = x + a.o_proj(o)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -435,6 +437,7 @@ class KVCache:
         self.v = [torch.empty(batch_size, kv_heads, cap, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
         self.valid = torch.zeros(batch_size, cap, dtype=torch.bool, device=device)
         self.size = 0
+        self.all_valid = True  # no padding slot stored yet (lets decode steps skip the attention mask)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.last_hidden = torch.zeros(batch_size, hidden, dtype=dtype, device=device)
@@ -799,15 +802,21 @@ class Qwen25VL(nn.Module):
         dev = self.device
         input_ids = input_ids.to(dev)
         B, L = input_ids.shape
+        dense = mask is None  # no padding in this chunk (known without looking at data)
         mask = torch.ones(B, L, dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool()
         if mask.shape != (B, L):
             raise ValueError(f"mask/attention_mask has shape {tuple(mask.shape)}, expected {(B, L)}")
         grids = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in torch.as_tensor(image_grid_thw).tolist()]
-        if not grids and bool(((input_ids == c.image_token_id) & mask).any()):
-            raise ValueError("input_ids contain <|image_pad|> tokens but no pixel_values/image_grid_thw were given")
         if next_pos is None:
             next_pos = torch.zeros(B, dtype=torch.long, device=dev) if cache is None else cache.next_pos
-        pos, new_next = self._positions(input_ids, mask, next_pos, grids)
+        vision_tokens = (input_ids == c.image_token_id) | (input_ids == c.video_token_id)
+        if grids or bool((vision_tokens & mask).any()):  # one host sync; plain text chunks skip the scan
+            if not grids and bool(((input_ids == c.image_token_id) & mask).any()):
+                raise ValueError("input_ids contain <|image_pad|> tokens but no pixel_values/image_grid_thw were given")
+            pos, new_next = self._positions(input_ids, mask, next_pos, grids)
+        else:
+            pos = (next_pos[:, None] + mask.long().cumsum(1) - 1).clamp_min(0)[None].expand(3, B, L)  # [3, B, L]
+            new_next = next_pos + mask.long().sum(1)
 
         h = self.model.embed_tokens(input_ids)                                # [B, L, D]
         if grids:
@@ -832,9 +841,19 @@ class Qwen25VL(nn.Module):
             keys_valid = cache.valid[:, :S]                                   # [B, S]
         else:
             keys_valid = mask
-        causal = torch.arange(S, device=dev)[None, :] <= (start + torch.arange(L, device=dev))[:, None]  # [L, S]
-        attn = keys_valid[:, None, :] & causal[None]                          # [B, L, S]
-        attn[:, torch.arange(L, device=dev), start + torch.arange(L, device=dev)] = True  # padding rows see themselves
+        if cache is not None:
+            cache.all_valid = cache.all_valid and dense
+        no_padding = dense and (cache is None or cache.all_valid)
+        if no_padding and start == 0:
+            attn = "causal"
+        elif no_padding and L == 1:
+            attn = None
+        else:
+            causal = torch.arange(S, device=dev)[None, :] <= (start + torch.arange(L, device=dev))[:, None]  # [L, S]
+            attn = keys_valid[:, None, :] & causal[None]                      # [B, L, S]
+            attn[:, torch.arange(L, device=dev), start + torch.arange(L, device=dev)] = True  # padding rows: themselves
+            G = c.text.num_attention_heads // c.text.num_key_value_heads
+            attn = attn[:, None, None].expand(B, 1, G, L, S).reshape(B, 1, G * L, S)  # [B, 1, G*L, S]
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], start)
             h = layer(h, cos, sin, attn, kv)
@@ -844,11 +863,15 @@ class Qwen25VL(nn.Module):
             cache.next_pos = new_next
             cache.length = cache.length + mask.long().sum(1)
         if last_only:
-            has = mask.any(1)
-            last = (L - 1 - mask.flip(1).long().argmax(1))                    # index of each row's last real token
-            hl = h[torch.arange(B, device=dev), last]                         # [B, D]
+            if dense:
+                hl = h[:, -1]                                                 # [B, D]
+            else:
+                has = mask.any(1)
+                last = (L - 1 - mask.flip(1).long().argmax(1))                # index of each row's last real token
+                hl = h[torch.arange(B, device=dev), last]                     # [B, D]
+                if cache is not None:
+                    hl = torch.where(has[:, None], hl, cache.last_hidden)
             if cache is not None:
-                hl = torch.where(has[:, None], hl, cache.last_hidden)
                 cache.last_hidden = hl
             return self._lm_head(hl[:, None])                                 # [B, 1, V]
         if cache is not None:
@@ -905,9 +928,11 @@ class Qwen25VL(nn.Module):
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out.append(nxt)
             done = done | torch.isin(nxt, eos_t)
-            if step == max_new_tokens - 1 or bool(done.all()):
+            n_done = int(done.sum())  # the one host sync per step
+            if step == max_new_tokens - 1 or n_done == B:
                 break
-            logits = self.extend(cache, nxt[:, None], mask=~done[:, None], last_only=True)[:, 0]
+            step_mask = None if n_done == 0 else ~done[:, None]
+            logits = self.extend(cache, nxt[:, None], mask=step_mask, last_only=True)[:, 0]
         return torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=self.device)
 
 
@@ -927,6 +952,25 @@ def sample_next(logits, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, ge
         x = x.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
     probs = x.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Image preprocessing (the pixel pipeline lives in crop_kernels.py)
+# --------------------------------------------------------------------------------------------------------------------
+
+def preprocess_image(image_u8: torch.Tensor, min_pixels: int = 3136, max_pixels: int = 12845056, resample="bicubic",
+                     patch_size: int = 14, merge_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [3, H, W] -> (pixel_values float32 [h*w/196, 1176], grid_thw int64 [1, 3]) like Qwen2.5-VL's processor
+    (PIL backend): smart_resize with the hub preprocessor_config's min/max pixels, Pillow resize, rescale, normalize,
+    patchify. Defaults are the released checkpoints' (min 4*28*28, max 16384*28*28, bicubic)."""
+    import crop_kernels as ck
+    if image_u8.dim() != 3 or image_u8.shape[0] != 3:
+        raise ValueError(f"preprocess_image expects a uint8 [3, H, W] image, got shape {tuple(image_u8.shape)}")
+    H, W = int(image_u8.shape[1]), int(image_u8.shape[2])
+    factor = patch_size * merge_size
+    h, w = ck.smart_resize(H, W, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    img = image_u8 if (h, w) == (H, W) else ck.resize(image_u8, (h, w), resample=resample)
+    return ck.patchify(img, patch_size=patch_size, merge_size=merge_size)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1208,3 +1252,132 @@ def make_tiny(directory, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads
     with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
         json.dump(pp, f, indent=2)
     return os.fspath(directory)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Benchmark: python model.py --bench
+# --------------------------------------------------------------------------------------------------------------------
+
+def _bench(args):
+    """Prefill and decode tokens/s, ours vs transformers, same random checkpoint, one run on this machine."""
+    import statistics
+    import tempfile
+    import time
+    from transformers import Qwen2_5_VLForConditionalGeneration  # benchmark-only dependency
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    d = make_tiny(os.path.join(tempfile.mkdtemp(prefix="bench_qwen25vl_"), "m"), hidden_size=args.hidden,
+                  num_layers=args.layers, num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 256),
+                  intermediate_size=args.hidden * 11 // 4, vision_hidden_size=args.hidden, vision_depth=args.layers,
+                  vision_heads=args.hidden // 64, vision_intermediate_size=args.hidden * 2,
+                  fullatt_block_indexes=(args.layers - 1,))
+    ours_m = Qwen25VL.from_pretrained(d, dtype=dtype, device=device)
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=dtype).to(device).eval()
+    tok = Tokenizer.from_pretrained(d)
+    img = torch.randint(0, 256, (3, args.image, args.image), dtype=torch.uint8)
+    pv, grid = preprocess_image(img)
+    msgs = [{"role": "system", "content": default_tiny_corpus()[0]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the color of the cup?"}]}]
+    ids, _ = tokenize_chat(tok, msgs, grid, add_generation_prompt=True)
+    ids = torch.tensor([ids] * args.batch, device=device)
+    pv, grid = torch.cat([pv] * args.batch).to(device), torch.cat([grid] * args.batch)
+    mm = (ids == ours_m.cfg.image_token_id).int()
+    never = ours_m.cfg.text.vocab_size - 1
+    n_new = args.new_tokens
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def ours_prefill():
+        cache = ours_m.new_cache(args.batch, capacity=ids.shape[1] + n_new + 1)
+        return cache, ours_m.extend(cache, ids, pixel_values=pv, image_grid_thw=grid, last_only=True)[:, 0]
+
+    def ours_decode():  # generate's loop, timed after the prefill
+        cache, logits = ours_prefill()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n_new):
+            nxt = sample_next(logits)
+            logits = ours_m.extend(cache, nxt[:, None], last_only=True)[:, 0]
+        sync()
+        return time.perf_counter() - t0
+
+    class _Clock:  # transformers calls streamer.put(prompt) then put(token) once per step
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):
+            sync()
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def hf_decode():
+        clock = _Clock()
+        ref.generate(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=mm,
+                     attention_mask=torch.ones_like(ids), max_new_tokens=n_new + 1, min_new_tokens=n_new + 1,
+                     do_sample=False, eos_token_id=never, pad_token_id=0, streamer=clock)
+        return clock.t[-1] - clock.t[1]  # first new token (end of prefill) -> last new token: n_new decode steps
+
+    def hf_prefill():
+        return ref(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=mm, use_cache=True,
+                   logits_to_keep=1)
+
+    def once(fn):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    # ours and transformers alternate within each repetition, so load from other processes hits both alike
+    times = {"ours": ([], []), "transformers": ([], [])}
+    with torch.no_grad():
+        for rep in range(args.reps + 1):  # the first repetition is a warm-up
+            for name, prefill, decode in (("ours", ours_prefill, ours_decode), ("transformers", hf_prefill, hf_decode)):
+                tp, td = once(prefill), decode()
+                if rep:
+                    times[name][0].append(tp)
+                    times[name][1].append(td)
+        res = {k: (args.batch * ids.shape[1] / statistics.median(tp), args.batch * n_new / statistics.median(td))
+               for k, (tp, td) in times.items()}
+        a = ours_m.generate(ids, pv, grid, max_new_tokens=16, eos_token_id=never)
+        b = ref.generate(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=mm,
+                         attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, eos_token_id=never,
+                         pad_token_id=0)[:, ids.shape[1]:]
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"Qwen2.5-VL forward benchmark on {dev_name}, {args.dtype}; text+vision {args.layers} layers, hidden "
+          f"{args.hidden}; batch {args.batch}; one {args.image}x{args.image} image ({int(grid[0].prod()) // 4} image "
+          f"tokens) in a {ids.shape[1]}-token prompt; {n_new} decode steps; median of {args.reps}; torch "
+          f"{torch.__version__}")
+    print(f"| {'':14s} | {'prefill tok/s':>14s} | {'decode tok/s':>13s} |")
+    print(f"|{'-' * 16}|{'-' * 16}|{'-' * 15}|")
+    for name, (p, dcd) in res.items():
+        print(f"| {name:14s} | {p:14.1f} | {dcd:13.1f} |")
+    print(f"| {'ours / HF':14s} | {res['ours'][0] / res['transformers'][0]:13.2f}x | "
+          f"{res['ours'][1] / res['transformers'][1]:12.2f}x |")
+    print(f"greedy tokens identical for 16 steps: {a.tolist() == b.tolist()}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bench", action="store_true", help="prefill/decode tokens/s, ours vs transformers")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--image", type=int, default=448, help="side of the square test image in pixels")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--new_tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    a = ap.parse_args()
+    if not a.bench:
+        ap.error("nothing to do: pass --bench")
+    _bench(a)

@@ -250,3 +250,15 @@ def test_tokenize_chat_errors():
         M.tokenize_chat(tok, [{"role": "user", "content": [{"type": "image"}]}])
     with pytest.raises(ValueError, match="2 entries but the messages contain 1"):
         M.tokenize_chat(tok, [{"role": "user", "content": [{"type": "image"}]}], [[1, 4, 4], [1, 4, 4]])
+
+
+def test_preprocess_image_matches_transformers_pil_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    ref = Qwen2VLImageProcessorPil.from_pretrained(tiny_dir())
+    rng = np.random.default_rng(0)
+    for hw, mx in [((97, 143), 12845056), ((300, 200), 28 * 28 * 40), ((56, 84), 12845056)]:
+        arr = rng.integers(0, 255, (*hw, 3), dtype=np.uint8)
+        pv, g = M.preprocess_image(torch.from_numpy(arr).permute(2, 0, 1), max_pixels=mx)
+        out = ref(images=[Image.fromarray(arr)], size={"shortest_edge": 3136, "longest_edge": mx}, return_tensors="pt")
+        assert g.tolist() == out["image_grid_thw"].tolist()
+        assert torch.equal(pv, out["pixel_values"])

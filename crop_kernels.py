@@ -512,19 +512,23 @@ def _kernels():
             hxmin = tl.load(bounds_ptr + 2 * (tb + q), mask=qm, other=0)  # [1, BQ]
             hcnt = tl.load(bounds_ptr + 2 * (tb + q) + 1, mask=qm, other=0)
             hbase = src + p * row_stride + hxmin  # [BP, BQ]
-            for j in range(ks):
+            j = ks * 0
+            while j < ks:  # (`while`, not `for j in range(ks)`: triton 3.6's interpreter can't range over a load)
                 hw = tl.load(wts_ptr + wb + q * ks + j, mask=qm & (j < hcnt), other=0)  # [1, BQ]
                 hv = tl.load(hbase + j, mask=inside & (j < hcnt), other=0)  # [BP, BQ] uint8
                 acc += hv.to(tl.int32) * hw
+                j += 1
         else:  # resample along height: output row p reads source rows xmin[p] + j at col q
             pm = p < P
             vxmin = tl.load(bounds_ptr + 2 * (tb + p), mask=pm, other=0)  # [BP, 1]
             vcnt = tl.load(bounds_ptr + 2 * (tb + p) + 1, mask=pm, other=0)
             vbase = src + vxmin * row_stride + q  # [BP, BQ]
-            for i in range(ks):
+            i = ks * 0
+            while i < ks:
                 vw = tl.load(wts_ptr + wb + p * ks + i, mask=pm & (i < vcnt), other=0)  # [BP, 1]
                 vv = tl.load(vbase + i * row_stride, mask=inside & (i < vcnt), other=0)  # [BP, BQ] uint8
                 acc += vv.to(tl.int32) * vw
+                i += 1
         out = tl.minimum(tl.maximum(acc >> 22, 0), 255).to(tl.uint8)  # clip8
         tl.store(ws_ptr + ws_off + c * P * Q + p * Q + q, out, mask=inside)
 
@@ -564,11 +568,13 @@ def _kernels():
         cnt = tl.load(bounds_ptr + 2 * (tb + o) + 1, mask=inside, other=0)
         base = ws + u * u_stride + xmin * tap_stride
         acc = tl.full((BLOCK,), 2097152, tl.int32)
-        for j in range(ks):
+        j = ks * 0
+        while j < ks:
             mj = inside & (j < cnt)
             w = tl.load(wts_ptr + wb + o * ks + j, mask=mj, other=0)
             v = tl.load(base + j * tap_stride, mask=mj, other=0)
             acc += v.to(tl.int32) * w
+            j += 1
         v8 = tl.minimum(tl.maximum(acc >> 22, 0), 255)  # clip8
         val = tl.load(lut_ptr + c * 256 + v8, mask=inside, other=0)  # output dtype's bit pattern
         dst = out_ptr + (row0 + r).to(tl.int64) * 1176 + c * 392 + pix

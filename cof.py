@@ -449,7 +449,8 @@ class _Progress:
             self.stream.write("\n")
 
 
-def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=None, messages=None, on_turn=None):
+def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=None, messages=None, on_turn=None,
+        logits_processor=None, reencode=False):
     """Run the Chain-of-Focus loop for a batch of questions on one KV cache.
 
     images: per question a path / bytes / PIL image / uint8 [3,H,W] (the original image; it is smart-resized here).
@@ -458,15 +459,22 @@ def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=N
       with cache.repeat_interleave(G); use cfg.do_sample=True and a torch.Generator for distinct samples.
     messages: optional per question first-turn message list (default build_messages(question, cfg.system)).
     on_turn: optional callback(row, turn_dict) called when a turn ends (the CLI prints with it).
+    logits_processor: optional fn(views, logits [R, V]) -> logits applied before picking each token, where views[i] =
+      (trajectory row, turn index, tokens of the current turn so far) for cache row i (e.g. to ban tokens; the
+      benchmark uses it to force zooms on random weights). Recorded logprobs stay those of the raw model.
+    reencode: the released cost model, as a baseline: after every zoom the whole conversation is prefilled again
+      into a fresh cache (one question at a time) instead of appending the new turn to the cache.
     Returns one Trajectory per row, rows ordered question-major (question i's G samples are rows i*G .. i*G+G-1).
     """
     import torch
 
     with torch.no_grad():
-        return _run(model, tokenizer, images, questions, cfg, group_size, generator, messages, on_turn)
+        return _run(model, tokenizer, images, questions, cfg, group_size, generator, messages, on_turn,
+                    logits_processor, reencode)
 
 
-def _run(model, tokenizer, images, questions, cfg, group_size, generator, messages, on_turn):
+def _run(model, tokenizer, images, questions, cfg, group_size, generator, messages, on_turn, logits_processor,
+         reencode):
     import time
 
     import torch
@@ -480,6 +488,8 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
     B, G = len(questions), group_size
     if len(images) != B:
         raise ValueError(f"got {len(images)} images for {B} questions")
+    if reencode and B * G != 1:
+        raise ValueError("reencode=True (the re-prefill baseline) runs one conversation at a time")
 
     # ---- prompts: main image resize, vision inputs, chat tokens
     rows = []
@@ -516,7 +526,13 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
                                    message=f"prompt of {len(s['ids'])} tokens >= max_model_len {cfg.max_model_len}"))
     live = list(range(R))             # cache row -> trajectory row
     while live:
-        nxt, lp = _pick(logits[:, -1], cfg, generator)                          # [len(live)]
+        raw = logits[:, -1]                                                      # [len(live), V]
+        if logits_processor is not None:
+            views = [(r, len(st[r]["turns"]), st[r]["turn"]) for r in live]
+            nxt, _ = _pick(logits_processor(views, raw.clone()), cfg, generator)
+            lp = torch.log_softmax(raw.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)
+        else:
+            nxt, lp = _pick(raw, cfg, generator)                                 # [len(live)]
         nxt, lp = nxt.tolist(), lp.tolist()
         chunks, imgs_pv, imgs_grid = [], [], []
         for c, r in enumerate(live):
@@ -594,6 +610,12 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
         kw = {}
         if imgs_pv:
             kw = dict(pixel_values=torch.cat(imgs_pv).to(dev), image_grid_thw=torch.cat(imgs_grid).to(dev))
+        if reencode and imgs_pv or reencode and len(chunks[0]) > 1:   # baseline: prefill everything again
+            s = st[live[0]]
+            cache = model.new_cache(1)
+            logits = model.extend(cache, torch.tensor([s["ids"]], device=dev), last_only=True,
+                                  pixel_values=torch.cat(s["pv"]).to(dev), image_grid_thw=torch.cat(s["grid"]).to(dev))
+            continue
         logits = model.extend(cache, chunk.to(dev), mask=mask.to(dev), last_only=True, **kw)   # [len(live),1,V]
 
     out = []
@@ -606,6 +628,23 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
             original_size=s["src"]["orig_size"], main_size=tuple(s["src"]["main"].shape[1:]),
             images=s["imgs"], group=r // G))
     return out
+
+
+def force_prefixes(tokenizer, prefixes, group_size=1):
+    """A logits_processor that makes turn k of question q start with the text prefixes[q][k] (then the model goes
+    on by itself). For benchmarks and tests on random weights, which never zoom on their own."""
+    import torch
+
+    enc = [[tokenizer.encode(p) for p in ps] for ps in prefixes]
+
+    def proc(views, logits):
+        for i, (row, k, turn) in enumerate(views):
+            pre = enc[row // group_size]
+            if k < len(pre) and len(turn) < len(pre[k]):
+                logits[i] = torch.finfo(logits.dtype).min
+                logits[i, pre[k][len(turn)]] = 0.0
+        return logits
+    return proc
 
 
 def _pad(seqs, pad_id):
@@ -984,6 +1023,78 @@ def _load(model_path, device, dtype):
     return M.Qwen25VL.from_pretrained(model_path, dtype=dt, device=dev).eval(), M.Tokenizer.from_pretrained(model_path)
 
 
+def bench(argv):
+    """`python cof.py bench`: the batched one-cache loop against the released cost model (one question at a time,
+    the whole conversation prefilled again after every zoom), same questions, same run. Random weights never zoom,
+    so every question is made to call the tool `--zooms` times (forced tool-call prefixes), then the model runs on."""
+    import argparse
+    import tempfile
+    import time
+
+    import torch
+
+    import model as M
+
+    p = argparse.ArgumentParser(prog="cof.py bench")
+    p.add_argument("--model", default=None, help="checkpoint (default: a random model of --hidden/--layers)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--n", type=int, default=8, help="questions")
+    p.add_argument("--size", type=int, default=448, help="long side of the random images")
+    p.add_argument("--zooms", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=32, help="max new tokens per turn")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    a = p.parse_args(argv)
+    path = a.model or M.make_tiny(tempfile.mkdtemp(prefix="cof_bench_"), hidden_size=a.hidden, num_layers=a.layers,
+                                  num_heads=4, num_kv_heads=2, intermediate_size=4 * a.hidden,
+                                  vision_hidden_size=128, vision_depth=4, vision_heads=4, vision_intermediate_size=256)
+    model, tok = _load(path, a.device, a.dtype)
+    g = torch.Generator().manual_seed(0)
+    h, w = a.size * 3 // 4, a.size
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for _ in range(a.n)]
+    mh, mw = main_size(h, w)
+    prefixes = [[f'<tool_call>\n{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": '
+                 f'[{int(mw * (0.05 + 0.1 * k))}, {int(mh * 0.1)}, {int(mw * (0.3 + 0.1 * k))}, {int(mh * 0.4)}]}}}}'
+                 f'\n</tool_call>' for k in range(a.zooms)] for _ in range(a.n)]
+    qs = [f"Question {i}: what is in the picture?" for i in range(a.n)]
+    cfg = CofConfig(max_new_tokens=a.new_tokens, max_turns=a.zooms + 1)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+
+    def timed(fn):
+        sync()
+        t0 = time.time()
+        out = fn()
+        sync()
+        return out, time.time() - t0
+
+    run(model, tok, images[:1], qs[:1], cfg, logits_processor=force_prefixes(tok, prefixes[:1]))   # warm-up
+    results = []
+    base, t_base = timed(lambda: [run(model, tok, [im], [q], cfg, logits_processor=force_prefixes(tok, [pf]),
+                                      reencode=True)[0] for im, q, pf in zip(images, qs, prefixes)])
+    results.append(("re-encode each turn, 1 question at a time (released)", base, t_base))
+    seq, t_seq = timed(lambda: [run(model, tok, [im], [q], cfg, logits_processor=force_prefixes(tok, [pf]))[0]
+                                for im, q, pf in zip(images, qs, prefixes)])
+    results.append(("one KV cache, 1 question at a time", seq, t_seq))
+    bat, t_bat = timed(lambda: run(model, tok, images, qs, cfg, logits_processor=force_prefixes(tok, prefixes)))
+    results.append((f"one KV cache, batch of {a.n}", bat, t_bat))
+    print(f"device: {model.device} ({torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}), "
+          f"dtype {model.dtype}, {a.n} questions, image {w}x{h} -> {mw}x{mh}, {a.zooms} zooms each, "
+          f"<= {a.new_tokens} new tokens a turn")
+    rows = []
+    for name, trs, t in results:
+        gen = sum(x.n_generated for x in trs)
+        same = all(x.ids == y.ids for x, y in zip(trs, base))
+        rows.append(dict(mode=name, seconds=t, s_per_q=t / a.n, gen_tok_per_s=gen / t, speedup=t_base / t,
+                         zooms=_mean([x.n_zooms for x in trs]), same_tokens_as_baseline=same))
+    print(format_table(rows))
+    return rows
+
+
+def _mean(xs):
+    return sum(xs) / max(1, len(xs))
+
+
 def main(argv=None):
     import argparse
     import sys
@@ -996,6 +1107,8 @@ def main(argv=None):
     common.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
     common.add_argument("--cfg", action="append", metavar="KEY=VALUE",
                         help="loop option, e.g. max_turns=6, invalid=text, max_pixels=1003520 (see CofConfig)")
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
     if argv[:1] == ["eval"]:
         p = argparse.ArgumentParser(prog="cof.py eval", parents=[common],
                                     description="Evaluate the CoF loop on a benchmark (JSONL per question + summary).")

@@ -235,57 +235,6 @@ def test_groups_repeat_the_prefix(tiny):
 
 # ---- the tiny random model: the real cache path --------------------------------------------------------------------
 
-class Prefixed:
-    """The real model, but each turn k starts with the forced text prefixes[q][k] (so a random model zooms); after
-    the prefix the model's own logits decide. Forced tokens come back as logits too, so the loop cannot tell."""
-
-    def __init__(self, model, tok, prefixes):
-        self.m, self.tok = model, tok
-        self.device = model.device
-        self.pre = [[tok.encode(p) for p in ps] for ps in prefixes]
-        self.header = tok.encode("<|im_start|>assistant\n")
-        self.rows, self.src = None, None
-
-    def new_cache(self, n):
-        self.rows, self.src = [[] for _ in range(n)], list(range(n))
-        c = self.m.new_cache(n)
-        outer = self
-
-        class Wrap:
-            def __getattr__(self, k):
-                return getattr(c, k)
-
-            def repeat_interleave(self, g):
-                outer.rows = [list(r) for r in outer.rows for _ in range(g)]
-                outer.src = [s for s in outer.src for _ in range(g)]
-                c.repeat_interleave(g)
-                return self
-
-            def select(self, keep):
-                outer.rows = [outer.rows[i] for i in keep]
-                outer.src = [outer.src[i] for i in keep]
-                c.select(keep)
-                return self
-        self.cache = c
-        return Wrap()
-
-    def extend(self, cache, ids, mask=None, **kw):
-        logits = self.m.extend(self.cache, ids, mask=mask, **kw).clone()
-        n = len(self.header)
-        for b in range(ids.shape[0]):
-            self.rows[b] += ids[b][mask[b]].tolist()
-            row = self.rows[b]
-            starts = [i + n for i in range(len(row) - n + 1) if row[i:i + n] == self.header]
-            if not starts:
-                continue
-            k, j = len(starts) - 1, len(row) - starts[-1]
-            pre = self.pre[self.src[b]]
-            if k < len(pre) and j < len(pre[k]):
-                logits[b, 0] = -1e4
-                logits[b, 0, pre[k][j]] = 1e4
-        return logits
-
-
 def forced_positions(tok, ids, prefixes):
     header = tok.encode("<|im_start|>assistant\n")
     n = len(header)
@@ -300,7 +249,8 @@ def test_tiny_model_end_to_end_batched_with_zooms_matches_full_forward(tiny):
                 []]
     images = [img(140, 168, 1), img(112, 224, 2), img(168, 112, 3)]
     cfg = cof.CofConfig(max_new_tokens=12, max_turns=3)
-    trajs = cof.run(Prefixed(model, tok, prefixes), tok, images, [Q, "Where?", "Which?"], cfg)
+    trajs = cof.run(model, tok, images, [Q, "Where?", "Which?"], cfg,
+                    logits_processor=cof.force_prefixes(tok, prefixes))
     assert trajs[0].n_zooms >= 2 and trajs[1].n_zooms >= 1
     assert trajs[0].image_grid_thw.shape[0] == 1 + min(trajs[0].n_zooms, cfg.max_turns - 1)
     n_checked = 0
@@ -321,13 +271,32 @@ def test_tiny_model_end_to_end_batched_with_zooms_matches_full_forward(tiny):
     assert n_checked > 10        # free greedy tokens agree with re-encoding the whole conversation
 
 
+def test_kv_cache_equals_reencoding_every_turn(tiny):
+    """The batched one-cache loop against the released cost model (each turn re-prefills the whole conversation
+    into a fresh cache, one question at a time): the same tokens, greedy, with zooms."""
+    model, tok = tiny
+    prefixes = [["<think>look</think> " + call("[10, 10, 60, 50]"), call("[30, 20, 90, 80]")],
+                [call("[0, 0, 200, 30]")],
+                [call("[0, 0, 40, 40]"), call("[1, 1, 2, 2]"), call("[5, 5, 50, 50]")]]
+    images = [img(140, 168, 1), img(112, 224, 2), img(168, 112, 3)]
+    qs = [Q, "Where?", "Which?"]
+    cfg = cof.CofConfig(max_new_tokens=40, max_turns=4)
+    batched = cof.run(model, tok, images, qs, cfg, logits_processor=cof.force_prefixes(tok, prefixes))
+    assert [t.n_zooms for t in batched] == [2, 1, 3] and batched[0].turns[1]["status"] == "ok"
+    for q in range(3):
+        ref = cof.run(model, tok, [images[q]], [qs[q]], cfg, logits_processor=cof.force_prefixes(tok, [prefixes[q]]),
+                      reencode=True)[0]
+        assert batched[q].ids == ref.ids and batched[q].gen_mask == ref.gen_mask
+        assert max(abs(a - b) for a, b in zip(batched[q].logprobs, ref.logprobs)) < 1e-3
+
+
 def test_tiny_model_rollouts_for_grpo(tiny):
     model, tok = tiny
     prefixes = [[call("[10, 10, 60, 50]")], []]
     g = torch.Generator(device=DEV).manual_seed(0)
     cfg = cof.CofConfig(do_sample=True, max_new_tokens=8, max_turns=2, keep_images=True)
-    out = cof.run(Prefixed(model, tok, prefixes), tok, [img(140, 168, 1), img(112, 140, 2)], [Q, "q"], cfg,
-                  group_size=3, generator=g)
+    out = cof.run(model, tok, [img(140, 168, 1), img(112, 140, 2)], [Q, "q"], cfg, group_size=3, generator=g,
+                  logits_processor=cof.force_prefixes(tok, prefixes, group_size=3))
     assert len(out) == 6 and [t.group for t in out] == [0, 0, 0, 1, 1, 1]
     assert len({tuple(t.ids) for t in out[:3]}) > 1                       # distinct samples in a group
     for t in out:
@@ -364,3 +333,13 @@ def test_context_limit(tiny):
     # a prompt that is already too long gets no generation
     cut = cof.run(ScriptedModel(tok, [texts]), tok, [img(112, 112)], [Q], cof.CofConfig(max_model_len=50))[0]
     assert cut.n_generated == 0 and cut.turns[0]["status"] == "context" and cut.answer == ""
+
+
+def test_rollouts_helper(tiny):
+    _, tok = tiny
+    scripts = [[call("[0, 0, 40, 40]"), "<answer>A</answer>"]]
+    out = cof.rollouts(ScriptedModel(tok, scripts), tok, [img(112, 112)], ["q"], group_size=2,
+                       generator=torch.Generator().manual_seed(0), max_turns=3, temperature=0.01)
+    assert len(out) == 2 and all(t.answer == "A" and t.n_zooms == 1 for t in out)
+    with pytest.raises(ValueError, match="unknown CofConfig keys"):
+        cof.rollouts(ScriptedModel(tok, scripts), tok, [img(112, 112)], ["q"], group_size=2, max_turn=3)

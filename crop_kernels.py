@@ -908,6 +908,8 @@ def _main(argv=None):
         bench(sources, resample=a.resample, sweep=a.sweep or a.check)
     if not (a.bench or a.check):
         ap.print_help()
+    if a.check and not torch.cuda.is_available():
+        return 2  # nothing was checked: say so in the exit status too
     return 1 if fails else 0
 
 

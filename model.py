@@ -596,6 +596,8 @@ class Qwen25VL(nn.Module):
         self.model = TextModel(cfg.text)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.source_dir = None
+        self.generation_eos = cfg.eos_token_id  # generate()'s defaults; generation_config.json overrides them
+        self.generation_pad = cfg.pad_token_id
         self._rope_cache = {}
 
     # ---- loading / saving ------------------------------------------------------------------------------------------
@@ -625,6 +627,12 @@ class Qwen25VL(nn.Module):
             model = cls(cfg)
         model = model.to(dtype).to_empty(device=device)
         model.source_dir = directory
+        gen_path = os.path.join(directory, "generation_config.json")
+        if os.path.exists(gen_path):  # the hub's stop list ([<|im_end|>, <|endoftext|>]) is what transformers' generate uses
+            with open(gen_path) as f:
+                gen = json.load(f)
+            model.generation_eos = gen.get("eos_token_id", model.generation_eos)
+            model.generation_pad = gen.get("pad_token_id", model.generation_pad)
 
         expected = weight_shapes(cfg)
         files = _checkpoint_files(directory)
@@ -912,12 +920,13 @@ class Qwen25VL(nn.Module):
                  do_sample=False, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None,
                  generator=None) -> torch.Tensor:
         """Prefill + decode. Returns new tokens only, LongTensor [B, <=max_new_tokens]; rows that stopped are padded
-        with the pad id after their stop token. eos_token_id: int or list (default: config's eos_token_id)."""
+        with the pad id after their stop token. eos_token_id: int or list; default generation_config.json's
+        eos_token_id if the checkpoint has one (hub: [<|im_end|>, <|endoftext|>]), else config.json's."""
         B, T = input_ids.shape
-        eos = self.cfg.eos_token_id if eos_token_id is None else eos_token_id
+        eos = self.generation_eos if eos_token_id is None else eos_token_id
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         pad = pad_token_id if pad_token_id is not None else (
-            self.cfg.pad_token_id if self.cfg.pad_token_id is not None else (eos[0] if eos else 0))
+            self.generation_pad if self.generation_pad is not None else (eos[0] if eos else 0))
         eos_t = torch.tensor(eos, dtype=torch.long, device=self.device)
         cache = self.new_cache(B, capacity=T + max_new_tokens)
         logits = self.extend(cache, input_ids, attention_mask, pixel_values, image_grid_thw, last_only=True)[:, 0]

@@ -262,3 +262,29 @@ def test_preprocess_image_matches_transformers_pil_processor():
         out = ref(images=[Image.fromarray(arr)], size={"shortest_edge": 3136, "longest_edge": mx}, return_tensors="pt")
         assert g.tolist() == out["image_grid_thw"].tolist()
         assert torch.equal(pv, out["pixel_values"])
+
+
+def test_gradients_match_transformers():
+    """SFT/GRPO train through forward(): the same loss gives the same parameter gradients as transformers."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    d = tiny_dir()
+    m = M.Qwen25VL.from_pretrained(d)
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32)
+    grids = [(1, 6, 10)]
+    ids, mask = left_pad([seq(m.cfg, grids), [5, 6, 7, 8, 9]], m.cfg.pad_token_id)
+    pv, g = pixels(grids)
+    labels = torch.where(mask.bool(), ids.roll(-1, 1), -100)[:, :-1]
+
+    def loss(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    loss(m(ids, pv, g, attention_mask=mask)).backward()
+    loss(ref(input_ids=ids, pixel_values=pv, image_grid_thw=g, attention_mask=mask,
+             mm_token_type_ids=(ids == m.cfg.image_token_id).int()).logits).backward()
+    theirs = {M._disk_name(k): p.grad for k, p in ref.named_parameters()}
+    for name in ["visual.patch_embed.proj.weight", "visual.blocks.0.attn.qkv.weight", "visual.merger.mlp.0.weight",
+                 "model.layers.0.self_attn.q_proj.bias", "model.layers.1.mlp.down_proj.weight", "lm_head.weight",
+                 "model.embed_tokens.weight"]:
+        ours_g = m.get_parameter(name).grad
+        assert ours_g.abs().max() > 0
+        assert (ours_g - theirs[name]).abs().max() <= 1e-4 * max(1.0, theirs[name].abs().max().item()), name

@@ -154,3 +154,18 @@ def test_sampling_controls():
     assert set(draws.flatten().tolist()) == {2, 3}             # p(3)=.64 < .7 -> keep {3, 2}, never 0 or 1
     draws = torch.stack([M.sample_next(logits, True, 1.0, 1.0, 3, torch.Generator().manual_seed(s)) for s in range(200)])
     assert set(draws.flatten().tolist()) == {1, 2, 3}
+
+
+def test_generation_config_sets_default_stop_tokens(tmp_path):
+    import json
+    import shutil
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir(), d)
+    m = M.Qwen25VL.from_pretrained(d)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    free = m.generate(ids, max_new_tokens=12, eos_token_id=[])
+    stop = int(free[0, 5])
+    json.dump({"eos_token_id": [m.cfg.eos_token_id, stop], "pad_token_id": 3}, open(d / "generation_config.json", "w"))
+    m2 = M.Qwen25VL.from_pretrained(d)
+    out = m2.generate(ids, max_new_tokens=12)
+    assert out[0].tolist() == free[0, : free[0].tolist().index(stop) + 1].tolist()

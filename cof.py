@@ -969,7 +969,8 @@ def draw_trace(traj, path, panel=640, thumb=220, width_chars=110):
     lines = lines[:80]
     line_h = 18
     col_w = thumb + 20
-    width = max(left.width + col_w + 30, 8 * width_chars)
+    cap_w = max([font.getlength(c[2]) for c in crops] or [0]) if hasattr(font, "getlength") else 8 * 60
+    width = int(max(left.width + col_w + 30, left.width + 40 + cap_w, 8 * width_chars))
     crops_h = sum(min(thumb, round(thumb * c[0].shape[1] / max(c[0].shape[1:]))) + 30 for c in crops)
     top = max(left.height, crops_h) + 40
     canvas = Image.new("RGB", (width, top + line_h * len(lines) + 20), "white")

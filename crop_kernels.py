@@ -98,8 +98,8 @@ def load_image(source, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, exif_transpose=True)
     entry (P/L/RGB with a transparent colour) is converted to RGBA and alpha-composited onto opaque white; every other
     mode goes through PIL's `convert("RGB")` (L, 1, CMYK, YCbCr, I;16, ...).
     EXIF orientation policy: with `exif_transpose=True` (default) the EXIF Orientation tag is applied
-    (`PIL.ImageOps.exif_transpose`, as transformers' `load_image` does), so pixels and box coordinates refer to the image
-    as a viewer shows it; pass False to keep the stored pixel order.
+    (`PIL.ImageOps.exif_transpose`, as transformers' `load_image` does), so pixels and box coordinates refer to the
+    image as a viewer shows it; pass False to keep the stored pixel order.
     Decompression bombs: images with more than `max_pixels` pixels (checked from the header, before decoding) raise
     `ImageTooLargeError`; pass a larger `max_pixels` (or None for no limit) if the image is trusted.
     """
@@ -303,20 +303,35 @@ def _resample_pass(img, axis, out_size, resample):
     return (acc >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)  # clip8
 
 
-def resize(image_u8, size, resample="lanczos"):
+def _pillow_pinned():
+    from PIL import __version__
+
+    return __version__ == "13.0.0"
+
+
+def resize(image_u8, size, resample="lanczos", backend="auto"):
     """Resize uint8 [3, H, W] to size=(h, w), bit-identical to Pillow 13.0.0 `Image.resize((w, h), resample)`.
 
-    `resample`: 'lanczos' | 'bicubic' | 'bilinear'. CPU reference; any positive size.
+    `resample`: 'lanczos' | 'bicubic' | 'bilinear'; any positive size. Runs on the CPU, returns on the input's device.
+    `backend`: 'torch' runs the spec above (Pillow's coefficients, fixed point and pass order written out in torch);
+    'pillow' calls Pillow's C code; 'auto' (default) is 'pillow' when the installed Pillow is the pinned 13.0.0 (the
+    tests check the two give the same bits; Pillow is 3-20x faster on large images) and 'torch' otherwise.
     """
     _check_image(image_u8, "resize")
     h, w = (_as_int(v, "size") for v in size)
     if h <= 0 or w <= 0:
         raise ValueError(f"resize: target size must be positive, got (h, w) = {(h, w)}")
     name = _resample_name(resample)
+    if backend not in ("auto", "torch", "pillow"):
+        raise ValueError(f"resize: backend must be 'auto', 'torch' or 'pillow', got {backend!r}")
+    if backend == "pillow" or (backend == "auto" and _pillow_pinned()):
+        pil_id = {"lanczos": 1, "bilinear": 2, "bicubic": 3}[name]
+        return from_pil(to_pil(image_u8).resize((w, h), pil_id)).to(image_u8.device)
     img = image_u8.cpu()
     for p in pil_pass_order(tuple(img.shape[1:]), (h, w)):
         img = _resample_pass(img, 2 if p == "h" else 1, w if p == "h" else h, name)
-    return img.clone() if img is image_u8 else img.contiguous()
+    img = img.clone() if img is image_u8 else img.contiguous()
+    return img.to(image_u8.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -337,7 +352,8 @@ def patchify(image, patch_size=14, temporal_patch_size=2, merge_size=2, mean=OPE
     """Qwen2-VL `pixel_values` for one image already at its final size.
 
     image: uint8 [3, h, w], or float [3, h, w] holding 0-255 pixel values (rescaled the same way), h and w multiples
-    of patch_size * merge_size. Returns (pixel_values float32 [h*w/p^2, 3*T*p*p], grid_thw int64 [1, 3] = (1, h/p, w/p)).
+    of patch_size * merge_size.
+    Returns (pixel_values float32 [h*w/p^2, 3*T*p*p], grid_thw int64 [1, 3] = (1, h/p, w/p)).
     Row order: block-row, block-col, in-block row, in-block col; column order: channel, time copy, py, px.
     """
     if image.dim() != 3 or image.shape[0] != 3:
@@ -412,25 +428,15 @@ def crop_resize_patchify(image, boxes, sizes, resample="lanczos", out_dtype=torc
     grid = torch.tensor([[1, h // 14, w // 14] for h, w in sizes], dtype=torch.int64)
     if images[0].is_cuda:
         return _triton_crop_resize_patchify(images, ids, boxes, sizes, name, out_dtype), grid
-    return reference_crop_resize_patchify(images, ids, boxes, sizes, name, out_dtype, use_pillow=True), grid
+    return reference_crop_resize_patchify(images, ids, boxes, sizes, name, out_dtype, backend="auto"), grid
 
 
-def reference_crop_resize_patchify(images, ids, boxes, sizes, resample, out_dtype=torch.float32, use_pillow=False):
-    """The reference chain for a validated batch (see crop_resize_patchify); returns pixel_values only.
-
-    use_pillow=True resizes with Pillow's own C code instead of the torch spec `resize` (the same bits, as the tests
-    check, and 3-20x faster on large crops); it is honoured only when the installed Pillow is the pinned 13.0.0.
-    """
-    from PIL import __version__ as pil_version
-
-    use_pillow = use_pillow and pil_version == "13.0.0"
+def reference_crop_resize_patchify(images, ids, boxes, sizes, resample, out_dtype=torch.float32, backend="torch"):
+    """The reference chain for a validated batch (see crop_resize_patchify) on the CPU; returns pixel_values only.
+    `backend` is resize's: 'torch' (default here: the spec), 'pillow' or 'auto'."""
     out = []
-    for k, box, (h, w) in zip(ids, boxes, sizes):
-        c = crop(images[k].cpu(), box)  # [3, Hc, Wc]
-        if use_pillow:
-            r = from_pil(to_pil(c).resize((w, h), {"lanczos": 1, "bilinear": 2, "bicubic": 3}[resample]))
-        else:
-            r = resize(c, (h, w), resample)
+    for k, box, size in zip(ids, boxes, sizes):
+        r = resize(crop(images[k].cpu(), box), size, resample, backend=backend)  # [3, h, w] uint8
         out.append(patchify(r)[0])
     return torch.cat(out).to(out_dtype)
 
@@ -686,7 +692,7 @@ def _triton_crop_resize_patchify(images, ids, boxes, sizes, resample, out_dtype,
             warnings.warn("triton is not installed: crop_resize_patchify runs the CPU reference for CUDA images")
             _WARNED.append(1)
         cpu = [im.cpu() for im in images]
-        return reference_crop_resize_patchify(cpu, ids, boxes, sizes, resample, out_dtype).to(images[0].device)
+        return reference_crop_resize_patchify(cpu, ids, boxes, sizes, resample, out_dtype, "auto").to(images[0].device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -789,7 +795,8 @@ def bench(sources=BENCH_SOURCES, n_crops=8, resample="lanczos", sweep=False):
         hf_dev = Qwen2VLImageProcessor()
     except Exception as e:  # noqa: BLE001
         print(f"# transformers torchvision processor unavailable: {type(e).__name__}: {e}")
-    hdr = f"{'source':>10} {'implementation':<44} {'ms p50':>9} {'[p20, p80]':>19} {'GB/s':>8} {'% copy':>7} {'vs HF':>7}"
+    hdr = (f"{'source':>10} {'implementation':<44} {'ms p50':>9} {'[p20, p80]':>19} {'GB/s':>8} {'% copy':>7} "
+           f"{'vs HF':>7}")
     print(hdr)
     print("-" * len(hdr))
     g = torch.Generator().manual_seed(0)
@@ -879,7 +886,8 @@ def gpu_check(seed=0):
                 ok = torch.equal(got.cpu(), want.to(dt))
                 fails += not ok
                 diff = "" if ok else f" max |diff| {(got.cpu().float() - want.to(dt).float()).abs().max():.3g}"
-                print(f"check {W}x{H} {len(boxes)} crops {resample:8} {str(dt)[6:]:8} {'OK' if ok else 'MISMATCH'}{diff}")
+                verdict = "OK" if ok else "MISMATCH"
+                print(f"check {W}x{H} {len(boxes)} crops {resample:8} {str(dt)[6:]:8} {verdict}{diff}")
     print(f"gpu_check: {'PASS' if fails == 0 else f'FAIL ({fails} mismatching cases)'}")
     return fails
 

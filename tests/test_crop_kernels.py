@@ -1,5 +1,5 @@
-"""crop_kernels.py against its oracles: Pillow 13.0.0 (resize), transformers' Qwen2-VL PIL image processor (pixel_values,
-smart_resize, RGB conversion), and the torch reference (Triton kernels, under TRITON_INTERPRET=1 on a CPU)."""
+"""crop_kernels.py against its oracles: Pillow 13.0.0 (resize), transformers' Qwen2-VL PIL image processor
+(pixel_values, smart_resize, RGB conversion), and the torch reference (Triton kernels, TRITON_INTERPRET=1 on a CPU)."""
 import io
 
 import numpy as np
@@ -40,7 +40,7 @@ def test_resize_bit_identical_to_pillow(resample):
     for (H, W), (h, w) in _resize_cases(list(PIL_FILTERS).index(resample), 60):
         img = _rand_image(rng, H, W)
         want = ck.from_pil(ck.to_pil(img).resize((w, h), PIL_FILTERS[resample]))
-        got = ck.resize(img, (h, w), resample)
+        got = ck.resize(img, (h, w), resample, backend="torch")
         assert got.dtype == torch.uint8 and got.shape == (3, h, w)
         assert torch.equal(got, want), f"{resample} {H}x{W} -> {h}x{w}: max diff {(got.int() - want.int()).abs().max()}"
 
@@ -54,7 +54,8 @@ def test_crop_then_resize_matches_pil_crop_resize(resample):
     sizes = [(28, 56), (56, 28), (28, 28), (28, 84), (56, 56), (28, 140), (84, 28), (28, 28)]
     for box, size in zip(boxes, sizes):
         want = _pil_crop_resize(img, box, size, resample)
-        assert torch.equal(ck.resize(ck.crop(img, box), size, resample), want), (box, size)
+        assert torch.equal(ck.resize(ck.crop(img, box), size, resample, backend="torch"), want), (box, size)
+        assert torch.equal(ck.resize(ck.crop(img, box), size, resample), want), (box, size)  # auto: Pillow's C
 
 
 def test_pillow13_pass_order_is_what_makes_it_exact():
@@ -64,7 +65,7 @@ def test_pillow13_pass_order_is_what_makes_it_exact():
     img = _rand_image(np.random.default_rng(3), 480, 640)
     h_first = ck._resample_pass(ck._resample_pass(img, 2, 644, "bicubic"), 1, 476, "bicubic")
     want = ck.from_pil(ck.to_pil(img).resize((644, 476), Image.Resampling.BICUBIC))
-    assert torch.equal(ck.resize(img, (476, 644), "bicubic"), want)
+    assert torch.equal(ck.resize(img, (476, 644), "bicubic", backend="torch"), want)
     assert not torch.equal(h_first, want)
 
 
@@ -83,7 +84,7 @@ def test_patchify_matches_transformers_pil_processor():
     rng = np.random.default_rng(4)
     for H, W, (h, w) in ((50, 70, (56, 84)), (200, 90, (196, 84)), (28, 28, (28, 28)), (33, 400, (28, 392))):
         img = _rand_image(rng, H, W)
-        resized = ck.resize(img, (h, w), "bicubic")  # HF's resize, done by Pillow; do_resize=False below
+        resized = ck.resize(img, (h, w), "bicubic", backend="torch")  # == Pillow; HF: do_resize=False
         out = proc(images=ck.to_pil(resized), do_resize=False, return_tensors="pt")
         pv, grid = ck.patchify(resized)
         assert pv.dtype == torch.float32 and pv.shape == (h * w // 196, 1176)
@@ -121,7 +122,7 @@ def test_crop_resize_patchify_reference_end_to_end():
     torch.testing.assert_close(pv, torch.cat([w["pixel_values"] for w in want]), atol=1e-6, rtol=0)
     assert torch.equal(grid, torch.cat([w["image_grid_thw"] for w in want]))
     images, ids, vboxes, vsizes, _ = ck._prepare(img, boxes, sizes, "lanczos", torch.float32)
-    assert torch.equal(ck.reference_crop_resize_patchify(images, ids, vboxes, vsizes, "lanczos", use_pillow=False), pv)
+    assert torch.equal(ck.reference_crop_resize_patchify(images, ids, vboxes, vsizes, "lanczos", backend="torch"), pv)
     pv16, _ = ck.crop_resize_patchify(img, boxes, sizes, resample="lanczos", out_dtype=torch.bfloat16)
     assert torch.equal(pv16, pv.to(torch.bfloat16))
     # several source images: boxes carry the image index
@@ -234,7 +235,7 @@ def _spec(image, boxes, sizes, resample):
     """The torch-only reference chain (no Pillow inside): the executable spec the kernels must match."""
     images, ids, boxes, sizes, name = ck._prepare(image, boxes, sizes, resample, torch.float32)
     grid = torch.tensor([[1, h // 14, w // 14] for h, w in sizes])
-    return ck.reference_crop_resize_patchify(images, ids, boxes, sizes, name, use_pillow=False), grid
+    return ck.reference_crop_resize_patchify(images, ids, boxes, sizes, name, backend="torch"), grid
 
 
 @pytest.fixture

@@ -912,8 +912,9 @@ def train(cfg: TrainConfig) -> dict:
             fully_shard(blk, mesh=mesh, mp_policy=mp)
         fully_shard(raw, mesh=mesh, mp_policy=mp)
     elif world > 1:
+        # rows without images leave the vision tower out of the graph: DDP must then look for unused params
         model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if on_cuda else None,
-                                                    find_unused_parameters=True)
+                                                    find_unused_parameters=any(not r["images"] for r in rows))
     optimizer = make_optimizer(raw, cfg)
     if ckpt is not None:
         load_optimizer(raw, optimizer, ckpt)

@@ -1,0 +1,229 @@
+"""sft.py training runs on a tiny model and a hand-written dataset in the released CoF-SFT format (CPU).
+
+Loss goes down; torchrun with 2 ranks (DDP and FSDP2) == one process with the same global batch; resume after step k
+reproduces steps k+1..n bit for bit; a crash in the middle of a save leaves the previous checkpoint whole; the
+checkpoint (LoRA merged) loads in transformers with our logits; bad rows are reported with file and row.
+"""
+import json
+import re
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model as M
+import sft
+from data.formats import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
+
+
+def _png(path, rgb, size):
+    arr = np.zeros((size[1], size[0], 3), np.uint8)
+    arr[:] = rgb
+    arr[::4] = 255 - np.array(rgb, np.uint8)           # some texture so that crops differ from main images
+    Image.fromarray(arr).save(path)
+
+
+def _row(k, names):
+    """A CoF-shaped row: question on a main image, a zoom (tool call), the crop, the answer."""
+    colour = names[k % 4]
+    return {"messages": [
+        {"role": "system", "content": "You zoom."},
+        {"role": "user", "content": f"<image> Question: what colour is the square? (A) {names[0]} (B) {names[1]} "
+                                    f"(C) {names[2]} (D) {names[3]}"},
+        {"role": "assistant", "content": "<think>Too small.</think>\n<tool_call>\n{\"name\": \"image_zoom_in_tool\", "
+                                         f"\"arguments\": {{\"bbox_2d\": [0, 0, {28 * (1 + k % 2)}, 28]}}}}\n</tool_call>"},
+        {"role": "user", "content": "<image>\nThink first."},
+        {"role": "assistant", "content": f"<think>It is {colour}.</think>\n<answer>{'ABCD'[k % 4]}</answer>"}],
+        "images": [f"images/{k}.png", f"images/{k}_z.png"]}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    names = list(COLOURS)
+    os.makedirs(root / "data" / "images")
+    rows = []
+    for k in range(16):
+        _png(root / "data" / "images" / f"{k}.png", COLOURS[names[k % 4]], (56, 56))
+        _png(root / "data" / "images" / f"{k}_z.png", COLOURS[names[k % 4]], (56, 28))
+        rows.append(_row(k, names))
+    data = root / "data" / "train.json"
+    data.write_text(json.dumps(rows))
+    corpus = [m["content"] for r in rows for m in r["messages"]]
+    model_dir = M.make_tiny(str(root / "model"), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                            intermediate_size=64, vision_hidden_size=32, vision_depth=2, vision_heads=2,
+                            vision_intermediate_size=64, corpus=corpus, bpe_vocab_size=400)
+    return dict(root=root, data=str(data), model=model_dir, rows=rows)
+
+
+def _cfg(setup, out, **kw):
+    base = dict(model=setup["model"], data=setup["data"], out=str(setup["root"] / out), epochs=0.0, max_steps=6,
+                batch_size=2, grad_accum=2, lr=3e-3, warmup_ratio=0.2, min_pixels=28 * 28, max_pixels=56 * 56,
+                freeze_vision="no", max_len=4096, save_every=3, progress=False, threads=1)
+    base.update(kw)
+    return sft.TrainConfig(**base)
+
+
+def test_loss_goes_down(setup):
+    res = sft.train(_cfg(setup, "down", max_steps=24, batch_size=4, grad_accum=1, save_every=0, lr=5e-3))
+    first, last = res["losses"][0], np.mean(res["losses"][-4:])
+    assert last < 0.5 * first, res["losses"]
+
+
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(setup):
+    # LoRA with dropout (consumes the RNG) + a fully trained vision tower: every piece of saved state matters
+    kw = dict(lora_rank=4, lora_dropout=0.1, lora_targets="q_proj,v_proj,down_proj")
+    full = sft.train(_cfg(setup, "full", **kw))
+    out = setup["root"] / "resumed"
+    os.makedirs(out)
+    shutil.copytree(setup["root"] / "full" / "ckpt-000003", out / "ckpt-000003")
+    res = sft.train(_cfg(setup, "resumed", resume=str(out / "ckpt-000003"), **kw))
+    assert res["start"] == 3 and len(res["losses"]) == 3
+    assert res["losses"] == full["losses"][3:]                                    # exact float equality
+    from safetensors.torch import load_file
+    a = load_file(str(setup["root"] / "full" / "ckpt-000006" / "trainer" / "trainable.safetensors"))
+    b = load_file(str(out / "ckpt-000006" / "trainer" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    setup["lora_ckpt"] = str(setup["root"] / "full" / "ckpt-000006")
+
+
+def test_checkpoint_loads_in_transformers_with_identical_logits(setup):
+    if "lora_ckpt" not in setup:
+        pytest.skip("needs the resume test's checkpoint")
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    ckpt = setup["lora_ckpt"]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(ckpt))
+    tok = M.Tokenizer.from_pretrained(ckpt)
+    cfg = _cfg(setup, "unused")
+    rows, _ = sft.load_rows(setup["data"], tok, cfg)
+    b = sft.collate([sft.SFTData(rows, tok, cfg)[i] for i in (0, 1)], tok.pad_id)
+    ours = M.Qwen25VL.from_pretrained(ckpt)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a = ours(b["input_ids"], b["pixel_values"], b["image_grid_thw"], b["attention_mask"])
+        h = hf(input_ids=b["input_ids"], pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"],
+               attention_mask=b["attention_mask"], mm_token_type_ids=(b["input_ids"] == tok.image_pad_id).int()).logits
+    real = b["attention_mask"].bool()
+    assert (a[real] - h[real]).abs().max() <= 1e-4
+    # the merged checkpoint is the trained LoRA model: rebuild it unmerged from the base + trainable params
+    run = M.Qwen25VL.from_pretrained(setup["model"])
+    sft.add_lora(run, sft.TrainConfig(lora_rank=4, lora_targets="q_proj,v_proj,down_proj"))
+    sft.set_trainable(run, sft.TrainConfig(lora_rank=4, freeze_vision="no"), pretrained=False)
+    sft.load_trainable(run, ckpt)
+    run.eval()
+    with torch.no_grad():
+        u = run(b["input_ids"], b["pixel_values"], b["image_grid_thw"], b["attention_mask"])
+    assert (a[real] - u[real]).abs().max() <= 1e-4
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
+    calls = []
+    real_fsync = sft._fsync_tree
+
+    def crashing(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("simulated crash while writing the checkpoint")
+        real_fsync(path)
+
+    monkeypatch.setattr(sft, "_fsync_tree", crashing)
+    with pytest.raises(OSError, match="simulated crash"):
+        sft.train(_cfg(setup, "crash", max_steps=4, save_every=2, grad_accum=1))
+    out = setup["root"] / "crash"
+    assert (out / "latest").read_text().strip() == "ckpt-000002"
+    assert not (out / "ckpt-000004").exists()
+    M.Qwen25VL.from_pretrained(str(out / "ckpt-000002"))                         # whole and loadable
+    monkeypatch.setattr(sft, "_fsync_tree", real_fsync)
+    res = sft.train(_cfg(setup, "crash", max_steps=4, save_every=2, grad_accum=1, resume="auto"))
+    assert res["start"] == 2 and (out / "latest").read_text().strip() == "ckpt-000004"
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args, nproc=None):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+           if nproc else [sys.executable]) + [os.path.join(ROOT, "sft.py")] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(l)["loss"] for l in f if '"loss"' in l]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_equal_one_process(setup, mode):
+    common = ["--model", setup["model"], "--data", setup["data"], "--max_steps", "4", "--lr", "3e-3",
+              "--min_pixels", str(28 * 28), "--max_pixels", str(56 * 56), "--freeze_vision", "no",
+              "--save_every", "0", "--no-progress", "--threads", "1", "--max_len", "4096"]
+    one, two = str(setup["root"] / f"one-{mode}"), str(setup["root"] / f"two-{mode}")
+    if mode == "ddp":   # the single-process reference is shared by both modes
+        _run(common + ["--out", one, "--batch_size", "1", "--grad_accum", "4"])
+    else:
+        one = str(setup["root"] / "one-ddp")
+        if not os.path.exists(one):
+            _run(common + ["--out", one, "--batch_size", "1", "--grad_accum", "4"])
+    _run(common + ["--out", two, "--batch_size", "1", "--grad_accum", "2", "--dist", mode], nproc=2)
+    a, b = _losses(one), _losses(two)
+    assert len(a) == len(b) == 4
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    assert a[-1] < a[0]
+    # the checkpoints agree too (under FSDP they are gathered from the shards before writing)
+    ref, got = (M.Qwen25VL.from_pretrained(os.path.join(o, "ckpt-000004")).state_dict() for o in (one, two))
+    assert ref.keys() == got.keys()
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-4
+
+
+def _write_rows(setup, name, rows):
+    path = setup["root"] / "data" / name
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing_image", "row 1, field 'images\\[1\\]': image .* not found"),
+    ("count_mismatch", "row 1, field 'images': 1 <image> placeholder"),
+    ("unknown_role", "row 1, field 'messages\\[2\\].role': unknown role 'robot'"),
+    ("too_long", "row 1: sample is \\d+ tokens .* longer than --max_len 60"),
+])
+def test_bad_rows_name_file_and_row_and_skip_bad_counts_them(setup, case, match):
+    good = setup["rows"][0]
+    bad = json.loads(json.dumps(setup["rows"][1]))
+    if case == "missing_image":
+        bad["images"][1] = "images/nope.png"
+    elif case == "count_mismatch":
+        bad["images"] = bad["images"][:1] + bad["images"][:1]
+        bad["messages"][3]["content"] = "no placeholder here"
+    elif case == "unknown_role":
+        bad["messages"][2]["role"] = "robot"
+    else:
+        bad["messages"][4]["content"] += " and much more" * 30
+    path = _write_rows(setup, f"bad_{case}.json", [good, bad, good])
+    tok = M.Tokenizer.from_pretrained(setup["model"])
+    max_len = 60 if case == "too_long" else 4096
+    if case == "too_long":   # the good rows fit, the bad one does not
+        ids, _, _ = sft.render(good, tok, [sft.image_grid(p, _cfg(setup, "x")) for p in
+                                           [os.path.join(setup["root"], "data", q) for q in good["images"]]])
+        max_len = len(ids)
+        match = match.replace("60", str(max_len))
+    cfg = _cfg(setup, "bad", max_len=max_len)
+    with pytest.raises((DataError, sft.BadRow), match=re.escape(path) + ", " + match):
+        sft.load_rows(path, tok, cfg)
+    rows, n_bad = sft.load_rows(path, tok, _cfg(setup, "bad", max_len=max_len, skip_bad=True))
+    assert len(rows) == 2 and n_bad == 1

@@ -9,11 +9,12 @@ Reproduces, bit for bit, the pipeline the released Chain-of-Focus code and Qwen'
     time, and the (t, bh, bw, mh, mw | c, tt, py, px) patch order -> `[grid_h*grid_w, 1176]` plus `grid_thw`.
   - `smart_resize` is transformers' function of the same name, including the errors it raises.
 
-Two implementations of `crop_resize_patchify`: the torch reference below (CPU, the executable spec) and Triton kernels
-for CUDA tensors (further down, imported lazily so that this module works where triton is absent). Both produce the
-same bits; tests/test_crop_kernels.py checks the reference against Pillow and transformers and the kernels against the
-reference (under TRITON_INTERPRET=1 on a CPU). `python crop_kernels.py --bench` times everything; `--check` is the
-one-call GPU acceptance run (bit-exactness on CUDA + the benchmark).
+The executable spec is the torch code below (`resize(..., backend="torch")`, `patchify`). `crop_resize_patchify` runs
+it on the CPU (resizing with Pillow 13.0.0's own C code when that is installed: the same bits, much faster) and runs two
+Triton kernels on CUDA tensors (defined lazily, so this module imports where triton is absent). All give the same bits;
+tests/test_crop_kernels.py checks the spec against Pillow and transformers and the kernels against the spec (under
+TRITON_INTERPRET=1 on a CPU). `python crop_kernels.py --bench` times everything; `--check` is the one-call GPU
+acceptance run (bit-exactness on CUDA + the benchmark).
 """
 from __future__ import annotations
 

@@ -164,17 +164,14 @@ class OracleTools:
     """Tools backed by a toy-V* scene's annotations; `look` reads the rendered pixels (synth.read_texture)."""
 
     def locate(self, world):
-        """The target's grid cell (the object with a margin), in main-image px."""
-        r, c = world.scene.target_obj.cell
-        return _round_box(world.from_source(synth._cell_box(r, c)))
+        """The target object's box grown to the 28 px sub-grid (a big object's whole cell, a small object's own
+        box), in main-image px."""
+        return _round_box(world.from_source(synth._snap(world.scene.object_box)))
 
     def adjust_box(self, world, box):
-        """The detail region snapped outward to the 28 px sub-grid (the tag, or the textured centre / patches),
-        in main-image px; None when `box` is already that tight."""
-        d = world.scene.detail_box
-        g = synth.TAG_SIZE
-        snapped = (d[0] // g * g, d[1] // g * g, -(-d[2] // g) * g, -(-d[3] // g) * g)
-        new = _round_box(world.from_source(snapped))
+        """The detail region on the 28 px sub-grid (the tag, the striped centre, the two patches), in main-image
+        px; None when `box` is already that tight."""
+        new = _round_box(world.from_source(world.scene.detail_box))
         return None if tuple(new) == tuple(box) else new
 
     def look(self, world, view):

@@ -217,6 +217,8 @@ def build(cfg):
             "test_mix": dict(Counter(f"{s.category}/{s.difficulty}" for s in test))}
     if cfg.table_items:
         card["legibility"] = legibility_table(view_max_pixels=cfg.view_max_pixels, n=cfg.table_items)
+        if cfg.view_max_pixels != agent.QWEN_VIEW_MAX_PIXELS:
+            card["legibility_qwen"] = legibility_table(view_max_pixels=agent.QWEN_VIEW_MAX_PIXELS, n=cfg.table_items)
     if sft_train:
         card["sample"] = {"images": [formats.relative_image(p, cfg.out) for p in sft_train[0]["images"]],
                           "messages": sft_train[0]["messages"][1:]}
@@ -245,8 +247,12 @@ def card_markdown(card):
     s = (f"Items: {card['counts']['train_items']} train ({card['counts']['sft_train_rows']} SFT trajectories), "
          f"{card['counts']['val_items']} val, {card['counts']['test_items']} test. "
          f"Trajectories zooming 0 / 1 / 2+ times: {z['0']} / {z['1']} / {z['2+']} (failed searches: {z['failed']}).\n\n")
-    if "legibility" in card:
-        s += table_markdown(card["legibility"]) + "\n"
+    for key, who in (("legibility", f"a model view of at most {card['config']['view_max_pixels']} px"),
+                     ("legibility_qwen", f"Qwen2.5-VL-7B's processor (at most {agent.QWEN_VIEW_MAX_PIXELS} px)")):
+        if key in card:
+            s += (f"Legibility with {who}: stripe period in px and contrast left (share of the rendered RMS "
+                  f"contrast); legible = read right by synth.read_pattern with contrast >= {synth.LEGIBLE_CONTRAST} "
+                  f"({card['config']['table_items']} items per row).\n\n" + table_markdown(card[key]) + "\n")
     if "sample" in card:
         s += "Sample: " + ", ".join(card["sample"]["images"]) + "\n\n```\n"
         s += "\n---\n".join(f"[{m['role']}] {m['content']}" for m in card["sample"]["messages"]) + "\n```\n"

@@ -7,23 +7,26 @@ on a CPU, deterministic from a seed, with the same question text style ("(A) ...
 
 The scene (grid-aligned on purpose, so that a box is "which cell" and costs a few tokens):
   * 448 x 448 px, a 4 x 4 grid of 112 px cells, at most one object per cell (8..16 objects), each a square or a
-    circle with a flat fill colour. The target is the only object of its colour; the others are distractors.
-  * Every object carries a texture made of light/dark stripes around its own fill colour (fill +- 50), so the
-    texture averages back to the flat fill colour once the image is shrunk: at a low working resolution each
-    object is a flat coloured blob (easy to find) whose texture is gone (impossible to read).
-  * Questions (the answer is always a property of the texture):
+    circle with a flat fill colour, big (96 px) or small (the cell's middle 56 px). The target is the only object
+    of its colour; the others are distractors of the same kinds.
+  * Every texture is light/dark stripes around the object's own fill colour (fill +- 50), so it averages back to
+    the flat fill colour once the image is shrunk: at a low working resolution each object is a flat coloured blob
+    (easy to find) whose texture is gone (impossible to read).
+  * Questions (the answer is always a property of a texture):
       direct_attributes  "What is the direction of the stripes on the red circle?"  horizontal / vertical /
                          rising diagonal (/) / falling diagonal (\\)
       relative_position  "Where is the horizontally striped patch relative to the vertically striped patch on the
-                         red circle?"  left / right / above / below (two small striped patches on a plain object)
-  * Difficulty = stripe period (in px of the 448 scene) and where the texture is:
-      easy    period 16 px over the whole object          -> readable without zooming at a 112 px working view
-      medium  period 6 px over the whole object           -> needs one zoom on the object
-      hard    period 2.5 px on a 28 px tag (dark border)  -> a zoom on the object shows the tag but not its stripes;
-              inside the object (attributes only)            a second zoom on the tag reads it
+                         red circle?"  left / right / above / below (two striped patches on a plain object)
+  * Difficulty (the stripe period is in px of the 448 scene; "view" = the tiny model's 112 x 112 view):
+      easy    big object, period 16                -> readable in the view without zooming (4 px there)
+      medium  small object, period 4               -> exactly 1 px in the view: every view pixel averages one
+                                                      whole period, so the texture is GONE (contrast 0.000), not
+                                                      just faint; one zoom on the object shows it at 5.3 px
+      hard    big object with a 28 px bordered tag, -> a zoom on the object shows the tag but not its stripes
+              period 2.5 on the tag (attributes)      (1.6 px); a second zoom on the tag reads them (6.7 px)
 Legibility is measured, not assumed: `read_pattern` reads a texture from pixels (2-D FFT peak) and reports its
-contrast relative to the rendered scene; `legibility_table` runs it through the real resizes (LANCZOS to the
-evaluation resolution, cof.py's crop rule, the model processor's BICUBIC smart-resize).
+contrast relative to the rendered scene; data/build.py's `legibility_table` runs it through the real resizes
+(LANCZOS to the evaluation resolution, cof.py's crop rule, the model processor's BICUBIC smart-resize).
 
 Coordinates: boxes are (x0, y0, x1, y1) in pixels, x1/y1 exclusive, in the 448 scene unless said otherwise.
 """
@@ -38,14 +41,15 @@ from PIL import Image
 SCENE = 448                 # scene side, px
 GRID = 4                    # cells per side
 CELL = SCENE // GRID        # 112 px; at a 112 px working view one cell = one merged 28 px Qwen token
-OBJ_MARGIN = 8              # object box inside its cell: [8, 104)
+OBJ_MARGIN = 8              # a big object's box inside its cell: [8, 104)
+SMALL_MARGIN = 28           # a small object's box: [28, 84), the cell's middle 2 x 2 of 28 px sub-cells
 AMPLITUDE = 50              # stripes are fill +- AMPLITUDE on every channel
 SUPERSAMPLE = 4             # stripes are rendered antialiased (periods need not be whole pixels)
 RESOLUTIONS = (224, 448, 672, 1024, 1344, 1920, 2560, 3840)   # V* evaluation sizes (long side)
 ANSWER_HINT = "\nAnswer with the option's letter from the given choices directly."   # V* test_questions.jsonl
 CATEGORIES = ("direct_attributes", "relative_position")
 DIFFICULTIES = ("easy", "medium", "hard")
-PERIOD = {"easy": 16.0, "medium": 6.0, "hard": 2.5}
+PERIOD = {"easy": 16.0, "medium": 4.0, "hard": 2.5}
 
 BACKGROUND = (232, 230, 224)
 # Fill colours: every channel in [50, 205] so that fill +- AMPLITUDE stays inside [0, 255] (mean preserved).
@@ -57,7 +61,6 @@ PALETTE = {
 SHAPES = ("square", "circle")
 TAG_SIZE, TAG_BORDER = 28, 2
 TAG_BORDER_RGB, TAG_LIGHT, TAG_DARK = (25, 25, 25), 215, 45
-MARK_SIZE = 36
 # Orientation names (image coordinates, y down). "rising" = '/', constant along x + y; "falling" = '\', along x - y.
 ORIENTATIONS = ("horizontal", "vertical", "rising diagonal", "falling diagonal")
 RELATIONS = ("left", "right", "above", "below")
@@ -154,9 +157,12 @@ def _cell_box(r, c):
     return (c * CELL, r * CELL, (c + 1) * CELL, (r + 1) * CELL)
 
 
-def _obj_box(r, c):
+def _obj_box(r, c, size="big"):
+    """A big object fills its cell but a margin ([8, 104) of the 112 px cell); a small one is the cell's middle
+    56 px ([28, 84), on the 28 px sub-grid, so that a zoom box on it is exact and few distinct numbers)."""
     x0, y0, _, _ = _cell_box(r, c)
-    return (x0 + OBJ_MARGIN, y0 + OBJ_MARGIN, x0 + CELL - OBJ_MARGIN, y0 + CELL - OBJ_MARGIN)
+    m = OBJ_MARGIN if size == "big" else SMALL_MARGIN
+    return (x0 + m, y0 + m, x0 + CELL - m, y0 + CELL - m)
 
 
 def _centre_box(box, side):
@@ -182,33 +188,53 @@ def _tag_texture(tag, orientation, period):
                    (TAG_LIGHT - TAG_DARK) / 2)
 
 
-def _mark_boxes(obj_box, axis):
-    """Two MARK_SIZE patches side by side (axis 'x') or stacked (axis 'y'), centred in the object."""
+def _mark_boxes(obj_box, axis, size):
+    """Two square striped patches side by side (axis 'x') or stacked (axis 'y'), centred in the object:
+    36 px with a 12 px gap on a big object, 22 px with a 4 px gap on a small one (inside a circle too)."""
     cx, cy = (obj_box[0] + obj_box[2]) // 2, (obj_box[1] + obj_box[3]) // 2
-    gap, s = 6, MARK_SIZE
+    s, gap = (36, 6) if size == "big" else (22, 2)
     if axis == "x":
         return ((cx - gap - s, cy - s // 2, cx - gap, cy + s // 2), (cx + gap, cy - s // 2, cx + gap + s, cy + s // 2))
     return ((cx - s // 2, cy - gap - s, cx + s // 2, cy - gap), (cx - s // 2, cy + gap, cx + s // 2, cy + gap + s))
 
 
-def _distractor(rng, r, c, colour):
-    box = _obj_box(r, c)
+def _make_obj(rng, r, c, colour, kind, size, period, orientation=None, axis=None, h_first=None):
+    """An object of one of the three kinds: 'stripes' (striped all over), 'tag' (plain, a bordered striped tag;
+    big only) or 'marks' (plain, two striped patches: one horizontal, one vertical)."""
+    box = _obj_box(r, c, size)
     shape = SHAPES[rng.integers(len(SHAPES))]
     fill = PALETTE[colour]
-    kind = rng.random()
-    period = PERIOD["easy"] if rng.random() < 0.5 else PERIOD["medium"]
-    ori = ORIENTATIONS[rng.integers(4)]
-    if kind < 0.6:     # striped object, like attribute targets
-        return Obj((r, c), shape, colour, box, [Texture(box, ori, period, fill, AMPLITUDE, _centre_box(box, 48))])
-    if kind < 0.8:     # plain object with a tag, like hard targets
+    if kind == "stripes":
+        read = _centre_box(box, 48 if size == "big" else 36)
+        return Obj((r, c), shape, colour, box, [Texture(box, orientation, period, fill, AMPLITUDE, read)])
+    if kind == "tag":
         tag = _tag_box(rng, r, c)
-        return Obj((r, c), shape, colour, box, [_tag_texture(tag, ori, PERIOD["hard"])], tag=tag)
-    axis = "x" if rng.random() < 0.5 else "y"   # two striped patches, like relative-position targets
-    a, b = _mark_boxes(box, axis)
-    first = "horizontal" if rng.random() < 0.5 else "vertical"
-    second = "vertical" if first == "horizontal" else "horizontal"
+        return Obj((r, c), shape, colour, box, [_tag_texture(tag, orientation, PERIOD["hard"])], tag=tag)
+    a, b = _mark_boxes(box, axis, size)
+    first, second = ("horizontal", "vertical") if h_first else ("vertical", "horizontal")
     return Obj((r, c), shape, colour, box, [Texture(a, first, period, fill, AMPLITUDE),
                                             Texture(b, second, period, fill, AMPLITUDE)])
+
+
+def _distractor(rng, r, c, colour):
+    kind = ("stripes", "stripes", "tag", "marks")[rng.integers(4)]
+    size = "big" if kind == "tag" or rng.random() < 0.5 else "small"
+    period = PERIOD["easy"] if size == "big" and rng.random() < 0.5 else PERIOD["medium"]
+    return _make_obj(rng, r, c, colour, kind, size, period, ORIENTATIONS[rng.integers(4)],
+                     "x" if rng.random() < 0.5 else "y", bool(rng.random() < 0.5))
+
+
+# What the target is, per (category, difficulty): kind, size, stripe period.
+TARGETS = {("direct_attributes", "easy"): ("stripes", "big", PERIOD["easy"]),
+           ("direct_attributes", "medium"): ("stripes", "small", PERIOD["medium"]),
+           ("direct_attributes", "hard"): ("tag", "big", PERIOD["hard"]),
+           ("relative_position", "easy"): ("marks", "big", PERIOD["easy"]),
+           ("relative_position", "medium"): ("marks", "small", PERIOD["medium"])}
+
+
+def _snap(box, g=TAG_SIZE):
+    """A box grown outward to the 28 px sub-grid."""
+    return (box[0] // g * g, box[1] // g * g, -(-box[2] // g) * g, -(-box[3] // g) * g)
 
 
 def make_scene(rng, uid="0", category=None, difficulty=None, mix=None):
@@ -222,8 +248,8 @@ def make_scene(rng, uid="0", category=None, difficulty=None, mix=None):
         names = sorted(mix)
         w = np.array([mix[k] for k in names], dtype=float)
         difficulty = names[rng.choice(len(names), p=w / w.sum())]
-    if category == "relative_position" and difficulty == "hard":
-        raise ValueError("relative_position items have no 'hard' level (easy/medium only)")
+    if (category, difficulty) not in TARGETS:
+        raise ValueError(f"no {difficulty!r} level for {category!r}; have {sorted(TARGETS)}")
 
     n_obj = int(rng.integers(8, GRID * GRID + 1))
     cells = [(int(k) // GRID, int(k) % GRID) for k in rng.permutation(GRID * GRID)[:n_obj]]
@@ -233,37 +259,27 @@ def make_scene(rng, uid="0", category=None, difficulty=None, mix=None):
     objects = [_distractor(rng, r, c, others[rng.integers(len(others))]) for (r, c) in cells[1:]]
 
     r, c = cells[0]
-    box = _obj_box(r, c)
-    fill = PALETTE[tcolour]
-    shape = SHAPES[rng.integers(len(SHAPES))]
+    kind, size, period = TARGETS[(category, difficulty)]
+    ori = ORIENTATIONS[rng.integers(4)]
+    axis, h_first = ("x" if rng.random() < 0.5 else "y"), bool(rng.random() < 0.5)
+    target = _make_obj(rng, r, c, tcolour, kind, size, period, ori, axis, h_first)
+    name = f"{tcolour} {target.shape}"
+    details = target.textures
     if category == "direct_attributes":
-        ori = ORIENTATIONS[rng.integers(4)]
-        if difficulty == "hard":
-            tag = _tag_box(rng, r, c)
-            tex = _tag_texture(tag, ori, PERIOD["hard"])
-            target = Obj((r, c), shape, tcolour, box, [tex], tag=tag)
-            q = f"What is the direction of the stripes on the small tag of the {tcolour} {shape}?"
-            target_box, detail_box = tag, tag
+        answer, choices = ori, list(ORIENTATIONS)
+        if kind == "tag":
+            q = f"What is the direction of the stripes on the small tag of the {name}?"
+            target_box = detail_box = target.tag
         else:
-            tex = Texture(box, ori, PERIOD[difficulty], fill, AMPLITUDE, _centre_box(box, 48))
-            target = Obj((r, c), shape, tcolour, box, [tex])
-            q = f"What is the direction of the stripes on the {tcolour} {shape}?"
-            target_box, detail_box = box, _centre_box(box, 56)
-        details, answer, choices = [tex], ori, list(ORIENTATIONS)
+            q = f"What is the direction of the stripes on the {name}?"
+            target_box, detail_box = target.box, _snap(_centre_box(target.box, 56))
     else:
-        axis = "x" if rng.random() < 0.5 else "y"
-        a, b = _mark_boxes(box, axis)
-        h_first = rng.random() < 0.5
-        ta = Texture(a, "horizontal" if h_first else "vertical", PERIOD[difficulty], fill, AMPLITUDE)
-        tb = Texture(b, "vertical" if h_first else "horizontal", PERIOD[difficulty], fill, AMPLITUDE)
-        target = Obj((r, c), shape, tcolour, box, [ta, tb])
-        q = (f"Where is the horizontally striped patch relative to the vertically striped patch on the "
-             f"{tcolour} {shape}?")
-        # relation of the horizontal patch (a if h_first) to the vertical one
+        q = f"Where is the horizontally striped patch relative to the vertically striped patch on the {name}?"
+        # where the horizontal patch (the first one if h_first) is, relative to the vertical one
         answer = {("x", True): "left", ("x", False): "right", ("y", True): "above", ("y", False): "below"}[
             (axis, h_first)]
-        details, choices = [ta, tb], list(RELATIONS)
-        target_box, detail_box = box, _union(a, b)
+        choices = list(RELATIONS)
+        target_box, detail_box = target.box, _snap(_union(*(t.box for t in details)))
     objects.insert(0, target)
     order = [int(i) for i in rng.permutation(len(objects))]
     objects = [objects[i] for i in order]
@@ -273,7 +289,7 @@ def make_scene(rng, uid="0", category=None, difficulty=None, mix=None):
     question = q + "".join(f"\n({L}) {o}" for L, o in zip(letters, opts))
     label = letters[opts.index(answer)]
     return Scene(uid, category, difficulty, objects, tindex, question, opts, label, answer, tuple(target_box),
-                 tuple(box), tuple(detail_box), details)
+                 tuple(target.box), tuple(detail_box), details)
 
 
 DEFAULT_MIX = {"easy": 0.1, "medium": 0.65, "hard": 0.25}

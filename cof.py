@@ -499,9 +499,9 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
         pv, grid, img = _encode(main.to(dev), (0, 0, w, h), (h, w), cfg, keep=cfg.keep_images)
         msgs = messages[b] if messages is not None else build_messages(questions[b], cfg.system)
         ids, _ = M.tokenize_chat(tok, msgs, image_grid_thw=grid, add_generation_prompt=True)
-        rows.append(dict(main=main, main_dev=main.to(dev), orig_size=tuple(orig.shape[1:]), ids=list(ids), gen=[False] * len(ids),
-                         lp=[0.0] * len(ids), pv=[pv], grid=[grid], imgs=[img] if cfg.keep_images else [],
-                         prompt_len=len(ids)))
+        rows.append(dict(main=main, main_dev=main.to(dev), orig_size=tuple(orig.shape[1:]), ids=list(ids),
+                         gen=[False] * len(ids), lp=[0.0] * len(ids), pv=[pv], grid=[grid],
+                         imgs=[img] if cfg.keep_images else [], prompt_len=len(ids)))
 
     cache = model.new_cache(B)
     chunk, mask = _pad([r["ids"] for r in rows], tok.pad_id)
@@ -867,20 +867,36 @@ def evaluate(model, tokenizer, items, out_path, cfg=None, resolutions=(None,), b
     with open(out_path, "a", encoding="utf-8") as f:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
-            imgs = [resize_long_side(load_item_image(it), res) for res, it in batch]
             t0 = time.time()
-            trajs = run(model, tokenizer, imgs, [it["question"] for _, it in batch], cfg)
+            try:
+                trajs = _run_items(model, tokenizer, batch, cfg)
+            except Exception:  # noqa: BLE001 - one bad item must not sink the run: retry one by one
+                trajs = []
+                for one in batch:
+                    try:
+                        trajs += _run_items(model, tokenizer, [one], cfg)
+                    except Exception as e:  # noqa: BLE001 - recorded like the released loop's status "error"
+                        trajs.append(e)
             dt = (time.time() - t0) / len(batch)
             n_ok = 0
             for (res, it), tr in zip(batch, trajs):
-                ok = is_correct(it, tr.answer)
-                n_ok += ok
-                rec = dict(key=_key(res, it), bench=bench, id=it["id"], resolution=res, category=it["category"],
-                           cycle=it.get("cycle"), label=it["label"], correct=ok, seconds=dt, **tr.to_json())
+                base = dict(key=_key(res, it), bench=bench, id=it["id"], resolution=res, category=it["category"],
+                            cycle=it.get("cycle"), label=it["label"], seconds=dt)
+                if isinstance(tr, Exception):
+                    rec = dict(base, correct=False, error=f"{type(tr).__name__}: {tr}", question=it["question"],
+                               answer="", n_zooms=0, n_generated=0, finished=False, turns=[])
+                else:
+                    rec = dict(base, correct=is_correct(it, tr.answer), **tr.to_json())
+                n_ok += rec["correct"]
                 f.write(json.dumps(rec) + "\n")
             f.flush()
             bar.update(len(batch), f"acc(batch) {n_ok}/{len(batch)}")
     return summarize(list(load_results(out_path).values()))
+
+
+def _run_items(model, tokenizer, batch, cfg):
+    imgs = [resize_long_side(load_item_image(it), res) for res, it in batch]
+    return run(model, tokenizer, imgs, [it["question"] for _, it in batch], cfg)
 
 
 def summarize(records):
@@ -903,6 +919,7 @@ def summarize(records):
         for cat in sorted({r["category"] for r in recs}):
             row[f"acc_{cat}"] = acc([r for r in recs if r["category"] == cat])
         row["acc_overall"] = acc(recs)
+        row["errors"] = sum(1 for r in recs if r.get("error"))
         row["zooms"] = stats.fmean(r["n_zooms"] for r in recs)
         row["gen_tokens"] = stats.fmean(r["n_generated"] for r in recs)
         row["s_per_q"] = stats.fmean(r["seconds"] for r in recs)

@@ -163,6 +163,17 @@ def test_evaluate_resume_and_sweep(tiny_tok, vstar_dir, tmp_path):
     assert "| resolution | n |" in cof.format_table(rows)
 
 
+def test_a_broken_image_is_recorded_not_fatal(tiny_tok, vstar_dir, tmp_path):
+    with open(os.path.join(vstar_dir, "direct_attributes/sa_86101.jpg"), "wb") as f:
+        f.write(b"not a jpeg")
+    out = str(tmp_path / "res.jsonl")
+    rows = cof.evaluate(ByQuestion(tiny_tok, TABLE), tiny_tok, cof.read_vstar(vstar_dir), out, batch_size=3,
+                        progress=False)
+    recs = cof.load_results(out)
+    assert rows[0]["n"] == 3 and rows[0]["errors"] == 1 and "error" in recs["orig:1"]
+    assert recs["orig:0"]["correct"] and recs["orig:2"]["correct"] and not recs["orig:1"]["correct"]
+
+
 def test_hrbench_cycle_average():
     # cycle 0: 2/2 right, cycle 1: 0/1 right -> HR-Bench average 50%, a micro average would say 66.7%
     recs = [dict(resolution=None, category="single", cycle=0, correct=True, n_zooms=1, n_generated=5, seconds=1.0),

@@ -765,6 +765,16 @@ def _torch_eager(image, boxes, sizes):
     return torch.cat(out)
 
 
+def _cuda_graph(fn):
+    """Capture fn (after one warm-up/JIT call) into a CUDA graph; return its replay (no per-launch host cost)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _pil_pipeline(image_u8, boxes, sizes, proc):
     """The released CoF path on the CPU: PIL crop + LANCZOS resize, then transformers' PIL image processor."""
     pil = to_pil(image_u8)
@@ -826,6 +836,8 @@ def bench(sources=BENCH_SOURCES, n_crops=8, resample="lanczos", sweep=False):
             for dt, nb in ((torch.float32, 4), (torch.bfloat16, 2)):
                 run = _triton_launcher([image], ids, boxes, sizes, resample, dt)
                 add(f"ours: Triton kernels only ({str(dt)[6:]})", "dev", nb, _timer_cuda, run)
+                add(f"ours: the same, replayed as a CUDA graph ({str(dt)[6:]})", "dev", nb, _timer_cuda,
+                    _cuda_graph(run))
             add("ours: crop_resize_patchify end-to-end (fp32)", "dev", 4, _timer_cuda,
                 lambda: crop_resize_patchify(image, boxes, sizes, resample))
             if sweep:

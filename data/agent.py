@@ -218,13 +218,14 @@ class ModelTools:
     def __init__(self, model, tokenizer, max_new_tokens=128):
         self.model, self.tok, self.max_new_tokens = model, tokenizer, max_new_tokens
 
-    def ask(self, images, text):
-        """One user turn [images..., text] -> the model's reply (special tokens stripped)."""
+    def ask(self, images, text, min_pixels=VIEW_MIN_PIXELS, max_pixels=QWEN_VIEW_MAX_PIXELS):
+        """One user turn [images..., text] -> the model's reply (special tokens stripped). `images` are what the CoF
+        loop sends (View.sent); model.preprocess_image applies the processor limits, as in cof.py's loop."""
         import torch
-        from model import tokenize_chat
+        from model import preprocess_image, tokenize_chat
         pv, grids = [], []
         for img in images:
-            p, g = crop_kernels.patchify(crop_kernels.from_pil(img))
+            p, g = preprocess_image(crop_kernels.from_pil(img), min_pixels=min_pixels, max_pixels=max_pixels)
             pv.append(p)
             grids.append(g)
         msgs = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}]
@@ -237,27 +238,31 @@ class ModelTools:
                                   max_new_tokens=self.max_new_tokens, eos_token_id=[self.tok.im_end_id, self.tok.eos_id])
         return self.tok.decode(out[0].tolist(), skip_special_tokens=True).strip()
 
-    def _box(self, view, what):
-        reply = self.ask([view.image], f"Locate the {what} in the image, output its bbox coordinates using JSON format.")
+    def _ask(self, world, view, text):
+        return self.ask([view.sent], text, world.view_min_pixels, world.view_max_pixels)
+
+    def _box(self, world, view, what):
+        reply = self._ask(world, view, f"Locate the {what} in the image, output its bbox coordinates using JSON format.")
         b = parse_box_reply(reply)
         if b is None:
             return None
-        W, H = view.image.size
+        W, H = view.image.size          # the model's boxes are in the pixels it saw
         b = (max(0, b[0]), max(0, b[1]), min(W, b[2]), min(H, b[3]))
         return _round_box(view.to_main(b)) if b[2] > b[0] and b[3] > b[1] else None
 
     def locate(self, world):
-        return self._box(world.main_view(), world.target_name)
+        return self._box(world, world.main_view(), world.target_name)
 
     def adjust_box(self, world, box):
         view = world.zoom(tool_call_text(box))
         if view is None:
             return None
-        new = self._box(view, f"part of the {world.target_name} needed to answer: {world.question.splitlines()[0]}")
+        new = self._box(world, view, f"part of the {world.target_name} needed to answer: "
+                                     f"{world.question.splitlines()[0]}")
         return None if new is None or new == list(box) else new
 
     def look(self, world, view):
-        reply = self.ask([view.image], f"{world.question}\nIf the details needed to answer cannot be seen clearly in "
+        reply = self._ask(world, view, f"{world.question}\nIf the details needed to answer cannot be seen clearly in "
                                        f"this image, reply \"unclear\". Otherwise answer with the option's letter.")
         m = re.search(r"\(?\b([A-L])\b\)?", reply)
         if "unclear" in reply.lower() or not m or m.group(1) not in world.options:
@@ -267,7 +272,7 @@ class ModelTools:
     def verify(self, world, look):
         if look.letter is None:
             return False
-        reply = self.ask([look.view.image], f"{world.question}\nProposed answer: ({look.letter}) {look.answer}. "
+        reply = self._ask(world, look.view, f"{world.question}\nProposed answer: ({look.letter}) {look.answer}. "
                                             f"Is the proposed answer correct for this image? Reply yes or no.")
         ok = reply.strip().lower().startswith("yes")
         if ok and world.label is not None:

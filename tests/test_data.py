@@ -308,8 +308,8 @@ class Scripted(agent.ModelTools):
         super().__init__(None, None)
         self.replies, self.asked = list(replies), []
 
-    def ask(self, images, text):
-        self.asked.append((tuple(im.size for im in images), text))
+    def ask(self, images, text, min_pixels, max_pixels):
+        self.asked.append((tuple(im.size for im in images), text, max_pixels))
         return self.replies.pop(0)
 
 
@@ -324,7 +324,9 @@ def test_model_backend_with_scripted_replies():
     res = agent.search(world, tools)
     assert res.success and len(res.zooms) == 1
     assert res.zooms[0][0] == [112 * c, 112 * r, 112 * c + 112, 112 * r + 112]      # mapped to main-image px
-    assert tools.asked[0][0] == ((112, 112),) and "unclear" in tools.asked[0][1]
+    # the loop's image (448) goes in, with the processor cap that makes the model see 112 x 112
+    assert tools.asked[0][0] == ((448, 448),) and "unclear" in tools.asked[0][1]
+    assert tools.asked[0][2] == agent.TINY_VIEW_MAX_PIXELS
     assert tools.asked[1][1].startswith(f"Locate the {sc.name}")
     assert agent.parse_box_reply("[1, 2, 3]") is None and agent.parse_box_reply("box [5, 6, 9, 8.5]") == (5, 6, 9, 8.5)
     # a "yes" to a wrong answer never verifies when the label is known
@@ -340,7 +342,12 @@ def test_model_backend_runs_a_real_tiny_model(tmp_path):
     tools = agent.ModelTools(net, tok, max_new_tokens=8)
     sc = synth.make_scene(synth.scene_rng(0, "test", 1))
     world = agent.scene_world(sc)
-    reply = tools.ask([world.main_view().image], "Locate the red circle.")
+    reply = tools.ask([world.main_view().sent], "Locate the red circle.", max_pixels=world.view_max_pixels)
     assert isinstance(reply, str)
+    # the view the oracle reads is exactly the model processor's input
+    for view in (world.main_view(), world.zoom(agent.tool_call_text(agent.OracleTools().locate(world)))):
+        pv, grid = M.preprocess_image(crop_kernels.from_pil(view.sent), world.view_min_pixels, world.view_max_pixels)
+        ref, ref_grid = crop_kernels.patchify(crop_kernels.from_pil(view.image))
+        assert torch.equal(pv, ref) and torch.equal(grid, ref_grid) and view.image.size == (112, 112)
     res = agent.search(world, tools, max_zooms=1)    # a random model: the search runs and ends either way
     assert res.steps and res.steps[0].action == "look"

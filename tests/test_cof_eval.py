@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ from PIL import Image
 
 import cof
 import model as M
-from test_cof_loop import ScriptedModel, call, img
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # the scripted stand-in lives in test_cof_loop.py
+from test_cof_loop import ScriptedModel, call, img  # noqa: E402
 
 
 def save_jpg(path, h, w, seed):

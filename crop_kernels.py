@@ -677,9 +677,9 @@ def _triton_launcher(images, ids, boxes, sizes, resample, out_dtype, BP=None, BQ
 
     def launch():
         pass1[(n1,)](src, ws, t["bounds"], t["wts"], t["meta1"], t["prog1"], NM=len(_M1), BP=BP, BQ=BQ,
-                     num_warps=num_warps)
+                     num_warps=num_warps, enable_fp_fusion=False)  # (integer kernels: no float math to fuse)
         pass2[(n2,)](ws, out, lut, t["bounds"], t["wts"], t["meta2"], t["prog2"], NM=len(_M2), BLOCK=BLOCK2,
-                     num_warps=num_warps)
+                     num_warps=num_warps, enable_fp_fusion=False)
         return out.view(out_dtype)
 
     return run

@@ -300,13 +300,13 @@ def test_triton_kernels_compile_for_hopper_and_ampere():
                 NM="constexpr", BP="constexpr", BQ="constexpr")
     for cc in (90, 80):
         k = triton.compile(ASTSource(pass1, sig1, constexprs=dict(NM=len(ck._M1), BP=8, BQ=128)),
-                           target=GPUTarget("cuda", cc, 32))
+                           target=GPUTarget("cuda", cc, 32), options=dict(enable_fp_fusion=False))
         assert "ld.global" in k.asm["ptx"] and k.asm["cubin"]
         for out in ("*i32", "*i16"):  # float32 / bf16 bit patterns
             sig2 = dict(ws_ptr="*u8", out_ptr=out, lut_ptr=out, bounds_ptr=i32, wts_ptr=i32, meta_ptr=i32, prog_ptr=i32,
                         NM="constexpr", BLOCK="constexpr")
             k = triton.compile(ASTSource(pass2, sig2, constexprs=dict(NM=len(ck._M2), BLOCK=1024)),
-                               target=GPUTarget("cuda", cc, 32))
+                               target=GPUTarget("cuda", cc, 32), options=dict(enable_fp_fusion=False))
             assert k.asm["cubin"]
 
 

@@ -235,14 +235,16 @@ class ModelTools:
         out = self.model.generate(torch.tensor([ids], device=dev),
                                   pixel_values=torch.cat(pv).to(dev) if pv else None,
                                   image_grid_thw=grid.to(dev) if grid is not None else None,
-                                  max_new_tokens=self.max_new_tokens, eos_token_id=[self.tok.im_end_id, self.tok.eos_id])
+                                  max_new_tokens=self.max_new_tokens,
+                                  eos_token_id=[self.tok.im_end_id, self.tok.eos_id])
         return self.tok.decode(out[0].tolist(), skip_special_tokens=True).strip()
 
     def _ask(self, world, view, text):
         return self.ask([view.sent], text, world.view_min_pixels, world.view_max_pixels)
 
     def _box(self, world, view, what):
-        reply = self._ask(world, view, f"Locate the {what} in the image, output its bbox coordinates using JSON format.")
+        reply = self._ask(world, view, f"Locate the {what} in the image, output its bbox coordinates using JSON "
+                                       f"format.")
         b = parse_box_reply(reply)
         if b is None:
             return None
@@ -375,7 +377,8 @@ def _first_thought(world, box):
 def _again_thought(world):
     sc = world.scene
     if sc is not None and sc.difficulty == "hard" and sc.category == "direct_attributes":
-        return f"The zoomed view shows the tag on the {sc.name}, but its stripes are still too fine. I will zoom in on the tag."
+        return (f"The zoomed view shows the tag on the {sc.name}, but its stripes are still too fine. "
+                f"I will zoom in on the tag.")
     return f"The zoomed view shows the {world.target_name}, but the detail is still too small. I will zoom in closer."
 
 

@@ -3,7 +3,6 @@ import json
 import os
 import re
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -241,7 +240,6 @@ def test_rl_and_vstar_records(built):
 
 
 def _bad_sft(tmp_path, rows, name="bad.json"):
-    (tmp_path / "img.png").write_bytes(b"")
     Image.new("RGB", (28, 28)).save(tmp_path / "img.png")
     path = tmp_path / name
     path.write_text(json.dumps(rows))

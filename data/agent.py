@@ -290,7 +290,7 @@ class ModelTools:
 class Step:
     """One thought/action of the search log (kept for inspection; the summary keeps a subset)."""
     thought: str
-    action: str                 # "look" | "locate" | "adjust_box" | "verify"
+    action: str                 # "look" | "locate" | "adjust_box"; `ok` is the verify verdict of a look
     box: list | None = None     # the box proposed (main-image px)
     look: Look | None = None
     ok: bool | None = None

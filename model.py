@@ -1180,7 +1180,7 @@ def _mrope_section(head_dim: int) -> list[int]:
 def make_tiny(directory, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
               vision_hidden_size=32, vision_depth=2, vision_heads=2, vision_intermediate_size=64,
               fullatt_block_indexes=(1,), window_size=112, bpe_vocab_size=800, corpus=None, tie_word_embeddings=False,
-              layout="flat", seed=0, init_scale=1.0) -> str:
+              layout="flat", seed=0, init_scale=1.0, rope_theta=1_000_000.0) -> str:
     """Write a random Qwen2.5-VL in HF format that both this file and transformers load.
 
     Files: config.json (`layout` "flat" = hub layout, "nested" = transformers-5 text_config layout), model.safetensors,
@@ -1196,7 +1196,7 @@ def make_tiny(directory, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads
     ids = {t: tok.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
     text = TextConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                      rms_norm_eps=1e-6, rope_theta=1_000_000.0, mrope_section=_mrope_section(hidden_size // num_heads),
+                      rms_norm_eps=1e-6, rope_theta=rope_theta, mrope_section=_mrope_section(hidden_size // num_heads),
                       max_position_embeddings=32768)
     vision = VisionConfig(hidden_size=vision_hidden_size, out_hidden_size=hidden_size,
                           intermediate_size=vision_intermediate_size, depth=vision_depth, num_heads=vision_heads,

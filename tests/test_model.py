@@ -288,3 +288,37 @@ def test_gradients_match_transformers():
         ours_g = m.get_parameter(name).grad
         assert ours_g.abs().max() > 0
         assert (ours_g - theirs[name]).abs().max() <= 1e-4 * max(1.0, theirs[name].abs().max().item()), name
+
+
+HUB_7B_CONFIG = {  # Qwen/Qwen2.5-VL-7B-Instruct config.json (hub flat layout, legacy vision keys)
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+    "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 3584,
+    "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 128000, "max_window_layers": 28,
+    "model_type": "qwen2_5_vl", "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True, "use_sliding_window": False,
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                      "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 152064,
+}
+
+
+def test_real_config_layouts_parse_without_warnings(tmp_path, recwarn):
+    from transformers import Qwen2_5_VLConfig
+    c = M.ModelConfig.from_hf(HUB_7B_CONFIG)
+    assert (c.text.hidden_size, c.text.num_key_value_heads, c.text.rms_norm_eps, c.vision.intermediate_size) == \
+        (3584, 4, 1e-6, 3420)
+    assert c.text.mrope_section == (16, 24, 24) and c.torch_dtype == "bfloat16" and not c.tie_word_embeddings
+    shapes = M.weight_shapes(c)
+    assert len(shapes) == 729 and shapes["model.layers.0.self_attn.k_proj.weight"] == (512, 3584)
+    assert shapes["visual.merger.mlp.2.weight"] == (3584, 5120)
+    # the nested layout transformers itself writes for the same checkpoint
+    Qwen2_5_VLConfig(**HUB_7B_CONFIG).save_pretrained(tmp_path)
+    nested = json.load(open(tmp_path / "config.json"))
+    assert "text_config" in nested
+    c2 = M.ModelConfig.from_hf(nested)
+    assert c2.text == c.text and c2.vision == c.vision
+    assert not [w for w in recwarn if "ignoring keys" in str(w.message)]

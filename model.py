@@ -7,7 +7,7 @@ is the v4.49+ math for images) and the Qwen2.5-VL chat template + processor (pro
             and legacy vision keys; the nested `text_config` layout transformers 5 writes).
 - weights:  `Qwen25VL.from_pretrained(dir_or_hub_id)`: single file or sharded index, an explicit name -> shape table,
             loaded tensor by tensor straight into the requested dtype/device.
-- vision:   Conv3d patch embed, 2-D rotary, window attention batched per layer (windows padded into one SDPA call),
+- vision:   Conv3d patch embed, 2-D rotary, window attention batched per layer (one SDPA call per window size),
             full-attention blocks per image frame, RMSNorm, SwiGLU with bias, 2x2 patch merger.
 - text:     Qwen2 decoder (GQA, q/k/v bias), M-RoPE with 3-D position ids, image features scattered into
             <|image_pad|> slots, left padding / arbitrary attention masks.
@@ -243,28 +243,45 @@ def _inv_freq(dim: int, theta: float, device) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 
 class _Segments:
-    """Contiguous segments of a packed sequence (cu_seqlens), laid out as a padded batch for one SDPA call."""
+    """Contiguous segments of a packed sequence (cu_seqlens) attended to separately, batched by length.
+
+    Segments of equal length are gathered into one [n, H, len, d] batch and go through one unmasked SDPA call, so a
+    layer makes one call per distinct window size (1 to ~4 per image size), never one per window. Each segment sees
+    exactly the kernel transformers' per-window calls see, so results match it bit for bit where the kernel is
+    batch-invariant (CPU: checked in bf16 too).
+    """
 
     def __init__(self, cu: list[int], device):
         lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-        self.n, self.lmax, self.total = len(lens), max(lens), cu[-1]
-        self.equal = all(n == self.lmax for n in lens)
-        if not self.equal:
-            starts = torch.tensor(cu[:-1], device=device)
-            ar = torch.arange(self.lmax, device=device)
-            self.valid = ar[None, :] < torch.tensor(lens, device=device)[:, None]  # [S, Lmax]
-            self.index = torch.where(self.valid, starts[:, None] + ar[None, :], 0)  # [S, Lmax]
+        self.total = cu[-1]
+        self.groups = []  # (length, index [n, length] into the packed sequence)
+        by_len: dict[int, list[int]] = {}
+        for start, n in zip(cu[:-1], lens):
+            by_len.setdefault(n, []).append(start)
+        if len(by_len) == 1:
+            self.groups, self.inverse = None, None  # all equal and contiguous: a plain view
+            self.n, self.lmax = len(lens), lens[0]
+            return
+        order = []
+        for n, starts in by_len.items():
+            idx = torch.tensor(starts)[:, None] + torch.arange(n)[None, :]
+            self.groups.append((n, idx.to(device)))
+            order.append(idx.flatten())
+        self.inverse = torch.argsort(torch.cat(order)).to(device)  # packed position -> row of the concatenated outputs
 
     def attend(self, q, k, v, scale):
         """q, k, v [N, H, d] -> [N, H, d]; attention only inside each segment (bidirectional)."""
         N, H, d = q.shape
-        if self.equal:
-            q, k, v = (t.view(self.n, self.lmax, H, d).transpose(1, 2) for t in (q, k, v))  # [S, H, Lmax, d]
-            o = F.scaled_dot_product_attention(q, k, v, scale=scale)                      # [S, H, Lmax, d]
+        if self.groups is None:
+            q, k, v = (t.view(self.n, self.lmax, H, d).transpose(1, 2) for t in (q, k, v))  # [S, H, len, d]
+            o = F.scaled_dot_product_attention(q, k, v, scale=scale)                      # [S, H, len, d]
             return o.transpose(1, 2).reshape(N, H, d)
-        q, k, v = (t[self.index].transpose(1, 2) for t in (q, k, v))                      # [S, H, Lmax, d]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.valid[:, None, None, :], scale=scale)
-        return o.transpose(1, 2)[self.valid]                                               # [N, H, d]
+        outs = []
+        for n, idx in self.groups:
+            qg, kg, vg = (t[idx].transpose(1, 2) for t in (q, k, v))                      # [S_n, H, n, d]
+            o = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)                   # [S_n, H, n, d]
+            outs.append(o.transpose(1, 2).reshape(-1, H, d))
+        return torch.cat(outs)[self.inverse]                                               # [N, H, d]
 
 
 class VisionBlock(nn.Module):

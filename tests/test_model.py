@@ -322,3 +322,17 @@ def test_real_config_layouts_parse_without_warnings(tmp_path, recwarn):
     c2 = M.ModelConfig.from_hf(nested)
     assert c2.text == c.text and c2.vision == c.vision
     assert not [w for w in recwarn if "ignoring keys" in str(w.message)]
+
+
+def test_bf16_bit_identical_to_transformers_on_cpu():
+    """Same kernels in the same order: window attention batched per window size reproduces transformers'
+    per-window calls exactly (a padded/masked single call would differ by bf16 ulps)."""
+    d = tiny_dir()
+    m = M.Qwen25VL.from_pretrained(d, dtype=torch.bfloat16)
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16).eval()
+    for grids in ([], [(1, 10, 6), (1, 4, 12)]):
+        ids = torch.tensor([seq(m.cfg, grids)])
+        pv, g = pixels(grids)
+        with torch.no_grad():
+            assert torch.equal(m(ids, pv, g), hf_logits(ref, ids, pv, g))

@@ -71,6 +71,8 @@ class TrainConfig:
     max_len: int = _opt(16384, "longest allowed sample in tokens (images included); longer rows are bad data")
     min_pixels: int = _opt(112 * 112, "smart_resize lower bound for every image (released: 12544)")
     max_pixels: int = _opt(3840 * 3840, "smart_resize upper bound for every image (released: 3840*3840)")
+    drop_system: bool = _opt(False, "train and evaluate without the rows' system prompt (the chat template's default "
+                                    "one-line system prompt is used instead); saves ~250 tokens per row")
     answer_weight: float = _opt(1.0, "loss weight of tokens in final-answer turns (turns with no <tool_call>)")
     # model
     freeze_vision: str = _opt("auto", "freeze the vision tower (merger excluded): yes | no | auto (= yes for a "
@@ -123,14 +125,16 @@ class TrainConfig:
         return cls(**d)
 
 
-# Values the built-in default run (`python sft.py`: synthetic task, tiny model from scratch) uses for every option
-# the command line leaves unset. Sizes of the tiny model are in TINY_MODEL.
+# Values the built-in default run (`python sft.py`: synthetic task, tiny model from scratch; also any run without
+# --model) uses for every option the command line leaves unset. Sizes of the tiny model are in TINY_MODEL; the view
+# of every image is capped at 112 x 112 px (data/agent.py TINY_VIEW_MAX_PIXELS), which is what makes zooming necessary.
 TINY_PRESET = dict(epochs=0.0, max_steps=1500, batch_size=32, grad_accum=1, lr=2e-3, warmup_ratio=0.05,
-                   min_lr_ratio=0.05, weight_decay=0.0, clip_grad=1.0, max_len=512, min_pixels=28 * 28,
-                   eval_every=500, eval_n=200, save_every=500, threads=2, out="runs/sft-tiny")
-TINY_MODEL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, vision_hidden_size=64, vision_intermediate_size=128, vision_depth=2,
-                  vision_num_heads=2, rope_theta=100.0)
+                   min_lr_ratio=0.05, weight_decay=0.0, clip_grad=1.0, max_len=1024, min_pixels=56 * 56,
+                   max_pixels=112 * 112, drop_system=True, eval_every=500, eval_n=200, eval_max_new_tokens=96,
+                   eval_batch=50, save_every=500, threads=2, out="runs/sft-tiny")
+TINY_MODEL = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=192,
+                  vision_hidden_size=64, vision_depth=2, vision_heads=2, vision_intermediate_size=128,
+                  fullatt_block_indexes=(1,), bpe_vocab_size=1000, rope_theta=100.0)
 TINY_MODEL_DIR = "runs/tiny-model"
 SYNTH_DIR = "runs/synth"
 SYNTH_ROWS = 2000
@@ -138,7 +142,7 @@ SYNTH_ROWS = 2000
 
 def parse_args(argv=None) -> TrainConfig:
     """Fill TrainConfig from the command line; an option not given keeps the dataclass default (or the tiny preset
-    when both --model and --data are empty). argparse rejects unknown options."""
+    when --model is empty, i.e. the tiny model is trained from scratch). argparse rejects unknown options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         h = f"{f.metadata['help']} (default: {f.default!r}"
@@ -149,7 +153,7 @@ def parse_args(argv=None) -> TrainConfig:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(f"--{f.name}", type=typ, default=argparse.SUPPRESS, help=h, metavar=f.name.upper())
     given = vars(p.parse_args(argv))
-    preset = TINY_PRESET if not given.get("model") and not given.get("data") else {}
+    preset = TINY_PRESET if not given.get("model") else {}
     return TrainConfig.from_dict({**preset, **given})
 
 
@@ -207,13 +211,14 @@ def image_grid(path, cfg) -> tuple:
     return (1, rh // 14, rw // 14)
 
 
-def render(row, tokenizer, grids, answer_weight=1.0):
+def render(row, tokenizer, grids, answer_weight=1.0, drop_system=False):
     """One row -> (input_ids, labels, weights) as lists. Labels are the token itself on assistant tokens (the closing
     <|im_end|> included) and IGNORE elsewhere; <|image_pad|> is never a label. `weights` is the loss weight of each
     label: `answer_weight` in assistant turns without a <tool_call> (final answers), 1 in the others."""
     from data.formats import to_chat
     from model import tokenize_chat
-    ids, amask = tokenize_chat(tokenizer, to_chat(row["messages"]), image_grid_thw=torch.tensor(grids).view(-1, 3)
+    messages = row["messages"][1:] if drop_system and row["messages"][0]["role"] == "system" else row["messages"]
+    ids, amask = tokenize_chat(tokenizer, to_chat(messages), image_grid_thw=torch.tensor(grids).view(-1, 3)
                                if grids else None)
     turn_w = [answer_weight if "<tool_call>" not in _text(m["content"]) else 1.0
               for m in row["messages"] if m["role"] == "assistant"]
@@ -243,7 +248,7 @@ def load_rows(path, tokenizer, cfg):
         where = f"{path}, row {row.get('row', i)}"
         try:
             grids = [image_grid(p, cfg) for p in row["images"]]
-            ids, labels, _ = render(row, tokenizer, grids)
+            ids, labels, _ = render(row, tokenizer, grids, drop_system=cfg.drop_system)
             if len(ids) > cfg.max_len:
                 raise BadRow(f"{where}: sample is {len(ids)} tokens (images included), longer than --max_len "
                              f"{cfg.max_len}; raise --max_len, lower --max_pixels, or pass --skip_bad to drop it")
@@ -282,7 +287,7 @@ class SFTData(torch.utils.data.Dataset):
             pix.append(pv)                                              # [h*w, 1176]
             grids.append(g.view(-1, 3))                                 # [1, 3]
         grid = torch.cat(grids) if grids else torch.zeros(0, 3, dtype=torch.long)
-        ids, labels, weights = render(row, self.tok, grid.tolist(), self.cfg.answer_weight)
+        ids, labels, weights = render(row, self.tok, grid.tolist(), self.cfg.answer_weight, self.cfg.drop_system)
         s = dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), weights=torch.tensor(weights),
                  pixel_values=torch.cat(pix) if pix else None, image_grid_thw=grid)
         if self.cache is not None:
@@ -818,7 +823,7 @@ class NoZoom:
         return logits
 
 
-def evaluate(raw, tokenizer, eval_path, cfg, device, no_zoom=False):
+def evaluate(raw, tokenizer, eval_path, cfg, step, no_zoom=False):
     """CoF-loop accuracy (%) and mean zooms on the first --eval_n held-out questions; each rank runs its share and
     the counts are summed. no_zoom: the forced no-zoom baseline (see NoZoom)."""
     import cof
@@ -826,8 +831,10 @@ def evaluate(raw, tokenizer, eval_path, cfg, device, no_zoom=False):
     items = load_eval_items(eval_path)
     items = items[:cfg.eval_n] if cfg.eval_n > 0 else items
     ccfg = cof.CofConfig(processor_min_pixels=cfg.min_pixels, processor_max_pixels=cfg.max_pixels,
-                         max_turns=cfg.eval_max_turns, max_new_tokens=cfg.eval_max_new_tokens)
-    path = os.path.join(cfg.out, f".eval-rank{rank}.jsonl")
+                         max_turns=cfg.eval_max_turns, max_new_tokens=cfg.eval_max_new_tokens,
+                         system=not cfg.drop_system)
+    os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)   # every trajectory is kept: cof.py can draw them
+    path = os.path.join(cfg.out, "eval", f"{'no-zoom' if no_zoom else 'cof'}-step{step:06d}-rank{rank}.jsonl")
     if os.path.exists(path):
         os.remove(path)
     model = NoZoom(raw, tokenizer.tok.token_to_id("<tool_call>")) if no_zoom else raw
@@ -846,7 +853,6 @@ def evaluate(raw, tokenizer, eval_path, cfg, device, no_zoom=False):
         raw.train(was_training)
     c = all_reduce_sum(torch.tensor([sum(r["correct"] for r in recs), sum(r["n_zooms"] for r in recs), len(recs)],
                                     dtype=torch.float64)).tolist()
-    os.remove(path)
     return dict(accuracy=100 * c[0] / max(1, c[2]), mean_zooms=c[1] / max(1, c[2]), n=int(c[2]))
 
 
@@ -976,7 +982,7 @@ def train(cfg: TrainConfig) -> dict:
         if eval_path and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
             bar.close()
             for no_zoom in ((False, True) if done and cfg.eval_no_zoom else (False,)):
-                ev = evaluate(raw, tokenizer, eval_path, cfg, device, no_zoom=no_zoom)
+                ev = evaluate(raw, tokenizer, eval_path, cfg, step + 1, no_zoom=no_zoom)
                 tag = "eval_no_zoom" if no_zoom else "eval"
                 evals.append(dict(step=step + 1, mode=tag, **ev))
                 metrics.log(step=step + 1, **{f"{tag}/{k}": v for k, v in ev.items()})

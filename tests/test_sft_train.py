@@ -8,6 +8,7 @@ import json
 import re
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -33,13 +34,13 @@ def _png(path, rgb, size):
 
 def _row(k, names):
     """A CoF-shaped row: question on a main image, a zoom (tool call), the crop, the answer."""
-    colour = names[k % 4]
+    colour, w = names[k % 4], 28 * (1 + k % 2)
+    call = f"{{\"name\": \"image_zoom_in_tool\", \"arguments\": {{\"bbox_2d\": [0, 0, {w}, 28]}}}}"
     return {"messages": [
         {"role": "system", "content": "You zoom."},
         {"role": "user", "content": f"<image> Question: what colour is the square? (A) {names[0]} (B) {names[1]} "
                                     f"(C) {names[2]} (D) {names[3]}"},
-        {"role": "assistant", "content": "<think>Too small.</think>\n<tool_call>\n{\"name\": \"image_zoom_in_tool\", "
-                                         f"\"arguments\": {{\"bbox_2d\": [0, 0, {28 * (1 + k % 2)}, 28]}}}}\n</tool_call>"},
+        {"role": "assistant", "content": f"<think>Too small.</think>\n<tool_call>\n{call}\n</tool_call>"},
         {"role": "user", "content": "<image>\nThink first."},
         {"role": "assistant", "content": f"<think>It is {colour}.</think>\n<answer>{'ABCD'[k % 4]}</answer>"}],
         "images": [f"images/{k}.png", f"images/{k}_z.png"]}
@@ -158,8 +159,16 @@ def _run(args, nproc=None):
     cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
            if nproc else [sys.executable]) + [os.path.join(ROOT, "sft.py")] + args
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # own process group: on a timeout the launcher AND its workers are killed (no orphans left waiting in gloo)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"{' '.join(cmd)} timed out after 300 s:\n{out[-2000:]}{err[-2000:]}")
+    assert p.returncode == 0, out[-3000:] + err[-3000:]
 
 
 def _losses(out):

@@ -541,6 +541,10 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     return s
 
 
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not hold a loadable Qwen2.5-VL (message names the file and tensor)."""
+
+
 def _disk_name(name: str) -> str:
     """transformers >= 4.52 in-memory names (save_original_format=False) -> hub names; hub names pass through."""
     if name.startswith("model.visual."):
@@ -678,13 +682,13 @@ class Qwen25VL(nn.Module):
                             sl = f.get_slice(stored)
                             shape = tuple(sl.get_shape())
                             if shape != expected[disk]:
-                                raise ValueError(f"{fn}: tensor {stored!r} has shape {list(shape)} but config.json "
+                                raise CheckpointError(f"{fn}: tensor {stored!r} has shape {list(shape)} but config.json "
                                                  f"implies {list(expected[disk])}")
                             model.get_parameter(disk).copy_(f.get_tensor(stored))  # converts dtype/device in place
-                except ValueError:
+                except CheckpointError:
                     raise
                 except Exception as e:
-                    raise ValueError(f"{fn}: cannot read tensors ({type(e).__name__}: {e}); the file is truncated or "
+                    raise CheckpointError(f"{fn}: cannot read tensors ({type(e).__name__}: {e}); the file is truncated or "
                                      f"corrupt, download it again") from None
         model.eval()
         return model

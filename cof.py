@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 # ----------------------------------------------------------------------------------------------------------------
 # Released strings (eval/vstar/vllm_inference.py; identical in verl/recipe/zoomin/data_progress/prepare_zoomin_data.py)
@@ -271,7 +271,8 @@ def _encode(img_u8, box, size, cfg, keep):
     import crop_kernels as ck
 
     h, w = size
-    ph, pw = ck.smart_resize(h, w, FACTOR, cfg.processor_min_pixels, cfg.processor_max_pixels)
+    ph, pw = ck.smart_resize(h, w, FACTOR, cfg.processor_min_pixels or PROCESSOR_MIN_PIXELS,
+                             cfg.processor_max_pixels or PROCESSOR_MAX_PIXELS)
     if (ph, pw) == (h, w):
         pv, grid = ck.crop_resize_patchify(img_u8, [box], [size], resample="lanczos")
         out = ck.resize(ck.crop(img_u8, box), size, "lanczos") if keep else None
@@ -320,8 +321,8 @@ class CofConfig:
     scaleup: float = SCALEUP                     # crop upscale before smart_resize
     crop_min_pixels: int = MAIN_MIN_PIXELS
     crop_max_pixels: int = MAIN_MAX_PIXELS       # the RL tool uses 5120*28*28
-    processor_min_pixels: int = PROCESSOR_MIN_PIXELS
-    processor_max_pixels: int = PROCESSOR_MAX_PIXELS
+    processor_min_pixels: int | None = None      # None: the checkpoint's preprocessor_config.json (model.image_*_pixels)
+    processor_max_pixels: int | None = None
     max_turns: int = MAX_TURNS                   # generations per conversation (a tool call in the last one ends it)
     max_new_tokens: int = MAX_NEW_TOKENS         # per turn
     max_model_len: int = 32768                   # whole conversation (vLLM max_model_len in the released eval)
@@ -348,6 +349,14 @@ class CofConfig:
         if unknown:
             raise ValueError(f"unknown CofConfig keys {unknown}; valid keys: {sorted(names)}")
         return cls(**d)
+
+
+def with_processor_limits(cfg, model):
+    """cfg with processor_min/max_pixels filled from the model's image processor where they are None (a model
+    without the attributes, e.g. a scripted stand-in, gets the released checkpoints' limits)."""
+    lo = cfg.processor_min_pixels or getattr(model, "image_min_pixels", PROCESSOR_MIN_PIXELS)
+    hi = cfg.processor_max_pixels or getattr(model, "image_max_pixels", PROCESSOR_MAX_PIXELS)
+    return replace(cfg, processor_min_pixels=lo, processor_max_pixels=hi)
 
 
 @dataclass
@@ -480,7 +489,7 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
     import torch
     import model as M
 
-    cfg = cfg or CofConfig()
+    cfg = with_processor_limits(cfg or CofConfig(), model)
     tok = tokenizer
     dev = _device(model)
     turns_tpl = _Turns(tok)

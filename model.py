@@ -619,6 +619,8 @@ class Qwen25VL(nn.Module):
         self.source_dir = None
         self.generation_eos = cfg.eos_token_id  # generate()'s defaults; generation_config.json overrides them
         self.generation_pad = cfg.pad_token_id
+        # the image processor's pixel limits (preprocessor_config.json); cof.py and sft.py size images with them
+        self.image_min_pixels, self.image_max_pixels = DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS
         self._rope_cache = {}
 
     # ---- loading / saving ------------------------------------------------------------------------------------------
@@ -648,6 +650,7 @@ class Qwen25VL(nn.Module):
             model = cls(cfg)
         model = model.to(dtype).to_empty(device=device)
         model.source_dir = directory
+        model.image_min_pixels, model.image_max_pixels = read_image_limits(directory)
         gen_path = os.path.join(directory, "generation_config.json")
         if os.path.exists(gen_path):  # the hub's stop list ([<|im_end|>, <|endoftext|>]) is what transformers' generate uses
             with open(gen_path) as f:
@@ -988,7 +991,30 @@ def sample_next(logits, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, ge
 # Image preprocessing (the pixel pipeline lives in crop_kernels.py)
 # --------------------------------------------------------------------------------------------------------------------
 
-def preprocess_image(image_u8: torch.Tensor, min_pixels: int = 3136, max_pixels: int = 12845056, resample="bicubic",
+DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28  # Qwen2.5-VL hub preprocessor_config.json
+
+
+def read_image_limits(directory: str) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of a checkpoint's preprocessor_config.json: the hub layout's `min_pixels` /
+    `max_pixels`, or transformers 5's `size: {shortest_edge, longest_edge}` (both are pixel counts for Qwen2-VL).
+    A checkpoint without the file gets the released defaults."""
+    path = os.path.join(directory, "preprocessor_config.json")
+    if not os.path.exists(path):
+        return DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS
+    with open(path) as f:
+        try:
+            pp = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    size = pp.get("size") or {}
+    lo = pp.get("min_pixels", size.get("shortest_edge", DEFAULT_MIN_PIXELS))
+    hi = pp.get("max_pixels", size.get("longest_edge", DEFAULT_MAX_PIXELS))
+    if not (isinstance(lo, int) and isinstance(hi, int) and 0 < lo <= hi):
+        raise ValueError(f"{path}: min_pixels/max_pixels must be integers with 0 < min <= max, got {lo}, {hi}")
+    return lo, hi
+
+
+def preprocess_image(image_u8: torch.Tensor, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS, resample="bicubic",
                      patch_size: int = 14, merge_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [3, H, W] -> (pixel_values float32 [h*w/196, 1176], grid_thw int64 [1, 3]) like Qwen2.5-VL's processor
     (PIL backend): smart_resize with the hub preprocessor_config's min/max pixels, Pillow resize, rescale, normalize,
@@ -1201,12 +1227,14 @@ def _mrope_section(head_dim: int) -> list[int]:
 def make_tiny(directory, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
               vision_hidden_size=32, vision_depth=2, vision_heads=2, vision_intermediate_size=64,
               fullatt_block_indexes=(1,), window_size=112, bpe_vocab_size=800, corpus=None, tie_word_embeddings=False,
-              layout="flat", seed=0, init_scale=1.0, rope_theta=1_000_000.0) -> str:
+              layout="flat", seed=0, init_scale=1.0, rope_theta=1_000_000.0, min_pixels=DEFAULT_MIN_PIXELS,
+              max_pixels=DEFAULT_MAX_PIXELS) -> str:
     """Write a random Qwen2.5-VL in HF format that both this file and transformers load.
 
     Files: config.json (`layout` "flat" = hub layout, "nested" = transformers-5 text_config layout), model.safetensors,
     tokenizer.json (byte-level BPE trained on `corpus`, default `default_tiny_corpus()`, plus Qwen's added tokens),
-    tokenizer_config.json + chat_template.json (Qwen2.5-VL chat template), preprocessor_config.json.
+    tokenizer_config.json + chat_template.json (Qwen2.5-VL chat template), preprocessor_config.json (with the image
+    processor's `min_pixels` / `max_pixels`: a tiny model may cap its view, e.g. 112*112 for the synthetic task).
     Weights are drawn with unit-variance activations (not transformers' 0.02 init) so parity tests see O(1) logits.
     """
     from safetensors.torch import save_file
@@ -1273,7 +1301,7 @@ def make_tiny(directory, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads
         json.dump(tc, f, indent=2)
     with open(os.path.join(directory, "chat_template.json"), "w") as f:
         json.dump({"chat_template": CHAT_TEMPLATE}, f, indent=2)
-    pp = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": vision.patch_size,
+    pp = {"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": vision.patch_size,
           "temporal_patch_size": vision.temporal_patch_size, "merge_size": vision.spatial_merge_size,
           "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
           "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor", "resample": 3,

@@ -343,3 +343,16 @@ def test_rollouts_helper(tiny):
     assert len(out) == 2 and all(t.answer == "A" and t.n_zooms == 1 for t in out)
     with pytest.raises(ValueError, match="unknown CofConfig keys"):
         cof.rollouts(ScriptedModel(tok, scripts), tok, [img(112, 112)], ["q"], group_size=2, max_turn=3)
+
+
+def test_processor_limits_come_from_the_checkpoint(tmp_path):
+    """A tiny checkpoint whose processor caps images at 112*112 is run at that cap unless the config says otherwise."""
+    d = M.make_tiny(tmp_path / "m", max_pixels=112 * 112, bpe_vocab_size=300)
+    net = M.Qwen25VL.from_pretrained(d)
+    cfg = cof.with_processor_limits(cof.CofConfig(), net)
+    assert (cfg.processor_min_pixels, cfg.processor_max_pixels) == (3136, 12544)
+    cfg = cof.with_processor_limits(cof.CofConfig(processor_max_pixels=50176), net)
+    assert cfg.processor_max_pixels == 50176
+    img = torch.randint(0, 256, (3, 448, 448), dtype=torch.uint8)
+    _, grid, _ = cof._encode(img, (0, 0, 448, 448), (448, 448), cof.with_processor_limits(cof.CofConfig(), net), False)
+    assert grid.tolist() == [[1, 8, 8]]  # 448x448 -> 112x112 -> 8x8 patches of 14 px

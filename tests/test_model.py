@@ -337,3 +337,20 @@ def test_bf16_bit_identical_to_transformers_on_cpu():
         pv, g = pixels(grids)
         with torch.no_grad():
             assert torch.equal(m(ids, pv, g), hf_logits(ref, ids, pv, g))
+
+
+def test_image_limits_from_preprocessor_config(tmp_path):
+    """make_tiny writes the processor's pixel limits; from_pretrained reads both preprocessor_config.json layouts."""
+    d = M.make_tiny(tmp_path / "m", max_pixels=112 * 112, bpe_vocab_size=300)
+    net = M.Qwen25VL.from_pretrained(d)
+    assert (net.image_min_pixels, net.image_max_pixels) == (3136, 12544)
+    pp_path = tmp_path / "m" / "preprocessor_config.json"
+    pp = json.loads(pp_path.read_text())
+    del pp["min_pixels"], pp["max_pixels"]
+    pp["size"] = {"shortest_edge": 784, "longest_edge": 50176}  # transformers 5 layout
+    pp_path.write_text(json.dumps(pp))
+    assert M.read_image_limits(d) == (784, 50176)
+    pp["size"] = {"shortest_edge": 50176, "longest_edge": 784}
+    pp_path.write_text(json.dumps(pp))
+    with pytest.raises(ValueError, match="min_pixels/max_pixels"):
+        M.read_image_limits(d)

@@ -130,11 +130,11 @@ class TrainConfig:
 # of every image is capped at 112 x 112 px (data/agent.py TINY_VIEW_MAX_PIXELS), which is what makes zooming necessary.
 TINY_PRESET = dict(epochs=0.0, max_steps=1500, batch_size=32, grad_accum=1, lr=2e-3, warmup_ratio=0.05,
                    min_lr_ratio=0.05, weight_decay=0.0, clip_grad=1.0, max_len=1024, min_pixels=56 * 56,
-                   max_pixels=112 * 112, drop_system=True, eval_every=500, eval_n=200, eval_max_new_tokens=96,
-                   eval_batch=50, save_every=500, threads=2, out="runs/sft-tiny")
-TINY_MODEL = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=192,
+                   max_pixels=112 * 112, drop_system=True, answer_weight=3.0, eval_every=500, eval_n=200,
+                   eval_max_new_tokens=96, eval_batch=50, save_every=500, threads=2, out="runs/sft-tiny")
+TINY_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192,
                   vision_hidden_size=64, vision_depth=2, vision_heads=2, vision_intermediate_size=128,
-                  fullatt_block_indexes=(1,), bpe_vocab_size=1000, rope_theta=100.0)
+                  fullatt_block_indexes=(1,), bpe_vocab_size=1000, rope_theta=10.0)
 TINY_MODEL_DIR = "runs/tiny-model"
 SYNTH_DIR = "runs/synth"
 SYNTH_ROWS = 2000
@@ -756,7 +756,7 @@ def build_synthetic(directory):
     if dist_info()[0] == 0 and not (os.path.exists(train) and os.path.exists(val)):
         from data import build
         t0 = time.time()
-        build.build(build.BuildConfig(out=directory, n=SYNTH_ROWS, seed=0, table_items=0))
+        build.build(build.BuildConfig(out=os.path.abspath(directory), n=SYNTH_ROWS, seed=0, table_items=0))
         log0(f"built the synthetic dataset in {directory} ({time.time() - t0:.0f} s)")
     barrier()
     return train, val

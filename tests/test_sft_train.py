@@ -79,6 +79,12 @@ def test_loss_goes_down(setup):
     assert last < 0.5 * first, res["losses"]
 
 
+def test_activation_checkpointing_gives_the_same_steps(setup):
+    a = sft.train(_cfg(setup, "ac-off", max_steps=3, save_every=0))
+    b = sft.train(_cfg(setup, "ac-on", max_steps=3, save_every=0, act_ckpt=True))
+    assert np.allclose(a["losses"], b["losses"], rtol=1e-6, atol=1e-6), (a["losses"], b["losses"])
+
+
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(setup):
     # LoRA with dropout (consumes the RNG) + a fully trained vision tower: every piece of saved state matters
     kw = dict(lora_rank=4, lora_dropout=0.1, lora_targets="q_proj,v_proj,down_proj")

@@ -933,6 +933,8 @@ def train(cfg: TrainConfig) -> dict:
                                          generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
     batches = iter(loader)
     os.makedirs(cfg.out, exist_ok=True)
+    if start == 0 and rank == 0 and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
+        os.remove(os.path.join(cfg.out, "metrics.jsonl"))   # a fresh run starts a fresh log; a resumed one appends
     metrics = Metrics(os.path.join(cfg.out, "metrics.jsonl"))
     bar = Progress(start, total, cfg.progress)
     params = [p for p in raw.parameters() if p.requires_grad]

@@ -770,16 +770,10 @@ def build_tiny_model(directory, data_path):
         from data.formats import read_sft
         rows, _ = read_sft(data_path)
         corpus = [m["content"].replace("<image>", "") for r in rows[:1000] for m in r["messages"]]
-        sizes = dict(TINY_MODEL)
-        rope_theta = sizes.pop("rope_theta")
-        M.make_tiny(directory, corpus=corpus, seed=0, **sizes)
-        # M-RoPE with head_dim 32 at the default theta 1e6 leaves the h/w sections with ~zero frequencies; a small
-        # theta is a plain config value (transformers reads it), so the model stays a stock Qwen2.5-VL.
-        path = os.path.join(directory, "config.json")
-        with open(path) as f:
-            c = json.load(f)
-        c["rope_theta"] = rope_theta
-        _write_atomic(path, json.dumps(c, indent=2))
+        # rope_theta 10 (a plain config value): with head_dim 16 the default 1e6 leaves M-RoPE's h/w sections with
+        # ~zero frequencies. The 112 px view cap goes into preprocessor_config.json, which cof.py reads.
+        M.make_tiny(directory, corpus=corpus, seed=0, min_pixels=TINY_PRESET["min_pixels"],
+                    max_pixels=TINY_PRESET["max_pixels"], **TINY_MODEL)
         log0(f"built the tiny model in {directory}")
     barrier()
     return directory

@@ -434,28 +434,51 @@ class _Turns:
         return close + self.sep + self.turn(message, grid)
 
 
-class _Progress:
-    """A hand-written progress bar on stderr (tqdm is not a runtime dependency)."""
+class Progress:
+    """A one-line progress bar on stderr (tqdm is not a runtime dependency): `desc done/total [####....] stats
+    elapsed<eta`. It redraws in place on a terminal; without one (CI, a log file) it prints a plain line every ~2%
+    of the work instead. Used by the evaluation here, data.build and sft.py."""
 
-    def __init__(self, total, desc="", enabled=True):
+    def __init__(self, total, desc="", start=0, enabled=True):
         import sys
         import time
 
-        self.total, self.desc, self.n, self.enabled = total, desc, 0, enabled and total > 0
-        self.t0, self.stream, self.time = time.time(), sys.stderr, time.time
+        self.total, self.desc, self.done, self.start = total, desc, start, start
+        self.enabled = enabled and total > start
+        self.stream, self.clock, self.t0 = sys.stderr, time.time, time.time()
+        self.tty = self.stream.isatty()
+        self.every, self.last_print = max(1, (total - start) // 50), start
 
-    def update(self, k=1, note=""):
-        self.n += k
+    def update(self, k=1, **stats):
+        """Advance by k units of work; stats (e.g. loss=0.3) are shown after the bar."""
+        self.done += k
         if not self.enabled:
             return
-        el = self.time() - self.t0
-        frac = self.n / self.total
+        el = self.clock() - self.t0
+        frac = (self.done - self.start) / (self.total - self.start)
         eta = el / frac - el if frac > 0 else 0.0
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        self.stream.write(f"\r{self.desc} [{bar}] {self.n}/{self.total} {el:6.1f}s eta {eta:6.1f}s {note}  ")
-        self.stream.flush()
-        if self.n >= self.total:
-            self.stream.write("\n")
+        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
+        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
+        line = f"{self.desc} {self.done}/{self.total} [{bar}] {text} {_hms(el)}<{_hms(eta)}".lstrip()
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K" + ("\n" if self.done >= self.total else ""))
+            self.stream.flush()
+        elif self.done - self.last_print >= self.every or self.done >= self.total:
+            self.last_print = self.done
+            print(line, file=self.stream, flush=True)
+
+
+def progress(items, desc="", total=None):
+    """Iterate over items with a Progress bar."""
+    bar = Progress(len(items) if total is None else total, desc)
+    for x in items:
+        yield x
+        bar.update()
+
+
+def _hms(s):
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=None, messages=None, on_turn=None,
@@ -865,7 +888,7 @@ def evaluate(model, tokenizer, items, out_path, cfg=None, resolutions=(None,), b
     cfg = cfg or CofConfig()
     done = load_results(out_path)
     todo = [(res, it) for res in resolutions for it in items if _key(res, it) not in done]
-    bar = _Progress(len(todo), f"{bench}", progress)
+    bar = Progress(len(todo), f"{bench}", enabled=progress)
     if os.path.exists(out_path) and os.path.getsize(out_path):
         with open(out_path, "rb") as f:
             f.seek(-1, os.SEEK_END)
@@ -899,7 +922,7 @@ def evaluate(model, tokenizer, items, out_path, cfg=None, resolutions=(None,), b
                 n_ok += rec["correct"]
                 f.write(json.dumps(rec) + "\n")
             f.flush()
-            bar.update(len(batch), f"acc(batch) {n_ok}/{len(batch)}")
+            bar.update(len(batch), batch_correct=f"{n_ok}/{len(batch)}")
     return summarize(list(load_results(out_path).values()))
 
 

@@ -18,31 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 
 import cof
 from data import agent, formats, synth
-
-
-def progress(items, total=None, desc="", stream=sys.stderr, width=28):
-    """A small progress bar (no tqdm at run time): `desc |#####     | k/n [elapsed<left]`."""
-    total = len(items) if total is None else total
-    start, last = time.time(), 0.0
-    for k, x in enumerate(items):
-        yield x
-        now = time.time()
-        if now - last > 0.2 or k + 1 == total:
-            last = now
-            done = (k + 1) / max(total, 1)
-            el = now - start
-            left = el / done - el if done else 0
-            bar = "#" * int(width * done)
-            stream.write(f"\r{desc} |{bar:<{width}}| {k + 1}/{total} [{el:4.0f}s<{left:4.0f}s]")
-            stream.flush()
-    stream.write("\n")
 
 
 @dataclass
@@ -108,7 +89,7 @@ def trajectories(cfg, scenes, split, tools=None, desc=None):
     tools = tools or agent.OracleTools()
     res = cfg.parsed_resolutions()
     rows, recs = [], []
-    for i, sc in enumerate(progress(scenes, desc=desc or f"{split} searches")):
+    for i, sc in enumerate(cof.progress(scenes, desc=desc or f"{split} searches")):
         R = res[i % len(res)]
         world = agent.scene_world(sc, synth.render(sc), R, cfg.view_max_pixels)
         result = agent.search(world, tools, cfg.max_zooms)
@@ -202,7 +183,7 @@ def build(cfg):
 
     for split, scenes in (("val", val), ("test", test)):
         recs = []
-        for i, sc in enumerate(progress(scenes, desc=f"{split} images")):
+        for i, sc in enumerate(cof.progress(scenes, desc=f"{split} images")):
             path = os.path.join(cfg.out, "images", split, f"{sc.uid}.png")
             if not os.path.exists(path):
                 _save_png(synth.render(sc), path)

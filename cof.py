@@ -467,6 +467,11 @@ class Progress:
             self.last_print = self.done
             print(line, file=self.stream, flush=True)
 
+    def close(self):
+        """End the bar's line early (before other output) on a terminal."""
+        if self.enabled and self.tty and self.done < self.total:
+            self.stream.write("\n")
+
 
 def progress(items, desc="", total=None):
     """Iterate over items with a Progress bar."""

@@ -25,7 +25,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+import cof
+import model as M
+from data import build, formats
 
 IGNORE = -100  # label value that the loss skips (PyTorch's cross_entropy default ignore_index)
 
@@ -215,10 +218,8 @@ def render(row, tokenizer, grids, answer_weight=1.0, drop_system=False):
     """One row -> (input_ids, labels, weights) as lists. Labels are the token itself on assistant tokens (the closing
     <|im_end|> included) and IGNORE elsewhere; <|image_pad|> is never a label. `weights` is the loss weight of each
     label: `answer_weight` in assistant turns without a <tool_call> (final answers), 1 in the others."""
-    from data.formats import to_chat
-    from model import tokenize_chat
     messages = row["messages"][1:] if drop_system and row["messages"][0]["role"] == "system" else row["messages"]
-    ids, amask = tokenize_chat(tokenizer, to_chat(messages), image_grid_thw=torch.tensor(grids).view(-1, 3)
+    ids, amask = M.tokenize_chat(tokenizer, formats.to_chat(messages), image_grid_thw=torch.tensor(grids).view(-1, 3)
                                if grids else None)
     turn_w = [answer_weight if "<tool_call>" not in _text(m["content"]) else 1.0
               for m in row["messages"] if m["role"] == "assistant"]
@@ -241,8 +242,7 @@ def load_rows(path, tokenizer, cfg):
     """Read and validate every row before training starts. data.formats.read_sft checks the format (missing image,
     placeholder/image count mismatch, unknown role, paths outside the dataset); here each row is also rendered to find
     over-long samples. Returns (rows, n_bad); a bad row raises BadRow/DataError unless --skip_bad."""
-    from data.formats import read_sft
-    rows, n_bad = read_sft(path, skip_bad=cfg.skip_bad)
+    rows, n_bad = formats.read_sft(path, skip_bad=cfg.skip_bad)
     kept = []
     for i, row in enumerate(rows):
         where = f"{path}, row {row.get('row', i)}"
@@ -279,11 +279,10 @@ class SFTData(torch.utils.data.Dataset):
         if self.cache is not None and i in self.cache:
             return self.cache[i]
         from crop_kernels import load_image
-        from model import preprocess_image
         row = self.rows[i]
         pix, grids = [], []
         for p in row["images"]:
-            pv, g = preprocess_image(load_image(p), min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels)
+            pv, g = M.preprocess_image(load_image(p), min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels)
             pix.append(pv)                                              # [h*w, 1176]
             grids.append(g.view(-1, 3))                                 # [1, 3]
         grid = torch.cat(grids) if grids else torch.zeros(0, 3, dtype=torch.long)
@@ -589,7 +588,6 @@ def export_hf(raw, directory):
 def save_state_dict_hf(raw, sd, directory):
     """Write a full (gathered) state dict of `raw` in HF format: LoRA pairs merged into their weights, then
     Qwen25VL.save_pretrained on a twin built on the meta device that takes the gathered tensors as they are."""
-    from model import Qwen25VL
     sd = dict(sd)
     for k in [k for k in sd if k.endswith(".lora_A")]:
         base = k[: -len(".lora_A")]
@@ -597,7 +595,7 @@ def save_state_dict_hf(raw, sd, directory):
         w = sd[base + ".weight"]
         sd[base + ".weight"] = (w.float() + (B @ A) * _get_module(raw, base).scale).to(w.dtype)   # [out, in]
     with torch.device("meta"):
-        twin = Qwen25VL(raw.cfg)
+        twin = M.Qwen25VL(raw.cfg)
     twin.load_state_dict(sd, assign=True, strict=False)
     twin.source_dir = raw.source_dir
     twin.save_pretrained(directory)
@@ -688,41 +686,6 @@ def load_rng(ckpt):
 
 # ------------------------------------------------------------------------------------------------ progress, metrics
 
-class Progress:
-    """One-line progress bar on stderr (rank 0): step, bar, loss, lr, tokens/s, elapsed and ETA. Without a terminal
-    it prints a plain line every ~2% of the run instead of redrawing."""
-
-    def __init__(self, start, total, enabled):
-        self.start, self.total, self.t0 = start, total, time.time()
-        self.enabled = enabled and dist_info()[0] == 0
-        self.tty = sys.stderr.isatty()
-        self.every = max(1, (total - start) // 50)
-
-    def update(self, step, **m):   # step = steps done
-        if not self.enabled:
-            return
-        done = (step - self.start) / max(1, self.total - self.start)
-        el = time.time() - self.t0
-        eta = el / done * (1 - done) if done > 0 else 0
-        bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
-        stats = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
-        line = f"{step}/{self.total} [{bar}] {stats} | {_hms(el)}<{_hms(eta)}"
-        if self.tty:
-            sys.stderr.write("\r" + line[: shutil.get_terminal_size((120, 20)).columns - 1].ljust(20) + "\x1b[K")
-            sys.stderr.flush()
-        elif step % self.every == 0 or step == self.total:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
-
-
-def _hms(s):
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
 class Metrics:
     """Appends one JSON object per line to OUT/metrics.jsonl (rank 0)."""
 
@@ -754,7 +717,6 @@ def build_synthetic(directory):
     held-out val records)."""
     train, val = os.path.join(directory, "sft_train.json"), os.path.join(directory, "val.jsonl")
     if dist_info()[0] == 0 and not (os.path.exists(train) and os.path.exists(val)):
-        from data import build
         t0 = time.time()
         build.build(build.BuildConfig(out=os.path.abspath(directory), n=SYNTH_ROWS, seed=0, table_items=0))
         log0(f"built the synthetic dataset in {directory} ({time.time() - t0:.0f} s)")
@@ -766,9 +728,7 @@ def build_tiny_model(directory, data_path):
     """The tiny model (model.make_tiny, sizes TINY_MODEL) under `directory` unless it is already there; its BPE
     vocabulary is trained on the text of the training rows so that CoF's long prompts cost few tokens."""
     if dist_info()[0] == 0 and not os.path.exists(os.path.join(directory, "model.safetensors")):
-        import model as M
-        from data.formats import read_sft
-        rows, _ = read_sft(data_path)
+        rows, _ = formats.read_sft(data_path)
         corpus = [m["content"].replace("<image>", "") for r in rows[:1000] for m in r["messages"]]
         # rope_theta 10 (a plain config value): with head_dim 16 the default 1e6 leaves M-RoPE's h/w sections with
         # ~zero frequencies. The 112 px view cap goes into preprocessor_config.json, which cof.py reads.
@@ -777,28 +737,6 @@ def build_tiny_model(directory, data_path):
         log0(f"built the tiny model in {directory}")
     barrier()
     return directory
-
-
-def load_eval_items(path):
-    """Held-out questions for the CoF loop: whatever cof.read_synthetic reads (a V*-layout folder, released RL
-    input records), or a JSONL of V* test_questions lines (image relative to the file's folder), which is what
-    data/build.py writes as val.jsonl / test.jsonl."""
-    import cof
-    if os.path.isfile(path) and path.endswith(".jsonl"):
-        with open(path) as f:
-            first = json.loads(f.readline())
-        if {"image", "text", "label"} <= set(first):
-            root = os.path.dirname(os.path.abspath(path))
-            items = []
-            with open(path) as f:
-                for n, line in enumerate(f):
-                    if line.strip():
-                        r = json.loads(line)
-                        items.append(dict(id=str(r.get("question_id", n)), image=os.path.join(root, r["image"]),
-                                          question=r["text"], label=str(r["label"]).strip(),
-                                          category=r.get("category") or "all", options=cof.parse_options(r["text"])))
-            return items
-    return cof.read_synthetic(path)
 
 
 class NoZoom:
@@ -820,9 +758,8 @@ class NoZoom:
 def evaluate(raw, tokenizer, eval_path, cfg, step, no_zoom=False):
     """CoF-loop accuracy (%) and mean zooms on the first --eval_n held-out questions; each rank runs its share and
     the counts are summed. no_zoom: the forced no-zoom baseline (see NoZoom)."""
-    import cof
     rank, world, _ = dist_info()
-    items = load_eval_items(eval_path)
+    items = cof.read_synthetic(eval_path)
     items = items[:cfg.eval_n] if cfg.eval_n > 0 else items
     ccfg = cof.CofConfig(processor_min_pixels=cfg.min_pixels, processor_max_pixels=cfg.max_pixels,
                          max_turns=cfg.eval_max_turns, max_new_tokens=cfg.eval_max_new_tokens,
@@ -865,8 +802,7 @@ def train(cfg: TrainConfig) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    from model import Qwen25VL, Tokenizer
-    tokenizer = Tokenizer.from_pretrained(model_path)
+    tokenizer = M.Tokenizer.from_pretrained(model_path)
     rows, n_bad = load_rows(data_path, tokenizer, cfg)
     log0(f"data: {len(rows)} rows from {data_path}" + (f", {n_bad} bad rows skipped" if n_bad else ""))
     on_cuda = device.type == "cuda"
@@ -874,7 +810,7 @@ def train(cfg: TrainConfig) -> dict:
                                                                       torch.bfloat16 if on_cuda else torch.float32)
     if cfg.dist == "fsdp" and world > 1:
         dtype = torch.float32   # FSDP2 wants one dtype per shard group; bf16 compute comes from its mp_policy
-    raw = Qwen25VL.from_pretrained(model_path, dtype=dtype, device=device)
+    raw = M.Qwen25VL.from_pretrained(model_path, dtype=dtype, device=device)
     raw.train()
     if cfg.lora_rank > 0:
         add_lora(raw, cfg)
@@ -930,7 +866,7 @@ def train(cfg: TrainConfig) -> dict:
     if start == 0 and rank == 0 and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
         os.remove(os.path.join(cfg.out, "metrics.jsonl"))   # a fresh run starts a fresh log; a resumed one appends
     metrics = Metrics(os.path.join(cfg.out, "metrics.jsonl"))
-    bar = Progress(start, total, cfg.progress)
+    bar = cof.Progress(total, "sft", start=start, enabled=cfg.progress and dist_info()[0] == 0)
     params = [p for p in raw.parameters() if p.requires_grad]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
     losses, evals, last_ckpt = [], [], None
@@ -973,7 +909,7 @@ def train(cfg: TrainConfig) -> dict:
                  label_tokens=n_global, elapsed_s=time.time() - t_run)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             metrics.log(**m)
-        bar.update(step + 1, loss=loss_val, lr=lr, **{"tok/s": round(n_tokens / dt)})
+        bar.update(1, loss=loss_val, lr=lr, **{"tok/s": round(n_tokens / dt)})
         done = step + 1 == total
         if eval_path and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
             bar.close()

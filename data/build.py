@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import cof
 from data import agent, formats, synth
@@ -163,6 +163,7 @@ def table_markdown(rows):
 
 def build(cfg):
     t0 = time.time()
+    cfg = replace(cfg, out=os.path.abspath(cfg.out))  # image paths are made relative to OUT, not to the cwd
     os.makedirs(cfg.out, exist_ok=True)
     train, val, test = _items(cfg, "train", cfg.n), _items(cfg, "val", cfg.val), _items(cfg, "test", cfg.test)
     sft_train, rec_train = trajectories(cfg, train, "train")

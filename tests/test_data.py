@@ -33,10 +33,13 @@ def _tree(root):
     return files
 
 
-def test_same_seed_same_dataset(built, tmp_path):
+def test_same_seed_same_dataset(built, tmp_path, monkeypatch):
     out, _ = built
+    monkeypatch.chdir(tmp_path)  # a relative --out works (paths are stored relative to OUT, not to the cwd)
+    build.build(build.BuildConfig(out="again", n=24, val=6, test=8, seed=3, table_items=0))
     again = str(tmp_path / "again")
-    build.build(build.BuildConfig(out=again, n=24, val=6, test=8, seed=3, table_items=0))
+    assert formats.read_sft(os.path.join(again, "sft_train.json"))[1] == 0
+    assert len(cof.read_synthetic(os.path.join(again, "val.jsonl"))) == 6
     a, b = _tree(out), _tree(again)
     assert sorted(a) == sorted(b) and len(a) > 60
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]][:5]

@@ -1228,7 +1228,7 @@ def make_tiny(directory, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads
               vision_hidden_size=32, vision_depth=2, vision_heads=2, vision_intermediate_size=64,
               fullatt_block_indexes=(1,), window_size=112, bpe_vocab_size=800, corpus=None, tie_word_embeddings=False,
               layout="flat", seed=0, init_scale=1.0, rope_theta=1_000_000.0, min_pixels=DEFAULT_MIN_PIXELS,
-              max_pixels=DEFAULT_MAX_PIXELS) -> str:
+              max_pixels=DEFAULT_MAX_PIXELS, init="random") -> str:
     """Write a random Qwen2.5-VL in HF format that both this file and transformers load.
 
     Files: config.json (`layout` "flat" = hub layout, "nested" = transformers-5 text_config layout), model.safetensors,
@@ -1236,7 +1236,12 @@ def make_tiny(directory, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads
     tokenizer_config.json + chat_template.json (Qwen2.5-VL chat template), preprocessor_config.json (with the image
     processor's `min_pixels` / `max_pixels`: a tiny model may cap its view, e.g. 112*112 for the synthetic task).
     Weights are drawn with unit-variance activations (not transformers' 0.02 init) so parity tests see O(1) logits.
+    `init`: "random" also draws every norm weight (1 + 0.2 N(0,1)) and bias (0.2 N(0,1)), so parity tests exercise
+    every tensor; "train" sets norms to 1 and biases to 0 (transformers' convention), the start for training from
+    scratch: random biases give every merged image token one shared component and slow learning to find things.
     """
+    if init not in ("random", "train"):
+        raise ValueError(f"init must be 'random' or 'train', got {init!r}")
     from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
     tok = _train_tiny_bpe(corpus if corpus is not None else default_tiny_corpus(), bpe_vocab_size)
@@ -1276,9 +1281,9 @@ def make_tiny(directory, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads
     tensors = {}
     for name, shape in weight_shapes(cfg).items():
         if len(shape) == 1 and ("norm" in name or "ln_q" in name):
-            t = 1.0 + 0.2 * torch.randn(shape, generator=g)
+            t = 1.0 + 0.2 * torch.randn(shape, generator=g) * (init == "random")
         elif len(shape) == 1:  # bias
-            t = 0.2 * torch.randn(shape, generator=g)
+            t = 0.2 * torch.randn(shape, generator=g) * (init == "random")
         elif name == "model.embed_tokens.weight":
             t = 0.5 * torch.randn(shape, generator=g)
         else:

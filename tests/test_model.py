@@ -70,6 +70,25 @@ def test_logits_match_transformers(layout, tie, case):
     assert (a - b).abs().max() <= TOL
 
 
+def test_train_init_is_plain_qwen(tmp_path):
+    """make_tiny(init="train"): unit norms, zero biases, otherwise the same draw; transformers gives the same logits."""
+    d = M.make_tiny(str(tmp_path / "t"), init="train", seed=3)
+    m, ref = M.Qwen25VL.from_pretrained(d), hf(d)
+    sd = m.state_dict()
+    norms = [k for k in sd if k.endswith(".weight") and sd[k].dim() == 1]
+    biases = [k for k in sd if k.endswith(".bias")]
+    assert len(norms) > 5 and len(biases) > 5
+    assert all(torch.equal(sd[k], torch.ones_like(sd[k])) for k in norms)
+    assert all(torch.equal(sd[k], torch.zeros_like(sd[k])) for k in biases)
+    grids = CASES[list(CASES)[1]]
+    ids = torch.tensor([seq(m.cfg, grids)])
+    pv, g = pixels(grids)
+    with torch.no_grad():
+        assert (m(ids, pv, g) - hf_logits(ref, ids, pv, g)).abs().max() <= TOL
+    with pytest.raises(ValueError, match="init must be"):
+        M.make_tiny(str(tmp_path / "u"), init="zeros")
+
+
 def test_images_change_logits():
     m = ours(tiny_dir())
     grids = [(1, 8, 8)]

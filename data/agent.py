@@ -350,15 +350,20 @@ def _where(world, box):
 
 
 def _conclusion(world, look, zoomed):
+    """The last thought: what was read, the options restated, the letter. Restating the options turns "which letter
+    goes with what I read" into copying the option list (far back in the prompt) and a match among the last few
+    tokens, which a tiny model learns far faster than a direct lookup (probe: 71.5% vs 49.5% after 600 steps)."""
     sc, L = world.scene, look.letter
     lead = "In the zoomed view" if zoomed else "At this resolution"
     if sc is None:
-        return f"{lead} I can see the {world.target_name} clearly: the answer is {look.answer}. So the answer is {L}."
-    if sc.category == "relative_position":
-        return (f"{lead} the horizontally striped patch is {_REL[look.answer]} the vertically striped patch. "
-                f"So the answer is {L}.")
-    what = f"the small tag of the {sc.name}" if sc.difficulty == "hard" else f"the {sc.name}"
-    return f"{lead} the stripes on {what} are {look.answer}. So the answer is {L}."
+        seen = f"{lead} I can see the {world.target_name} clearly: the answer is {look.answer}."
+    elif sc.category == "relative_position":
+        seen = f"{lead} the horizontally striped patch is {_REL[look.answer]} the vertically striped patch."
+    else:
+        what = f"the small tag of the {sc.name}" if sc.difficulty == "hard" else f"the {sc.name}"
+        seen = f"{lead} the stripes on {what} are {look.answer}."
+    options = ", ".join(f"({k}) {v}" for k, v in world.options.items())
+    return f"{seen} The options are {options}. So the answer is {L}."
 
 
 def _first_thought(world, box):

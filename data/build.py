@@ -26,6 +26,11 @@ import cof
 from data import agent, formats, synth
 
 
+# Bumped whenever the same BuildConfig would write different files (scenes, rendering, trajectory text, formats);
+# card.json records it, and sft.py rebuilds its default dataset when it differs.
+VERSION = 5
+
+
 @dataclass
 class BuildConfig:
     out: str = "data/synth"
@@ -37,6 +42,7 @@ class BuildConfig:
     view_max_pixels: int = agent.TINY_VIEW_MAX_PIXELS   # the model processor's cap (12845056 for the 7B)
     mix: str = "easy=0.1,medium=0.65,hard=0.25"
     relative: float = 0.35          # share of relative_position items
+    colours: str = ",".join(synth.DEFAULT_COLOURS)   # palette names the scenes draw from ("all": synth.PALETTE)
     max_zooms: int = 3
     table_items: int = 3            # scenes per kind for the legibility table (0: skip it)
 
@@ -56,17 +62,24 @@ class BuildConfig:
             mix[k.strip()] = float(v)
         return mix
 
+    def parsed_colours(self):
+        names = list(synth.PALETTE) if self.colours.strip() == "all" else [c.strip() for c in self.colours.split(",")]
+        bad = [c for c in names if c not in synth.PALETTE]
+        if bad or len(set(names)) < 2:
+            raise ValueError(f"--colours {self.colours!r}: need 'all' or at least 2 of {', '.join(synth.PALETTE)}")
+        return tuple(names)
+
     def parsed_resolutions(self):
         return [int(r) for r in self.resolutions.split(",")]
 
 
 def _items(cfg, split, n):
-    mix = cfg.parsed_mix()
+    mix, colours = cfg.parsed_mix(), cfg.parsed_colours()
     out = []
     for i in range(n):
         rng = synth.scene_rng(cfg.seed, split, i)
         cat = "relative_position" if rng.random() < cfg.relative else "direct_attributes"
-        out.append(synth.make_scene(rng, uid=f"{split}-{i:06d}", category=cat, mix=mix))
+        out.append(synth.make_scene(rng, uid=f"{split}-{i:06d}", category=cat, mix=mix, colours=colours))
     return out
 
 
@@ -192,7 +205,7 @@ def build(cfg):
         name = "test_questions.jsonl" if split == "test" else f"{split}.jsonl"
         formats.write_jsonl(os.path.join(cfg.out, name), recs)
 
-    card = {"config": asdict(cfg), "counts": {"train_items": len(train), "sft_train_rows": len(sft_train),
+    card = {"config": asdict(cfg), "version": VERSION, "counts": {"train_items": len(train), "sft_train_rows": len(sft_train),
                                               "sft_val_rows": len(sft_val), "rl_rows": len(rl),
                                               "val_items": len(val), "test_items": len(test)},
             "zooms": zoom_histogram(rec_train), "zooms_by_kind": zoom_by_kind(rec_train),

@@ -3,6 +3,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -70,6 +71,33 @@ def test_question_text_and_answer_match_the_scene():
     # options are shuffled: every letter is the answer sometimes
     labels = {sc.label for sc in synth.make_split(7, "train", 40)}
     assert labels == set("ABCD")
+
+
+def test_colours_option_and_background():
+    scenes = synth.make_split(7, "train", 30)
+    assert {o.colour for sc in scenes for o in sc.objects} == set(synth.DEFAULT_COLOURS)
+    wide = synth.make_split(7, "train", 30, colours=tuple(synth.PALETTE))
+    assert len({o.colour for sc in wide for o in sc.objects}) == len(synth.PALETTE)
+    assert all([o.colour for o in sc.objects].count(sc.target_obj.colour) == 1 for sc in scenes + wide)
+    with pytest.raises(ValueError, match="at least 2 distinct names"):
+        synth.make_scene(synth.scene_rng(0, "train", 0), colours=("red",))
+    with pytest.raises(ValueError, match="mauve"):
+        synth.make_scene(synth.scene_rng(0, "train", 0), colours=("red", "mauve"))
+    with pytest.raises(ValueError, match="--colours"):
+        build.BuildConfig(colours="red,mauve").parsed_colours()
+    assert build.BuildConfig(colours="all").parsed_colours() == tuple(synth.PALETTE)
+    # empty space: the processor's mean colour plus a faint per-cell tint (red channel: column, blue: row)
+    img = np.asarray(synth.render(scenes[0]), np.int16)
+    taken = {o.cell for o in scenes[0].objects}
+    empty = [(r, c) for r in range(4) for c in range(4) if (r, c) not in taken]
+    assert empty
+    for r, c in empty:
+        want = np.rint(np.array(synth.BACKGROUND) + synth.background_tint(r, c))
+        assert (img[112 * r:112 * (r + 1), 112 * c:112 * (c + 1)] == want).all()
+    tints = np.array([synth.background_tint(r, c) for r in range(4) for c in range(4)])
+    assert len({tuple(t) for t in tints}) == 16 and np.allclose(tints.mean(0), 0)
+    mean = np.array(synth.BACKGROUND) / 255
+    assert np.abs((mean - crop_kernels.OPENAI_CLIP_MEAN) / crop_kernels.OPENAI_CLIP_STD).max() < 0.01
 
 
 def _stripes_pil(orientation, size=40, period=8):

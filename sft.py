@@ -106,6 +106,8 @@ class TrainConfig:
     save_every: int = _opt(0, "steps between checkpoints; 0 = only at the end")
     keep_last: int = _opt(2, "checkpoints kept on disk (older ones are deleted after a successful save)")
     resume: str = _opt("", "checkpoint dir to continue from, or `auto` = the one named in OUT/latest")
+    overwrite: bool = _opt(False, "start a fresh run in an OUT that holds checkpoints of an earlier run, deleting "
+                                  "them (without it such a run stops with an error)")
     progress: bool = _opt(True, "show the progress bar (rank 0)")
 
     def __post_init__(self):
@@ -131,13 +133,14 @@ class TrainConfig:
 # Values the built-in default run (`python sft.py`: synthetic task, tiny model from scratch; also any run without
 # --model) uses for every option the command line leaves unset. Sizes of the tiny model are in TINY_MODEL; the view
 # of every image is capped at 112 x 112 px (data/agent.py TINY_VIEW_MAX_PIXELS), which is what makes zooming necessary.
-TINY_PRESET = dict(epochs=0.0, max_steps=1500, batch_size=32, grad_accum=1, lr=2e-3, warmup_ratio=0.05,
+TINY_PRESET = dict(epochs=0.0, max_steps=2200, batch_size=32, grad_accum=1, lr=2e-3, warmup_ratio=0.05,
                    min_lr_ratio=0.05, weight_decay=0.0, clip_grad=1.0, max_len=1024, min_pixels=56 * 56,
                    max_pixels=112 * 112, drop_system=True, answer_weight=3.0, eval_every=500, eval_n=200,
-                   eval_max_new_tokens=96, eval_batch=50, save_every=500, threads=2, out="runs/sft-tiny")
+                   eval_max_new_tokens=96, eval_batch=50, save_every=500, threads=2, out="runs/sft-tiny",
+                   overwrite=True)
 TINY_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192,
                   vision_hidden_size=64, vision_depth=2, vision_heads=2, vision_intermediate_size=128,
-                  fullatt_block_indexes=(1,), bpe_vocab_size=1000, rope_theta=10.0)
+                  fullatt_block_indexes=(1,), bpe_vocab_size=1000, rope_theta=1000.0)
 TINY_MODEL_DIR = "runs/tiny-model"
 SYNTH_DIR = "runs/synth"
 SYNTH_ROWS = 2000
@@ -647,6 +650,23 @@ def save_checkpoint(raw, optimizer, step, cfg, extra):
     return final
 
 
+def clear_earlier_run(cfg):
+    """A fresh run (no --resume) in an OUT with checkpoints of an earlier run: delete them with --overwrite (the
+    built-in default sets it), else stop before anything is lost or mixed up."""
+    out = Path(cfg.out)
+    old = sorted(p for p in out.glob("ckpt-*") if p.is_dir()) if not cfg.resume else []
+    if not old:
+        return
+    if not cfg.overwrite:
+        raise SystemExit(f"{out} holds checkpoints of an earlier run ({', '.join(p.name for p in old)}). Continue it "
+                         f"with --resume auto, start over with --overwrite (deletes them), or pick another --out.")
+    log0(f"--overwrite: deleting {len(old)} checkpoint(s) of an earlier run in {out}")
+    for p in old + [out / "eval"]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in (out / "latest", out / "metrics.jsonl"):
+        p.unlink(missing_ok=True)
+
+
 def resolve_resume(cfg):
     if cfg.resume != "auto":
         return Path(cfg.resume)
@@ -712,28 +732,56 @@ def prepare_defaults(cfg):
     return model_path, data_path, eval_path
 
 
+def _recipe_matches(path, want):
+    """Whether the JSON file at `path` exists and holds `want` (what a built artefact records about its recipe)."""
+    try:
+        with open(path) as f:
+            return json.load(f) == want
+    except (OSError, ValueError):
+        return False
+
+
 def build_synthetic(directory):
-    """The toy-V* dataset (data/build.py) under `directory` unless it is already there. Returns (SFT train file,
-    held-out val records)."""
+    """The toy-V* dataset (data/build.py) under `directory`, rebuilt when it is missing or was built by another
+    recipe (other build options or data.build.VERSION). Returns (SFT train file, held-out val records)."""
+    cfg = build.BuildConfig(out=os.path.abspath(directory), n=SYNTH_ROWS, seed=0, table_items=0)
     train, val = os.path.join(directory, "sft_train.json"), os.path.join(directory, "val.jsonl")
-    if dist_info()[0] == 0 and not (os.path.exists(train) and os.path.exists(val)):
-        t0 = time.time()
-        build.build(build.BuildConfig(out=os.path.abspath(directory), n=SYNTH_ROWS, seed=0, table_items=0))
-        log0(f"built the synthetic dataset in {directory} ({time.time() - t0:.0f} s)")
+    want = {"config": dataclasses.asdict(cfg), "version": build.VERSION}
+    card = os.path.join(directory, "card.json")
+    if dist_info()[0] == 0:
+        try:
+            with open(card) as f:
+                have = {k: json.load(f).get(k) for k in want}
+        except (OSError, ValueError):
+            have = None
+        if have != want or not (os.path.exists(train) and os.path.exists(val)):
+            if have is not None and have != want:
+                log0(f"{directory} was built by another recipe: rebuilding it")
+                shutil.rmtree(directory)
+            t0 = time.time()
+            build.build(cfg)
+            log0(f"built the synthetic dataset in {directory} ({time.time() - t0:.0f} s)")
     barrier()
     return train, val
 
 
 def build_tiny_model(directory, data_path):
-    """The tiny model (model.make_tiny, sizes TINY_MODEL) under `directory` unless it is already there; its BPE
-    vocabulary is trained on the text of the training rows so that CoF's long prompts cost few tokens."""
-    if dist_info()[0] == 0 and not os.path.exists(os.path.join(directory, "model.safetensors")):
+    """The tiny model (model.make_tiny, sizes TINY_MODEL, init "train") under `directory`, rebuilt when it is missing
+    or was made from other sizes or data; its BPE vocabulary is trained on the text of the training rows so that
+    CoF's long prompts cost few tokens."""
+    recipe = os.path.join(directory, "tiny_recipe.json")
+    want = {"sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_MODEL.items()},
+            "data": os.path.abspath(data_path), "data_bytes": os.path.getsize(data_path),
+            "min_pixels": TINY_PRESET["min_pixels"], "max_pixels": TINY_PRESET["max_pixels"]}
+    if dist_info()[0] == 0 and not (os.path.exists(os.path.join(directory, "model.safetensors"))
+                                    and _recipe_matches(recipe, want)):
         rows, _ = formats.read_sft(data_path)
         corpus = [m["content"].replace("<image>", "") for r in rows[:1000] for m in r["messages"]]
-        # rope_theta 10 (a plain config value): with head_dim 16 the default 1e6 leaves M-RoPE's h/w sections with
-        # ~zero frequencies. The 112 px view cap goes into preprocessor_config.json, which cof.py reads.
+        # rope_theta 1000 (a plain config value; head_dim 16): locate probes reached 89.5% with 1000, 43.5% with 100,
+        # 38.5% with 10, 27% with 1e4 (README "sft.py"). The 112 px view cap goes into preprocessor_config.json.
         M.make_tiny(directory, corpus=corpus, seed=0, min_pixels=TINY_PRESET["min_pixels"],
-                    max_pixels=TINY_PRESET["max_pixels"], **TINY_MODEL)
+                    max_pixels=TINY_PRESET["max_pixels"], init="train", **TINY_MODEL)
+        _write_atomic(recipe, json.dumps(want, indent=1))
         log0(f"built the tiny model in {directory}")
     barrier()
     return directory
@@ -796,6 +844,8 @@ def train(cfg: TrainConfig) -> dict:
     log0("TrainConfig(\n" + "".join(f"  {k}={v!r},\n" for k, v in dataclasses.asdict(cfg).items()) + ")")
     if world > 1:
         log0(f"distributed: {world} ranks, {cfg.dist}, backend {dist.get_backend()}")
+    if rank == 0:
+        clear_earlier_run(cfg)
     model_path, data_path, eval_path = prepare_defaults(cfg)
     barrier()
     random.seed(cfg.seed)

@@ -139,3 +139,21 @@ def test_lora_merge_equals_lora_forward():
     x = torch.randn(3, 6)
     torch.testing.assert_close(lora.merged()(x), lora(x), rtol=1e-5, atol=1e-5)
     assert not lora.weight.requires_grad and lora.lora_A.requires_grad
+
+
+def test_fresh_run_in_a_used_out_dir(tmp_path):
+    """Checkpoints of an earlier run are never mixed into a fresh one: an error, or deleted with --overwrite."""
+    out = tmp_path / "run"
+    (out / "ckpt-000500").mkdir(parents=True)
+    (out / "eval").mkdir()
+    (out / "latest").write_text("ckpt-000500\n")
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match="ckpt-000500.*--resume auto.*--overwrite"):
+        sft.clear_earlier_run(sft.TrainConfig(out=str(out)))
+    assert (out / "ckpt-000500").is_dir()
+    sft.clear_earlier_run(sft.TrainConfig(out=str(out), resume="auto"))   # resuming: left alone
+    assert (out / "ckpt-000500").is_dir()
+    sft.clear_earlier_run(sft.TrainConfig(out=str(out), overwrite=True))
+    assert sorted(os.listdir(out)) == []
+    sft.clear_earlier_run(sft.TrainConfig(out=str(tmp_path / "new")))   # nothing there: nothing to do
+    assert sft.parse_args([]).overwrite and not sft.parse_args(["--model", "m", "--data", "d"]).overwrite

@@ -996,9 +996,10 @@ def draw_trace(traj, path, panel=640, thumb=220, width_chars=110):
         font = ImageFont.load_default(size=14)
     except TypeError:                        # Pillow without FreeType: the bitmap font
         font = ImageFont.load_default()
-    main = ck.to_pil(traj.images[0])
-    s = panel / max(main.size)
-    left = main.resize((max(1, round(main.width * s)), max(1, round(main.height * s))), Image.Resampling.BICUBIC)
+    main = ck.to_pil(traj.images[0])     # may be the model's (smaller) view of the main image
+    H, W = traj.main_size                 # boxes are in main-image pixels
+    s = panel / max(H, W)
+    left = main.resize((max(1, round(W * s)), max(1, round(H * s))), Image.Resampling.BICUBIC)
     d = ImageDraw.Draw(left)
     crops, k = [], 0
     for n, t in enumerate(traj.turns):

@@ -215,6 +215,15 @@ def test_trace_png(tiny_tok, tmp_path):
     assert im.width >= 640 + 220 and im.height > 480
     colors = {c for _, c in im.getcolors(maxcolors=1 << 20)}
     assert cof._COLORS[0] in colors and cof._COLORS[1] in colors              # both boxes drawn
+    # the kept main image may be the model's smaller view (a 112 px cap here): boxes are still drawn where they
+    # are in main-image pixels, on the left panel (x in [10, 650)), not only around the crop thumbnails
+    small = cof.CofConfig(keep_images=True, processor_min_pixels=56 * 56, processor_max_pixels=112 * 112)
+    tr = cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"], small)[0]
+    im = Image.open(cof.draw_trace(tr, str(tmp_path / "v.png"))).convert("RGB")
+    s = 640 / 224
+    x0, y0, x1, y1 = (round(10 + v * s) if i % 2 == 0 else round(30 + v * s) for i, v in enumerate(tr.turns[0]["box"]))
+    assert im.getpixel((x0 + 1, (y0 + y1) // 2)) == cof._COLORS[0]
+    assert im.getpixel(((x0 + x1) // 2, y1 - 1)) == cof._COLORS[0]
     with pytest.raises(ValueError, match="keep_images"):
         cof.draw_trace(cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"])[0], str(tmp_path / "u.png"))
 

@@ -135,7 +135,7 @@ class TrainConfig:
 # of every image is capped at 112 x 112 px (data/agent.py TINY_VIEW_MAX_PIXELS), which is what makes zooming necessary.
 TINY_PRESET = dict(epochs=0.0, max_steps=2200, batch_size=32, grad_accum=1, lr=2e-3, warmup_ratio=0.05,
                    min_lr_ratio=0.05, weight_decay=0.0, clip_grad=1.0, max_len=1024, min_pixels=56 * 56,
-                   max_pixels=112 * 112, drop_system=True, answer_weight=3.0, eval_every=500, eval_n=200,
+                   max_pixels=112 * 112, drop_system=True, answer_weight=4.0, eval_every=500, eval_n=200,
                    eval_max_new_tokens=96, eval_batch=50, save_every=500, threads=2, out="runs/sft-tiny",
                    overwrite=True)
 TINY_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192,

@@ -733,12 +733,14 @@ def prepare_defaults(cfg):
 
 
 def _recipe_matches(path, want):
-    """Whether the JSON file at `path` exists and holds `want` (what a built artefact records about its recipe)."""
+    """Whether the JSON file at `path` exists and holds every key of `want` with the same value (what a built
+    artefact records about its recipe)."""
     try:
         with open(path) as f:
-            return json.load(f) == want
+            have = json.load(f)
     except (OSError, ValueError):
         return False
+    return {k: have.get(k) for k in want} == want
 
 
 def build_synthetic(directory):
@@ -748,19 +750,13 @@ def build_synthetic(directory):
     train, val = os.path.join(directory, "sft_train.json"), os.path.join(directory, "val.jsonl")
     want = {"config": dataclasses.asdict(cfg), "version": build.VERSION}
     card = os.path.join(directory, "card.json")
-    if dist_info()[0] == 0:
-        try:
-            with open(card) as f:
-                have = {k: json.load(f).get(k) for k in want}
-        except (OSError, ValueError):
-            have = None
-        if have != want or not (os.path.exists(train) and os.path.exists(val)):
-            if have is not None and have != want:
-                log0(f"{directory} was built by another recipe: rebuilding it")
-                shutil.rmtree(directory)
-            t0 = time.time()
-            build.build(cfg)
-            log0(f"built the synthetic dataset in {directory} ({time.time() - t0:.0f} s)")
+    if dist_info()[0] == 0 and not (_recipe_matches(card, want) and os.path.exists(train) and os.path.exists(val)):
+        if os.path.exists(card):
+            log0(f"{directory} was built by another recipe: rebuilding it")
+            shutil.rmtree(directory)
+        t0 = time.time()
+        build.build(cfg)
+        log0(f"built the synthetic dataset in {directory} ({time.time() - t0:.0f} s)")
     barrier()
     return train, val
 

@@ -209,10 +209,15 @@ def test_trajectory_text_format(built):
         assert all(x["content"] == "<image>" + cof.USER_PROMPT for x in m[3::2])
         q = m[1]["content"][len("<image> Question: "):-len(cof.LETTER_HINT + cof.USER_PROMPT)]
         assert cof.extract_answer(asst[-1]) in cof.parse_options(q)
-        main = Image.open(r["images"][0])
-        W, H = main.size
-        for t in asst[:-1]:
-            assert cof.parse_zoom(t, W, H) is not None
+        # the image files hold exactly what cof.py sends back: each zoom image is the crop rule applied to the main
+        # image read back from disk (the files are lossless)
+        main = crop_kernels.load_image(r["images"][0])
+        H, W = main.shape[1:]
+        assert len(r["images"]) == len(asst) and all(p.endswith(build.IMAGE_EXT) for p in r["images"])
+        for t, path in zip(asst[:-1], r["images"][1:]):
+            box = cof.parse_zoom(t, W, H)
+            sent = crop_kernels.resize(crop_kernels.crop(main, box), cof.zoom_size(box), "lanczos")
+            assert torch.equal(crop_kernels.load_image(path), sent)
 
 
 # ----------------------------------------------------------------------------------------------------------------

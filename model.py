@@ -1014,18 +1014,26 @@ def read_image_limits(directory: str) -> tuple[int, int]:
     return lo, hi
 
 
+def processor_resize(image_u8: torch.Tensor, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     resample="bicubic", factor: int = 28) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [3, h, w] at the processor's smart_resize size (the image itself when it is already
+    there): the resize half of preprocess_image. A uint8 image is 8x smaller than its float32 patches, so callers that
+    keep many images (sft.py's sample cache) keep these and patchify on use."""
+    import crop_kernels as ck
+    if image_u8.dim() != 3 or image_u8.shape[0] != 3:
+        raise ValueError(f"expected a uint8 [3, H, W] image, got shape {tuple(image_u8.shape)}")
+    H, W = int(image_u8.shape[1]), int(image_u8.shape[2])
+    h, w = ck.smart_resize(H, W, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return image_u8 if (h, w) == (H, W) else ck.resize(image_u8, (h, w), resample=resample)
+
+
 def preprocess_image(image_u8: torch.Tensor, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS, resample="bicubic",
                      patch_size: int = 14, merge_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [3, H, W] -> (pixel_values float32 [h*w/196, 1176], grid_thw int64 [1, 3]) like Qwen2.5-VL's processor
     (PIL backend): smart_resize with the hub preprocessor_config's min/max pixels, Pillow resize, rescale, normalize,
     patchify. Defaults are the released checkpoints' (min 4*28*28, max 16384*28*28, bicubic)."""
     import crop_kernels as ck
-    if image_u8.dim() != 3 or image_u8.shape[0] != 3:
-        raise ValueError(f"preprocess_image expects a uint8 [3, H, W] image, got shape {tuple(image_u8.shape)}")
-    H, W = int(image_u8.shape[1]), int(image_u8.shape[2])
-    factor = patch_size * merge_size
-    h, w = ck.smart_resize(H, W, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    img = image_u8 if (h, w) == (H, W) else ck.resize(image_u8, (h, w), resample=resample)
+    img = processor_resize(image_u8, min_pixels, max_pixels, resample, patch_size * merge_size)
     return ck.patchify(img, patch_size=patch_size, merge_size=merge_size)
 
 

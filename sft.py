@@ -11,8 +11,8 @@ the optimizer, schedule, RNG and data position next to them, so `--resume` conti
     python sft.py                                  # synthetic task + tiny model on the CPU, then CoF evaluation
     python sft.py --model DIR --data rows.json     # real checkpoint; torchrun ... sft.py --dist fsdp for big models
 
-`python sft.py --help` lists every option. Sequences come from model.tokenize_chat, images from model.preprocess_image,
-the evaluation from cof.py's zoom loop.
+`python sft.py --help` lists every option. Sequences come from model.tokenize_chat, images from model.processor_resize
+and crop_kernels.patchify, the evaluation from cof.py's zoom loop.
 """
 from __future__ import annotations
 
@@ -269,7 +269,9 @@ def load_rows(path, tokenizer, cfg):
 
 
 class SFTData(torch.utils.data.Dataset):
-    """Rows -> encoded samples: token ids, labels, loss weights, and every image (main + crops) as patches."""
+    """Rows -> encoded samples: token ids, labels, loss weights, and every image (main + crops) as patches.
+    With cache=True the token ids and the processor-sized uint8 images are kept after the first read (patchify runs on
+    every read: it is cheap, and uint8 images take 8x less memory than float32 patches)."""
 
     def __init__(self, rows, tokenizer, cfg, cache=False):
         self.rows, self.tok, self.cfg = rows, tokenizer, cfg
@@ -278,23 +280,25 @@ class SFTData(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
-    def __getitem__(self, i):
-        if self.cache is not None and i in self.cache:
-            return self.cache[i]
+    def _encode(self, i):
         from crop_kernels import load_image
         row = self.rows[i]
-        pix, grids = [], []
-        for p in row["images"]:
-            pv, g = M.preprocess_image(load_image(p), min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels)
-            pix.append(pv)                                              # [h*w, 1176]
-            grids.append(g.view(-1, 3))                                 # [1, 3]
-        grid = torch.cat(grids) if grids else torch.zeros(0, 3, dtype=torch.long)
+        images = [M.processor_resize(load_image(p), self.cfg.min_pixels, self.cfg.max_pixels) for p in row["images"]]
+        grid = torch.tensor([[1, im.shape[1] // 14, im.shape[2] // 14] for im in images], dtype=torch.long).view(-1, 3)
         ids, labels, weights = render(row, self.tok, grid.tolist(), self.cfg.answer_weight, self.cfg.drop_system)
-        s = dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), weights=torch.tensor(weights),
-                 pixel_values=torch.cat(pix) if pix else None, image_grid_thw=grid)
-        if self.cache is not None:
-            self.cache[i] = s
-        return s
+        return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), weights=torch.tensor(weights),
+                    image_grid_thw=grid), images
+
+    def __getitem__(self, i):
+        from crop_kernels import patchify
+        if self.cache is not None and i in self.cache:
+            s, images = self.cache[i]
+        else:
+            s, images = self._encode(i)
+            if self.cache is not None:
+                self.cache[i] = s, images
+        pix = [patchify(im)[0] for im in images]                        # each [h*w/196, 1176]
+        return dict(s, pixel_values=torch.cat(pix) if pix else None)
 
 
 def collate(samples, pad_id):

@@ -132,6 +132,24 @@ def test_checkpoint_loads_in_transformers_with_identical_logits(setup):
     assert (a[real] - u[real]).abs().max() <= 1e-4
 
 
+def test_cached_samples_equal_fresh_ones_and_the_processor(setup):
+    """The sample cache keeps uint8 images and patchifies on every read: same tensors as an uncached read, and the
+    pixel values are model.preprocess_image's (the processor) for every image of the row."""
+    from crop_kernels import load_image
+    tok = M.Tokenizer.from_pretrained(setup["model"])
+    cfg = _cfg(setup, "unused", max_pixels=56 * 28)        # 56x56 main images are resized to 28x28, 56x28 crops kept
+    rows, _ = sft.load_rows(setup["data"], tok, cfg)
+    cached, fresh = sft.SFTData(rows, tok, cfg, cache=True), sft.SFTData(rows, tok, cfg)
+    for i in (0, 1, 0):
+        a, b = cached[i], fresh[i]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        want = [M.preprocess_image(load_image(p), cfg.min_pixels, cfg.max_pixels) for p in rows[i]["images"]]
+        assert torch.equal(a["pixel_values"], torch.cat([pv for pv, _ in want]))
+        assert torch.equal(a["image_grid_thw"], torch.cat([g for _, g in want]))
+        assert a["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4]]
+    assert set(cached.cache) == {0, 1} and all(im.dtype == torch.uint8 for _, ims in cached.cache.values() for im in ims)
+
+
 def test_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
     calls = []
     real_fsync = sft._fsync_tree

@@ -876,6 +876,9 @@ class Qwen25VL(nn.Module):
         if cache is not None:
             cache.all_valid = cache.all_valid and dense
         no_padding = dense and (cache is None or cache.all_valid)
+        if cache is None and not dense:  # right padding only (training batches): under causal attention real rows
+            lengths = mask.long().sum(1)  # never see a pad, so the flash path gives them the masked path's result
+            no_padding = bool((mask == (torch.arange(L, device=dev)[None, :] < lengths[:, None])).all())
         if no_padding and start == 0:
             attn = "causal"
         elif no_padding and L == 1:

@@ -118,6 +118,15 @@ def test_padded_batch_matches_transformers():
         with torch.no_grad():
             single = m(torch.tensor([row]), pr, gg)
         assert (a[r][real[r]] - single[0]).abs().max() <= TOL
+    # right padding (sft.py's batches) takes the causal flash path: the real rows still match transformers
+    L = max(len(r) for r in rows)
+    ids = torch.tensor([r + [m.cfg.pad_token_id] * (L - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])
+    with torch.no_grad():
+        a = m(ids, pv, g, attention_mask=mask)
+    b = hf_logits(ref, ids, pv, g, mask)
+    real = mask.bool()
+    assert mask[0, -1] == 0 and (a[real] - b[real]).abs().max() <= TOL
 
 
 def test_image_token_count_mismatch():

@@ -61,6 +61,8 @@ class TrainConfig:
     max_steps: int = _opt(0, "optimizer steps to run; 0 = derive from --epochs")
     batch_size: int = _opt(2, "rows per micro-batch per rank")
     grad_accum: int = _opt(2, "micro-batches per optimizer step; global batch = batch_size * grad_accum * ranks")
+    group_by_length: bool = _opt(True, "sort each step's rows by length before cutting them into micro-batches: "
+                                       "less padding, the same rows and the same loss per step")
     lr: float = _opt(1e-5, "peak learning rate")
     vision_lr_scale: float = _opt(1.0, "learning rate multiplier for the vision tower (merger included)")
     min_lr_ratio: float = _opt(0.0, "final lr of the cosine schedule, as a fraction of --lr")
@@ -133,7 +135,7 @@ class TrainConfig:
 # Values the built-in default run (`python sft.py`: synthetic task, tiny model from scratch; also any run without
 # --model) uses for every option the command line leaves unset. Sizes of the tiny model are in TINY_MODEL; the view
 # of every image is capped at 112 x 112 px (data/agent.py TINY_VIEW_MAX_PIXELS), which is what makes zooming necessary.
-TINY_PRESET = dict(epochs=0.0, max_steps=2200, batch_size=32, grad_accum=1, lr=2e-3, warmup_ratio=0.05,
+TINY_PRESET = dict(epochs=0.0, max_steps=3000, batch_size=8, grad_accum=4, lr=2e-3, warmup_ratio=0.05,
                    min_lr_ratio=0.05, weight_decay=0.0, clip_grad=1.0, max_len=1024, min_pixels=56 * 56,
                    max_pixels=112 * 112, drop_system=True, answer_weight=4.0, eval_every=500, eval_n=200,
                    eval_max_new_tokens=96, eval_batch=50, save_every=500, threads=2, out="runs/sft-tiny",
@@ -257,6 +259,7 @@ def load_rows(path, tokenizer, cfg):
                              f"{cfg.max_len}; raise --max_len, lower --max_pixels, or pass --skip_bad to drop it")
             if not any(l != IGNORE for l in labels):
                 raise BadRow(f"{where}: no assistant tokens to learn from; add an assistant turn or --skip_bad")
+            row["n_tokens"] = len(ids)
         except BadRow:
             if not cfg.skip_bad:
                 raise
@@ -333,10 +336,13 @@ class StepSampler(torch.utils.data.Sampler):
     permutation seeded by (seed, e); the last partial batch of an epoch is dropped). Those G rows are cut into
     ranks*grad_accum micro-batches; micro-batch j goes to rank j % ranks. One process with grad_accum=N and N ranks
     with grad_accum=1 therefore see the same rows in every step, and a resumed run sees exactly the rows it would have.
+    With `lengths` (token count per row) the G rows are first sorted by length (stable), so each micro-batch holds
+    rows of similar length and pads little; the step's rows, and so its loss, do not change.
     """
 
-    def __init__(self, n_rows, cfg, start, end, rank, world):
+    def __init__(self, n_rows, cfg, start, end, rank, world, lengths=None):
         self.n, self.cfg, self.start, self.end, self.rank, self.world = n_rows, cfg, start, end, rank, world
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
         self.G = cfg.batch_size * cfg.grad_accum * world
         self.spe = steps_per_epoch(n_rows, self.G)
 
@@ -350,7 +356,10 @@ class StepSampler(torch.utils.data.Sampler):
             if epoch != perm_epoch:
                 g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
                 perm, perm_epoch = torch.randperm(self.n, generator=g), epoch
-            micro = perm[k * self.G:(k + 1) * self.G].view(self.world * self.cfg.grad_accum, self.cfg.batch_size)
+            rows = perm[k * self.G:(k + 1) * self.G]                                      # [G]
+            if self.lengths is not None:
+                rows = rows[torch.argsort(self.lengths[rows], stable=True)]
+            micro = rows.view(self.world * self.cfg.grad_accum, self.cfg.batch_size)      # [ranks*accum, batch]
             for j in range(self.rank, len(micro), self.world):
                 yield micro[j].tolist()
 
@@ -907,7 +916,8 @@ def train(cfg: TrainConfig) -> dict:
         load_rng(ckpt)
 
     ds = SFTData(rows, tokenizer, cfg, cache=cfg.workers == 0 and not cfg.model)
-    sampler = StepSampler(len(rows), cfg, start, total, rank, world)
+    sampler = StepSampler(len(rows), cfg, start, total, rank, world,
+                          [r["n_tokens"] for r in rows] if cfg.group_by_length else None)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.workers,
                                          collate_fn=functools.partial(collate, pad_id=tokenizer.pad_id),
                                          generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG

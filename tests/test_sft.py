@@ -127,6 +127,14 @@ def test_step_sampler_same_rows_for_any_split_and_resume():
     assert rows(2, 1, 4) == one and rows(1, 2, 4) == one and rows(2, 2, 2) == one
     assert rows(1, 1, 8, start=3) == one[3:]
     assert len({i for s in one[:6] for i in s}) == 48                 # 6 steps = one epoch of 6*8 rows, no repeats
+    # grouped by length: the same rows per step, each micro-batch holds rows of similar length
+    lengths = [(i * 37) % 50 for i in range(50)]
+    cfg = sft.TrainConfig(batch_size=2, grad_accum=4, seed=3)
+    grouped = list(sft.StepSampler(50, cfg, 0, 6, 0, 1, lengths))
+    assert [sorted(i for mb in grouped[s * 4:(s + 1) * 4] for i in mb) for s in range(6)] == one
+    for s in range(6):
+        flat = [lengths[i] for mb in grouped[s * 4:(s + 1) * 4] for i in mb]
+        assert flat == sorted(flat)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         sft.StepSampler(5, sft.TrainConfig(batch_size=4, grad_accum=2), 0, 1, 0, 1)
 

@@ -336,7 +336,7 @@ def search(world, tools, max_zooms=3):
     return Search(world, steps, path, None, False)
 
 
-_REL = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
+_REL = {"left": "to the left", "right": "to the right", "above": "above", "below": "below"}  # ends on the option word
 
 
 def _where(world, box):
@@ -350,20 +350,23 @@ def _where(world, box):
 
 
 def _conclusion(world, look, zoomed):
-    """The last thought: what was read, the options restated, the letter. Restating the options turns "which letter
-    goes with what I read" into copying the option list (far back in the prompt) and a match among the last few
-    tokens, which a tiny model learns far faster than a direct lookup (probe: 71.5% vs 49.5% after 600 steps)."""
+    """The last thought: the options restated, then what was read, ending on the option's own words, then the letter.
+    Picking the letter is then a short lookup: the last option words written match one entry of the list a few tokens
+    back, and the letter in front of it is copied. With what was read first and the options after it (the order used
+    until data.build.VERSION 6), every option word stands between the reading and the letter, and a 2-layer model got
+    the letter wrong for 1 read in 10 to 1 in 3 depending on the run (README, "Teaching a tiny model")."""
     sc, L = world.scene, look.letter
     lead = "In the zoomed view" if zoomed else "At this resolution"
     if sc is None:
-        seen = f"{lead} I can see the {world.target_name} clearly: the answer is {look.answer}."
+        seen = f"{lead} I can see the {world.target_name} clearly: the answer is {look.answer}"
     elif sc.category == "relative_position":
-        seen = f"{lead} the horizontally striped patch is {_REL[look.answer]} the vertically striped patch."
+        seen = (f"{lead}, seen from the vertically striped patch, the horizontally striped patch is "
+                f"{_REL[look.answer]}")
     else:
         what = f"the small tag of the {sc.name}" if sc.difficulty == "hard" else f"the {sc.name}"
-        seen = f"{lead} the stripes on {what} are {look.answer}."
+        seen = f"{lead} the stripes on {what} are {look.answer}"
     options = ", ".join(f"({k}) {v}" for k, v in world.options.items())
-    return f"{seen} The options are {options}. So the answer is {L}."
+    return f"The options are {options}. {seen}, so the answer is {L}."
 
 
 def _first_thought(world, box):

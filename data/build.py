@@ -28,7 +28,7 @@ from data import agent, formats, synth
 
 # Bumped whenever the same BuildConfig would write different files (scenes, rendering, trajectory text, formats);
 # card.json records it, and sft.py rebuilds its default dataset when it differs.
-VERSION = 6
+VERSION = 7
 
 
 @dataclass

@@ -95,9 +95,10 @@ def load_image(source, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, exif_transpose=True)
     """Load an image as uint8 RGB [3, H, W].
 
     `source`: a path (str / os.PathLike), encoded bytes, a binary file object, or a PIL image.
-    Mode conversion follows transformers' `convert_to_rgb` (v5.23+): an image with an alpha band or a `transparency`
-    entry (P/L/RGB with a transparent colour) is converted to RGBA and alpha-composited onto opaque white; every other
-    mode goes through PIL's `convert("RGB")` (L, 1, CMYK, YCbCr, I;16, ...).
+    Mode conversion follows transformers' `convert_to_rgb` (v5.21+; older versions drop the alpha band): an image
+    with an alpha band or a `transparency` entry (P/L/RGB with a transparent colour) is converted to RGBA and
+    alpha-composited onto opaque white; every other mode goes through PIL's `convert("RGB")` (L, 1, CMYK, YCbCr,
+    I;16, ...).
     EXIF orientation policy: with `exif_transpose=True` (default) the EXIF Orientation tag is applied
     (`PIL.ImageOps.exif_transpose`, as transformers' `load_image` does), so pixels and box coordinates refer to the
     image as a viewer shows it; pass False to keep the stored pixel order.

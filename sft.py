@@ -283,25 +283,21 @@ class SFTData(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
-    def _encode(self, i):
-        from crop_kernels import load_image
-        row = self.rows[i]
-        images = [M.processor_resize(load_image(p), self.cfg.min_pixels, self.cfg.max_pixels) for p in row["images"]]
-        grid = torch.tensor([[1, im.shape[1] // 14, im.shape[2] // 14] for im in images], dtype=torch.long).view(-1, 3)
-        ids, labels, weights = render(row, self.tok, grid.tolist(), self.cfg.answer_weight, self.cfg.drop_system)
-        return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), weights=torch.tensor(weights),
-                    image_grid_thw=grid), images
-
     def __getitem__(self, i):
-        from crop_kernels import patchify
+        from crop_kernels import load_image, patchify
         if self.cache is not None and i in self.cache:
             s, images = self.cache[i]
-        else:
-            s, images = self._encode(i)
-            if self.cache is not None:
-                self.cache[i] = s, images
-        pix = [patchify(im)[0] for im in images]                        # each [h*w/196, 1176]
-        return dict(s, pixel_values=torch.cat(pix) if pix else None)
+            return dict(s, pixel_values=torch.cat([patchify(im)[0] for im in images]) if images else None)
+        row = self.rows[i]
+        images = [M.processor_resize(load_image(p), self.cfg.min_pixels, self.cfg.max_pixels) for p in row["images"]]
+        patches = [patchify(im) for im in images]                       # each ([h*w/196, 1176], grid [1, 3])
+        grid = torch.cat([g for _, g in patches]) if patches else torch.zeros(0, 3, dtype=torch.long)
+        ids, labels, weights = render(row, self.tok, grid.tolist(), self.cfg.answer_weight, self.cfg.drop_system)
+        s = dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), weights=torch.tensor(weights),
+                 image_grid_thw=grid)
+        if self.cache is not None:
+            self.cache[i] = s, images
+        return dict(s, pixel_values=torch.cat([pv for pv, _ in patches]) if patches else None)
 
 
 def collate(samples, pad_id):

@@ -64,10 +64,7 @@ class BuildConfig:
 
     def parsed_colours(self):
         names = list(synth.PALETTE) if self.colours.strip() == "all" else [c.strip() for c in self.colours.split(",")]
-        bad = [c for c in names if c not in synth.PALETTE]
-        if bad or len(set(names)) < 2:
-            raise ValueError(f"--colours {self.colours!r}: need 'all' or at least 2 of {', '.join(synth.PALETTE)}")
-        return tuple(names)
+        return synth.check_colours(names, what=f"--colours {self.colours!r} ('all' or a comma list):")
 
     def parsed_resolutions(self):
         return [int(r) for r in self.resolutions.split(",")]
@@ -190,12 +187,11 @@ def build(cfg):
     formats.write_sft(os.path.join(cfg.out, "sft_train.json"), sft_train)
     formats.write_sft(os.path.join(cfg.out, "sft_val.json"), sft_val)
 
-    rl = []
+    rl, res = [], cfg.parsed_resolutions()
     for i, sc in enumerate(train):
         path = os.path.join(cfg.out, "images", "train", f"{sc.uid}{IMAGE_EXT}")
         if not os.path.exists(path):       # failed searches still make RL prompts
-            _save_image(agent.scene_world(sc, synth.render(sc), cfg.parsed_resolutions()[i % len(
-                cfg.parsed_resolutions())], cfg.view_max_pixels).main, path)
+            _save_image(agent.scene_world(sc, synth.render(sc), res[i % len(res)], cfg.view_max_pixels).main, path)
         rel = formats.relative_image(path, cfg.out)
         rl.append(formats.rl_record(cof.SYSTEM_PROMPT, cof.rl_prompt(sc.question, sc.label), rel, sc.label,
                                     sc.question, i, "train"))

@@ -253,13 +253,19 @@ def _snap(box, g=TAG_SIZE):
     return (box[0] // g * g, box[1] // g * g, -(-box[2] // g) * g, -(-box[3] // g) * g)
 
 
+def check_colours(colours, what="colours"):
+    """`colours` as a tuple, or ValueError unless it holds at least 2 distinct PALETTE names (the target's colour is
+    unique in the scene, so there must be another one for the distractors)."""
+    if any(c not in PALETTE for c in colours) or len(set(colours)) < 2:
+        raise ValueError(f"{what} {list(colours)}: need at least 2 distinct names from {list(PALETTE)}")
+    return tuple(colours)
+
+
 def make_scene(rng, uid="0", category=None, difficulty=None, mix=None, colours=DEFAULT_COLOURS):
     """One random item. `rng`: numpy Generator. category/difficulty: fixed, or drawn (difficulty from `mix`, a dict
     difficulty -> weight; hard is attributes-only, relative_position items draw from easy/medium). `colours`: the
     PALETTE names to draw from (at least 2: the target's colour is unique in the scene)."""
-    bad = [c for c in colours if c not in PALETTE]
-    if bad or len(set(colours)) < 2:
-        raise ValueError(f"colours {list(colours)}: need at least 2 distinct names from {list(PALETTE)}")
+    check_colours(colours)
     category = category or CATEGORIES[int(rng.random() < 0.35)]
     if difficulty is None:
         mix = dict(mix or DEFAULT_MIX)

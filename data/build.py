@@ -6,10 +6,13 @@ Writes under OUT:
   images/{split}/{uid}.webp      the main image of each item (the smart-resized image at its resolution)
   images/{split}/{uid}_z{k}.webp zoom images of the trajectories (exactly what cof.py sends back)
   sft_train.json, sft_val.json   released CoF-SFT ShareGPT rows (data/formats.py), one per successful search
-  rl_train.jsonl                 released CoF-RL rows (prepare_zoomin_data.py layout), one per train item
+  rl_train.jsonl                 released CoF-RL rows (prepare_zoomin_data.py layout): --rl prompts of their own,
+                                 scenes the SFT rows never show (an SFT model knows its training scenes by heart)
   val.jsonl, test_questions.jsonl  the held-out splits in V*'s test_questions.jsonl layout (image, text, category,
                                  question_id, label) plus bbox ([x, y, w, h], V* per-image json style),
-                                 target_object, difficulty, uid; OUT is a V*-layout folder for `cof.py eval`
+                                 target_object, difficulty, kind, uid; OUT is a V*-layout folder for `cof.py eval`
+  test_by_kind.jsonl             a second held-out set in the same layout with --per-kind items of each kind
+                                 (easy / medium / hard / relative), so per-kind rates are not read off a handful
   card.json, card.md             counts, zoom histogram, the measured legibility table, a sample trajectory
 Same --seed, same files (byte for byte). Items are drawn per (seed, split, index), so --n only adds items.
 """
@@ -28,13 +31,16 @@ from data import agent, formats, synth
 
 # Bumped whenever the same BuildConfig would write different files (scenes, rendering, trajectory text, formats);
 # card.json records it, and sft.py rebuilds its default dataset when it differs.
-VERSION = 7
+VERSION = 8
 
 
 @dataclass
 class BuildConfig:
     out: str = "data/synth"
     n: int = 2000                   # train items (SFT rows = the successful searches among them)
+    rl: int = 2000                  # RL prompts (rl_train.jsonl), from their own scenes (split "rl")
+    rl_mix: str = "easy=1,medium=1,hard=1"   # difficulty mix of the RL prompts' attribute questions
+    rl_relative: float = 0.25       # share of relative_position RL prompts: with rl_mix, 25% of each kind
     seed: int = 0
     val: int = 200
     test: int = 400
@@ -45,6 +51,7 @@ class BuildConfig:
     colours: str = ",".join(synth.DEFAULT_COLOURS)   # palette names the scenes draw from ("all": synth.PALETTE)
     max_zooms: int = 3
     table_items: int = 3            # scenes per kind for the legibility table (0: skip it)
+    per_kind: int = 100             # items of each question kind in test_by_kind.jsonl (0: skip it)
 
     @classmethod
     def from_args(cls, argv=None):
@@ -53,9 +60,9 @@ class BuildConfig:
             p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
         return cls(**vars(p.parse_args(argv)))
 
-    def parsed_mix(self):
+    def parsed_mix(self, text=None):
         mix = {}
-        for part in self.mix.split(","):
+        for part in (text or self.mix).split(","):
             k, _, v = part.partition("=")
             if k.strip() not in synth.DIFFICULTIES:
                 raise ValueError(f"--mix: unknown difficulty {k!r}; use {', '.join(synth.DIFFICULTIES)}")
@@ -70,13 +77,27 @@ class BuildConfig:
         return [int(r) for r in self.resolutions.split(",")]
 
 
-def _items(cfg, split, n):
-    mix, colours = cfg.parsed_mix(), cfg.parsed_colours()
+def _items(cfg, split, n, mix=None, relative=None):
+    mix, colours = mix or cfg.parsed_mix(), cfg.parsed_colours()
+    relative = cfg.relative if relative is None else relative
     out = []
     for i in range(n):
         rng = synth.scene_rng(cfg.seed, split, i)
-        cat = "relative_position" if rng.random() < cfg.relative else "direct_attributes"
+        cat = "relative_position" if rng.random() < relative else "direct_attributes"
         out.append(synth.make_scene(rng, uid=f"{split}-{i:06d}", category=cat, mix=mix, colours=colours))
+    return out
+
+
+def _items_by_kind(cfg, n):
+    """n items of each question kind (synth.QUESTION_KINDS), from their own seed stream (split "by_kind"); relative
+    items draw their difficulty from the mix like the other splits."""
+    colours, out = cfg.parsed_colours(), []
+    for k, kind in enumerate(synth.QUESTION_KINDS):
+        cat, diff = ("relative_position", None) if kind == "relative" else ("direct_attributes", kind)
+        for i in range(n):
+            rng = synth.scene_rng(cfg.seed, "by_kind", k * 1_000_000 + i)
+            out.append(synth.make_scene(rng, uid=f"by_kind-{kind}-{i:06d}", category=cat, difficulty=diff,
+                                        mix=cfg.parsed_mix(), colours=colours))
     return out
 
 
@@ -97,7 +118,8 @@ def vstar_record(scene, image_rel, qid):
     x0, y0, x1, y1 = scene.target_box
     return {"image": image_rel, "text": scene.text, "category": scene.category, "question_id": qid,
             "label": scene.label, "bbox": [[x0, y0, x1 - x0, y1 - y0]], "target_object": [scene.name],
-            "difficulty": scene.difficulty, "uid": scene.uid}
+            "difficulty": scene.difficulty, "kind": synth.question_kind(scene.category, scene.difficulty),
+            "uid": scene.uid}
 
 
 def trajectories(cfg, scenes, split, tools=None, desc=None):
@@ -188,28 +210,32 @@ def build(cfg):
     formats.write_sft(os.path.join(cfg.out, "sft_val.json"), sft_val)
 
     rl, res = [], cfg.parsed_resolutions()
-    for i, sc in enumerate(train):
-        path = os.path.join(cfg.out, "images", "train", f"{sc.uid}{IMAGE_EXT}")
-        if not os.path.exists(path):       # failed searches still make RL prompts
-            _save_image(agent.scene_world(sc, synth.render(sc), res[i % len(res)], cfg.view_max_pixels).main, path)
+    rl_items = _items(cfg, "rl", cfg.rl, cfg.parsed_mix(cfg.rl_mix), cfg.rl_relative)
+    for i, sc in enumerate(cof.progress(rl_items, desc="rl images")):
+        path = os.path.join(cfg.out, "images", "rl", f"{sc.uid}{IMAGE_EXT}")
+        _save_image(agent.scene_world(sc, synth.render(sc), res[i % len(res)], cfg.view_max_pixels).main, path)
         rel = formats.relative_image(path, cfg.out)
         rl.append(formats.rl_record(cof.SYSTEM_PROMPT, cof.rl_prompt(sc.question, sc.label), rel, sc.label,
-                                    sc.question, i, "train"))
+                                    sc.question, i, "train",
+                                    extra={"kind": synth.question_kind(sc.category, sc.difficulty)}))
     formats.write_rl(os.path.join(cfg.out, "rl_train.jsonl"), rl)
 
-    for split, scenes in (("val", val), ("test", test)):
+    names = {"val": "val.jsonl", "test": "test_questions.jsonl", "by_kind": "test_by_kind.jsonl"}
+    by_kind = _items_by_kind(cfg, cfg.per_kind) if cfg.per_kind else []
+    for split, scenes in (("val", val), ("test", test), ("by_kind", by_kind)):
         recs = []
         for i, sc in enumerate(cof.progress(scenes, desc=f"{split} images")):
             path = os.path.join(cfg.out, "images", split, f"{sc.uid}{IMAGE_EXT}")
             if not os.path.exists(path):
                 _save_image(synth.render(sc), path)
             recs.append(vstar_record(sc, formats.relative_image(path, cfg.out), i))
-        name = "test_questions.jsonl" if split == "test" else f"{split}.jsonl"
-        formats.write_jsonl(os.path.join(cfg.out, name), recs)
+        if scenes:
+            formats.write_jsonl(os.path.join(cfg.out, names[split]), recs)
 
     card = {"config": asdict(cfg), "version": VERSION, "counts": {"train_items": len(train), "sft_train_rows": len(sft_train),
                                               "sft_val_rows": len(sft_val), "rl_rows": len(rl),
-                                              "val_items": len(val), "test_items": len(test)},
+                                              "val_items": len(val), "test_items": len(test),
+                                              "test_by_kind_items": len(by_kind)},
             "zooms": zoom_histogram(rec_train), "zooms_by_kind": zoom_by_kind(rec_train),
             "test_mix": dict(Counter(f"{s.category}/{s.difficulty}" for s in test))}
     if cfg.table_items:

@@ -21,6 +21,9 @@ import json
 import os
 
 ROLES = ("system", "user", "assistant")
+# Special tokens that only the processor may write: a row whose text holds them would desynchronise images and
+# placeholders (transformers' processor refuses such text too).
+VISION_TEXT = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 IMAGE = "<image>"
 
@@ -44,6 +47,8 @@ def resolve_image(entry, root, path, row, field):
         entry = entry.get("image")
     if not isinstance(entry, str) or not entry:
         raise DataError(path, row, field, f"expected an image path string or {{\"image\": path}}, got {entry!r}")
+    if "\0" in entry:
+        raise DataError(path, row, field, f"image path {entry!r} holds a NUL byte")
     p = entry[len("file://"):] if entry.startswith("file://") else entry
     while p.startswith("./"):
         p = p[2:]
@@ -76,21 +81,24 @@ def _load_rows(path):
             raise DataError(path, None, None, "reading parquet needs pandas + pyarrow (pip install pandas pyarrow), "
                                               "or convert the file to JSON lines") from e
         return [_plain(r) for r in pd.read_parquet(path).to_dict(orient="records")]
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(path, None, None, f"not UTF-8 text ({e}); save the file as UTF-8 (JSON files are UTF-8)") from None
     if path.endswith(".jsonl"):
         rows = []
         for i, line in enumerate(text.splitlines()):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(path, len(rows), None, f"line {i + 1} is not valid JSON ({e})") from e
+                except (ValueError, RecursionError) as e:
+                    raise DataError(path, len(rows), None, f"line {i + 1} is not valid JSON ({e})") from None
         return rows
     try:
         rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(path, None, None, f"not valid JSON ({e}); expected a JSON list of rows") from e
+    except (ValueError, RecursionError) as e:
+        raise DataError(path, None, None, f"not valid JSON ({e}); expected a JSON list of rows") from None
     if not isinstance(rows, list):
         raise DataError(path, None, None, f"expected a JSON list of rows, got {type(rows).__name__}")
     return rows
@@ -148,6 +156,7 @@ def check_sft_row(row, path, i, root):
                                                      f"got {type(content).__name__}")
         if role == "system" and j != 0:
             raise DataError(path, i, f + ".role", "a system message may only come first")
+        _check_text(content, path, i, f + ".content")
         out.append({"role": role, "content": content})
     turns = [m["role"] for m in out if m["role"] != "system"]
     if not turns or turns[0] != "user" or turns[-1] != "assistant":
@@ -165,6 +174,13 @@ def check_sft_row(row, path, i, root):
     full = [resolve_image(e, root, path, i, f"images[{k}]") for k, e in enumerate(images)]
     rest = {k: v for k, v in row.items() if k not in (key, "images")}
     return {**rest, "messages": out, "images": full}
+
+
+def _check_text(text, path, i, field):
+    for t in VISION_TEXT:
+        if t in text:
+            raise DataError(path, i, field, f"holds the special token text {t!r}, which only the image processor "
+                                            f"may write; use <image> placeholders for images")
 
 
 def read_sft(path, skip_bad=False, root=None):
@@ -212,8 +228,10 @@ def to_chat(messages):
 # RL
 
 
-def rl_record(system, prompt, image, ground_truth, question, index, split="train", data_source="rl_multiresolution"):
-    """One row exactly like prepare_zoomin_data.py's (image: the path as written, e.g. relative to the root)."""
+def rl_record(system, prompt, image, ground_truth, question, index, split="train", data_source="rl_multiresolution",
+              extra=None):
+    """One row exactly like prepare_zoomin_data.py's (image: the path as written, e.g. relative to the root); `extra`
+    adds keys to extra_info (ours: the question's kind, which grpo.py breaks its metrics down by)."""
     return {
         "data_source": data_source, "agent_name": "tool_agent",
         "prompt": [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
@@ -223,7 +241,7 @@ def rl_record(system, prompt, image, ground_truth, question, index, split="train
                        "need_tools_kwargs": True,
                        "tools_kwargs": {"image_zoom_in_tool": {
                            "create_kwargs": {"question": question, "image_path": image, "ground_truth": ground_truth},
-                           "execute_kwargs": {"image_path": image}}}},
+                           "execute_kwargs": {"image_path": image}}}, **(extra or {})},
     }
 
 
@@ -241,6 +259,7 @@ def check_rl_row(row, path, i, root):
                                                           f"; use one of {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
             raise DataError(path, i, f"prompt[{j}].content", "must be a string")
+        _check_text(m["content"], path, i, f"prompt[{j}].content")
     if prompt[-1]["role"] != "user":
         raise DataError(path, i, "prompt", "the last prompt message must be the user turn")
     rm = row.get("reward_model")
@@ -254,8 +273,11 @@ def check_rl_row(row, path, i, root):
         raise DataError(path, i, "images", f"{n_ph} <image> placeholder(s) in the prompt but {len(images)} image(s)")
     full = [resolve_image(e, root, path, i, f"images[{k}]") for k, e in enumerate(images)]
     extra = row.get("extra_info") or {}
+    if not isinstance(extra, dict):
+        raise DataError(path, i, "extra_info", f"must be a JSON object, got {type(extra).__name__}")
     return {"prompt": prompt, "images": full, "ground_truth": str(rm["ground_truth"]),
-            "question": extra.get("question"), "data_source": row.get("data_source"), "row": row}
+            "question": extra.get("question"), "kind": extra.get("kind"), "data_source": row.get("data_source"),
+            "row": row}
 
 
 def read_rl(path, skip_bad=False, root=None):

@@ -319,7 +319,14 @@ def make_scene(rng, uid="0", category=None, difficulty=None, mix=None, colours=D
 
 
 DEFAULT_MIX = {"easy": 0.1, "medium": 0.65, "hard": 0.25}
-SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "by_kind": 3, "rl": 4}
+QUESTION_KINDS = ("easy", "medium", "hard", "relative")
+
+
+def question_kind(category, difficulty):
+    """What training and evaluation metrics are broken down by: "easy" / "medium" / "hard" for the stripe-direction
+    questions (by difficulty: readable directly / one zoom / two zooms at 448 px), "relative" for relative position."""
+    return "relative" if category == "relative_position" else difficulty
 
 
 def scene_rng(seed, split, index):

@@ -16,7 +16,7 @@ from data import agent, build, formats, synth
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synth"))
-    card = build.build(build.BuildConfig(out=out, n=24, val=6, test=8, seed=3, table_items=0))
+    card = build.build(build.BuildConfig(out=out, n=24, rl=24, val=6, test=8, per_kind=3, seed=3, table_items=0))
     return out, card
 
 
@@ -37,7 +37,7 @@ def _tree(root):
 def test_same_seed_same_dataset(built, tmp_path, monkeypatch):
     out, _ = built
     monkeypatch.chdir(tmp_path)  # a relative --out works (paths are stored relative to OUT, not to the cwd)
-    build.build(build.BuildConfig(out="again", n=24, val=6, test=8, seed=3, table_items=0))
+    build.build(build.BuildConfig(out="again", n=24, rl=24, val=6, test=8, per_kind=3, seed=3, table_items=0))
     again = str(tmp_path / "again")
     assert formats.read_sft(os.path.join(again, "sft_train.json"))[1] == 0
     assert len(cof.read_synthetic(os.path.join(again, "val.jsonl"))) == 6
@@ -265,7 +265,9 @@ def test_rl_and_vstar_records(built):
     assert set(r) == {"data_source", "agent_name", "prompt", "images", "ability", "reward_model", "extra_info"}
     q = r["extra_info"]["question"]
     assert r["prompt"][1]["content"] == cof.rl_prompt(q, r["reward_model"]["ground_truth"])
-    assert r["images"][0]["image"].startswith("file://images/train/")
+    assert r["images"][0]["image"].startswith("file://images/rl/") and r["extra_info"]["kind"] in synth.QUESTION_KINDS
+    train_images = {p for row in json.load(open(os.path.join(out, "sft_train.json"))) for p in row["images"]}
+    assert not any(os.path.join(out, row["row"]["images"][0]["image"][len("file://"):]) in train_images for row in rows)
     test = [json.loads(l) for l in open(os.path.join(out, "test_questions.jsonl"))]
     items = cof.read_vstar(out)                  # the output folder is a V*-layout folder
     assert len(items) == len(test) == 8
@@ -305,7 +307,7 @@ def test_bad_sft_records_name_file_row_and_field(tmp_path, row, field, words):
     with pytest.raises(formats.DataError) as e:
         formats.read_sft(path)
     assert (e.value.path, e.value.row, e.value.field) == (path, 2, field)
-    assert words in str(e.value) and f"row 2" in str(e.value) and path in str(e.value)
+    assert words in str(e.value) and "row 2" in str(e.value) and path in str(e.value)
     rows, bad = formats.read_sft(path, skip_bad=True)
     assert bad == 1 and len(rows) == 3
 

@@ -19,6 +19,7 @@ Layout: protocol (prompts, box parsing, crop rule, answers) -> loop / rollouts -
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -67,15 +68,23 @@ PROCESSOR_MAX_PIXELS = 16384 * 28 * 28
 # Prompts / messages (HF-style dicts, rendered by model.tokenize_chat)
 
 
-def question_text(question):
-    """The released eval user text: `Question: {text}{USER_PROMPT}` (text already ends with the answer hint)."""
-    return f"Question: {question}{USER_PROMPT}"
+# Two layouts of the text after the image exist upstream: the released evaluation (vllm_inference.py) writes
+# "Question: ...", the released SFT and RL rows (prepare_zoomin_data.py: "<image>" + " Question: " + ...) put a space
+# before it. A 7B model does not notice; a model trained from scratch on one of them does (see README).
+QUESTION_FORMATS = {"released": "Question: ", "train": " Question: "}
 
 
-def build_messages(question, system=True):
+def question_text(question, question_format="released"):
+    """The user text after the image: `Question: {text}{USER_PROMPT}` (the released eval; text already ends with
+    the answer hint), or with question_format="train" the SFT / RL rows' ` Question: {text}{USER_PROMPT}`."""
+    return f"{QUESTION_FORMATS[question_format]}{question}{USER_PROMPT}"
+
+
+def build_messages(question, system=True, question_format="released"):
     """The released first turns: system prompt, then the user turn `[image, "Question: ...USER_PROMPT"]`."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}] if system else []
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question_text(question)}]})
+    messages.append({"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": question_text(question, question_format)}]})
     return messages
 
 
@@ -138,7 +147,15 @@ def zoom_size(box, scale=SCALEUP, min_pixels=MAIN_MIN_PIXELS, max_pixels=MAIN_MA
 # ----------------------------------------------------------------------------------------------------------------
 # Box parsing (find_absolute_bboxes + check_absolute_bbox_format)
 
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+def first_tool_call(text):
+    """Content of the first `<tool_call>...</tool_call>` block, or None: what the released parser's
+    `re.search(r"<tool_call>(.*?)</tool_call>", text, re.DOTALL)` finds, in linear time (that regex rescans the rest
+    of the text from every `<tool_call>` that has no closing tag: quadratic on hostile model output)."""
+    i = text.find("<tool_call>")
+    if i < 0:
+        return None
+    j = text.find("</tool_call>", i + len("<tool_call>"))
+    return None if j < 0 else text[i + len("<tool_call>"):j]
 
 
 def _bbox_error(bbox, w, h):
@@ -168,12 +185,12 @@ def find_box(text, width, height, enlarge=ENLARGE):
     with arguments.bbox_2d, a bbox that does not unpack into 4 values, nesting too deep) and the released loop sent
     the resized main image as it is. `message` says what was wrong (the RL tool's wording where it has one).
     """
-    m = _TOOL_CALL.search(text)
-    if not m:
+    body = first_tool_call(text)
+    if body is None:
         return None, "none", "Invalid tool call: no <tool_call>...</tool_call> block found."
     try:
-        data = json.loads(m.group(1).strip())
-    except json.JSONDecodeError as e:
+        data = json.loads(body.strip())
+    except ValueError as e:   # JSONDecodeError, or an integer past Python's 4300-digit limit
         return None, "none", f"Invalid tool call: the <tool_call> content is not valid JSON ({e})."
     except RecursionError:
         return None, "error", "Invalid tool call: the <tool_call> JSON is nested too deeply."
@@ -208,14 +225,60 @@ def has_tool_call(text):
 # ----------------------------------------------------------------------------------------------------------------
 # Answers
 
-_ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 _OPTION = re.compile(r"\(([A-Z])\)\s+([^\n]+)")
+_OPEN, _CLOSE = "<answer>", "</answer>"
+
+
+def _answer_spans(text, newline_ok):
+    r"""(start, end) of the groups `<answer>\s*(.*?)\s*</answer>` matches, left to right and non-overlapping, as
+    `re.finditer` gives them (with re.DOTALL when newline_ok; without it `.` stops at a newline), in linear time.
+
+    Why this equals the regex: from an `<answer>` at i, the leading `\s*` takes the whole whitespace run (to q); the
+    lazy group then ends at the first place e >= q followed by whitespace and a `</answer>`, which is the first
+    `</answer>` at or after q (k) with its whitespace run before it cut off. Without DOTALL the match from i fails
+    when text[q:e] holds a newline (every later `</answer>` lies beyond that newline too), and the search moves on
+    to the next `<answer>`. Both scans only move forward: `k` and the last newline before `e` are found once per
+    `</answer>`."""
+    spans, pos, k, ek, last_nl = [], 0, -1, -1, -1
+    while True:
+        i = text.find(_OPEN, pos)
+        if i < 0:
+            return spans
+        q = i + len(_OPEN)
+        while q < len(text) and text[q].isspace():
+            q += 1
+        if k < q:                      # the next </answer>, its whitespace run before it, the last newline before that
+            k = text.find(_CLOSE, q)
+            if k < 0:
+                return spans
+            ek = k
+            while text[ek - 1].isspace():
+                ek -= 1
+            last_nl = -1 if newline_ok else text.rfind("\n", 0, ek)
+        e = max(ek, q)
+        if newline_ok or last_nl < q or e == q:
+            spans.append((q, e))
+            pos = k + len(_CLOSE)
+        else:
+            pos = i + 1
 
 
 def extract_answer(text):
-    """Content of the last <answer>...</answer>, stripped; "" when there is none."""
-    found = _ANSWER.findall(text or "")
-    return found[-1] if found else ""
+    r"""The RL reward's answer (zoomin_reward3.extract_answer): the content of the LAST `<answer>...</answer>`
+    (newlines allowed), stripped; "" when there is none."""
+    spans = _answer_spans(text or "", newline_ok=True)
+    return text[spans[-1][0]:spans[-1][1]].strip() if spans else ""
+
+
+def judge_answer(text):
+    r"""The released V* judge's answer (eval/vstar/judge_result.py extract_answer): `<|im_end|>` removed, then the
+    FIRST `<answer>\s*(.*?)\s*</answer>` match without re.DOTALL (an answer spanning a newline does not count);
+    "" when there is none. (The judge also replaces an answer holding `\boxed{` by the box's content before this
+    step, which then finds no <answer> and hands its LLM judge an empty string; we have no LLM judge, so we skip
+    that step and let match_answer read the box.)"""
+    text = (text or "").replace("<|im_end|>", "")
+    spans = _answer_spans(text, newline_ok=False)
+    return text[spans[0][0]:spans[0][1]] if spans else ""
 
 
 def parse_options(question):
@@ -232,8 +295,8 @@ def match_answer(pred, label, options=None):
 
     The released rules first (judge_result.py): a 1-character answer equal to the letter, a 2-character answer
     with "." containing it ("A."), a 3-character answer with parentheses ("(A)"), or "(A) <option text>" inside
-    the answer. Then, standing in for the LLM judge: the answer starts with the letter as "A." / "A)" / "(A)" /
-    "A:" / "A " followed by text, or equals the option text (case, punctuation and spacing ignored)."""
+    the answer. Then, standing in for the LLM judge, VLMEvalKit's rule-based option inference (what HR-Bench's own
+    evaluation uses): infer_option, else infer_option_text; an answer naming several options counts as none."""
     pred, label = (pred or "").strip(), label.strip()
     options = options or {}
     if len(pred) == 1:
@@ -244,11 +307,28 @@ def match_answer(pred, label, options=None):
         return label in pred
     if label in options and f"({label}) {options[label]}" in pred:
         return True
-    texts = {k: _norm(v) for k, v in options.items()}
-    if _norm(pred) and _norm(pred) in texts.values():
-        return _norm(pred) == texts.get(label)
-    m = re.match(r"^\(?([A-Z])(?:[).:]|\s)", pred)
-    return bool(m) and m.group(1) == label
+    return (infer_option(pred, options or dict.fromkeys("ABCD")) or infer_option_text(pred, options)) == label
+
+
+def infer_option(answer, options):
+    """VLMEvalKit's can_infer_option (vlmeval/utils/matching_util.py, its default non-verbose path): the characters
+    .()[],:;!*#{} become spaces; if exactly one option letter is among the words, that letter ("Option A",
+    "The answer is A.", "\\boxed{A}", "**A**" -> A; "A or B", "A B C D" -> None)."""
+    words = answer
+    for c in ".()[],:;!*#{}":
+        words = words.replace(c, " ")
+    found = [k for k in options if k in words.split()]
+    return found[0] if len(found) == 1 else None
+
+
+def infer_option_text(answer, options):
+    """VLMEvalKit's can_infer_text: the one option whose text occurs in the answer (case ignored), None when none or
+    several do or the answer is longer than twice all option texts together."""
+    low = answer.lower()
+    if not options or len(low) > 2 * sum(len(str(v)) for v in options.values()):
+        return None
+    found = [k for k, v in options.items() if str(v).lower() in low]
+    return found[0] if len(found) == 1 else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,6 +371,7 @@ def zoom(main_u8, text, cfg, keep=False):
     every status but "ok" yields no image and `message` is sent as a text turn instead (RL tool behaviour)."""
     H, W = main_u8.shape[1], main_u8.shape[2]
     box, status, message = find_box(text, W, H, cfg.enlarge)
+    message = message.replace("<|", "<").replace("|>", ">")   # echoed model text must not become special tokens
     crop_box = box if status == "ok" else (0, 0, W, H)
     size = None
     if status != "error":
@@ -333,14 +414,39 @@ class CofConfig:
     top_k: int = 0
     system: bool = True                          # send SYSTEM_PROMPT (the released eval does)
     keep_images: bool = False                    # keep uint8 images of main image and crops (traces, GRPO)
+    ban_vision_tokens: bool = True               # never sample <|image_pad|> <|video_pad|> <|vision_start|> <|vision_end|>
+    question_format: str = "released"            # "released": the eval's "Question: "; "train": the SFT/RL rows' " Question: "
 
     def __post_init__(self):
         if self.invalid not in ("image", "text"):
             raise ValueError(f"CofConfig.invalid must be 'image' or 'text', got {self.invalid!r}")
-        if self.max_turns < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"max_turns and max_new_tokens must be >= 1, got {self.max_turns}, {self.max_new_tokens}")
-        if self.enlarge < 1 or self.scaleup <= 0:
-            raise ValueError(f"need enlarge >= 1 and scaleup > 0, got {self.enlarge}, {self.scaleup}")
+        if self.question_format not in QUESTION_FORMATS:
+            raise ValueError(f"CofConfig.question_format must be one of {sorted(QUESTION_FORMATS)}, got "
+                             f"{self.question_format!r}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in self._AT_LEAST and v is not None:
+                lo, inclusive = self._AT_LEAST[f.name]
+                number = isinstance(v, (int, float)) and not isinstance(v, bool)
+                if f.type in ("int", "int | None") and not (number and float(v).is_integer()):
+                    raise ValueError(f"CofConfig.{f.name} must be an integer, got {v!r}")
+                if not number or not math.isfinite(v) or v < lo or (v == lo and not inclusive):
+                    raise ValueError(f"CofConfig.{f.name} must be a finite number {'>=' if inclusive else '>'} {lo}, "
+                                     f"got {v!r}")
+            elif f.type == "bool" and not isinstance(v, bool):
+                raise ValueError(f"CofConfig.{f.name} must be true or false, got {v!r}")
+        if self.top_p > 1:
+            raise ValueError(f"CofConfig.top_p must be <= 1, got {self.top_p}")
+        for lo, hi in (("min_pixels", "max_pixels"), ("crop_min_pixels", "crop_max_pixels"),
+                       ("processor_min_pixels", "processor_max_pixels")):
+            if getattr(self, lo) is not None and getattr(self, hi) is not None and getattr(self, lo) > getattr(self, hi):
+                raise ValueError(f"CofConfig.{lo} ({getattr(self, lo)}) is larger than {hi} ({getattr(self, hi)})")
+
+    # field -> (smallest allowed value, whether it may equal it)
+    _AT_LEAST = dict(min_pixels=(1, True), max_pixels=(1, True), enlarge=(1, True), scaleup=(0, False),
+                     crop_min_pixels=(1, True), crop_max_pixels=(1, True), processor_min_pixels=(1, True),
+                     processor_max_pixels=(1, True), max_turns=(1, True), max_new_tokens=(1, True),
+                     max_model_len=(1, True), temperature=(0, True), top_p=(0, False), top_k=(0, True))
 
     @classmethod
     def from_dict(cls, d):
@@ -365,8 +471,9 @@ class Trajectory:
     sequence held in the KV cache, so a training forward over `ids` with `pixel_values` / `image_grid_thw` sees
     what the sampler saw. `gen_mask[i]` is True for tokens the model generated (the loss tokens), False for the
     prompt and for environment tokens (turn headers, crop tokens, USER_PROMPT, error text, a closing <|im_end|>
-    added after a turn cut at max_new_tokens). `logprobs[i]` is log p(ids[i]) under the model at temperature 1
-    for generated tokens, 0.0 elsewhere."""
+    added after a turn cut at max_new_tokens). `logprobs[i]` is log p(ids[i]) for generated tokens (0.0 elsewhere)
+    under the policy that sampled it: the model's logits with the banned vision tokens at -inf (cfg.ban_vision_tokens),
+    divided by the temperature when sampling (policy_logprobs computes the same from a training forward)."""
     question: str
     ids: list
     gen_mask: list
@@ -375,7 +482,7 @@ class Trajectory:
     pixel_values: object           # float [sum patches, 1176], images in order: main image, then crops
     image_grid_thw: object         # int64 [n_images, 3]
     turns: list                    # per generation: text, n_tokens, stop, tool_call, box, status, message, crop_size
-    answer: str                    # extract_answer of the final turn ("" when the turn limit ended it)
+    answer: str                    # judge_answer of the final turn ("" when the turn limit ended it)
     n_zooms: int                   # turns that called the tool (valid box or not)
     n_generated: int
     finished: bool                 # ended with a turn without tool call (False: turn limit)
@@ -398,15 +505,41 @@ def _device(model):
     return dev
 
 
-def _pick(logits, cfg, generator):
-    """Next token per row from logits [R, V] (model.sample_next: greedy, or temperature -> top-k -> top-p)
-    -> (ids [R], log p at temperature 1 [R])."""
+def vision_token_ids(tokenizer):
+    """Tokens the zoom loop never samples (CofConfig.ban_vision_tokens): an <|image_pad|> / <|video_pad|> the model
+    wrote would be read back as an image placeholder without an image, and <|vision_start|> / <|vision_end|> only
+    frame images the environment inserts. The released stack (vLLM / SGLang, skip_special_tokens) drops such tokens
+    from the text it re-encodes; we keep the token ids as sampled, so we never sample them."""
+    return [tokenizer.image_pad_id, tokenizer.video_pad_id, tokenizer.vision_start_id, tokenizer.vision_end_id]
+
+
+def _temperature(cfg):
+    return cfg.temperature if cfg.do_sample and cfg.temperature > 0 else 1.0
+
+
+def policy_logprobs(logits, tokens, banned=(), temperature=1.0):
+    """log p(tokens) under the sampling policy: logits [..., V] with the `banned` ids at -inf, divided by the
+    temperature, log-softmax in float32; tokens [...] -> [...]. The zoom loop records these at sampling time and
+    grpo.py recomputes them in its training forward, so the two agree when the weights have not changed."""
+    import torch
+
+    x = logits.float()
+    if len(banned):
+        x = x.index_fill(-1, torch.as_tensor(banned, device=x.device), float("-inf"))
+    x = torch.log_softmax(x / temperature, dim=-1)                                         # [..., V]
+    return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)                                  # [...]
+
+
+def _pick(logits, cfg, generator, banned=()):
+    """Next token per row from logits [R, V] (model.sample_next: greedy, or temperature -> top-k -> top-p; banned ids
+    never) -> (ids [R], log p under the sampling policy [R])."""
     import torch
     import model as M
 
+    if len(banned):
+        logits = logits.index_fill(-1, torch.as_tensor(banned, device=logits.device), float("-inf"))
     nxt = M.sample_next(logits, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, generator)      # [R]
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt[:, None]).squeeze(-1)              # [R]
-    return nxt, logp
+    return nxt, policy_logprobs(logits, nxt, (), _temperature(cfg))                                    # [R], [R]
 
 
 class _Turns:
@@ -522,6 +655,8 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
     dev = _device(model)
     turns_tpl = _Turns(tok)
     stop_ids = {i for i in (tok.im_end_id, getattr(tok, "eos_id", None), getattr(tok, "pad_id", None)) if i is not None}
+    banned = vision_token_ids(tok) if cfg.ban_vision_tokens else []
+    unusable = set(vision_token_ids(tok)[:2])       # pads that cannot be fed back (only sampled with the ban off)
     B, G = len(questions), group_size
     if len(images) != B:
         raise ValueError(f"got {len(images)} images for {B} questions")
@@ -534,7 +669,7 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
         orig, main = prepare_main(images[b], cfg)
         h, w = main.shape[1:]
         pv, grid, img = _encode(main.to(dev), (0, 0, w, h), (h, w), cfg, keep=cfg.keep_images)
-        msgs = messages[b] if messages is not None else build_messages(questions[b], cfg.system)
+        msgs = messages[b] if messages is not None else build_messages(questions[b], cfg.system, cfg.question_format)
         ids, _ = M.tokenize_chat(tok, msgs, image_grid_thw=grid, add_generation_prompt=True)
         rows.append(dict(main=main, main_dev=main.to(dev), orig_size=tuple(orig.shape[1:]), ids=list(ids),
                          gen=[False] * len(ids), lp=[0.0] * len(ids), pv=[pv], grid=[grid],
@@ -566,10 +701,10 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
         raw = logits[:, -1]                                                      # [len(live), V]
         if logits_processor is not None:
             views = [(r, len(st[r]["turns"]), st[r]["turn"]) for r in live]
-            nxt, _ = _pick(logits_processor(views, raw.clone()), cfg, generator)
-            lp = torch.log_softmax(raw.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)
+            nxt, _ = _pick(logits_processor(views, raw.clone()), cfg, generator, banned)
+            lp = policy_logprobs(raw, nxt, banned, _temperature(cfg))
         else:
-            nxt, lp = _pick(raw, cfg, generator)                                 # [len(live)]
+            nxt, lp = _pick(raw, cfg, generator, banned)                         # [len(live)]
         nxt, lp = nxt.tolist(), lp.tolist()
         chunks, imgs_pv, imgs_grid = [], [], []
         for c, r in enumerate(live):
@@ -578,11 +713,13 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
                 chunks.append([])
                 continue
             t = nxt[c]
-            s["turn"].append(t)
-            s["turn_lp"].append(lp[c])
+            bad = t in unusable           # the turn ends before it: the token is never fed back nor trained on
+            if not bad:
+                s["turn"].append(t)
+                s["turn_lp"].append(lp[c])
             stopped = t in stop_ids
             full = len(s["ids"]) + len(s["turn"]) >= cfg.max_model_len
-            if not stopped and not full and len(s["turn"]) < cfg.max_new_tokens:
+            if not stopped and not full and not bad and len(s["turn"]) < cfg.max_new_tokens:
                 chunks.append([t])
                 continue
             # ---- the turn ended: record it, then either finish or build the environment's reply
@@ -591,8 +728,8 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
             s["ids"] += s["turn"]
             s["gen"] += [True] * len(s["turn"])
             s["lp"] += s["turn_lp"]
-            info = dict(text=text, n_tokens=len(s["turn"]), stop="eos" if stopped else "length",
-                        tool_call=has_tool_call(text))
+            info = dict(text=text, n_tokens=len(s["turn"]), stop="eos" if stopped else "vision_token" if bad else
+                        "length", tool_call=has_tool_call(text) and not bad)
             s["turn"], s["turn_lp"] = [], []
             s["turns"].append(info)
             env = None
@@ -626,8 +763,8 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
                     s["n_zooms"] += 1          # the turn limit: this call is never executed (released loop)
                     info.update(box=parse_zoom(text, s["src"]["main"].shape[2], s["src"]["main"].shape[1],
                                                cfg.enlarge), status="limit", message="turn limit reached")
-                s["finished"] = not info["tool_call"]
-                s["answer"] = extract_answer(text) if s["finished"] else ""
+                s["finished"] = not info["tool_call"] and not bad
+                s["answer"] = judge_answer(text) if s["finished"] else ""
                 s["done"] = True
                 s["seconds"] = time.time() - s["t0"]
                 chunks.append([])
@@ -697,12 +834,13 @@ def _pad(seqs, pad_id):
     return ids, mask
 
 
-def rollouts(model, tokenizer, images, questions, group_size, cfg=None, generator=None, **overrides):
+def rollouts(model, tokenizer, images, questions, group_size, cfg=None, generator=None, messages=None, **overrides):
     """GRPO rollouts: G sampled trajectories per question (temperature 1.0 by default, as the RL recipe samples).
-    Same loop as evaluation; see Trajectory for ids / gen_mask / images."""
+    Same loop as evaluation; see Trajectory for ids / gen_mask / logprobs / images. `messages`: per question the
+    first turns (e.g. an RL row's prompt), default build_messages(question)."""
     base = cfg or CofConfig(do_sample=True)
     cfg = CofConfig.from_dict({**{f.name: getattr(base, f.name) for f in fields(CofConfig)}, **overrides})
-    return run(model, tokenizer, images, questions, cfg, group_size=group_size, generator=generator)
+    return run(model, tokenizer, images, questions, cfg, group_size=group_size, generator=generator, messages=messages)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -716,6 +854,8 @@ class BenchError(ValueError):
 
 
 def _need(row, keys, where):
+    if not isinstance(row, dict):
+        raise BenchError(f"{where}: expected a JSON object, got {type(row).__name__}")
     missing = [k for k in keys if k not in row or row[k] is None]
     if missing:
         raise BenchError(f"{where}: missing field(s) {missing}; have {sorted(row)}")
@@ -735,25 +875,47 @@ def read_vstar(root, categories=None):
     if not os.path.exists(path):
         raise BenchError(f"{path} not found: point --data at the V* folder holding test_questions.jsonl")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = f.read().splitlines()
+        except UnicodeDecodeError as e:
+            raise BenchError(f"{path}: not UTF-8 text ({e})") from None
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             where = f"{path} line {n}"
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:
                 raise BenchError(f"{where}: not JSON ({e})") from None
             _need(row, ("image", "text", "label"), where)
-            cat = row.get("category") or os.path.dirname(row["image"]) or "all"
+            if not isinstance(row["text"], str) or not isinstance(row["label"], (str, int)):
+                raise BenchError(f"{where}: 'text' must be a string and 'label' a letter, got "
+                                 f"{type(row['text']).__name__} and {type(row['label']).__name__}")
+            image = _inside(root, row["image"], where)
+            cat = str(row.get("category") or os.path.dirname(row["image"]) or "all")
             if categories and cat not in categories:
                 continue
-            image = os.path.normpath(os.path.join(root, row["image"]))
-            if not os.path.exists(image):
-                raise BenchError(f"{where}: image {row['image']!r} not found under {root}")
             items.append(dict(id=str(row.get("question_id", n - 1)), image=image, question=row["text"],
-                              label=str(row["label"]).strip(), category=cat, options=parse_options(row["text"])))
+                              label=str(row["label"]).strip(), category=cat, options=parse_options(row["text"]),
+                              kind=row.get("kind")))
     return items
+
+
+def _inside(root, rel, where):
+    """The path of a benchmark image named relative to `root`; it must be a string, lie inside `root` (no "../" or
+    absolute paths out of it) and exist."""
+    import os
+
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise BenchError(f"{where}: image must be a non-empty path string, got {rel!r}")
+    top = os.path.abspath(root)        # lexical, so that images linked from elsewhere (e.g. a hub cache) still load
+    full = os.path.normpath(os.path.join(top, rel))
+    if os.path.commonpath([full, top]) != top:
+        raise BenchError(f"{where}: image {rel!r} leaves the benchmark folder {top}; keep images inside it")
+    if not os.path.isfile(full):
+        raise BenchError(f"{where}: image {rel!r} not found under {root}")
+    return full
 
 
 def hrbench_question(question, options, style="vstar"):
@@ -775,9 +937,13 @@ def read_hrbench(path, style="vstar"):
     import sys
 
     csv.field_size_limit(sys.maxsize)
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        rows = list(reader)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except FileNotFoundError:
+        raise BenchError(f"{path} not found: pass the HR-Bench .tsv file") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise BenchError(f"{path}: not a UTF-8 TSV file ({e})") from None
     if not rows:
         raise BenchError(f"{path}: no rows")
     by_index = {r.get("index"): r.get("image") for r in rows}
@@ -793,6 +959,8 @@ def read_hrbench(path, style="vstar"):
         if label not in options:
             raise BenchError(f"{where}: answer {label!r} is not one of the options {sorted(options)}")
         cyc = row.get("cycle_category")
+        if cyc not in (None, "") and not str(cyc).strip().lstrip("-").isdigit():
+            raise BenchError(f"{where}: cycle_category must be an integer (0-3), got {cyc!r}")
         items.append(dict(id=str(row["index"]), image_b64=img, question=hrbench_question(row["question"], options, style),
                           label=label, category=row.get("category") or "all", options=options,
                           cycle=int(cyc) if cyc not in (None, "") else None))
@@ -810,12 +978,16 @@ def read_synthetic(path):
         test = os.path.join(path, "test.jsonl")
         return read_vstar(test if os.path.exists(test) else path)
     root = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    if not os.path.isfile(path):
+        raise BenchError(f"{path} not found: pass a synthetic folder, its test.jsonl, or a JSON / JSONL file of records")
     try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
         rows = json.loads(text) if path.endswith(".json") else [json.loads(l) for l in text.splitlines() if l.strip()]
-    except json.JSONDecodeError as e:
-        raise BenchError(f"{path}: not JSON / JSONL ({e})") from None
+    except (ValueError, RecursionError) as e:     # not UTF-8, not JSON, nested too deeply
+        raise BenchError(f"{path}: not UTF-8 JSON / JSONL ({e})") from None
+    if not isinstance(rows, list):
+        raise BenchError(f"{path}: expected a list of records, got {type(rows).__name__}")
     if rows and isinstance(rows[0], dict) and "text" in rows[0] and "label" in rows[0]:
         return read_vstar(path)
     items = []
@@ -824,9 +996,7 @@ def read_synthetic(path):
         _need(row, ("question", "groundtruth", "image_name"), where)
         q, gt = row["question"], str(row["groundtruth"]).strip()
         hint = rl_prompt(q, gt)[len("<image> Question: ") + len(q):-len(USER_PROMPT)]
-        image = os.path.normpath(os.path.join(root, row["image_name"]))
-        if not os.path.exists(image):
-            raise BenchError(f"{where}: image {row['image_name']!r} not found under {root}")
+        image = _inside(root, row["image_name"], where)
         items.append(dict(id=str(row.get("id", n)), image=image, question=q + hint, label=gt,
                           category=row.get("category") or row.get("data_source") or "all", options=parse_options(q)))
     return items
@@ -877,9 +1047,10 @@ def load_results(path):
         for line in f:
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 continue
-            out[rec["key"]] = rec
+            if isinstance(rec, dict) and isinstance(rec.get("key"), str):   # a line of something else: skipped
+                out[rec["key"]] = rec
     return out
 
 
@@ -918,7 +1089,7 @@ def evaluate(model, tokenizer, items, out_path, cfg=None, resolutions=(None,), b
             n_ok = 0
             for (res, it), tr in zip(batch, trajs):
                 base = dict(key=_key(res, it), bench=bench, id=it["id"], resolution=res, category=it["category"],
-                            cycle=it.get("cycle"), label=it["label"], seconds=dt)
+                            kind=it.get("kind"), cycle=it.get("cycle"), label=it["label"], seconds=dt)
                 if isinstance(tr, Exception):
                     rec = dict(base, correct=False, error=f"{type(tr).__name__}: {tr}", question=it["question"],
                                answer="", n_zooms=0, n_generated=0, finished=False, turns=[])
@@ -962,6 +1133,28 @@ def summarize(records):
         row["s_per_q"] = stats.fmean(r["seconds"] for r in recs)
         rows.append(row)
     return rows
+
+
+def kind_table(records):
+    """How the model answers, per question kind (a record's `kind`, else its category) and over all records: n,
+    accuracy, zoom rate (share of questions with at least one zoom), mean zooms, the share answered without any
+    zoom and the accuracy of those direct answers, the accuracy after a zoom, generated tokens per question, and
+    evaluation errors. Returns a list of row dicts (percentages in 0..100), the overall row last."""
+    def row(name, recs):
+        direct = [r for r in recs if r["n_zooms"] == 0]
+        zoomed = [r for r in recs if r["n_zooms"] > 0]
+        pct = lambda rs: 100 * sum(bool(r["correct"]) for r in rs) / len(rs) if rs else float("nan")  # noqa: E731
+        return dict(kind=name, n=len(recs), accuracy=pct(recs), zoom_rate=100 * len(zoomed) / len(recs),
+                    mean_zooms=_mean([r["n_zooms"] for r in recs]), direct_share=100 * len(direct) / len(recs),
+                    direct_accuracy=pct(direct), zoomed_accuracy=pct(zoomed),
+                    gen_tokens=_mean([r["n_generated"] for r in recs]), errors=sum(1 for r in recs if r.get("error")))
+
+    if not records:
+        return []
+    kinds = {}
+    for r in records:
+        kinds.setdefault(r.get("kind") or r.get("category") or "all", []).append(r)
+    return [row(k, v) for k, v in sorted(kinds.items())] + ([row("overall", records)] if len(kinds) > 1 else [])
 
 
 def format_table(rows):
@@ -1064,9 +1257,23 @@ def _cfg_from_args(pairs, **base):
         if k not in types:
             raise SystemExit(f"unknown --cfg key {k!r}; valid keys: {sorted(types)}")
         t = types[k]
-        d[k] = (v.lower() in ("1", "true", "yes")) if t in ("bool", bool) else (
-            int(v) if t in ("int", int) else float(v) if t in ("float", float) else v)
-    return CofConfig.from_dict(d)
+        try:
+            if t in ("bool", bool):
+                if v.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                    raise ValueError("expected true/false (or 1/0, yes/no)")
+                d[k] = v.lower() in ("1", "true", "yes")
+            elif "int" in str(t):
+                d[k] = None if v.lower() == "none" and "None" in str(t) else int(v)
+            elif "float" in str(t):
+                d[k] = float(v)
+            else:
+                d[k] = v
+        except ValueError as e:
+            raise SystemExit(f"--cfg {p}: {e}") from None
+    try:
+        return CofConfig.from_dict(d)
+    except ValueError as e:
+        raise SystemExit(f"--cfg: {e}") from None
 
 
 def _load(model_path, device, dtype):
@@ -1147,6 +1354,17 @@ def bench(argv):
     return rows
 
 
+def _positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    return v
+
+
 def _mean(xs):
     return sum(xs) / max(1, len(xs))
 
@@ -1174,17 +1392,23 @@ def main(argv=None):
         p.add_argument("--resolutions", default=None,
                        help="comma-separated long sides to resize to before the loop ('orig' = as is)")
         p.add_argument("--sweep", action="store_true", help=f"the 8-size sweep {','.join(map(str, SWEEP))}")
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--limit", type=int, default=None, help="first N questions only")
+        p.add_argument("--batch-size", type=_positive_int, default=8)
+        p.add_argument("--limit", type=_positive_int, default=None, help="first N questions only")
         p.add_argument("--hr-prompt", default="vstar", choices=["vstar", "vlmeval"])
         a = p.parse_args(argv[1:])
+        try:
+            res = list(SWEEP) if a.sweep else [None if r.strip() == "orig" else _positive_int(r)
+                                                 for r in (a.resolutions or "orig").split(",")]
+        except argparse.ArgumentTypeError as e:
+            p.error(f"--resolutions {a.resolutions}: {e}")
         items = {"vstar": read_vstar, "synthetic": read_synthetic,
                  "hrbench": lambda d: read_hrbench(d, a.hr_prompt)}[a.bench](a.data)[:a.limit]
-        res = list(SWEEP) if a.sweep else [None if r.strip() == "orig" else int(r)
-                                             for r in (a.resolutions or "orig").split(",")]
         model, tok = _load(a.model, a.device, a.dtype)
         rows = evaluate(model, tok, items, a.out, _cfg_from_args(a.cfg), res, a.batch_size, a.bench)
         table = format_table(rows)
+        recs = list(load_results(a.out).values())
+        if len(res) == 1 and any(r.get("kind") for r in recs):      # our synthetic sets: how each kind is answered
+            table += "\n\n" + format_table(kind_table(recs))
         print(table)
         with open(a.out.rsplit(".", 1)[0] + "_summary.md", "w") as f:
             f.write(table + "\n")
@@ -1215,4 +1439,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import model as M
+    try:
+        main()
+    except (BenchError, FileNotFoundError, M.CheckpointError) as e:   # bad files: one line, no traceback
+        raise SystemExit(f"cof.py: error: {e}") from None

@@ -46,8 +46,12 @@ def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 2
     ratio roughly. Python's round() is banker's rounding (70/28 = 2.5 -> 2). Raises ValueError, like transformers,
     when the aspect ratio exceeds 200, and (a clearer error than transformers' ZeroDivisionError) for empty sides.
     """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"smart_resize: image sides must be positive, got height={height}, width={width}")
+    for name, v in (("height", height), ("width", width), ("factor", factor), ("min_pixels", min_pixels),
+                    ("max_pixels", max_pixels)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"smart_resize: {name} must be a finite number > 0, got {v!r}")
+    if min_pixels > max_pixels:
+        raise ValueError(f"smart_resize: min_pixels {min_pixels} is larger than max_pixels {max_pixels}")
     if max(height, width) / min(height, width) > 200:
         raise ValueError(
             f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}"
@@ -71,6 +75,10 @@ def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 2
 
 class ImageTooLargeError(ValueError):
     """An image's pixel count exceeds the decompression-bomb limit given to `load_image`."""
+
+
+class ImageError(ValueError):
+    """A source `load_image` cannot read as an image (not an image, truncated, unsupported); names the source."""
 
 
 _PIL_LIMIT_LOCK = threading.Lock()
@@ -111,16 +119,24 @@ def load_image(source, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, exif_transpose=True)
         img = source
         _check_pixel_limit(img.size, max_pixels, "the given PIL image")
     else:
+        if not (isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(source, "read")):
+            raise TypeError(f"load_image: expected a path, encoded bytes, a binary file or a PIL image, "
+                            f"got {type(source).__name__}")
         name = repr(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
-        with _PIL_LIMIT_LOCK:  # our own limit replaces Pillow's global one while the header is read
-            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                img = Image.open(fp)
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
-        _check_pixel_limit(img.size, max_pixels, name)
-        img.load()
+        try:
+            with _PIL_LIMIT_LOCK:  # our own limit replaces Pillow's global one while the header is read
+                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                try:
+                    img = Image.open(fp)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = saved
+            _check_pixel_limit(img.size, max_pixels, name)
+            img.load()
+        except (FileNotFoundError, IsADirectoryError, ImageTooLargeError):
+            raise
+        except (OSError, ValueError, SyntaxError, EOFError) as e:   # what Pillow raises for bad or cut files
+            raise ImageError(f"{name}: cannot read it as an image ({type(e).__name__}: {e})") from None
     if exif_transpose:
         img = ImageOps.exif_transpose(img)
     has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None

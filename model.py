@@ -50,6 +50,19 @@ _HF_VISION_IGNORED = {"model_type", "hidden_act", "initializer_range", "in_chans
                       "num_attention_heads", "num_hidden_layers", "in_channels"}
 
 
+def _check_sizes(cfg, where, floats=()):
+    """Every int field of a config dataclass is a whole number >= 1 and every name in `floats` a finite number > 0
+    (a config.json with NaN, 0 heads, 3.5 layers or a string fails here, naming the field)."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in floats:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{where}: {f.name} must be a finite number > 0, got {v!r}")
+        elif f.type in ("int", int):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{where}: {f.name} must be a whole number >= 1, got {v!r}")
+
+
 @dataclass
 class VisionConfig:
     """Vision tower dims (`vision_config` in config.json). Defaults are transformers' class defaults."""
@@ -67,9 +80,14 @@ class VisionConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
+        _check_sizes(self, "vision_config", floats=("rope_theta",))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        self.fullatt_block_indexes = tuple(int(i) for i in self.fullatt_block_indexes)
+        if not isinstance(self.fullatt_block_indexes, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.depth for i in self.fullatt_block_indexes):
+            raise ValueError(f"vision_config.fullatt_block_indexes must be block indices in [0, {self.depth}), got "
+                             f"{self.fullatt_block_indexes!r}")
+        self.fullatt_block_indexes = tuple(self.fullatt_block_indexes)
 
 
 @dataclass
@@ -87,7 +105,11 @@ class TextConfig:
     max_position_embeddings: int = 32768
 
     def __post_init__(self):
-        self.mrope_section = tuple(int(s) for s in self.mrope_section)
+        _check_sizes(self, "text config", floats=("rms_norm_eps", "rope_theta"))
+        if not isinstance(self.mrope_section, (list, tuple)) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in self.mrope_section):
+            raise ValueError(f"mrope_section must be a list of positive integers, got {self.mrope_section!r}")
+        self.mrope_section = tuple(self.mrope_section)
         hd = self.hidden_size // self.num_attention_heads
         if hd * self.num_attention_heads != self.hidden_size:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
@@ -116,6 +138,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
         """Read a transformers config dict in either layout (flat hub layout or nested `text_config`)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         mt = d.get("model_type")
         if mt != "qwen2_5_vl":
             raise ValueError(f"{source}: model_type is {mt!r}, expected 'qwen2_5_vl' (Qwen2.5-VL). "
@@ -124,6 +148,8 @@ class ModelConfig:
         vis = d.get("vision_config")
         if not isinstance(vis, dict):
             raise ValueError(f"{source}: missing 'vision_config' section")
+        if not isinstance(text, dict):
+            raise ValueError(f"{source}: text_config must be an object, got {type(text).__name__}")
         unknown = sorted(set(d) - _HF_TOP_IGNORED - {f.name for f in dataclasses.fields(TextConfig)})
         if d.get("text_config"):
             unknown += [f"text_config.{k}" for k in sorted(set(text) - _HF_TOP_IGNORED
@@ -584,11 +610,22 @@ def _checkpoint_files(directory: str) -> dict[str, str]:
     index = os.path.join(directory, "model.safetensors.index.json")
     single = os.path.join(directory, "model.safetensors")
     if os.path.exists(index):
-        with open(index) as f:
-            wm = json.load(f).get("weight_map")
-        if not isinstance(wm, dict):
-            raise ValueError(f"{index}: no 'weight_map' object")
-        out = {k: os.path.join(directory, fn) for k, fn in wm.items()}
+        try:
+            with open(index, encoding="utf-8") as f:
+                wm = json.load(f)
+        except (ValueError, RecursionError) as e:
+            raise CheckpointError(f"{index}: not valid JSON ({e}); download the checkpoint again") from None
+        wm = wm.get("weight_map") if isinstance(wm, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise CheckpointError(f"{index}: expected {{\"weight_map\": {{tensor name: shard file name}}}}")
+        root = os.path.abspath(directory)   # lexical: hub snapshots link their files into a blob store elsewhere
+        out = {}
+        for k, fn in wm.items():
+            full = os.path.normpath(os.path.join(root, fn))
+            if os.path.commonpath([full, root]) != root:
+                raise CheckpointError(f"{index} names shard {fn!r} for {k}, which is outside the checkpoint directory "
+                                      f"{root}; shards must sit in the checkpoint directory")
+            out[k] = full
         for fn in set(out.values()):
             if not os.path.exists(fn):
                 raise FileNotFoundError(f"{index} names shard {os.path.basename(fn)} but {fn} does not exist")
@@ -637,11 +674,15 @@ class Qwen25VL(nn.Module):
         cfg_path = os.path.join(directory, "config.json")
         if not os.path.exists(cfg_path):
             raise FileNotFoundError(f"{directory}: no config.json")
-        with open(cfg_path) as f:
+        with open(cfg_path, encoding="utf-8") as f:
             try:
-                cfg = ModelConfig.from_hf(json.load(f), source=cfg_path)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+                raw_cfg = json.load(f)
+            except (ValueError, RecursionError) as e:
+                raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+        try:
+            cfg = ModelConfig.from_hf(raw_cfg, source=cfg_path)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{cfg_path}: {e}" if cfg_path not in str(e) else str(e)) from None
         if dtype is None:
             dtype = getattr(torch, cfg.torch_dtype) if isinstance(cfg.torch_dtype, str) and \
                 isinstance(getattr(torch, cfg.torch_dtype, None), torch.dtype) else torch.float32
@@ -653,8 +694,13 @@ class Qwen25VL(nn.Module):
         model.image_min_pixels, model.image_max_pixels = read_image_limits(directory)
         gen_path = os.path.join(directory, "generation_config.json")
         if os.path.exists(gen_path):  # the hub's stop list ([<|im_end|>, <|endoftext|>]) is what transformers' generate uses
-            with open(gen_path) as f:
-                gen = json.load(f)
+            try:
+                with open(gen_path, encoding="utf-8") as f:
+                    gen = json.load(f)
+                if not isinstance(gen, dict):
+                    raise ValueError(f"expected a JSON object, got {type(gen).__name__}")
+            except (ValueError, RecursionError) as e:
+                raise CheckpointError(f"{gen_path}: not a valid generation config ({e})") from None
             model.generation_eos = gen.get("eos_token_id", model.generation_eos)
             model.generation_pad = gen.get("pad_token_id", model.generation_pad)
 
@@ -684,15 +730,18 @@ class Qwen25VL(nn.Module):
                             stored = by_disk[disk]
                             sl = f.get_slice(stored)
                             shape = tuple(sl.get_shape())
+                            if sl.get_dtype() not in ("F64", "F32", "F16", "BF16"):
+                                raise CheckpointError(f"{fn}: tensor {stored!r} is stored as {sl.get_dtype()}, not a "
+                                                      f"floating-point type; this is not a Qwen2.5-VL weight file")
                             if shape != expected[disk]:
                                 raise CheckpointError(f"{fn}: tensor {stored!r} has shape {list(shape)} but config.json "
                                                  f"implies {list(expected[disk])}")
                             model.get_parameter(disk).copy_(f.get_tensor(stored))  # converts dtype/device in place
-                except CheckpointError:
+                except (CheckpointError, MemoryError, torch.cuda.OutOfMemoryError):
                     raise
-                except Exception as e:
-                    raise CheckpointError(f"{fn}: cannot read tensors ({type(e).__name__}: {e}); the file is truncated or "
-                                     f"corrupt, download it again") from None
+                except Exception as e:   # safetensors' own errors: a cut or damaged file
+                    raise CheckpointError(f"{fn}: cannot read tensors ({type(e).__name__}: {e}); if the file is "
+                                          f"truncated or corrupt, download it again") from e
         model.eval()
         return model
 
@@ -1054,6 +1103,7 @@ QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_
 QWEN_ADDED_TOKENS = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
                      "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+VISION_TOKENS_TEXT = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 # The Qwen2-VL / Qwen2.5-VL chat template (hub chat_template.json).
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
@@ -1088,22 +1138,36 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, dir_or_id) -> "Tokenizer":
+        """tokenizer.json, or (like transformers' Qwen2Tokenizer) vocab.json + merges.txt with the added tokens of
+        tokenizer_config.json's added_tokens_decoder; eos/pad tokens from tokenizer_config.json."""
         from tokenizers import Tokenizer as HFTokenizer
         directory = resolve_checkpoint(dir_or_id)
         path = os.path.join(directory, "tokenizer.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{directory}: no tokenizer.json")
-        kw = {}
+        tc = {}
         cfg_path = os.path.join(directory, "tokenizer_config.json")
         if os.path.exists(cfg_path):
-            with open(cfg_path) as f:
-                tc = json.load(f)
-            for k in ("eos_token", "pad_token"):
-                v = tc.get(k)
-                v = v.get("content") if isinstance(v, dict) else v
-                if isinstance(v, str):
-                    kw[k] = v
-        return cls(HFTokenizer.from_file(path), **kw)
+            try:
+                with open(cfg_path, encoding="utf-8") as f:
+                    tc = json.load(f)
+            except ValueError as e:
+                raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+            tc = tc if isinstance(tc, dict) else {}
+        if os.path.exists(path):
+            try:
+                tok = HFTokenizer.from_file(path)
+            except Exception as e:  # tokenizers raises its own Exception type for unreadable files
+                raise CheckpointError(f"{path}: not a tokenizers file ({e})") from None
+        elif os.path.exists(os.path.join(directory, "vocab.json")) and os.path.exists(os.path.join(directory, "merges.txt")):
+            tok = _qwen_bpe_from_files(directory, tc.get("added_tokens_decoder") or {})
+        else:
+            raise FileNotFoundError(f"{directory}: no tokenizer.json, and no vocab.json + merges.txt to build it from")
+        kw = {}
+        for k in ("eos_token", "pad_token"):
+            v = tc.get(k)
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                kw[k] = v
+        return cls(tok, **kw)
 
     @property
     def vocab_size(self) -> int:
@@ -1157,6 +1221,11 @@ def tokenize_chat(tokenizer: Tokenizer, messages: list[dict], image_grid_thw=Non
                     body.append(item["text"])
         else:
             raise ValueError(f"message {i}: content must be a string or a list, got {type(content).__name__}")
+        texts = [content] if isinstance(content, str) else [str(item.get("text", "")) for item in content]
+        bad = [t for t in VISION_TOKENS_TEXT if any(t in x for x in texts)]
+        if bad:
+            raise ValueError(f"message {i}: its text holds {bad[0]!r}, a token only the image processor writes "
+                             f"(transformers' processor refuses it too); put images in as {{'type': 'image'}}")
         parts.append(("".join(body) + "<|im_end|>", role == "assistant"))
         parts.append(("\n", False))
     if n_img != len(grids):
@@ -1211,15 +1280,43 @@ def default_tiny_corpus() -> list[str]:
     return [cof_system, cof_user, plain] * 4
 
 
-def _train_tiny_bpe(corpus, vocab_size: int):
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    tok = HFTokenizer(models.BPE(dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
-                                 fuse_unk=False, byte_fallback=False))
+def _qwen_bpe(vocab=None, merges=None):
+    """An empty (or vocab/merges-filled) byte-level BPE with Qwen2's normalizer, pre-tokenizer and decoder."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+    tok = HFTokenizer(models.BPE(vocab, merges, dropout=None, unk_token=None, continuing_subword_prefix="",
+                                 end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _qwen_bpe_from_files(directory, added):
+    """vocab.json + merges.txt -> the tokenizer transformers' Qwen2Tokenizer builds, with the added tokens of
+    `added` ({id: {content, special, ...}}, tokenizer_config.json's added_tokens_decoder) at their ids."""
+    from tokenizers import AddedToken, models
+    try:
+        vocab, merges = models.BPE.read_file(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
+    except Exception as e:  # tokenizers' own exception type
+        raise CheckpointError(f"{directory}: vocab.json / merges.txt cannot be read ({e})") from None
+    tok = _qwen_bpe(vocab, merges)
+    for i, t in sorted(((int(i), t) for i, t in added.items()), key=lambda x: x[0]):
+        if not isinstance(t, dict) or not isinstance(t.get("content"), str):
+            raise CheckpointError(f"{directory}/tokenizer_config.json: added token {i} has no 'content'")
+        tok.add_tokens([AddedToken(t["content"], special=bool(t.get("special")), normalized=False,
+                                   lstrip=bool(t.get("lstrip")), rstrip=bool(t.get("rstrip")),
+                                   single_word=bool(t.get("single_word")))])
+        if tok.token_to_id(t["content"]) != i:
+            raise CheckpointError(f"{directory}: added token {t['content']!r} should have id {i} but got "
+                                  f"{tok.token_to_id(t['content'])} (vocab.json holds {len(vocab)} entries)")
+    return tok
+
+
+def _train_tiny_bpe(corpus, vocab_size: int):
+    from tokenizers import pre_tokenizers, trainers
+    tok = _qwen_bpe()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tok.train_from_iterator(list(corpus), trainer=trainer)

@@ -12,7 +12,13 @@ the optimizer, schedule, RNG and data position next to them, so `--resume` conti
     python sft.py --model DIR --data rows.json     # real checkpoint; torchrun ... sft.py --dist fsdp for big models
 
 `python sft.py --help` lists every option. Sequences come from model.tokenize_chat, images from model.processor_resize
-and crop_kernels.patchify, the evaluation from cof.py's zoom loop.
+and crop_kernels.patchify, the evaluation from cof.py's zoom loop. The machinery grpo.py shares is written here once:
+RunConfig (the options both trainers have), LoRA and freezing, build_policy / distribute / grad_sync / optimizer_step,
+checkpoints and exact resume, Metrics, evaluate.
+
+Labels stop at each assistant turn's <|im_end|>. LLaMA-Factory's qwen2_vl template (what the released SFT used) also
+labels the "\n" after it; we do not: generation stops at <|im_end|> and the environment writes that "\n", so the
+label set is exactly the tokens the model samples in the zoom loop (and grpo.py's generated-token mask).
 """
 from __future__ import annotations
 
@@ -49,20 +55,17 @@ def _opt(default, help):
 
 
 @dataclass
-class TrainConfig:
-    # what to train on
-    model: str = _opt("", "HF-format Qwen2.5-VL dir or hub id; empty = build the tiny model under runs/")
-    data: str = _opt("", "CoF SFT JSON (ShareGPT rows with <image> placeholders); empty = build the synthetic set")
+class RunConfig:
+    """Options every trainer here has (sft.py's TrainConfig and grpo.py's GRPOConfig add their own): the model and
+    how it trains, the optimizer, distribution, evaluation through the CoF loop, checkpoints. Unknown keys and
+    values that cannot be right (NaN, negative sizes, unknown choices) are rejected when the config is built."""
+    # what to train
+    model: str = _opt("", "HF-format Qwen2.5-VL dir or hub id; empty = the built-in default")
     eval_data: str = _opt("", "held-out records (RL/test format) for the CoF-loop evaluation; empty = none, or the "
-                              "synthetic val split when --data is empty")
-    out: str = _opt("runs/sft", "output dir: checkpoints ckpt-NNNNNN/, `latest`, metrics.jsonl")
-    # schedule and optimizer (defaults = the released recipe)
-    epochs: float = _opt(3.0, "passes over the training rows (ignored when --max_steps > 0)")
-    max_steps: int = _opt(0, "optimizer steps to run; 0 = derive from --epochs")
-    batch_size: int = _opt(2, "rows per micro-batch per rank")
-    grad_accum: int = _opt(2, "micro-batches per optimizer step; global batch = batch_size * grad_accum * ranks")
-    group_by_length: bool = _opt(True, "sort each step's rows by length before cutting them into micro-batches: "
-                                       "less padding, the same rows and the same loss per step")
+                              "synthetic val split for the built-in default")
+    out: str = _opt("runs/out", "output dir: checkpoints ckpt-NNNNNN/, `latest`, metrics.jsonl")
+    max_steps: int = _opt(0, "optimizer steps to run")
+    # optimizer and schedule
     lr: float = _opt(1e-5, "peak learning rate")
     vision_lr_scale: float = _opt(1.0, "learning rate multiplier for the vision tower (merger included)")
     min_lr_ratio: float = _opt(0.0, "final lr of the cosine schedule, as a fraction of --lr")
@@ -72,13 +75,11 @@ class TrainConfig:
     beta2: float = _opt(0.999, "AdamW beta2")
     adam_eps: float = _opt(1e-8, "AdamW epsilon")
     clip_grad: float = _opt(1.0, "clip the global gradient norm to this; 0 = off")
-    # sequences
-    max_len: int = _opt(16384, "longest allowed sample in tokens (images included); longer rows are bad data")
+    # images and prompts
     min_pixels: int = _opt(112 * 112, "smart_resize lower bound for every image (released: 12544)")
     max_pixels: int = _opt(3840 * 3840, "smart_resize upper bound for every image (released: 3840*3840)")
     drop_system: bool = _opt(False, "train and evaluate without the rows' system prompt (the chat template's default "
                                     "one-line system prompt is used instead); saves ~250 tokens per row")
-    answer_weight: float = _opt(1.0, "loss weight of tokens in final-answer turns (turns with no <tool_call>)")
     # model
     freeze_vision: str = _opt("auto", "freeze the vision tower (merger excluded): yes | no | auto (= yes for a "
                                       "pretrained --model, no for the tiny model trained from scratch)")
@@ -94,9 +95,7 @@ class TrainConfig:
                               "trainable params are always float32, compute is bf16 autocast on CUDA")
     dist: str = _opt("ddp", "with torchrun: ddp (replicated) | fsdp (FSDP2 fully_shard per block)")
     # run
-    seed: int = _opt(0, "seed of init, data order and dropout")
-    skip_bad: bool = _opt(False, "skip and count bad rows instead of stopping at the first one")
-    workers: int = _opt(0, "DataLoader worker processes for image decoding")
+    seed: int = _opt(0, "seed of init, data order, sampling and dropout")
     threads: int = _opt(0, "torch CPU threads; 0 = leave torch's default")
     log_every: int = _opt(1, "steps between metric lines")
     eval_every: int = _opt(0, "steps between CoF evaluations; 0 = only at the end")
@@ -104,7 +103,8 @@ class TrainConfig:
     eval_max_turns: int = _opt(6, "generations per question in the CoF evaluation (released: 6)")
     eval_max_new_tokens: int = _opt(512, "new tokens per generation in the CoF evaluation (released: 512)")
     eval_batch: int = _opt(16, "questions decoded together in the CoF evaluation")
-    eval_no_zoom: bool = _opt(True, "also evaluate with the zoom tool banned (forced direct answers) at the end")
+    eval_question_format: str = _opt("released", "the evaluation's user text after the image: released (the released "
+                                                 "eval's 'Question: ...') | train (the SFT/RL rows' ' Question: ...')")
     save_every: int = _opt(0, "steps between checkpoints; 0 = only at the end")
     keep_last: int = _opt(2, "checkpoints kept on disk (older ones are deleted after a successful save)")
     resume: str = _opt("", "checkpoint dir to continue from, or `auto` = the one named in OUT/latest")
@@ -112,24 +112,85 @@ class TrainConfig:
                                   "them (without it such a run stops with an error)")
     progress: bool = _opt(True, "show the progress bar (rank 0)")
 
+    # option -> (smallest allowed value, whether it may equal it); every float must also be finite
+    LIMITS = dict(max_steps=(0, True), lr=(0, False), vision_lr_scale=(0, True), min_lr_ratio=(0, True),
+                  warmup_ratio=(0, True), weight_decay=(0, True), beta1=(0, True), beta2=(0, True), adam_eps=(0, False),
+                  clip_grad=(0, True), min_pixels=(1, True), max_pixels=(1, True), lora_rank=(0, True),
+                  lora_alpha=(0, True), lora_dropout=(0, True), threads=(0, True), log_every=(1, True),
+                  eval_every=(0, True), eval_n=(0, True), eval_max_turns=(1, True), eval_max_new_tokens=(1, True),
+                  eval_batch=(1, True), save_every=(0, True), keep_last=(0, True))
+    CHOICES = dict(freeze_vision=("auto", "yes", "no"), dist=("ddp", "fsdp"), dtype=("auto", "float32", "bfloat16"),
+                   eval_question_format=("released", "train"))
+
     def __post_init__(self):
-        if self.freeze_vision not in ("auto", "yes", "no"):
-            raise ValueError(f"--freeze_vision must be auto, yes or no, got {self.freeze_vision!r}")
-        if self.dist not in ("ddp", "fsdp"):
-            raise ValueError(f"--dist must be ddp or fsdp, got {self.dist!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        for k in ("batch_size", "grad_accum"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"--{k} must be >= 1, got {getattr(self, k)}")
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+            want = {"int": int, "float": (int, float), "str": str, "bool": bool}[kind]
+            if not isinstance(v, want) or (kind in ("int", "float") and isinstance(v, bool)):
+                raise ValueError(f"--{f.name} must be {kind}, got {v!r}")
+            if kind == "float" and not math.isfinite(v):
+                raise ValueError(f"--{f.name} must be a finite number, got {v!r}")
+            if f.name in self.LIMITS:
+                lo, inclusive = self.LIMITS[f.name]
+                if v < lo or (v == lo and not inclusive):
+                    raise ValueError(f"--{f.name} must be {'>=' if inclusive else '>'} {lo}, got {v!r}")
+            if f.name in self.CHOICES and v not in self.CHOICES[f.name]:
+                raise ValueError(f"--{f.name} must be one of {', '.join(self.CHOICES[f.name])}, got {v!r}")
+        for k in ("beta1", "beta2", "min_lr_ratio", "warmup_ratio", "lora_dropout"):
+            if getattr(self, k) > 1 or (k.startswith("beta") and getattr(self, k) == 1):
+                raise ValueError(f"--{k} must be {'< 1' if k.startswith('beta') else '<= 1'}, got {getattr(self, k)!r}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"--min_pixels {self.min_pixels} is larger than --max_pixels {self.max_pixels}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict):
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}; valid keys: {sorted(names)}")
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(names)}")
         return cls(**d)
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """sft.py's options: RunConfig plus the SFT data, batch and loss options (defaults = the released recipe)."""
+    data: str = _opt("", "CoF SFT JSON (ShareGPT rows with <image> placeholders); empty = build the synthetic set")
+    out: str = _opt("runs/sft", "output dir: checkpoints ckpt-NNNNNN/, `latest`, metrics.jsonl")
+    epochs: float = _opt(3.0, "passes over the training rows (ignored when --max_steps > 0)")
+    max_steps: int = _opt(0, "optimizer steps to run; 0 = derive from --epochs")
+    batch_size: int = _opt(2, "rows per micro-batch per rank")
+    grad_accum: int = _opt(2, "micro-batches per optimizer step; global batch = batch_size * grad_accum * ranks")
+    group_by_length: bool = _opt(True, "sort each step's rows by length before cutting them into micro-batches: "
+                                       "less padding, the same rows and the same loss per step")
+    max_len: int = _opt(16384, "longest allowed sample in tokens (images included); longer rows are bad data")
+    answer_weight: float = _opt(1.0, "loss weight of tokens in final-answer turns (turns with no <tool_call>)")
+    skip_bad: bool = _opt(False, "skip and count bad rows instead of stopping at the first one")
+    workers: int = _opt(0, "DataLoader worker processes for image decoding")
+    eval_no_zoom: bool = _opt(True, "also evaluate with the zoom tool banned (forced direct answers) at the end")
+
+    LIMITS = dict(RunConfig.LIMITS, epochs=(0, True), batch_size=(1, True), grad_accum=(1, True), max_len=(1, True),
+                  answer_weight=(0, True), workers=(0, True))
+
+
+def parse_config(cls, argv=None, preset=None, description=""):
+    """Fill the dataclass `cls` from the command line (`--name value`, `--flag/--no-flag`); an option not given keeps
+    the dataclass default, or preset(given)[name] where the preset has it (the built-in default runs). argparse
+    rejects unknown options; the dataclass rejects impossible values."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
+    shown = preset({}) if preset else {}
+    for f in dataclasses.fields(cls):
+        h = f"{f.metadata['help']} (default: {f.default!r}"
+        h += f"; built-in default run: {shown[f.name]!r})" if f.name in shown else ")"
+        if f.type in ("bool", bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h)
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(f"--{f.name}", type=typ, default=argparse.SUPPRESS, help=h, metavar=f.name.upper())
+    given = vars(p.parse_args(argv))
+    try:
+        return cls.from_dict({**(preset(given) if preset else {}), **given})
+    except ValueError as e:
+        p.error(str(e))
 
 
 # Values the built-in default run (`python sft.py`: synthetic task, tiny model from scratch; also any run without
@@ -138,8 +199,8 @@ class TrainConfig:
 TINY_PRESET = dict(epochs=0.0, max_steps=3000, batch_size=8, grad_accum=4, lr=2e-3, warmup_ratio=0.05,
                    min_lr_ratio=0.05, weight_decay=0.0, clip_grad=1.0, max_len=1024, min_pixels=56 * 56,
                    max_pixels=112 * 112, drop_system=True, answer_weight=4.0, eval_every=500, eval_n=200,
-                   eval_max_new_tokens=96, eval_batch=50, save_every=500, threads=2, out="runs/sft-tiny",
-                   overwrite=True)
+                   eval_max_new_tokens=96, eval_batch=50, eval_question_format="train", save_every=500, threads=2,
+                   out="runs/sft-tiny", overwrite=True)
 TINY_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192,
                   vision_hidden_size=64, vision_depth=2, vision_heads=2, vision_intermediate_size=128,
                   fullatt_block_indexes=(1,), bpe_vocab_size=1000, rope_theta=1000.0)
@@ -148,21 +209,23 @@ SYNTH_DIR = "runs/synth"
 SYNTH_ROWS = 2000
 
 
+def tiny_preset(given):
+    """TINY_PRESET for a run without --model; under torchrun the accumulation steps and threads are divided among
+    the ranks, so `torchrun --nproc_per_node=N sft.py` makes the same global batch (the same run) as `python sft.py`."""
+    if given.get("model"):
+        return {}
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    preset = dict(TINY_PRESET)
+    if TINY_PRESET["grad_accum"] % world == 0:
+        preset["grad_accum"] = TINY_PRESET["grad_accum"] // world
+    preset["threads"] = max(1, TINY_PRESET["threads"] // world)
+    return preset
+
+
 def parse_args(argv=None) -> TrainConfig:
-    """Fill TrainConfig from the command line; an option not given keeps the dataclass default (or the tiny preset
-    when --model is empty, i.e. the tiny model is trained from scratch). argparse rejects unknown options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        h = f"{f.metadata['help']} (default: {f.default!r}"
-        h += f"; tiny preset: {TINY_PRESET[f.name]!r})" if f.name in TINY_PRESET else ")"
-        if f.type in ("bool", bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h)
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(f"--{f.name}", type=typ, default=argparse.SUPPRESS, help=h, metavar=f.name.upper())
-    given = vars(p.parse_args(argv))
-    preset = TINY_PRESET if not given.get("model") else {}
-    return TrainConfig.from_dict({**preset, **given})
+    """TrainConfig from the command line; without --model the tiny preset fills the options not given (the tiny
+    model is trained from scratch)."""
+    return parse_config(TrainConfig, argv, tiny_preset, __doc__.split("\n\n")[0])
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -208,6 +271,10 @@ class BadRow(ValueError):
     """A training row that cannot be used; the message names the file and the row."""
 
 
+class RunError(ValueError):
+    """A run that cannot go on as configured (e.g. resuming with other data or batch sizes); says what to change."""
+
+
 def image_grid(path, cfg) -> tuple:
     """(t, h, w) patch grid of one image as preprocess_image will make it, from the file header only."""
     from PIL import Image
@@ -245,13 +312,20 @@ def _text(content):
 
 def load_rows(path, tokenizer, cfg):
     """Read and validate every row before training starts. data.formats.read_sft checks the format (missing image,
-    placeholder/image count mismatch, unknown role, paths outside the dataset); here each row is also rendered to find
-    over-long samples. Returns (rows, n_bad); a bad row raises BadRow/DataError unless --skip_bad."""
+    placeholder/image count mismatch, unknown role, paths outside the dataset, special-token text); here every image
+    is decoded (a file that is not an image, or is cut short, is found now, not mid-training) and each row is
+    rendered to find over-long samples. Returns (rows, n_bad); a bad row raises BadRow/DataError unless --skip_bad."""
+    from crop_kernels import ImageError, ImageTooLargeError, load_image
     rows, n_bad = formats.read_sft(path, skip_bad=cfg.skip_bad)
     kept = []
     for i, row in enumerate(rows):
         where = f"{path}, row {row.get('row', i)}"
         try:
+            for k, p in enumerate(row["images"]):
+                try:
+                    load_image(p)
+                except (ImageError, ImageTooLargeError) as e:
+                    raise BadRow(f"{where}, images[{k}]: {e}; replace the file or pass --skip_bad") from None
             grids = [image_grid(p, cfg) for p in row["images"]]
             ids, labels, _ = render(row, tokenizer, grids, drop_system=cfg.drop_system)
             if len(ids) > cfg.max_len:
@@ -381,8 +455,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale = alpha / rank
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True            # False: the base layer alone (see lora_off)
 
     def forward(self, x):
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
         lora = F.linear(F.linear(self.drop(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))  # [..., out]
         return F.linear(x, self.weight, self.bias) + lora * self.scale
 
@@ -404,6 +481,20 @@ def _parent(model, name):
     for p in parts[:-1]:
         mod = getattr(mod, p)
     return mod, parts[-1]
+
+
+@contextlib.contextmanager
+def lora_off(model):
+    """Inside: every LoRALinear computes its base layer alone, i.e. the model before fine-tuning (GRPO's frozen
+    reference when training LoRA: no second copy of the weights)."""
+    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.enabled = True
 
 
 def is_vision(name):
@@ -570,7 +661,11 @@ def optimizer_state(raw, optimizer):
 
 
 def rng_state():
-    s = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    """Every RNG's state as tensors and plain Python values only, so that it loads with torch.load(weights_only=True)
+    (a file that needs unpickling of anything else is refused: see load_trainer_file)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    s = dict(torch=torch.get_rng_state(), numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             python=random.getstate())
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state()
     return s
@@ -578,10 +673,25 @@ def rng_state():
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
+
+
+def load_trainer_file(path):
+    """torch.load with weights_only=True: tensors, numbers, strings, lists, tuples and dicts only. A checkpoint file
+    that would unpickle anything else (which can run code) is refused with an error naming it."""
+    import pickle
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; the checkpoint is incomplete (resume from another one)") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: refusing to load it: it is not a plain tensor file written by this trainer "
+                         f"(only tensors, numbers, strings, lists and dicts are read back; a file from an older "
+                         f"version or another program cannot be resumed): {str(e).splitlines()[0]}") from None
 
 
 def export_hf(raw, directory):
@@ -643,20 +753,35 @@ def save_checkpoint(raw, optimizer, step, cfg, extra):
     barrier()
     if rank == 0:
         _fsync_tree(tmp)
-        if final.exists():   # re-saving a step (after a resume): move the old one aside first
+        if final.exists():
+            # Re-saving a step (after resuming from an older checkpoint). `latest` must name a whole checkpoint at
+            # every instant: point it at a hard-linked copy of the old one, replace the old one, point it back.
             old = out / f".old-ckpt-{step:06d}"
             shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
+            shutil.copytree(final, old, copy_function=_link_or_copy)
+            _fsync_tree(old)
+            _write_atomic(str(out / "latest"), old.name + "\n")
+            shutil.rmtree(final)
             os.replace(tmp, final)
+            _write_atomic(str(out / "latest"), final.name + "\n")
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _write_atomic(str(out / "latest"), final.name + "\n")
+            _write_atomic(str(out / "latest"), final.name + "\n")
+        for p in list(out.glob(".old-ckpt-*")) + list(out.glob(".tmp-ckpt-*")):   # left by a save that was killed
+            shutil.rmtree(p, ignore_errors=True)
         ckpts = sorted(p for p in out.glob("ckpt-*") if p.is_dir())
         for p in ckpts[:-cfg.keep_last] if cfg.keep_last > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
     barrier()
     return final
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:              # a file system without hard links
+        shutil.copy2(src, dst)
 
 
 def clear_earlier_run(cfg):
@@ -677,12 +802,18 @@ def clear_earlier_run(cfg):
 
 
 def resolve_resume(cfg):
+    """The checkpoint directory --resume names (None for `auto` in an OUT without checkpoints: start fresh)."""
     if cfg.resume != "auto":
-        return Path(cfg.resume)
-    latest = Path(cfg.out) / "latest"
-    if not latest.exists():
-        return None   # nothing to resume: start fresh
-    return Path(cfg.out) / latest.read_text().strip()
+        ckpt = Path(cfg.resume)
+    else:
+        latest = Path(cfg.out) / "latest"
+        if not latest.exists():
+            return None
+        ckpt = Path(cfg.out) / latest.read_text().strip()
+    if not (ckpt / "trainer" / "state.json").is_file():
+        raise FileNotFoundError(f"--resume {cfg.resume}: {ckpt} is not a checkpoint of this trainer (no "
+                                f"trainer/state.json); name a ckpt-NNNNNN directory, or `auto` for OUT/latest")
+    return ckpt
 
 
 def load_trainable(raw, ckpt):
@@ -704,27 +835,151 @@ def load_trainable(raw, ckpt):
 
 def load_optimizer(raw, optimizer, ckpt):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    sd = torch.load(Path(ckpt) / "trainer" / "optimizer.pt", map_location="cpu", weights_only=False)
+    sd = load_trainer_file(Path(ckpt) / "trainer" / "optimizer.pt")
     set_optimizer_state_dict(raw, optimizer, sd, options=StateDictOptions(full_state_dict=True))
 
 
 def load_rng(ckpt):
     rank = dist_info()[0]
-    set_rng_state(torch.load(Path(ckpt) / "trainer" / f"rng-rank{rank}.pt", weights_only=False))
+    set_rng_state(load_trainer_file(Path(ckpt) / "trainer" / f"rng-rank{rank}.pt"))
 
 
 # ------------------------------------------------------------------------------------------------ progress, metrics
 
 class Metrics:
-    """Appends one JSON object per line to OUT/metrics.jsonl (rank 0)."""
+    """Appends one JSON object per line to OUT/metrics.jsonl (rank 0). A fresh run (start 0) starts a fresh file; a
+    resumed run first drops the lines of steps after its checkpoint, so no step appears twice."""
 
-    def __init__(self, path):
+    def __init__(self, path, start=0):
         self.path = path if dist_info()[0] == 0 else None
+        if self.path and os.path.exists(path):
+            if start == 0:
+                os.remove(path)
+            else:
+                with open(path) as f:
+                    keep = [line for line in f if _step_of(line) <= start]
+                _write_atomic(path, "".join(keep))
 
     def log(self, **m):
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(m) + "\n")
+
+
+def _step_of(line):
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return float("inf")   # a torn last line of an interrupted run
+
+
+# ------------------------------------------------------------------------------------------------ setup shared with grpo.py
+
+def start_run(cfg, name):
+    """Distributed init, threads, the config printed, an earlier run in OUT cleared (see clear_earlier_run).
+    Returns the device."""
+    device = init_distributed()
+    rank, world, _ = dist_info()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    log0(f"{name}(\n" + "".join(f"  {k}={v!r},\n" for k, v in dataclasses.asdict(cfg).items()) + ")")
+    if world > 1:
+        log0(f"distributed: {world} ranks, {cfg.dist}, backend {dist.get_backend()}")
+    if rank == 0:
+        clear_earlier_run(cfg)
+    barrier()
+    return device
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_policy(cfg, model_path, device, pretrained, ckpt=None):
+    """The model to train: loaded in the frozen-weight dtype, LoRA added, params frozen per the options, trainable
+    params in float32, the trainable params of `ckpt` copied in (resume), activation checkpointing. Not yet wrapped
+    for DDP / FSDP (see distribute)."""
+    _, world, _ = dist_info()
+    on_cuda = device.type == "cuda"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype,
+                                                                      torch.bfloat16 if on_cuda else torch.float32)
+    if cfg.dist == "fsdp" and world > 1:
+        dtype = torch.float32   # FSDP2 wants one dtype per shard group; bf16 compute comes from its mp_policy
+    raw = M.Qwen25VL.from_pretrained(model_path, dtype=dtype, device=device)
+    raw.train()
+    if cfg.lora_rank > 0:
+        add_lora(raw, cfg)
+    counts = set_trainable(raw, cfg, pretrained=pretrained)
+    for p in raw.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()   # fp32 master weights for everything that trains
+    log0(f"model: {model_path}, {counts['total'] / 1e6:.2f} M params, {counts['trainable'] / 1e6:.3f} M trainable")
+    if ckpt is not None:
+        load_trainable(raw, ckpt)
+    if cfg.act_ckpt:
+        add_activation_checkpointing(raw)
+    return raw
+
+
+def distribute(raw, cfg, device, find_unused=False):
+    """Wrap for torchrun: FSDP2 fully_shard per block (--dist fsdp) or DDP; the model itself with one process.
+    find_unused: DDP must look for params a step does not use (e.g. the vision tower on rows without images)."""
+    _, world, _ = dist_info()
+    if world > 1 and cfg.dist == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if device.type == "cuda" else MixedPrecisionPolicy()
+        for blk in blocks(raw):
+            fully_shard(blk, mesh=mesh, mp_policy=mp)
+        fully_shard(raw, mesh=mesh, mp_policy=mp)
+        return raw
+    if world > 1:
+        return nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   find_unused_parameters=find_unused)
+    return raw
+
+
+def grad_sync(model, last):
+    """Context for one micro-batch's backward: gradients are all-reduced only on the last micro-batch of a step."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not last:
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, nothing on the CPU (fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def optimizer_step(params, optimizer, cfg, step, loss):
+    """Clip, check, step, zero the gradients. Returns the gradient norm before clipping. A non-finite loss or
+    gradient stops the run here (FloatingPointError naming the step), before any NaN reaches the weights or a
+    checkpoint."""
+    gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf")))
+    if not (math.isfinite(gnorm) and math.isfinite(loss)):
+        raise FloatingPointError(f"step {step + 1}: loss {loss}, gradient norm {gnorm}: not finite. Nothing was "
+                                 f"applied or saved; lower --lr (now {cfg.lr:g}) or resume from the last checkpoint")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return gnorm
+
+
+def set_lr(optimizer, step, total, cfg):
+    lr = lr_at(step, total, cfg)
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    return lr
+
+
+def finish_run():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -808,17 +1063,21 @@ class NoZoom:
         return logits
 
 
-def evaluate(raw, tokenizer, eval_path, cfg, step, no_zoom=False):
-    """CoF-loop accuracy (%) and mean zooms on the first --eval_n held-out questions; each rank runs its share and
-    the counts are summed. no_zoom: the forced no-zoom baseline (see NoZoom)."""
+def evaluate(raw, tokenizer, eval_path, cfg, step, no_zoom=False, tag=None, limit=None):
+    """CoF-loop evaluation on the first --eval_n (or `limit`; 0 = all) held-out questions; each rank runs its share
+    and the results are gathered. no_zoom: the forced no-zoom baseline (see NoZoom). Every trajectory is written to
+    OUT/eval/{tag}-step{N}-rank{r}.jsonl. Returns accuracy (%), mean_zooms, n, errors (questions whose loop raised)
+    and kinds (cof.kind_table rows: per question kind and overall)."""
     rank, world, _ = dist_info()
     items = cof.read_synthetic(eval_path)
-    items = items[:cfg.eval_n] if cfg.eval_n > 0 else items
+    n = cfg.eval_n if limit is None else limit
+    items = items[:n] if n > 0 else items
     ccfg = cof.CofConfig(processor_min_pixels=cfg.min_pixels, processor_max_pixels=cfg.max_pixels,
                          max_turns=cfg.eval_max_turns, max_new_tokens=cfg.eval_max_new_tokens,
-                         system=not cfg.drop_system)
+                         system=not cfg.drop_system, question_format=cfg.eval_question_format)
+    tag = tag or ("no-zoom" if no_zoom else "cof")
     os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)   # every trajectory is kept: cof.py can draw them
-    path = os.path.join(cfg.out, "eval", f"{'no-zoom' if no_zoom else 'cof'}-step{step:06d}-rank{rank}.jsonl")
+    path = os.path.join(cfg.out, "eval", f"{tag}-step{step:06d}-rank{rank}.jsonl")
     if os.path.exists(path):
         os.remove(path)
     model = NoZoom(raw, tokenizer.tok.token_to_id("<tool_call>")) if no_zoom else raw
@@ -835,45 +1094,52 @@ def evaluate(raw, tokenizer, eval_path, cfg, step, no_zoom=False):
         if unshard:
             raw.reshard()
         raw.train(was_training)
-    c = all_reduce_sum(torch.tensor([sum(r["correct"] for r in recs), sum(r["n_zooms"] for r in recs), len(recs)],
-                                    dtype=torch.float64)).tolist()
-    return dict(accuracy=100 * c[0] / max(1, c[2]), mean_zooms=c[1] / max(1, c[2]), n=int(c[2]))
+    recs = gather_records(recs)
+    kinds = cof.kind_table(recs)
+    return dict(accuracy=kinds[-1]["accuracy"] if kinds else 0.0, mean_zooms=kinds[-1]["mean_zooms"] if kinds else 0.0,
+                n=len(recs), errors=sum(1 for r in recs if r.get("error")), kinds=kinds)
+
+
+def gather_records(recs):
+    """Every rank's list of small JSON-able dicts, concatenated in rank order (all ranks get the result)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return recs
+    out = [None] * dist_info()[1]
+    dist.all_gather_object(out, [{k: r.get(k) for k in ("correct", "n_zooms", "n_generated", "kind", "category",
+                                                         "error", "id")} for r in recs])
+    return [r for part in out for r in part]
+
+
+def eval_metrics(tag, ev):
+    """An evaluation as flat metrics.jsonl keys: {tag}/accuracy ..., and {tag}/{kind}/accuracy ... per kind."""
+    m = {f"{tag}/{k}": v for k, v in ev.items() if k != "kinds"}
+    for row in ev["kinds"][:-1] if len(ev["kinds"]) > 1 else []:
+        m.update({f"{tag}/{row['kind']}/{k}": v for k, v in row.items() if k not in ("kind", "errors")})
+    return m
+
+
+def log_eval(tag, step, ev):
+    """One line per evaluation, then one per question kind when there are several."""
+    log0(f"{tag} @ step {step}: accuracy {ev['accuracy']:.1f}% over {ev['n']} questions, mean zooms "
+         f"{ev['mean_zooms']:.2f}" + (f", {ev['errors']} question(s) failed with an error (see OUT/eval)"
+                                      if ev["errors"] else ""))
+    if len(ev["kinds"]) > 1:
+        for k in ev["kinds"][:-1]:
+            log0(f"    {k['kind']:>9}: accuracy {k['accuracy']:5.1f}% (n={k['n']}), zoom rate {k['zoom_rate']:5.1f}%, "
+                 f"mean zooms {k['mean_zooms']:.2f}, direct {k['direct_share']:.0f}% "
+                 f"(accuracy {k['direct_accuracy']:.1f}%), {k['gen_tokens']:.0f} tokens")
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run SFT as configured. Returns {"losses": [...], "checkpoint": path, "eval": {...}, ...} (rank 0 values)."""
-    device = init_distributed()
+    device = start_run(cfg, "TrainConfig")
     rank, world, _ = dist_info()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    log0("TrainConfig(\n" + "".join(f"  {k}={v!r},\n" for k, v in dataclasses.asdict(cfg).items()) + ")")
-    if world > 1:
-        log0(f"distributed: {world} ranks, {cfg.dist}, backend {dist.get_backend()}")
-    if rank == 0:
-        clear_earlier_run(cfg)
     model_path, data_path, eval_path = prepare_defaults(cfg)
     barrier()
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-
+    seed_all(cfg.seed)
     tokenizer = M.Tokenizer.from_pretrained(model_path)
     rows, n_bad = load_rows(data_path, tokenizer, cfg)
     log0(f"data: {len(rows)} rows from {data_path}" + (f", {n_bad} bad rows skipped" if n_bad else ""))
-    on_cuda = device.type == "cuda"
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype,
-                                                                      torch.bfloat16 if on_cuda else torch.float32)
-    if cfg.dist == "fsdp" and world > 1:
-        dtype = torch.float32   # FSDP2 wants one dtype per shard group; bf16 compute comes from its mp_policy
-    raw = M.Qwen25VL.from_pretrained(model_path, dtype=dtype, device=device)
-    raw.train()
-    if cfg.lora_rank > 0:
-        add_lora(raw, cfg)
-    counts = set_trainable(raw, cfg, pretrained=bool(cfg.model))
-    for p in raw.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()   # fp32 master weights for everything that trains
-    log0(f"model: {model_path}, {counts['total'] / 1e6:.2f} M params, {counts['trainable'] / 1e6:.3f} M trainable")
 
     global_batch = cfg.batch_size * cfg.grad_accum * world
     spe = steps_per_epoch(len(rows), global_batch)
@@ -882,30 +1148,15 @@ def train(cfg: TrainConfig) -> dict:
     start = 0
     if ckpt is not None:
         state = json.loads((ckpt / "trainer" / "state.json").read_text())
-        if state["global_batch"] != global_batch or state["n_rows"] != len(rows):
-            raise ValueError(f"{ckpt}: written with global batch {state['global_batch']} over {state['n_rows']} rows; "
-                             f"this run has {global_batch} over {len(rows)}. Resume with the same data and "
-                             f"batch_size * grad_accum * ranks, or start a new --out")
-        load_trainable(raw, ckpt)
+        if state.get("global_batch") != global_batch or state.get("n_rows") != len(rows):
+            raise RunError(f"{ckpt}: written with global batch {state.get('global_batch')} over "
+                             f"{state.get('n_rows')} rows; this run has {global_batch} over {len(rows)}. Resume with "
+                             f"the same data and batch_size * grad_accum * ranks, or start a new --out")
         start = state["step"]
         log0(f"resuming from {ckpt} at step {start}")
-    if cfg.act_ckpt:
-        add_activation_checkpointing(raw)
-
-    model = raw
-    if world > 1 and cfg.dist == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(device.type, (world,))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda \
-            else MixedPrecisionPolicy()
-        for blk in blocks(raw):
-            fully_shard(blk, mesh=mesh, mp_policy=mp)
-        fully_shard(raw, mesh=mesh, mp_policy=mp)
-    elif world > 1:
-        # rows without images leave the vision tower out of the graph: DDP must then look for unused params
-        model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if on_cuda else None,
-                                                    find_unused_parameters=any(not r["images"] for r in rows))
+    raw = build_policy(cfg, model_path, device, pretrained=bool(cfg.model), ckpt=ckpt)
+    # rows without images leave the vision tower out of the graph: DDP must then look for unused params
+    model = distribute(raw, cfg, device, find_unused=any(not r["images"] for r in rows))
     optimizer = make_optimizer(raw, cfg)
     if ckpt is not None:
         load_optimizer(raw, optimizer, ckpt)
@@ -919,53 +1170,21 @@ def train(cfg: TrainConfig) -> dict:
                                          generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
     batches = iter(loader)
     os.makedirs(cfg.out, exist_ok=True)
-    if start == 0 and rank == 0 and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
-        os.remove(os.path.join(cfg.out, "metrics.jsonl"))   # a fresh run starts a fresh log; a resumed one appends
-    metrics = Metrics(os.path.join(cfg.out, "metrics.jsonl"))
-    bar = cof.Progress(total, "sft", start=start, enabled=cfg.progress and dist_info()[0] == 0)
+    metrics = Metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
+    bar = cof.Progress(total, "sft", start=start, enabled=cfg.progress and rank == 0)
     params = [p for p in raw.parameters() if p.requires_grad]
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
     losses, evals, last_ckpt = [], [], None
     extra = dict(global_batch=global_batch, n_rows=len(rows), total=total, model=model_path, data=data_path)
     t_run = time.time()
     for step in range(start, total):
         t0 = time.time()
-        micro = [next(batches) for _ in range(cfg.grad_accum)]
-        counts = torch.tensor([sum(float(b["weights"][:, 1:].sum()) for b in micro),
-                               sum(float(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64)
-        n_global, n_tokens = all_reduce_sum(counts).tolist()
-        lr = lr_at(step, total, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for j, b in enumerate(micro):
-            last = j == len(micro) - 1
-            if isinstance(model, nn.parallel.DistributedDataParallel) and not last:
-                sync = model.no_sync()
-            else:
-                sync = contextlib.nullcontext()
-                if hasattr(model, "set_requires_gradient_sync"):
-                    model.set_requires_gradient_sync(last)
-            with sync, autocast():
-                logits = model(b["input_ids"].to(device), pixel_values=_to(b["pixel_values"], device),
-                               image_grid_thw=b["image_grid_thw"], attention_mask=b["attention_mask"].to(device))
-                loss = sft_loss(logits, b["labels"].to(device), b["weights"].to(device), n_global)
-            (loss * world).backward()   # DDP / FSDP average gradients over ranks; the loss is already a global mean
-            loss_sum += loss.detach().double().cpu()
-        if cfg.clip_grad > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
-        else:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_val = float(all_reduce_sum(loss_sum))
+        loss_val, m = sft_step(model, optimizer, params, [next(batches) for _ in range(cfg.grad_accum)], cfg,
+                               step, total, device)
         losses.append(loss_val)
-        dt = time.time() - t0
-        m = dict(step=step + 1, loss=loss_val, lr=lr, grad_norm=gnorm, tokens_per_s=n_tokens / dt,
-                 label_tokens=n_global, elapsed_s=time.time() - t_run)
+        m.update(tokens_per_s=m.pop("tokens") / (time.time() - t0), elapsed_s=time.time() - t_run)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             metrics.log(**m)
-        bar.update(1, loss=loss_val, lr=lr, **{"tok/s": round(n_tokens / dt)})
+        bar.update(1, loss=loss_val, lr=m["lr"], **{"tok/s": round(m["tokens_per_s"])})
         done = step + 1 == total
         if eval_path and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
             bar.close()
@@ -973,27 +1192,55 @@ def train(cfg: TrainConfig) -> dict:
                 ev = evaluate(raw, tokenizer, eval_path, cfg, step + 1, no_zoom=no_zoom)
                 tag = "eval_no_zoom" if no_zoom else "eval"
                 evals.append(dict(step=step + 1, mode=tag, **ev))
-                metrics.log(step=step + 1, **{f"{tag}/{k}": v for k, v in ev.items()})
-                log0(f"{tag} @ step {step + 1}: accuracy {ev['accuracy']:.1f}% over {ev['n']} questions, "
-                     f"mean zooms {ev['mean_zooms']:.2f}")
+                metrics.log(step=step + 1, **eval_metrics(tag, ev))
+                log_eval(tag, step + 1, ev)
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done:
             last_ckpt = save_checkpoint(raw, optimizer, step + 1, cfg, extra)
     bar.close()
     if last_ckpt is not None:
         log0(f"checkpoint: {last_ckpt} (HF format: loads with model.Qwen25VL.from_pretrained and transformers)")
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
     return dict(losses=losses, checkpoint=str(last_ckpt) if last_ckpt else None, eval=evals,
                 start=start, total=total, n_bad=n_bad, seconds=time.time() - t_run)
+
+
+def sft_step(model, optimizer, params, micro, cfg, step, total, device):
+    """One optimizer step over this rank's micro-batches. The loss of every micro-batch is divided by the label
+    weight of the whole global step (all micro-batches, all ranks). Returns (loss, metrics dict)."""
+    counts = torch.tensor([sum(float(b["weights"][:, 1:].sum()) for b in micro),
+                           sum(float(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64)
+    n_global, n_tokens = all_reduce_sum(counts).tolist()
+    lr = set_lr(optimizer, step, total, cfg)
+    world = dist_info()[1]
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for j, b in enumerate(micro):
+        with grad_sync(model, j == len(micro) - 1), autocast(device):
+            logits = model(b["input_ids"].to(device), pixel_values=_to(b["pixel_values"], device),
+                           image_grid_thw=b["image_grid_thw"], attention_mask=b["attention_mask"].to(device))
+            loss = sft_loss(logits, b["labels"].to(device), b["weights"].to(device), n_global)
+        (loss * world).backward()   # DDP / FSDP average gradients over ranks; the loss is already a global mean
+        loss_sum += loss.detach().double().cpu()
+    loss_val = float(all_reduce_sum(loss_sum))
+    gnorm = optimizer_step(params, optimizer, cfg, step, loss_val)
+    return loss_val, dict(step=step + 1, loss=loss_val, lr=lr, grad_norm=gnorm, tokens=n_tokens, label_tokens=n_global)
 
 
 def _to(x, device):
     return None if x is None else x.to(device)
 
 
+def run_cli(train_fn, cfg, prog):
+    """Run a trainer from its command line: a problem with the inputs (a bad row, a missing or broken checkpoint, a
+    resume that does not fit) ends with one line naming it and exit status 1, not a traceback."""
+    try:
+        return train_fn(cfg)
+    except (formats.DataError, BadRow, RunError, M.CheckpointError, FileNotFoundError, cof.BenchError) as e:
+        raise SystemExit(f"{prog}: error: {e}") from None
+    finally:
+        finish_run()
+
+
 def main(argv=None):
-    cfg = parse_args(argv)
-    train(cfg)
+    run_cli(train, parse_args(argv), "sft.py")
 
 
 if __name__ == "__main__":

@@ -257,7 +257,7 @@ def test_tiny_model_end_to_end_batched_with_zooms_matches_full_forward(tiny):
     for q, tr in enumerate(trajs):
         with torch.no_grad():   # re-encode the whole conversation at once
             full = model(torch.tensor([tr.ids], device=DEV), pixel_values=tr.pixel_values, image_grid_thw=tr.image_grid_thw)[0]
-        logp = torch.log_softmax(full.float(), -1)                             # [T, V]
+        logp = torch.log_softmax(full.float().index_fill(-1, torch.tensor(cof.vision_token_ids(tok)), float("-inf")), -1)  # [T, V]
         forced = forced_positions(tok, tr.ids, prefixes[q])
         for p in range(tr.prompt_len, len(tr.ids)):
             if not tr.gen_mask[p] or p in forced:
@@ -308,7 +308,7 @@ def test_tiny_model_rollouts_for_grpo(tiny):
         assert len(t.images) == t.image_grid_thw.shape[0]
         with torch.no_grad():
             full = model(torch.tensor([t.ids], device=DEV), pixel_values=t.pixel_values, image_grid_thw=t.image_grid_thw)[0]
-        logp = torch.log_softmax(full.float(), -1)
+        logp = torch.log_softmax(full.float().index_fill(-1, torch.tensor(cof.vision_token_ids(tok)), float("-inf")), -1)
         forced = forced_positions(tok, t.ids, prefixes[t.group])
         for p in range(t.prompt_len, len(t.ids)):
             if t.gen_mask[p] and p not in forced:

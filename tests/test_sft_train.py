@@ -8,9 +8,6 @@ import json
 import re
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +17,7 @@ from PIL import Image
 import model as M
 import sft
 from data.formats import DataError
+from procs import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
@@ -172,27 +170,8 @@ def test_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
     assert res["start"] == 2 and (out / "latest").read_text().strip() == "ckpt-000004"
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(args, nproc=None):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
-           if nproc else [sys.executable]) + [os.path.join(ROOT, "sft.py")] + args
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    # own process group: on a timeout the launcher AND its workers are killed (no orphans left waiting in gloo)
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        pytest.fail(f"{' '.join(cmd)} timed out after 300 s:\n{out[-2000:]}{err[-2000:]}")
-    assert p.returncode == 0, out[-3000:] + err[-3000:]
+    run_script("sft.py", args, nproc)
 
 
 def _losses(out):

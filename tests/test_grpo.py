@@ -375,3 +375,12 @@ def test_train_question_format_is_the_rl_and_sft_prompt(setup):
         assert cof.question_text(with_hint) == "Question: " + with_hint + cof.USER_PROMPT
     with pytest.raises(ValueError, match="question_format must be one of"):
         cof.CofConfig(question_format="other")
+
+
+def test_the_built_in_preset_is_a_valid_config(monkeypatch):
+    cfg = grpo.parse_args([])
+    assert (cfg.max_steps, cfg.group_size, cfg.reward, cfg.freeze_vision) == (200, 6, "agar", "yes")
+    assert cfg.threads == grpo.TINY_GRPO_PRESET["threads"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert grpo.parse_args([]).threads == grpo.TINY_GRPO_PRESET["threads"] // 2
+    assert grpo.parse_args(["--model", "some/ckpt"]).lr == 1e-6        # a real model gets the released recipe

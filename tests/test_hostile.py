@@ -377,3 +377,45 @@ def test_raw_errors_become_named_errors(tmp_path):
     tsv.write_text("index\tquestion\tanswer\tcategory\tA\tB\tcycle_category\timage\n0\tq\tA\tsingle\tx\ty\tzero\tQUJD\n")
     with pytest.raises(cof.BenchError, match="cycle_category must be an integer"):
         cof.read_hrbench(str(tsv))
+
+
+_RESAVER = """
+import sys
+import model as M, sft
+d, out = sys.argv[1], sys.argv[2]
+raw = M.Qwen25VL.from_pretrained(d)
+cfg = sft.TrainConfig(out=out, keep_last=5)
+opt = sft.make_optimizer(raw, cfg)
+step = 0
+while True:                        # re-save step 2 over and over (what a run resumed from step 1 does), and step 3
+    step += 1
+    sft.save_checkpoint(raw, opt, 2 if step % 3 else 3, cfg, {})
+    print("saved", flush=True)
+"""
+
+
+def test_kill_9_during_resaves_never_leaves_latest_broken(tmp_path):
+    """A real SIGKILL, at random moments, of a process that keeps re-saving an existing step: after every kill
+    `--resume auto` finds a whole checkpoint (config, weights, trainer state) and the next save cleans up."""
+    import signal
+    import subprocess
+    import sys
+    d = M.make_tiny(str(tmp_path / "m"), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                    intermediate_size=32, vision_hidden_size=32, vision_depth=1, vision_heads=2,
+                    vision_intermediate_size=32, fullatt_block_indexes=(0,), bpe_vocab_size=300)
+    out = tmp_path / "out"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rng = random.Random(0)
+    for trial in range(4):
+        p = subprocess.Popen([sys.executable, "-c", _RESAVER, d, str(out)], cwd=root, stdout=subprocess.PIPE,
+                             env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"), text=True)
+        for _ in range(2 + trial):                    # let it finish a few saves, so the next one is a re-save
+            assert p.stdout.readline().startswith("saved"), "the re-saving process died on its own"
+        time.sleep(rng.uniform(0.0, 0.05))            # then kill it somewhere inside a save
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        p.stdout.close()
+        ckpt = sft.resolve_resume(sft.TrainConfig(out=str(out), resume="auto"))
+        assert json.loads((ckpt / "trainer" / "state.json").read_text())["step"] in (2, 3)
+        sft.load_trainer_file(ckpt / "trainer" / "optimizer.pt")
+        M.Qwen25VL.from_pretrained(str(ckpt))

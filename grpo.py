@@ -609,46 +609,52 @@ def _finished(out):
 
 # ------------------------------------------------------------------------------------------------ curves
 
-def plot_metrics(path, png, keys=None):
-    """Training curves from metrics.jsonl as a PNG (Pillow only): reward, accuracy and zoom rate per question kind
-    against the step, and the held-out accuracy at each evaluation."""
+def plot_metrics(path, png, smooth=10):
+    """Training curves from metrics.jsonl as a PNG (Pillow only): reward, and the rollouts' zoom rate and accuracy per
+    question kind (each a mean over the last `smooth` steps: a step holds only a few prompts of a kind), against the
+    step; and the held-out accuracy per kind at each evaluation."""
     from PIL import Image, ImageDraw, ImageFont
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     train_rows = [r for r in rows if "reward" in r]
+    eval_rows = [r for r in rows if "eval/accuracy" in r]
     kinds = sorted({k.split("/")[0] for r in train_rows for k in r if k.endswith("/zoom_rate")})
-    panels = [("reward (shaped, mean of the step)", [("reward", "reward", (0, 0, 0))], (0, 1)),
-              ("zoom rate of the rollouts per kind, %", [(f"{k}/zoom_rate", k, None) for k in kinds], (0, 100)),
-              ("accuracy of the rollouts per kind, %", [(f"{k}/accuracy", k, None) for k in kinds], (0, 100)),
-              ("held-out accuracy per kind (greedy), %", [(f"eval/{k}/accuracy", k, None) for k in kinds]
-               + [("eval/accuracy", "all", (0, 0, 0))], (0, 100))]
+    black = (0, 0, 0)
+    panels = [(f"reward (mean of {smooth} steps)", train_rows, [("reward", "reward", black)], (0, 1)),
+              (f"zoom rate of the rollouts, % (mean of {smooth} steps)", train_rows,
+               [(f"{k}/zoom_rate", k, None) for k in kinds], (0, 100)),
+              (f"accuracy of the rollouts, % (mean of {smooth} steps)", train_rows,
+               [(f"{k}/accuracy", k, None) for k in kinds], (0, 100)),
+              ("held-out accuracy, % (greedy CoF loop)", eval_rows,
+               [(f"eval/{k}/accuracy", k, None) for k in kinds] + [("eval/accuracy", "all", black)], (0, 100))]
     colours = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 140, 140)]
     W, H, pad = 560, 300, 50
     img = Image.new("RGB", (2 * W, 2 * H), "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    steps = [r["step"] for r in rows] or [0]
-    x0, x1 = 0, max(max(steps), 1)
-    for n, (title, series, (lo, hi)) in enumerate(panels):
+    x1 = max([r["step"] for r in rows] + [1])
+    for n, (title, source, series, (lo, hi)) in enumerate(panels):
         ox, oy = (n % 2) * W, (n // 2) * H
-        box = (ox + pad, oy + 30, ox + W - 20, oy + H - 40)
-        d.rectangle(box, outline=(0, 0, 0))
-        d.text((ox + pad, oy + 10), title, fill=(0, 0, 0), font=font)
+        box = (ox + pad, oy + 45, ox + W - 20, oy + H - 30)
+        d.rectangle(box, outline=black)
+        d.text((ox + pad, oy + 8), title, fill=black, font=font)
         for frac in (0, 0.5, 1):
-            y = box[3] - frac * (box[3] - box[1])
-            d.text((ox + 5, y - 6), f"{lo + frac * (hi - lo):g}", fill=(0, 0, 0), font=font)
-        d.text((box[0], box[3] + 5), f"step {x0}", fill=(0, 0, 0), font=font)
-        d.text((box[2] - 60, box[3] + 5), f"step {x1}", fill=(0, 0, 0), font=font)
+            d.text((ox + 5, box[3] - frac * (box[3] - box[1]) - 6), f"{lo + frac * (hi - lo):g}", fill=black, font=font)
+        d.text((box[0], box[3] + 5), "step 0", fill=black, font=font)
+        d.text((box[2] - 60, box[3] + 5), f"step {x1}", fill=black, font=font)
         for j, (key, label, colour) in enumerate(series):
             colour = colour or colours[j % len(colours)]
-            pts = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
-            xy = [(box[0] + (s - x0) / (x1 - x0) * (box[2] - box[0]),
-                   box[3] - (min(max(v, lo), hi) - lo) / (hi - lo) * (box[3] - box[1])) for s, v in pts]
+            d.text((ox + pad + 70 * j, oy + 24), label, fill=colour, font=font)           # legend under the title
+            pts = [(r["step"], r[key]) for r in source if key in r and r[key] == r[key]]
+            if source is train_rows:                                                      # trailing mean
+                win = [[v for _, v in pts[max(0, i - smooth + 1):i + 1]] for i in range(len(pts))]
+                pts = [(st, sum(w) / len(w)) for (st, _), w in zip(pts, win)]
+            xy = [(box[0] + st / x1 * (box[2] - box[0]),
+                   box[3] - (min(max(v, lo), hi) - lo) / (hi - lo) * (box[3] - box[1])) for st, v in pts]
             if len(xy) > 1:
                 d.line(xy, fill=colour, width=2)
             for x, y in xy if len(xy) < 12 else []:
                 d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-            d.text((box[2] - 70, box[1] + 5 + 12 * j), label, fill=colour, font=font)
     img.save(png)
     return png
 

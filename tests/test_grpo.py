@@ -384,3 +384,19 @@ def test_the_built_in_preset_is_a_valid_config(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert grpo.parse_args([]).threads == grpo.TINY_GRPO_PRESET["threads"] // 2
     assert grpo.parse_args(["--model", "some/ckpt"]).lr == 1e-6        # a real model gets the released recipe
+
+
+def test_curves_png_draws_every_panel(tmp_path):
+    """plot_metrics draws the trailing-mean curves where their values put them: reward 0.5 at mid-height of its
+    panel, the easy zoom rate at 100% on top of its panel."""
+    from PIL import Image
+    path = tmp_path / "metrics.jsonl"
+    rows = [dict(step=s, reward=0.5, **{"easy/zoom_rate": 100.0, "easy/accuracy": 0.0}) for s in range(1, 21)]
+    rows += [{"step": 20, "eval/accuracy": 50.0, "eval/easy/accuracy": 50.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    img = Image.open(grpo.plot_metrics(str(path), str(tmp_path / "c.png"))).convert("RGB")
+    assert img.size == (1120, 600)
+    mid_reward = (45 + 270) // 2                      # reward panel box: y 45..270, 0.5 -> the middle
+    assert any(img.getpixel((x, y)) == (0, 0, 0) for x in range(200, 400) for y in (mid_reward - 1, mid_reward,
+                                                                                      mid_reward + 1))
+    assert any(img.getpixel((x, 45 + dy)) == (230, 25, 75) for x in range(800, 1000) for dy in (0, 1))  # easy 100%

@@ -586,7 +586,7 @@ def default_sft_checkpoint():
     found = _finished(SFT_DEFAULT_OUT)
     if found is None:
         log0(f"no finished SFT checkpoint in {SFT_DEFAULT_OUT}: training it first with sft.py's defaults "
-             f"(`python sft.py`, about 17 minutes on 2 CPU cores)")
+             f"(`python sft.py`, 17-25 minutes on 2 CPU cores)")
         sft.train(sft.parse_args(["--resume", "auto"]))
         found = _finished(SFT_DEFAULT_OUT)
         if found is None:

@@ -400,6 +400,7 @@ def test_kill_9_during_resaves_never_leaves_latest_broken(tmp_path):
     import signal
     import subprocess
     import sys
+    import threading
     d = M.make_tiny(str(tmp_path / "m"), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                     intermediate_size=32, vision_hidden_size=32, vision_depth=1, vision_heads=2,
                     vision_intermediate_size=32, fullatt_block_indexes=(0,), bpe_vocab_size=300)
@@ -409,8 +410,11 @@ def test_kill_9_during_resaves_never_leaves_latest_broken(tmp_path):
     for trial in range(4):
         p = subprocess.Popen([sys.executable, "-c", _RESAVER, d, str(out)], cwd=root, stdout=subprocess.PIPE,
                              env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"), text=True)
+        watchdog = threading.Timer(120, p.kill)       # a hung child must not hang the suite
+        watchdog.start()
         for _ in range(2 + trial):                    # let it finish a few saves, so the next one is a re-save
             assert p.stdout.readline().startswith("saved"), "the re-saving process died on its own"
+        watchdog.cancel()
         time.sleep(rng.uniform(0.0, 0.05))            # then kill it somewhere inside a save
         p.send_signal(signal.SIGKILL)
         p.wait()

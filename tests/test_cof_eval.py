@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -15,8 +14,7 @@ from PIL import Image
 import cof
 import model as M
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # the scripted stand-in lives in test_cof_loop.py
-from test_cof_loop import ScriptedModel, call, img  # noqa: E402
+from cof_fixtures import ScriptedModel, call, img
 
 
 def save_jpg(path, h, w, seed):

@@ -83,14 +83,22 @@ def test_activation_checkpointing_gives_the_same_steps(setup):
     assert np.allclose(a["losses"], b["losses"], rtol=1e-6, atol=1e-6), (a["losses"], b["losses"])
 
 
-def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(setup):
-    # LoRA with dropout (consumes the RNG) + a fully trained vision tower: every piece of saved state matters
-    kw = dict(lora_rank=4, lora_dropout=0.1, lora_targets="q_proj,v_proj,down_proj")
-    full = sft.train(_cfg(setup, "full", **kw))
+# LoRA with dropout (consumes the RNG) + a fully trained vision tower: every piece of saved state matters
+LORA_KW = dict(lora_rank=4, lora_dropout=0.1, lora_targets="q_proj,v_proj,down_proj")
+
+
+@pytest.fixture(scope="module")
+def lora_run(setup):
+    """One uninterrupted 6-step LoRA run (checkpoints at steps 3 and 6), shared by the tests that need it."""
+    return sft.train(_cfg(setup, "full", **LORA_KW))
+
+
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(setup, lora_run):
+    full = lora_run
     out = setup["root"] / "resumed"
     os.makedirs(out)
     shutil.copytree(setup["root"] / "full" / "ckpt-000003", out / "ckpt-000003")
-    res = sft.train(_cfg(setup, "resumed", resume=str(out / "ckpt-000003"), **kw))
+    res = sft.train(_cfg(setup, "resumed", resume=str(out / "ckpt-000003"), **LORA_KW))
     assert res["start"] == 3 and len(res["losses"]) == 3
     assert res["losses"] == full["losses"][3:]                                    # exact float equality
     from safetensors.torch import load_file
@@ -98,14 +106,11 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(setup):
     b = load_file(str(out / "ckpt-000006" / "trainer" / "trainable.safetensors"))
     assert a.keys() == b.keys() and any("lora_A" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    setup["lora_ckpt"] = str(setup["root"] / "full" / "ckpt-000006")
 
 
-def test_checkpoint_loads_in_transformers_with_identical_logits(setup):
-    if "lora_ckpt" not in setup:
-        pytest.skip("needs the resume test's checkpoint")
+def test_checkpoint_loads_in_transformers_with_identical_logits(setup, lora_run):
     from transformers import Qwen2_5_VLForConditionalGeneration
-    ckpt = setup["lora_ckpt"]
+    ckpt = lora_run["checkpoint"]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(ckpt))
     tok = M.Tokenizer.from_pretrained(ckpt)
     cfg = _cfg(setup, "unused")

@@ -379,7 +379,8 @@ def test_model_backend_runs_a_real_tiny_model(tmp_path):
     sc = synth.make_scene(synth.scene_rng(0, "test", 1))
     world = agent.scene_world(sc)
     reply = tools.ask([world.main_view().sent], "Locate the red circle.", max_pixels=world.view_max_pixels)
-    assert isinstance(reply, str)
+    assert isinstance(reply, str) and len(tok.encode(reply)) <= 8 + 2          # greedy, at most max_new_tokens
+    assert tools.ask([world.main_view().sent], "Locate the red circle.", max_pixels=world.view_max_pixels) == reply
     # the view the oracle reads is exactly the model processor's input
     for view in (world.main_view(), world.zoom(agent.tool_call_text(agent.OracleTools().locate(world)))):
         pv, grid = M.preprocess_image(crop_kernels.from_pil(view.sent), world.view_min_pixels, world.view_max_pixels)

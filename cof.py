@@ -517,16 +517,22 @@ def _temperature(cfg):
     return cfg.temperature if cfg.do_sample and cfg.temperature > 0 else 1.0
 
 
-def policy_logprobs(logits, tokens, banned=(), temperature=1.0):
-    """log p(tokens) under the sampling policy: logits [..., V] with the `banned` ids at -inf, divided by the
-    temperature, log-softmax in float32; tokens [...] -> [...]. The zoom loop records these at sampling time and
-    grpo.py recomputes them in its training forward, so the two agree when the weights have not changed."""
+def policy_log_softmax(logits, banned=(), temperature=1.0):
+    """The sampling policy's log-distribution: logits [..., V] with the `banned` ids at -inf, divided by the
+    temperature, log-softmax in float32 -> [..., V]."""
     import torch
 
     x = logits.float()
     if len(banned):
         x = x.index_fill(-1, torch.as_tensor(banned, device=x.device), float("-inf"))
-    x = torch.log_softmax(x / temperature, dim=-1)                                         # [..., V]
+    return torch.log_softmax(x / temperature, dim=-1)                                      # [..., V]
+
+
+def policy_logprobs(logits, tokens, banned=(), temperature=1.0):
+    """log p(tokens) under the sampling policy (policy_log_softmax); tokens [...] -> [...]. The zoom loop records
+    these at sampling time and grpo.py recomputes them in its training forward, so the two agree when the weights
+    have not changed."""
+    x = policy_log_softmax(logits, banned, temperature)                                    # [..., V]
     return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)                                  # [...]
 
 
@@ -906,13 +912,14 @@ def _inside(root, rel, where):
     """The path of a benchmark image named relative to `root`; it must be a string, lie inside `root` (no "../" or
     absolute paths out of it) and exist."""
     import os
+    import model as M
 
     if not isinstance(rel, str) or not rel or "\0" in rel:
         raise BenchError(f"{where}: image must be a non-empty path string, got {rel!r}")
-    top = os.path.abspath(root)        # lexical, so that images linked from elsewhere (e.g. a hub cache) still load
-    full = os.path.normpath(os.path.join(top, rel))
-    if os.path.commonpath([full, top]) != top:
-        raise BenchError(f"{where}: image {rel!r} leaves the benchmark folder {top}; keep images inside it")
+    full = M.path_inside(root, rel)
+    if full is None:
+        raise BenchError(f"{where}: image {rel!r} leaves the benchmark folder {os.path.abspath(root)}; keep images "
+                         f"inside it")
     if not os.path.isfile(full):
         raise BenchError(f"{where}: image {rel!r} not found under {root}")
     return full

@@ -262,16 +262,13 @@ def token_logprobs(model, trajs, tokenizer, cfg, device, with_entropy=False):
         logits = model(ids, pixel_values=torch.cat([t.pixel_values for t in trajs]).to(device),
                        image_grid_thw=torch.cat([t.image_grid_thw for t in trajs]), attention_mask=attn)  # [B, T, V]
     sel = gen[:, 1:]                                                         # [B, T-1] targets that were generated
-    picked = logits[:, :-1][sel]                                             # [N, V] only where there is a loss
-    banned, temp = cof.vision_token_ids(tokenizer), cfg.temperature
+    lp = cof.policy_log_softmax(logits[:, :-1][sel], cof.vision_token_ids(tokenizer), cfg.temperature)  # [N, V]
     logp = torch.zeros(B, T, device=device)
-    logp[:, 1:][sel] = cof.policy_logprobs(picked, ids[:, 1:][sel], banned, temp)         # [B, T]
+    logp[:, 1:][sel] = lp.gather(-1, ids[:, 1:][sel].unsqueeze(-1)).squeeze(-1)            # [B, T]
     ent = None
     if with_entropy:
         with torch.no_grad():
-            lp = torch.log_softmax(picked.float().index_fill(-1, torch.tensor(banned, device=device), float("-inf"))
-                                   / temp, -1)                               # [N, V]
-            ent = -(lp.exp() * lp.nan_to_num(0.0)).sum(-1)                   # [N]
+            ent = -(lp.exp() * lp.nan_to_num(0.0)).sum(-1)                   # [N] (banned ids add 0)
     return logp, gen, ent
 
 

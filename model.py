@@ -604,6 +604,14 @@ def resolve_checkpoint(path_or_id: str) -> str:
                       f"`from_pretrained('DIR')`.") from None
 
 
+def path_inside(root: str, rel: str):
+    """`rel` joined to `root` and normalised, or None when that leaves `root`. Lexical on purpose (no symlinks
+    resolved): hub snapshots and benchmark folders link their files into a store elsewhere."""
+    top = os.path.abspath(root)
+    full = os.path.normpath(os.path.join(top, rel))
+    return full if os.path.commonpath([full, top]) == top else None
+
+
 def _checkpoint_files(directory: str) -> dict[str, str]:
     """tensor name (as stored) -> file path, from model.safetensors or model.safetensors.index.json."""
     from safetensors import safe_open
@@ -618,14 +626,12 @@ def _checkpoint_files(directory: str) -> dict[str, str]:
         wm = wm.get("weight_map") if isinstance(wm, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise CheckpointError(f"{index}: expected {{\"weight_map\": {{tensor name: shard file name}}}}")
-        root = os.path.abspath(directory)   # lexical: hub snapshots link their files into a blob store elsewhere
         out = {}
         for k, fn in wm.items():
-            full = os.path.normpath(os.path.join(root, fn))
-            if os.path.commonpath([full, root]) != root:
+            out[k] = path_inside(directory, fn)
+            if out[k] is None:
                 raise CheckpointError(f"{index} names shard {fn!r} for {k}, which is outside the checkpoint directory "
-                                      f"{root}; shards must sit in the checkpoint directory")
-            out[k] = full
+                                      f"{os.path.abspath(directory)}; shards must sit in the checkpoint directory")
         for fn in set(out.values()):
             if not os.path.exists(fn):
                 raise FileNotFoundError(f"{index} names shard {os.path.basename(fn)} but {fn} does not exist")

@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import os
 
+from model import VISION_TOKENS_TEXT   # special tokens only the processor writes: a row holding them is refused
+
 ROLES = ("system", "user", "assistant")
-# Special tokens that only the processor may write: a row whose text holds them would desynchronise images and
-# placeholders (transformers' processor refuses such text too).
-VISION_TEXT = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 IMAGE = "<image>"
 
@@ -177,7 +176,7 @@ def check_sft_row(row, path, i, root):
 
 
 def _check_text(text, path, i, field):
-    for t in VISION_TEXT:
+    for t in VISION_TOKENS_TEXT:
         if t in text:
             raise DataError(path, i, field, f"holds the special token text {t!r}, which only the image processor "
                                             f"may write; use <image> placeholders for images")

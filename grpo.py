@@ -76,7 +76,6 @@ class GRPOConfig(sft.RunConfig):
     max_turns: int = _opt(4, "assistant turns per rollout (released max_assistant_turns: 4)")
     max_new_tokens: int = _opt(512, "new tokens per turn")
     max_len: int = _opt(32768, "longest conversation in tokens (images included); longer rollouts stop there")
-    skip_bad: bool = _opt(False, "skip and count bad rows instead of stopping at the first one")
     eval_start: bool = _opt(True, "evaluate the start model before the first step (the 'before' of the final table)")
 
     LIMITS = dict(sft.RunConfig.LIMITS, epochs=(0, True), prompts_per_step=(1, True), group_size=(1, True),

@@ -65,6 +65,7 @@ class RunConfig:
                               "synthetic val split for the built-in default")
     out: str = _opt("runs/out", "output dir: checkpoints ckpt-NNNNNN/, `latest`, metrics.jsonl")
     max_steps: int = _opt(0, "optimizer steps to run")
+    skip_bad: bool = _opt(False, "skip and count bad rows instead of stopping at the first one")
     # optimizer and schedule
     lr: float = _opt(1e-5, "peak learning rate")
     vision_lr_scale: float = _opt(1.0, "learning rate multiplier for the vision tower (merger included)")
@@ -164,7 +165,6 @@ class TrainConfig(RunConfig):
                                        "less padding, the same rows and the same loss per step")
     max_len: int = _opt(16384, "longest allowed sample in tokens (images included); longer rows are bad data")
     answer_weight: float = _opt(1.0, "loss weight of tokens in final-answer turns (turns with no <tool_call>)")
-    skip_bad: bool = _opt(False, "skip and count bad rows instead of stopping at the first one")
     workers: int = _opt(0, "DataLoader worker processes for image decoding")
     eval_no_zoom: bool = _opt(True, "also evaluate with the zoom tool banned (forced direct answers) at the end")
 

@@ -20,10 +20,25 @@ Layout: protocol (prompts, box parsing, crop rule, answers) -> loop / rollouts -
 from __future__ import annotations
 
 import argparse
+import base64
+import csv
 import json
 import math
+import os
 import re
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
 from dataclasses import dataclass, field, fields, replace
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import crop_kernels as ck
+import model as M
+import tokenizer as T
 
 # ----------------------------------------------------------------------------------------------------------------
 # Released strings (eval/vstar/vllm_inference.py; identical in verl/recipe/zoomin/data_progress/prepare_zoomin_data.py)
@@ -51,7 +66,6 @@ LETTER_HINT = "\nAnswer with the option's letter from the given choices directly
 PHRASE_HINT = "\nAnswer the question using a single word or phrase."
 
 # Released numbers (all are options of CofConfig below).
-FACTOR = 28                      # patch_size * merge_size
 MAIN_MIN_PIXELS = 112 * 112      # --min_resolution 112 (slurm_jobs/eval/inference_vstar.sh)
 MAIN_MAX_PIXELS = 3840 * 3840    # resize_image default
 ENLARGE = 1.5                    # --enlarge_factor
@@ -59,10 +73,8 @@ SCALEUP = 2                      # --scaleup_factor
 MAX_TURNS = 6                    # max_iterations: generations per question (each but the last may zoom)
 MAX_NEW_TOKENS = 512             # --max_new_tokens
 # vLLM hands the (already resized) image to the checkpoint's HF image processor, which smart-resizes it again
-# with its own limits (Qwen2.5-VL preprocessor_config.json: 4*28*28 .. 16384*28*28, BICUBIC). That is a no-op
+# with its own limits (crop_kernels.PROCESSOR_MIN/MAX_PIXELS: 4*28*28 .. 16384*28*28, BICUBIC). That is a no-op
 # unless the first resize produced more than 12,845,056 pixels.
-PROCESSOR_MIN_PIXELS = 4 * 28 * 28
-PROCESSOR_MAX_PIXELS = 16384 * 28 * 28
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts / messages (HF-style dicts, rendered by model.tokenize_chat)
@@ -112,7 +124,7 @@ def rl_prompt(question, ground_truth):
 # Sizes: qwen-vl-utils' smart_resize (what the released code imports), the main-image rule and the crop rule
 
 
-def released_smart_resize(height, width, factor=FACTOR, min_pixels=MAIN_MIN_PIXELS, max_pixels=MAIN_MAX_PIXELS):
+def released_smart_resize(height, width, factor=ck.FACTOR, min_pixels=MAIN_MIN_PIXELS, max_pixels=MAIN_MAX_PIXELS):
     """qwen_vl_utils.smart_resize -> (h, w), multiples of `factor`. Differs from transformers' version (crop_kernels.
     smart_resize) only in where it clamps to `factor`: here on the first rounding, not in the shrink branch.
     Raises ValueError for an aspect ratio above 200 and ZeroDivisionError for an empty side, as upstream does."""
@@ -133,7 +145,7 @@ def released_smart_resize(height, width, factor=FACTOR, min_pixels=MAIN_MIN_PIXE
 
 def main_size(height, width, min_pixels=MAIN_MIN_PIXELS, max_pixels=MAIN_MAX_PIXELS):
     """(h, w) the main image is LANCZOS-resized to before the model sees it (vllm_inference.resize_image)."""
-    return released_smart_resize(height, width, FACTOR, min_pixels, max_pixels)
+    return released_smart_resize(height, width, ck.FACTOR, min_pixels, max_pixels)
 
 
 def zoom_size(box, scale=SCALEUP, min_pixels=MAIN_MIN_PIXELS, max_pixels=MAIN_MAX_PIXELS):
@@ -141,7 +153,7 @@ def zoom_size(box, scale=SCALEUP, min_pixels=MAIN_MIN_PIXELS, max_pixels=MAIN_MA
     smart_resize (do_crop). Raises (ValueError / ZeroDivisionError) where the released do_crop fails and falls
     back to the uncropped main image: an empty crop or an aspect ratio above 200."""
     x0, y0, x1, y1 = box
-    return released_smart_resize((y1 - y0) * scale, (x1 - x0) * scale, FACTOR, min_pixels, max_pixels)
+    return released_smart_resize((y1 - y0) * scale, (x1 - x0) * scale, ck.FACTOR, min_pixels, max_pixels)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,8 +349,6 @@ def infer_option_text(answer, options):
 
 def prepare_main(image, cfg):
     """Load (path / bytes / PIL / uint8 [3,H,W]) and LANCZOS-resize the main image to its smart_resize size."""
-    import crop_kernels as ck
-    import torch
 
     img = image if isinstance(image, torch.Tensor) else ck.load_image(image)
     h, w = main_size(img.shape[1], img.shape[2], cfg.min_pixels, cfg.max_pixels)
@@ -348,11 +358,10 @@ def prepare_main(image, cfg):
 def _encode(img_u8, box, size, cfg, keep):
     """Crop `box` of img_u8, LANCZOS-resize to `size`, then the checkpoint processor's own smart_resize (BICUBIC,
     a no-op unless `size` is outside its pixel limits) -> (pixel_values, grid_thw [1,3], uint8 image or None)."""
-    import crop_kernels as ck
 
     h, w = size
-    ph, pw = ck.smart_resize(h, w, FACTOR, cfg.processor_min_pixels or PROCESSOR_MIN_PIXELS,
-                             cfg.processor_max_pixels or PROCESSOR_MAX_PIXELS)
+    ph, pw = ck.smart_resize(h, w, ck.FACTOR, cfg.processor_min_pixels or ck.PROCESSOR_MIN_PIXELS,
+                             cfg.processor_max_pixels or ck.PROCESSOR_MAX_PIXELS)
     if (ph, pw) == (h, w):
         pv, grid = ck.crop_resize_patchify(img_u8, [box], [size], resample="lanczos")
         out = ck.resize(ck.crop(img_u8, box), size, "lanczos") if keep else None
@@ -460,8 +469,8 @@ class CofConfig:
 def with_processor_limits(cfg, model):
     """cfg with processor_min/max_pixels filled from the model's image processor where they are None (a model
     without the attributes, e.g. a scripted stand-in, gets the released checkpoints' limits)."""
-    lo = cfg.processor_min_pixels or getattr(model, "image_min_pixels", PROCESSOR_MIN_PIXELS)
-    hi = cfg.processor_max_pixels or getattr(model, "image_max_pixels", PROCESSOR_MAX_PIXELS)
+    lo = cfg.processor_min_pixels or getattr(model, "image_min_pixels", ck.PROCESSOR_MIN_PIXELS)
+    hi = cfg.processor_max_pixels or getattr(model, "image_max_pixels", ck.PROCESSOR_MAX_PIXELS)
     return replace(cfg, processor_min_pixels=lo, processor_max_pixels=hi)
 
 
@@ -520,7 +529,6 @@ def _temperature(cfg):
 def policy_log_softmax(logits, banned=(), temperature=1.0):
     """The sampling policy's log-distribution: logits [..., V] with the `banned` ids at -inf, divided by the
     temperature, log-softmax in float32 -> [..., V]."""
-    import torch
 
     x = logits.float()
     if len(banned):
@@ -539,8 +547,6 @@ def policy_logprobs(logits, tokens, banned=(), temperature=1.0):
 def _pick(logits, cfg, generator, banned=()):
     """Next token per row from logits [R, V] (model.sample_next: greedy, or temperature -> top-k -> top-p; banned ids
     never) -> (ids [R], log p under the sampling policy [R])."""
-    import torch
-    import model as M
 
     if len(banned):
         logits = logits.index_fill(-1, torch.as_tensor(banned, device=logits.device), float("-inf"))
@@ -554,15 +560,14 @@ class _Turns:
     the chat template gives for the full conversation (special tokens split the text, so pieces never merge)."""
 
     def __init__(self, tokenizer):
-        import model as M
 
-        self.tok, self.M = tokenizer, M
-        self.base = M.tokenize_chat(tokenizer, [{"role": "system", "content": "x"}])[0]
+        self.tok = tokenizer
+        self.base = T.tokenize_chat(tokenizer, [{"role": "system", "content": "x"}])[0]
         end = self.base.index(tokenizer.im_end_id)
         self.sep = self.base[end + 1:]                     # what follows <|im_end|> before the next <|im_start|>
 
     def turn(self, message, grid=None):
-        ids = self.M.tokenize_chat(self.tok, [{"role": "system", "content": "x"}, message], image_grid_thw=grid,
+        ids = T.tokenize_chat(self.tok, [{"role": "system", "content": "x"}, message], image_grid_thw=grid,
                                    add_generation_prompt=True)[0]
         assert ids[:len(self.base)] == self.base, "tokenize_chat prefix changed: cannot splice turns"
         return ids[len(self.base):]
@@ -579,8 +584,6 @@ class Progress:
     of the work instead. Used by the evaluation here, data.build and sft.py."""
 
     def __init__(self, total, desc="", start=0, enabled=True):
-        import sys
-        import time
 
         self.total, self.desc, self.done, self.start = total, desc, start, start
         self.enabled = enabled and total > start
@@ -642,7 +645,6 @@ def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=N
       into a fresh cache (one question at a time) instead of appending the new turn to the cache.
     Returns one Trajectory per row, rows ordered question-major (question i's G samples are rows i*G .. i*G+G-1).
     """
-    import torch
 
     with torch.no_grad():
         return _run(model, tokenizer, images, questions, cfg, group_size, generator, messages, on_turn,
@@ -651,10 +653,7 @@ def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=N
 
 def _run(model, tokenizer, images, questions, cfg, group_size, generator, messages, on_turn, logits_processor,
          reencode):
-    import time
 
-    import torch
-    import model as M
 
     cfg = with_processor_limits(cfg or CofConfig(), model)
     tok = tokenizer
@@ -676,7 +675,7 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
         h, w = main.shape[1:]
         pv, grid, img = _encode(main.to(dev), (0, 0, w, h), (h, w), cfg, keep=cfg.keep_images)
         msgs = messages[b] if messages is not None else build_messages(questions[b], cfg.system, cfg.question_format)
-        ids, _ = M.tokenize_chat(tok, msgs, image_grid_thw=grid, add_generation_prompt=True)
+        ids, _ = T.tokenize_chat(tok, msgs, image_grid_thw=grid, add_generation_prompt=True)
         rows.append(dict(main=main, main_dev=main.to(dev), orig_size=tuple(orig.shape[1:]), ids=list(ids),
                          gen=[False] * len(ids), lp=[0.0] * len(ids), pv=[pv], grid=[grid],
                          imgs=[img] if cfg.keep_images else [], prompt_len=len(ids)))
@@ -813,7 +812,6 @@ def _run(model, tokenizer, images, questions, cfg, group_size, generator, messag
 def force_prefixes(tokenizer, prefixes, group_size=1):
     """A logits_processor that makes turn k of question q start with the text prefixes[q][k] (then the model goes
     on by itself). For benchmarks and tests on random weights, which never zoom on their own."""
-    import torch
 
     enc = [[tokenizer.encode(p) for p in ps] for ps in prefixes]
 
@@ -829,7 +827,6 @@ def force_prefixes(tokenizer, prefixes, group_size=1):
 
 def _pad(seqs, pad_id):
     """Right-pad token lists -> (ids [B, L] long, mask [B, L] bool); an empty list becomes an all-padding row."""
-    import torch
 
     L = max(1, max(len(s) for s in seqs))
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
@@ -872,7 +869,6 @@ def read_vstar(root, categories=None):
     layout), one JSON object per line with `image` (path relative to the file's folder, e.g.
     direct_attributes/sa_4690.jpg), `text` (question + options + answer hint), `label` (letter), `category`,
     `question_id`. Returns items dict(id, image (path), question, label, category, options)."""
-    import os
 
     if os.path.isfile(root):
         path, root = root, os.path.dirname(os.path.abspath(root))
@@ -911,8 +907,6 @@ def read_vstar(root, categories=None):
 def _inside(root, rel, where):
     """The path of a benchmark image named relative to `root`; it must be a string, lie inside `root` (no "../" or
     absolute paths out of it) and exist."""
-    import os
-    import model as M
 
     if not isinstance(rel, str) or not rel or "\0" in rel:
         raise BenchError(f"{where}: image must be a non-empty path string, got {rel!r}")
@@ -940,8 +934,6 @@ def read_hrbench(path, style="vstar"):
     """HR-Bench (DreamMr/HR-Bench) TSV: columns index, question, answer (letter), category (single/cross), A, B,
     C, D, cycle_category (0-3: the same question with its options rotated), image (base64 JPEG; VLMEvalKit may
     store the index of another row holding the same image instead). Images stay base64 until used."""
-    import csv
-    import sys
 
     csv.field_size_limit(sys.maxsize)
     try:
@@ -979,7 +971,6 @@ def read_synthetic(path):
     images relative to OUT): a folder (its test.jsonl, else test_questions.jsonl), a .jsonl file in that layout, or a
     JSON / JSONL file of released CoF-RL input records {question, groundtruth, image_name, category?} (images
     relative to the file's folder; the question gets the RL recipe's hint, the letter hint for multiple choice)."""
-    import os
 
     if os.path.isdir(path):
         test = os.path.join(path, "test.jsonl")
@@ -1011,9 +1002,7 @@ def read_synthetic(path):
 
 def load_item_image(item):
     """uint8 [3, H, W] of a benchmark item (path or base64)."""
-    import base64
 
-    import crop_kernels as ck
 
     if "image_b64" in item:
         return ck.load_image(base64.b64decode(item["image_b64"]))
@@ -1021,14 +1010,14 @@ def load_item_image(item):
 
 
 def resize_long_side(img_u8, size):
-    """Resolution sweep: LANCZOS-resize so the long side is `size` (aspect kept); None keeps the image."""
-    import crop_kernels as ck
-
+    """Resolution sweep: LANCZOS-resize uint8 [3, H, W] so the long side is `size` (aspect kept); None, or a size
+    the image already has, keeps the image."""
     if size is None:
         return img_u8
     H, W = img_u8.shape[1:]
     s = size / max(H, W)
-    return ck.resize(img_u8, (max(1, round(H * s)), max(1, round(W * s))), "lanczos")
+    h, w = max(1, round(H * s)), max(1, round(W * s))
+    return img_u8 if (h, w) == (H, W) else ck.resize(img_u8, (h, w), "lanczos")
 
 
 def is_correct(item, answer):
@@ -1045,7 +1034,6 @@ def _key(res, item):
 
 def load_results(path):
     """Records of a results JSONL by key; a truncated last line (an interrupted run) is skipped."""
-    import os
 
     out = {}
     if not os.path.exists(path):
@@ -1065,8 +1053,6 @@ def evaluate(model, tokenizer, items, out_path, cfg=None, resolutions=(None,), b
              progress=True):
     """Run the loop on every (resolution, item), appending one JSON line per question (the whole trajectory) to
     `out_path`; questions already in the file are skipped (resume). Returns summarize(...) of the whole file."""
-    import os
-    import time
 
     cfg = cfg or CofConfig()
     done = load_results(out_path)
@@ -1118,14 +1104,13 @@ def summarize(records):
     """Per resolution: accuracy per category and overall (micro over questions; for HR-Bench, whose records carry a
     cycle, accuracy per option rotation averaged over the rotations as VLMEvalKit's report_acc_hrbench does),
     mean zooms, mean generated tokens, seconds per question. Returns a list of row dicts."""
-    import statistics as stats
 
     def acc(recs):
         cycles = sorted({r["cycle"] for r in recs if r.get("cycle") is not None})
         if cycles:
-            return 100 * stats.fmean(stats.fmean(float(r["correct"]) for r in recs if r.get("cycle") == c)
+            return 100 * statistics.fmean(statistics.fmean(float(r["correct"]) for r in recs if r.get("cycle") == c)
                                      for c in cycles if any(r.get("cycle") == c for r in recs))
-        return 100 * stats.fmean(float(r["correct"]) for r in recs)
+        return 100 * statistics.fmean(float(r["correct"]) for r in recs)
 
     rows = []
     for res in sorted({r["resolution"] for r in records}, key=lambda x: (x is not None, x or 0)):
@@ -1135,9 +1120,9 @@ def summarize(records):
             row[f"acc_{cat}"] = acc([r for r in recs if r["category"] == cat])
         row["acc_overall"] = acc(recs)
         row["errors"] = sum(1 for r in recs if r.get("error"))
-        row["zooms"] = stats.fmean(r["n_zooms"] for r in recs)
-        row["gen_tokens"] = stats.fmean(r["n_generated"] for r in recs)
-        row["s_per_q"] = stats.fmean(r["seconds"] for r in recs)
+        row["zooms"] = statistics.fmean(r["n_zooms"] for r in recs)
+        row["gen_tokens"] = statistics.fmean(r["n_generated"] for r in recs)
+        row["s_per_q"] = statistics.fmean(r["seconds"] for r in recs)
         rows.append(row)
     return rows
 
@@ -1184,11 +1169,8 @@ _COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 def draw_trace(traj, path, panel=640, thumb=220, width_chars=110):
     """Draw a Trajectory (run with keep_images=True) to a PNG: the image the model saw with every crop box (numbered,
     one colour per zoom), the crops it got back beside it, and the text of every turn below."""
-    import textwrap
 
-    from PIL import Image, ImageDraw, ImageFont
 
-    import crop_kernels as ck
 
     if not traj.images:
         raise ValueError("draw_trace needs the images: run the loop with CofConfig(keep_images=True)")
@@ -1284,26 +1266,19 @@ def _cfg_from_args(pairs, **base):
 
 
 def _load(model_path, device, dtype):
-    import torch
 
-    import model as M
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return M.Qwen25VL.from_pretrained(model_path, dtype=dt, device=dev).eval(), M.Tokenizer.from_pretrained(model_path)
+    return M.Qwen25VL.from_pretrained(model_path, dtype=dt, device=dev).eval(), T.Tokenizer.from_pretrained(model_path)
 
 
 def bench(argv):
     """`python cof.py bench`: the batched one-cache loop against the released cost model (one question at a time,
     the whole conversation prefilled again after every zoom), same questions, same run. Random weights never zoom,
     so every question is made to call the tool `--zooms` times (forced tool-call prefixes), then the model runs on."""
-    import argparse
-    import tempfile
-    import time
 
-    import torch
 
-    import model as M
 
     p = argparse.ArgumentParser(prog="cof.py bench")
     p.add_argument("--model", default=None, help="checkpoint (default: a random model of --hidden/--layers)")
@@ -1377,9 +1352,6 @@ def _mean(xs):
 
 
 def main(argv=None):
-    import argparse
-    import sys
-    import time
 
     argv = list(sys.argv[1:] if argv is None else argv)
     common = argparse.ArgumentParser(add_help=False)
@@ -1446,7 +1418,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import model as M
     try:
         main()
     except (BenchError, FileNotFoundError, M.CheckpointError) as e:   # bad files: one line, no traceback

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import math
 import os
 import threading
@@ -33,6 +34,13 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning threshold (Image.MAX_IMAGE_PIXELS)
 PRECISION_BITS = 32 - 8 - 2  # Resample.c: fixed-point fraction bits for 8-bit images
+# Qwen2.5-VL's patch geometry (vision_config / preprocessor_config.json): 14 px patches, 2 x 2 of them merged into one
+# language-model token, every image duplicated in time. A side must be a multiple of FACTOR = 28 px.
+PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE = 14, 2, 2
+FACTOR = PATCH_SIZE * MERGE_SIZE                                   # 28
+PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE      # 1176 values per row of pixel_values
+# The hub preprocessor_config.json's pixel limits (4*28*28 .. 16384*28*28): every released checkpoint's processor.
+PROCESSOR_MIN_PIXELS, PROCESSOR_MAX_PIXELS = 4 * FACTOR * FACTOR, 16384 * FACTOR * FACTOR
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -366,7 +374,8 @@ def normalize_lut(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, rescale=1 / 255):
     return (x - m) / s  # [3, 256]
 
 
-def patchify(image, patch_size=14, temporal_patch_size=2, merge_size=2, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+def patchify(image, patch_size=PATCH_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE, merge_size=MERGE_SIZE,
+             mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
     """Qwen2-VL `pixel_values` for one image already at its final size.
 
     image: uint8 [3, h, w], or float [3, h, w] holding 0-255 pixel values (rescaled the same way), h and w multiples
@@ -390,6 +399,51 @@ def patchify(image, patch_size=14, temporal_patch_size=2, merge_size=2, mean=OPE
     x = x.reshape(gh * gw, 3, 1, p, p).expand(gh * gw, 3, temporal_patch_size, p, p)  # [N, c, tt, py, px]
     pixel_values = x.reshape(gh * gw, 3 * temporal_patch_size * p * p)  # [N, 1176]
     return pixel_values, torch.tensor([[1, gh, gw]], dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The processor, one image end to end: checkpoint pixel limits -> smart_resize -> resize -> patchify
+
+
+def read_image_limits(directory: str) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of a checkpoint's preprocessor_config.json: the hub layout's `min_pixels` /
+    `max_pixels`, or transformers 5's `size: {shortest_edge, longest_edge}` (both are pixel counts for Qwen2-VL).
+    A checkpoint without the file gets the released defaults."""
+    path = os.path.join(directory, "preprocessor_config.json")
+    if not os.path.exists(path):
+        return PROCESSOR_MIN_PIXELS, PROCESSOR_MAX_PIXELS
+    with open(path) as f:
+        try:
+            pp = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    size = pp.get("size") or {}
+    lo = pp.get("min_pixels", size.get("shortest_edge", PROCESSOR_MIN_PIXELS))
+    hi = pp.get("max_pixels", size.get("longest_edge", PROCESSOR_MAX_PIXELS))
+    if not (isinstance(lo, int) and isinstance(hi, int) and 0 < lo <= hi):
+        raise ValueError(f"{path}: min_pixels/max_pixels must be integers with 0 < min <= max, got {lo}, {hi}")
+    return lo, hi
+
+
+def processor_resize(image_u8: torch.Tensor, min_pixels: int = PROCESSOR_MIN_PIXELS, max_pixels: int = PROCESSOR_MAX_PIXELS,
+                     resample="bicubic", factor: int = FACTOR) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [3, h, w] at the processor's smart_resize size (the image itself when it is already
+    there): the resize half of preprocess_image. A uint8 image is 8x smaller than its float32 patches, so callers that
+    keep many images (sft.py's sample cache) keep these and patchify on use."""
+    if image_u8.dim() != 3 or image_u8.shape[0] != 3:
+        raise ValueError(f"expected a uint8 [3, H, W] image, got shape {tuple(image_u8.shape)}")
+    H, W = int(image_u8.shape[1]), int(image_u8.shape[2])
+    h, w = smart_resize(H, W, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return image_u8 if (h, w) == (H, W) else resize(image_u8, (h, w), resample=resample)
+
+
+def preprocess_image(image_u8: torch.Tensor, min_pixels: int = PROCESSOR_MIN_PIXELS, max_pixels: int = PROCESSOR_MAX_PIXELS, resample="bicubic",
+                     patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [3, H, W] -> (pixel_values float32 [h*w/196, 1176], grid_thw int64 [1, 3]) like Qwen2.5-VL's processor
+    (PIL backend): smart_resize with the hub preprocessor_config's min/max pixels, Pillow resize, rescale, normalize,
+    patchify. Defaults are the released checkpoints' (min 4*28*28, max 16384*28*28, bicubic)."""
+    img = processor_resize(image_u8, min_pixels, max_pixels, resample, patch_size * merge_size)
+    return patchify(img, patch_size=patch_size, merge_size=merge_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -443,7 +497,7 @@ def crop_resize_patchify(image, boxes, sizes, resample="lanczos", out_dtype=torc
     All paths give the same bits (bf16 = round-to-nearest-even of the float32 values).
     """
     images, ids, boxes, sizes, name = _prepare(image, boxes, sizes, resample, out_dtype)
-    grid = torch.tensor([[1, h // 14, w // 14] for h, w in sizes], dtype=torch.int64)
+    grid = torch.tensor([[1, h // PATCH_SIZE, w // PATCH_SIZE] for h, w in sizes], dtype=torch.int64)
     if images[0].is_cuda:
         return _triton_crop_resize_patchify(images, ids, boxes, sizes, name, out_dtype), grid
     return reference_crop_resize_patchify(images, ids, boxes, sizes, name, out_dtype, backend="auto"), grid
@@ -465,7 +519,7 @@ def triton_crop_resize_patchify(image, boxes, sizes, resample="lanczos", out_dty
     Same arguments and result as crop_resize_patchify; `blocks` overrides the launch tiling (BP, BQ, BLOCK2, num_warps).
     """
     images, ids, boxes, sizes, name = _prepare(image, boxes, sizes, resample, out_dtype)
-    grid = torch.tensor([[1, h // 14, w // 14] for h, w in sizes], dtype=torch.int64)
+    grid = torch.tensor([[1, h // PATCH_SIZE, w // PATCH_SIZE] for h, w in sizes], dtype=torch.int64)
     return _triton_crop_resize_patchify(images, ids, boxes, sizes, name, out_dtype, **blocks), grid
 
 

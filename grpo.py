@@ -39,7 +39,8 @@ import torch.distributed as dist
 import cof
 import model as M
 import sft
-from data import formats
+import tokenizer as T
+from data import formats, tiny
 from sft import _opt, dist_info, log0
 
 
@@ -99,7 +100,7 @@ class GRPOConfig(sft.RunConfig):
 # tower and merger frozen and beta 0.01 the perception the SFT run learnt stays and the policy still moves. README
 # "grpo.py" has the runs behind these values and what they reach.
 TINY_GRPO_PRESET = dict(max_steps=200, prompts_per_step=16, group_size=6, micro_batch=24, lr=1e-4, beta=0.01,
-                        max_new_tokens=96, max_len=1024, min_pixels=56 * 56, max_pixels=112 * 112, drop_system=True,
+                        max_new_tokens=96, max_len=1024, min_pixels=tiny.TINY_MIN_PIXELS, max_pixels=tiny.TINY_MAX_PIXELS, drop_system=True,
                         freeze_vision="yes", freeze_merger=True, eval_every=50, eval_n=200, eval_max_new_tokens=96,
                         eval_batch=50, eval_question_format="train", save_every=50, threads=2, out="runs/grpo-tiny",
                         overwrite=True)
@@ -447,7 +448,7 @@ def train(cfg: GRPOConfig, reward_fn=None) -> dict:
     rank, world, _ = dist_info()
     model_path, data_path, eval_path = prepare_defaults(cfg)
     sft.seed_all(cfg.seed)
-    tokenizer = M.Tokenizer.from_pretrained(model_path)
+    tokenizer = T.Tokenizer.from_pretrained(model_path)
     prompts, n_bad = load_prompts(data_path, cfg)
     per_kind = Counter(p["kind"] for p in prompts)
     kinds = sorted(per_kind)
@@ -570,8 +571,8 @@ def prepare_defaults(cfg):
     --data: the synthetic set's rl_train.jsonl (built if missing), with its val split for evaluation."""
     model_path, data_path, eval_path = cfg.model, cfg.data, cfg.eval_data
     if not cfg.data:
-        _, synth_val = sft.build_synthetic(sft.SYNTH_DIR)
-        data_path, eval_path = os.path.join(sft.SYNTH_DIR, "rl_train.jsonl"), eval_path or synth_val
+        _, synth_val = sft.synthetic_data()
+        data_path, eval_path = os.path.join(tiny.SYNTH_DIR, "rl_train.jsonl"), eval_path or synth_val
     if not cfg.model:
         model_path = default_sft_checkpoint()
     return model_path, data_path, eval_path

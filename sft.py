@@ -42,8 +42,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cof
+import crop_kernels as ck
 import model as M
-from data import build, formats
+import tokenizer as T
+from data import formats, tiny
 
 IGNORE = -100  # label value that the loss skips (PyTorch's cross_entropy default ignore_index)
 
@@ -194,19 +196,13 @@ def parse_config(cls, argv=None, preset=None, description=""):
 
 
 # Values the built-in default run (`python sft.py`: synthetic task, tiny model from scratch; also any run without
-# --model) uses for every option the command line leaves unset. Sizes of the tiny model are in TINY_MODEL; the view
+# --model) uses for every option the command line leaves unset. Sizes of the tiny model are in data/tiny.py TINY_MODEL; the view
 # of every image is capped at 112 x 112 px (data/agent.py TINY_VIEW_MAX_PIXELS), which is what makes zooming necessary.
 TINY_PRESET = dict(epochs=0.0, max_steps=3000, batch_size=8, grad_accum=4, lr=2e-3, warmup_ratio=0.05,
-                   min_lr_ratio=0.05, weight_decay=0.0, clip_grad=1.0, max_len=1024, min_pixels=56 * 56,
-                   max_pixels=112 * 112, drop_system=True, answer_weight=4.0, eval_every=500, eval_n=200,
+                   min_lr_ratio=0.05, weight_decay=0.0, clip_grad=1.0, max_len=1024, min_pixels=tiny.TINY_MIN_PIXELS,
+                   max_pixels=tiny.TINY_MAX_PIXELS, drop_system=True, answer_weight=4.0, eval_every=500, eval_n=200,
                    eval_max_new_tokens=96, eval_batch=50, eval_question_format="train", save_every=500, threads=2,
                    out="runs/sft-tiny", overwrite=True)
-TINY_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192,
-                  vision_hidden_size=64, vision_depth=2, vision_heads=2, vision_intermediate_size=128,
-                  fullatt_block_indexes=(1,), bpe_vocab_size=1000, rope_theta=1000.0)
-TINY_MODEL_DIR = "runs/tiny-model"
-SYNTH_DIR = "runs/synth"
-SYNTH_ROWS = 2000
 
 
 def tiny_preset(given):
@@ -279,11 +275,10 @@ def image_grid(path, cfg) -> tuple:
     """(t, h, w) patch grid of one image as preprocess_image will make it, from the file header only."""
     from PIL import Image
 
-    from crop_kernels import smart_resize
     with Image.open(path) as im:
         w, h = im.size   # EXIF rotation would swap h and w; the token count h*w/4 does not change
-    rh, rw = smart_resize(h, w, factor=28, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    return (1, rh // 14, rw // 14)
+    rh, rw = ck.smart_resize(h, w, factor=ck.FACTOR, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    return (1, rh // ck.PATCH_SIZE, rw // ck.PATCH_SIZE)
 
 
 def render(row, tokenizer, grids, answer_weight=1.0, drop_system=False):
@@ -291,7 +286,7 @@ def render(row, tokenizer, grids, answer_weight=1.0, drop_system=False):
     <|im_end|> included) and IGNORE elsewhere; <|image_pad|> is never a label. `weights` is the loss weight of each
     label: `answer_weight` in assistant turns without a <tool_call> (final answers), 1 in the others."""
     messages = row["messages"][1:] if drop_system and row["messages"][0]["role"] == "system" else row["messages"]
-    ids, amask = M.tokenize_chat(tokenizer, formats.to_chat(messages), image_grid_thw=torch.tensor(grids).view(-1, 3)
+    ids, amask = T.tokenize_chat(tokenizer, formats.to_chat(messages), image_grid_thw=torch.tensor(grids).view(-1, 3)
                                if grids else None)
     turn_w = [answer_weight if "<tool_call>" not in _text(m["content"]) else 1.0
               for m in row["messages"] if m["role"] == "assistant"]
@@ -363,7 +358,7 @@ class SFTData(torch.utils.data.Dataset):
             s, images = self.cache[i]
             return dict(s, pixel_values=torch.cat([patchify(im)[0] for im in images]) if images else None)
         row = self.rows[i]
-        images = [M.processor_resize(load_image(p), self.cfg.min_pixels, self.cfg.max_pixels) for p in row["images"]]
+        images = [ck.processor_resize(load_image(p), self.cfg.min_pixels, self.cfg.max_pixels) for p in row["images"]]
         patches = [patchify(im) for im in images]                       # each ([h*w/196, 1176], grid [1, 3])
         grid = torch.cat([g for _, g in patches]) if patches else torch.zeros(0, 3, dtype=torch.long)
         ids, labels, weights = render(row, self.tok, grid.tolist(), self.cfg.answer_weight, self.cfg.drop_system)
@@ -475,14 +470,6 @@ class LoRALinear(nn.Module):
         return lin
 
 
-def _parent(model, name):
-    mod = model
-    parts = name.split(".")
-    for p in parts[:-1]:
-        mod = getattr(mod, p)
-    return mod, parts[-1]
-
-
 @contextlib.contextmanager
 def lora_off(model):
     """Inside: every LoRALinear computes its base layer alone, i.e. the model before fine-tuning (GRPO's frozen
@@ -517,7 +504,8 @@ def add_lora(model, cfg):
     if not names:
         raise ValueError(f"--lora_targets {cfg.lora_targets}: no such linear layers in the language model")
     for n in names:
-        parent, attr = _parent(model, n)
+        parent, attr = n.rpartition(".")[0], n.rpartition(".")[2]
+        parent = model.get_submodule(parent)
         setattr(parent, attr, LoRALinear(getattr(parent, attr), cfg.lora_rank, alpha, cfg.lora_dropout))
     return names
 
@@ -529,7 +517,8 @@ def lora_merged(model):
     swapped = []
     for n, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
-            parent, attr = _parent(model, n)
+            parent, _, attr = n.rpartition(".")
+            parent = model.get_submodule(parent)
             setattr(parent, attr, m.merged())
             swapped.append((parent, attr, m))
     try:
@@ -625,20 +614,6 @@ def _fsync_tree(root):
             os.close(fd)
 
 
-def _write_atomic(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _is_fsdp(model):
     return type(model).__name__.startswith("FSDP")
 
@@ -715,18 +690,12 @@ def save_state_dict_hf(raw, sd, directory):
         base = k[: -len(".lora_A")]
         B, A = sd.pop(base + ".lora_B").float(), sd.pop(k).float()
         w = sd[base + ".weight"]
-        sd[base + ".weight"] = (w.float() + (B @ A) * _get_module(raw, base).scale).to(w.dtype)   # [out, in]
+        sd[base + ".weight"] = (w.float() + (B @ A) * raw.get_submodule(base).scale).to(w.dtype)   # [out, in]
     with torch.device("meta"):
         twin = M.Qwen25VL(raw.cfg)
     twin.load_state_dict(sd, assign=True, strict=False)
     twin.source_dir = raw.source_dir
     twin.save_pretrained(directory)
-
-
-def _get_module(model, name):
-    for p in name.split("."):
-        model = getattr(model, p)
-    return model
 
 
 def save_checkpoint(raw, optimizer, step, cfg, extra):
@@ -760,14 +729,14 @@ def save_checkpoint(raw, optimizer, step, cfg, extra):
             shutil.rmtree(old, ignore_errors=True)
             shutil.copytree(final, old, copy_function=_link_or_copy)
             _fsync_tree(old)
-            _write_atomic(str(out / "latest"), old.name + "\n")
+            formats.write_atomic(str(out / "latest"), old.name + "\n")
             shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic(str(out / "latest"), final.name + "\n")
+            formats.write_atomic(str(out / "latest"), final.name + "\n")
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-            _write_atomic(str(out / "latest"), final.name + "\n")
+            formats.write_atomic(str(out / "latest"), final.name + "\n")
         for p in list(out.glob(".old-ckpt-*")) + list(out.glob(".tmp-ckpt-*")):   # left by a save that was killed
             shutil.rmtree(p, ignore_errors=True)
         ckpts = sorted(p for p in out.glob("ckpt-*") if p.is_dir())
@@ -858,7 +827,7 @@ class Metrics:
             else:
                 with open(path) as f:
                     keep = [line for line in f if _step_of(line) <= start]
-                _write_atomic(path, "".join(keep))
+                formats.write_atomic(path, "".join(keep))
 
     def log(self, **m):
         if self.path:
@@ -984,67 +953,28 @@ def finish_run():
 
 # ------------------------------------------------------------------------------------------------ the run
 
+def synthetic_data():
+    """(SFT train file, val records) of the built-in synthetic dataset, built first when missing or stale
+    (data/tiny.py; rank 0 builds, the other ranks wait)."""
+    if dist_info()[0] == 0:
+        tiny.build_synthetic(tiny.SYNTH_DIR, log=log0)
+    barrier()
+    return tiny.synthetic_paths(tiny.SYNTH_DIR)
+
+
 def prepare_defaults(cfg):
-    """Paths of (model, train data, eval data). With --model / --data empty, builds the synthetic dataset and the
-    tiny model under runs/ if they are missing (rank 0 builds, the others wait)."""
+    """Paths of (model, train data, eval data). With --model / --data empty: the synthetic dataset and the tiny model
+    under runs/, built first when missing or stale."""
     model_path, data_path, eval_path = cfg.model, cfg.data, cfg.eval_data
     if not cfg.data:
-        data_path, synth_eval = build_synthetic(SYNTH_DIR)
+        data_path, synth_eval = synthetic_data()
         eval_path = eval_path or synth_eval
     if not cfg.model:
-        model_path = build_tiny_model(TINY_MODEL_DIR, data_path)
+        if dist_info()[0] == 0:
+            tiny.build_tiny_model(tiny.TINY_MODEL_DIR, data_path, log=log0)
+        barrier()
+        model_path = tiny.TINY_MODEL_DIR
     return model_path, data_path, eval_path
-
-
-def _recipe_matches(path, want):
-    """Whether the JSON file at `path` exists and holds every key of `want` with the same value (what a built
-    artefact records about its recipe)."""
-    try:
-        with open(path) as f:
-            have = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return {k: have.get(k) for k in want} == want
-
-
-def build_synthetic(directory):
-    """The toy-V* dataset (data/build.py) under `directory`, rebuilt when it is missing or was built by another
-    recipe (other build options or data.build.VERSION). Returns (SFT train file, held-out val records)."""
-    cfg = build.BuildConfig(out=os.path.abspath(directory), n=SYNTH_ROWS, seed=0, table_items=0)
-    train, val = os.path.join(directory, "sft_train.json"), os.path.join(directory, "val.jsonl")
-    want = {"config": dataclasses.asdict(cfg), "version": build.VERSION}
-    card = os.path.join(directory, "card.json")
-    if dist_info()[0] == 0 and not (_recipe_matches(card, want) and os.path.exists(train) and os.path.exists(val)):
-        if os.path.exists(card):
-            log0(f"{directory} was built by another recipe: rebuilding it")
-            shutil.rmtree(directory)
-        t0 = time.time()
-        build.build(cfg)
-        log0(f"built the synthetic dataset in {directory} ({time.time() - t0:.0f} s)")
-    barrier()
-    return train, val
-
-
-def build_tiny_model(directory, data_path):
-    """The tiny model (model.make_tiny, sizes TINY_MODEL, init "train") under `directory`, rebuilt when it is missing
-    or was made from other sizes or data; its BPE vocabulary is trained on the text of the training rows so that
-    CoF's long prompts cost few tokens."""
-    recipe = os.path.join(directory, "tiny_recipe.json")
-    want = {"sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_MODEL.items()},
-            "data": os.path.abspath(data_path), "data_bytes": os.path.getsize(data_path),
-            "min_pixels": TINY_PRESET["min_pixels"], "max_pixels": TINY_PRESET["max_pixels"]}
-    if dist_info()[0] == 0 and not (os.path.exists(os.path.join(directory, "model.safetensors"))
-                                    and _recipe_matches(recipe, want)):
-        rows, _ = formats.read_sft(data_path)
-        corpus = [m["content"].replace("<image>", "") for r in rows[:1000] for m in r["messages"]]
-        # rope_theta 1000 (a plain config value; head_dim 16): locate probes reached 89.5% with 1000, 43.5% with 100,
-        # 38.5% with 10, 27% with 1e4 (README "sft.py"). The 112 px view cap goes into preprocessor_config.json.
-        M.make_tiny(directory, corpus=corpus, seed=0, min_pixels=TINY_PRESET["min_pixels"],
-                    max_pixels=TINY_PRESET["max_pixels"], init="train", **TINY_MODEL)
-        _write_atomic(recipe, json.dumps(want, indent=1))
-        log0(f"built the tiny model in {directory}")
-    barrier()
-    return directory
 
 
 class NoZoom:
@@ -1137,7 +1067,7 @@ def train(cfg: TrainConfig) -> dict:
     model_path, data_path, eval_path = prepare_defaults(cfg)
     barrier()
     seed_all(cfg.seed)
-    tokenizer = M.Tokenizer.from_pretrained(model_path)
+    tokenizer = T.Tokenizer.from_pretrained(model_path)
     rows, n_bad = load_rows(data_path, tokenizer, cfg)
     log0(f"data: {len(rows)} rows from {data_path}" + (f", {n_bad} bad rows skipped" if n_bad else ""))
 

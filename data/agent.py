@@ -40,8 +40,8 @@ from data import synth
 
 TOOL_NAME = "image_zoom_in_tool"
 TINY_VIEW_MAX_PIXELS = 112 * 112            # the tiny preset's processor cap: a 448 scene is seen as 112 x 112
-QWEN_VIEW_MAX_PIXELS = cof.PROCESSOR_MAX_PIXELS
-VIEW_MIN_PIXELS = 56 * 56                   # Qwen2.5-VL preprocessor_config min_pixels
+QWEN_VIEW_MAX_PIXELS = crop_kernels.PROCESSOR_MAX_PIXELS
+VIEW_MIN_PIXELS = crop_kernels.PROCESSOR_MIN_PIXELS   # 56 * 56
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,7 +222,8 @@ class ModelTools:
         """One user turn [images..., text] -> the model's reply (special tokens stripped). `images` are what the CoF
         loop sends (View.sent); model.preprocess_image applies the processor limits, as in cof.py's loop."""
         import torch
-        from model import preprocess_image, tokenize_chat
+        from crop_kernels import preprocess_image
+        from tokenizer import tokenize_chat
         pv, grids = [], []
         for img in images:
             p, g = preprocess_image(crop_kernels.from_pil(img), min_pixels=min_pixels, max_pixels=max_pixels)

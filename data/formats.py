@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 
-from model import VISION_TOKENS_TEXT   # special tokens only the processor writes: a row holding them is refused
+from tokenizer import VISION_TOKENS_TEXT   # special tokens only the processor writes: a row holding them is refused
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -201,7 +201,7 @@ def write_sft(path, rows, root=None):
         check_sft_row(rel, path, i, root)
         out.append({"messages": rel["messages"], "images": rel["images"],
                     **{k: v for k, v in r.items() if k not in ("messages", "images")}})
-    _atomic_write(path, json.dumps(out, ensure_ascii=False, indent=1))
+    write_atomic(path, json.dumps(out, ensure_ascii=False, indent=1))
 
 
 def to_chat(messages):
@@ -290,15 +290,25 @@ def write_rl(path, rows, root=None):
     root = root if root is not None else os.path.dirname(os.path.abspath(path))
     for i, r in enumerate(rows):
         check_rl_row(r, path, i, root)
-    _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_jsonl(path, rows):
-    _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _atomic_write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+def write_atomic(path, text):
+    """Write `text` to `path` so that a crash leaves the old file or the new one, never half of one: write a
+    temporary file beside it, fsync it, rename it over `path`, fsync the folder. The one atomic writer (datasets,
+    checkpoints' `latest`, metrics, recipes)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -68,6 +68,8 @@ import model as M  # noqa: E402
 import sft  # noqa: E402
 from data import build, formats  # noqa: E402
 from model_fixtures import left_pad as _left_pad, pixels as _pixels, seq as _seq  # noqa: E402
+from data import tiny
+import tokenizer as T
 
 FP32_TOL = 1e-4
 # bf16, ours vs transformers on the same device. Measured on the CPU (the cases below, logits std ~1, |logit| <= 4.6):
@@ -191,8 +193,8 @@ def _model_inputs(cfg, case, dev):
 
 def check_model(ctx):
     dev, rep = ctx.device, ctx.report
-    flat = M.make_tiny(ctx.path("tiny_flat"))
-    nested = M.make_tiny(ctx.path("tiny_nested_tied"), layout="nested", tie_word_embeddings=True)
+    flat = tiny.make_tiny(ctx.path("tiny_flat"))
+    nested = tiny.make_tiny(ctx.path("tiny_nested_tied"), layout="nested", tie_word_embeddings=True)
     where = f"{dev.type}" + (", TF32 off" if ctx.cuda else "")
 
     # fp32 logits, both config layouts, every case
@@ -324,8 +326,8 @@ def _full_logits(net, tr, dev):
 
 def check_cof(ctx):
     dev, rep = ctx.device, ctx.report
-    d = M.make_tiny(ctx.path("tiny_cof"))
-    tok = M.Tokenizer.from_pretrained(d)
+    d = tiny.make_tiny(ctx.path("tiny_cof"))
+    tok = T.Tokenizer.from_pretrained(d)
     cpu = M.Qwen25VL.from_pretrained(d)
     net = M.Qwen25VL.from_pretrained(d, device=dev)
     images = [_image(140, 168, 1), _image(112, 224, 2), _image(168, 112, 3)]
@@ -424,7 +426,7 @@ SFT_ARGS = dict(epochs=0.0, batch_size=4, grad_accum=1, lr=5e-3, warmup_ratio=0.
 def check_sft(ctx):
     rep = ctx.report
     data, corpus = _sft_dataset(ctx.path("sft", "data"))
-    model_dir = M.make_tiny(ctx.path("sft", "model"), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+    model_dir = tiny.make_tiny(ctx.path("sft", "model"), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                             intermediate_size=64, vision_hidden_size=32, vision_depth=2, vision_heads=2,
                             vision_intermediate_size=64, corpus=corpus, bpe_vocab_size=400)
     steps = 20
@@ -438,7 +440,7 @@ def check_sft(ctx):
 
     # the checkpoint: our loader and transformers load it and agree (CPU, fp32)
     ckpt = res["checkpoint"]
-    tok = M.Tokenizer.from_pretrained(ckpt)
+    tok = T.Tokenizer.from_pretrained(ckpt)
     rows, _ = sft.load_rows(data, tok, cfg)
     b = sft.collate([sft.SFTData(rows, tok, cfg)[i] for i in (0, 1)], tok.pad_id)
     ours = M.Qwen25VL.from_pretrained(ckpt)
@@ -493,7 +495,7 @@ def check_grpo(ctx):
     build.build(build.BuildConfig(out=synth, n=8, rl=8, val=2, test=2, per_kind=0, table_items=0))
     rows, _ = formats.read_sft(os.path.join(synth, "sft_train.json"))
     corpus = [m["content"].replace("<image>", "") for r in rows for m in r["messages"]]
-    model_dir = M.make_tiny(ctx.path("grpo", "model"), corpus=corpus, bpe_vocab_size=500, init="train", **view)
+    model_dir = tiny.make_tiny(ctx.path("grpo", "model"), corpus=corpus, bpe_vocab_size=500, init="train", **view)
     steps = 5 if ctx.cuda else 2
     cfg = grpo.GRPOConfig(model=model_dir, data=os.path.join(synth, "rl_train.jsonl"), eval_data="",
                           out=ctx.path("grpo", "run"), max_steps=steps, prompts_per_step=4, group_size=3, micro_batch=4,
@@ -517,7 +519,7 @@ def check_grpo(ctx):
 
 def check_memory_7b(ctx):
     dev, rep = ctx.device, ctx.report
-    tok = M.Tokenizer.from_pretrained(M.make_tiny(ctx.path("tok7b")))   # text only; the ids are valid 7B embedding rows
+    tok = T.Tokenizer.from_pretrained(tiny.make_tiny(ctx.path("tok7b")))   # text only; the ids are valid 7B embedding rows
     text = M.TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                         num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6,
                         mrope_section=(16, 24, 24), max_position_embeddings=128000)
@@ -546,8 +548,8 @@ def check_memory_7b(ctx):
     t_build = time.time() - t0
     weights = sum(p.numel() * p.element_size() for p in net.parameters()) / 2 ** 30
 
-    pv, grid = M.preprocess_image(_image(1008, 1008, 0))
-    ids, _ = M.tokenize_chat(tok, cof.build_messages("What is the colour of the cup?\n(A) red\n(B) blue"), grid,
+    pv, grid = ck.preprocess_image(_image(1008, 1008, 0))
+    ids, _ = T.tokenize_chat(tok, cof.build_messages("What is the colour of the cup?\n(A) red\n(B) blue"), grid,
                              add_generation_prompt=True)
     ids = torch.tensor([ids], device=dev)
     pv = pv.to(dev)

@@ -6,6 +6,8 @@ import tempfile
 import torch
 
 import model as M
+from data import tiny
+import tokenizer as T
 
 _ROOT = tempfile.mkdtemp(prefix="tiny_qwen25vl_")
 
@@ -14,7 +16,7 @@ _ROOT = tempfile.mkdtemp(prefix="tiny_qwen25vl_")
 def tiny_dir(layout="flat", tie=False, **kw) -> str:
     """A tiny random checkpoint directory, built once per test session per argument set."""
     name = f"{layout}_{'tied' if tie else 'untied'}_" + "_".join(f"{k}{v}" for k, v in sorted(kw.items()))
-    return M.make_tiny(os.path.join(_ROOT, name), layout=layout, tie_word_embeddings=tie, **kw)
+    return tiny.make_tiny(os.path.join(_ROOT, name), layout=layout, tie_word_embeddings=tie, **kw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,4 +76,4 @@ def hf_processor(directory):
 
     return _NoVideoProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(directory),
                              tokenizer=AutoTokenizer.from_pretrained(directory), video_processor=None,
-                             chat_template=M.CHAT_TEMPLATE)
+                             chat_template=T.CHAT_TEMPLATE)

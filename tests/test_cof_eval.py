@@ -15,6 +15,8 @@ import cof
 import model as M
 
 from cof_fixtures import ScriptedModel, call, img
+from data import tiny
+import tokenizer as T
 
 
 def save_jpg(path, h, w, seed):
@@ -194,12 +196,12 @@ def test_hrbench_eval_with_rotations(tiny_tok, hr_tsv, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return M.make_tiny(str(tmp_path_factory.mktemp("tiny_cli")))
+    return tiny.make_tiny(str(tmp_path_factory.mktemp("tiny_cli")))
 
 
 @pytest.fixture(scope="module")
 def tiny_tok(tiny_dir):
-    return M.Tokenizer.from_pretrained(tiny_dir)
+    return T.Tokenizer.from_pretrained(tiny_dir)
 
 
 def test_trace_png(tiny_tok, tmp_path):

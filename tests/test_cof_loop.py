@@ -11,6 +11,8 @@ import cof
 import crop_kernels as ck
 import model as M
 from cof_fixtures import ScriptedModel, call, img
+from data.tiny import make_tiny
+import tokenizer as T
 
 
 DEV = os.environ.get("COF_TEST_DEVICE", "cpu")   # COF_TEST_DEVICE=cuda runs the tiny-model tests on a GPU
@@ -18,8 +20,8 @@ DEV = os.environ.get("COF_TEST_DEVICE", "cpu")   # COF_TEST_DEVICE=cuda runs the
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = M.make_tiny(str(tmp_path_factory.mktemp("tiny_cof")))
-    return M.Qwen25VL.from_pretrained(d, device=DEV).eval(), M.Tokenizer.from_pretrained(d)
+    d = make_tiny(str(tmp_path_factory.mktemp("tiny_cof")))
+    return M.Qwen25VL.from_pretrained(d, device=DEV).eval(), T.Tokenizer.from_pretrained(d)
 
 
 def reference_ids(tok, question, texts, grids, env=None):
@@ -29,7 +31,7 @@ def reference_ids(tok, question, texts, grids, env=None):
         msgs.append({"role": "assistant", "content": t})
         if k < len(texts) - 1:
             msgs.append(env[k] if env else cof.zoom_message())
-    ids, amask = M.tokenize_chat(tok, msgs, image_grid_thw=grids)
+    ids, amask = T.tokenize_chat(tok, msgs, image_grid_thw=grids)
     assert ids[-1] == tok.encode("\n")[0]
     return ids[:-1], amask[:-1]
 
@@ -48,7 +50,7 @@ def test_turn_layout_matches_whole_conversation(tiny):
     ids, amask = reference_ids(tok, Q, texts, tr.image_grid_thw)
     assert tr.ids == ids
     assert tr.gen_mask == amask                               # generated = assistant content + its <|im_end|>
-    assert tr.prompt_len == len(M.tokenize_chat(tok, cof.build_messages(Q), tr.image_grid_thw[:1],
+    assert tr.prompt_len == len(T.tokenize_chat(tok, cof.build_messages(Q), tr.image_grid_thw[:1],
                                                 add_generation_prompt=True)[0])
     assert [t["text"] for t in tr.turns] == texts and tr.answer == "A" and tr.finished and tr.n_zooms == 2
     # crop sizes: box enlarged x1.5, then x2 + smart_resize; taken from the resized main image each time
@@ -266,7 +268,7 @@ def test_rollouts_helper(tiny):
 
 def test_processor_limits_come_from_the_checkpoint(tmp_path):
     """A tiny checkpoint whose processor caps images at 112*112 is run at that cap unless the config says otherwise."""
-    d = M.make_tiny(tmp_path / "m", max_pixels=112 * 112, bpe_vocab_size=300)
+    d = make_tiny(tmp_path / "m", max_pixels=112 * 112, bpe_vocab_size=300)
     net = M.Qwen25VL.from_pretrained(d)
     cfg = cof.with_processor_limits(cof.CofConfig(), net)
     assert (cfg.processor_min_pixels, cfg.processor_max_pixels) == (3136, 12544)

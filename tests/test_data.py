@@ -11,6 +11,9 @@ from PIL import Image, ImageDraw
 import cof
 import crop_kernels
 from data import agent, build, formats, synth
+from data import tiny
+import tokenizer as T
+import crop_kernels as ck
 
 
 @pytest.fixture(scope="module")
@@ -373,8 +376,8 @@ def test_model_backend_with_scripted_replies():
 
 def test_model_backend_runs_a_real_tiny_model(tmp_path):
     import model as M
-    d = M.make_tiny(str(tmp_path / "tiny"), seed=0)
-    net, tok = M.Qwen25VL.from_pretrained(d), M.Tokenizer.from_pretrained(d)
+    d = tiny.make_tiny(str(tmp_path / "tiny"), seed=0)
+    net, tok = M.Qwen25VL.from_pretrained(d), T.Tokenizer.from_pretrained(d)
     tools = agent.ModelTools(net, tok, max_new_tokens=8)
     sc = synth.make_scene(synth.scene_rng(0, "test", 1))
     world = agent.scene_world(sc)
@@ -383,7 +386,7 @@ def test_model_backend_runs_a_real_tiny_model(tmp_path):
     assert tools.ask([world.main_view().sent], "Locate the red circle.", max_pixels=world.view_max_pixels) == reply
     # the view the oracle reads is exactly the model processor's input
     for view in (world.main_view(), world.zoom(agent.tool_call_text(agent.OracleTools().locate(world)))):
-        pv, grid = M.preprocess_image(crop_kernels.from_pil(view.sent), world.view_min_pixels, world.view_max_pixels)
+        pv, grid = ck.preprocess_image(crop_kernels.from_pil(view.sent), world.view_min_pixels, world.view_max_pixels)
         ref, ref_grid = crop_kernels.patchify(crop_kernels.from_pil(view.image))
         assert torch.equal(pv, ref) and torch.equal(grid, ref_grid) and view.image.size == (112, 112)
     res = agent.search(world, tools, max_zooms=1)    # a random model: the search runs and ends either way

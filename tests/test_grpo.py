@@ -15,6 +15,8 @@ import grpo
 import model as M
 from data import build, formats
 from procs import run_script
+from data import tiny
+import tokenizer as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIEW = dict(min_pixels=56 * 56, max_pixels=112 * 112)
@@ -31,7 +33,7 @@ def setup(tmp_path_factory):
     build.build(build.BuildConfig(out=str(root / "synth"), n=24, rl=24, val=6, test=2, per_kind=0, table_items=0))
     rows, _ = formats.read_sft(str(root / "synth" / "sft_train.json"))
     corpus = [m["content"].replace("<image>", "") for r in rows for m in r["messages"]]
-    model_dir = M.make_tiny(str(root / "model"), corpus=corpus, bpe_vocab_size=500, init="train", **VIEW)
+    model_dir = tiny.make_tiny(str(root / "model"), corpus=corpus, bpe_vocab_size=500, init="train", **VIEW)
     return dict(root=root, data=str(root / "synth" / "rl_train.jsonl"), val=str(root / "synth" / "val.jsonl"),
                 model=model_dir)
 
@@ -199,7 +201,7 @@ def test_token_mean_and_seq_mean_weights():
 def trajectories(setup):
     """Sampled multi-turn trajectories of the random tiny model, two zooms forced at the start of turns 1 and 2."""
     net = M.Qwen25VL.from_pretrained(setup["model"]).eval()
-    tok = M.Tokenizer.from_pretrained(setup["model"])
+    tok = T.Tokenizer.from_pretrained(setup["model"])
     cfg = _cfg(setup, "unused")
     prompts, _ = grpo.load_prompts(setup["data"], cfg)
     prompts = prompts[:2]

@@ -12,12 +12,14 @@ import torch
 import cof
 import model as M
 import sft
+from data.tiny import make_tiny
+import tokenizer as T
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = M.make_tiny(str(tmp_path_factory.mktemp("hostile")), max_pixels=112 * 112, min_pixels=56 * 56)
-    return M.Qwen25VL.from_pretrained(d).eval(), M.Tokenizer.from_pretrained(d)
+    d = make_tiny(str(tmp_path_factory.mktemp("hostile")), max_pixels=112 * 112, min_pixels=56 * 56)
+    return M.Qwen25VL.from_pretrained(d).eval(), T.Tokenizer.from_pretrained(d)
 
 
 def img(h, w, seed=0):
@@ -150,7 +152,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
 def test_a_crash_while_resaving_a_step_leaves_latest_whole(tmp_path, monkeypatch):
     """Resuming from an older checkpoint re-saves steps that already have one. Kill the save between removing the old
     directory and moving the new one in: `latest` must still name a whole checkpoint."""
-    d = M.make_tiny(str(tmp_path / "m"), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+    d = make_tiny(str(tmp_path / "m"), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                     intermediate_size=32, vision_hidden_size=32, vision_depth=1, vision_heads=2,
                     vision_intermediate_size=32, fullatt_block_indexes=(0,), bpe_vocab_size=300)
     raw = M.Qwen25VL.from_pretrained(d)
@@ -203,7 +205,7 @@ def test_bad_numbers_in_the_trainer_options(argv, words, capsys):
 def test_a_sharded_index_cannot_point_outside_the_checkpoint(tmp_path):
     import shutil
     from safetensors import safe_open
-    d = M.make_tiny(str(tmp_path / "m"), bpe_vocab_size=300)
+    d = make_tiny(str(tmp_path / "m"), bpe_vocab_size=300)
     os.makedirs(tmp_path / "outside")
     shutil.move(os.path.join(d, "model.safetensors"), tmp_path / "outside" / "model.safetensors")
     with safe_open(str(tmp_path / "outside" / "model.safetensors"), "pt") as f:
@@ -229,7 +231,7 @@ def test_benchmark_images_stay_inside_their_folder(tmp_path):
 
 def test_rows_are_checked_for_what_training_reads(tmp_path):
     from data import formats
-    tok = M.Tokenizer.from_pretrained(M.make_tiny(str(tmp_path / "m"), bpe_vocab_size=300))
+    tok = T.Tokenizer.from_pretrained(make_tiny(str(tmp_path / "m"), bpe_vocab_size=300))
     (tmp_path / "not_an_image.png").write_text("hello, I am text")
     from PIL import Image
     Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "cut.png")
@@ -248,7 +250,7 @@ def test_rows_are_checked_for_what_training_reads(tmp_path):
     with pytest.raises(formats.DataError, match="row 0, field 'messages\\[0\\].content': holds the special token"):
         sft.load_rows(str(tmp_path / "rows.json"), tok, cfg)
     with pytest.raises(ValueError, match="message 0: its text holds '<\\|vision_start\\|>'"):
-        M.tokenize_chat(tok, [{"role": "user", "content": "a <|vision_start|> b"}])
+        T.tokenize_chat(tok, [{"role": "user", "content": "a <|vision_start|> b"}])
 
 
 def test_load_image_errors_name_the_source(tmp_path):
@@ -289,14 +291,14 @@ def test_match_answer_follows_vlmevalkit_option_inference(pred, letter):
 def test_tokenizer_from_vocab_and_merges_equals_tokenizer_json_and_transformers(tmp_path):
     import shutil
     from transformers import AutoTokenizer
-    d = M.make_tiny(str(tmp_path / "m"), bpe_vocab_size=400)
+    d = make_tiny(str(tmp_path / "m"), bpe_vocab_size=400)
     os.makedirs(tmp_path / "v")
     for f in ("tokenizer_config.json", "config.json"):
         shutil.copy(os.path.join(d, f), tmp_path / "v" / f)
-    full = M.Tokenizer.from_pretrained(d)
+    full = T.Tokenizer.from_pretrained(d)
     full.tok.model.save(str(tmp_path / "v"))                      # vocab.json + merges.txt, nothing else
     assert not (tmp_path / "v" / "tokenizer.json").exists()
-    ours = M.Tokenizer.from_pretrained(str(tmp_path / "v"))
+    ours = T.Tokenizer.from_pretrained(str(tmp_path / "v"))
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "v"))
     text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|vision_start|><|image_pad|><|vision_end|>"
             " Question: (A) red <tool_call>{\"bbox_2d\": [1, 2]}</tool_call> \u00fcn\u00ef \u65e5\u672c  \n\n x")
@@ -313,7 +315,7 @@ def test_tokenizer_from_vocab_and_merges_equals_tokenizer_json_and_transformers(
     (lambda c: c.update(rope_scaling={"type": "mrope", "mrope_section": [2, "3", 3]}), "mrope_section must be a list"),
 ])
 def test_bad_config_values_are_named(tmp_path, change, words):
-    d = M.make_tiny(str(tmp_path / "m"), bpe_vocab_size=300)
+    d = make_tiny(str(tmp_path / "m"), bpe_vocab_size=300)
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     change(cfg)
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
@@ -323,11 +325,11 @@ def test_bad_config_values_are_named(tmp_path, change, words):
 
 def test_bad_checkpoint_files_are_named(tmp_path):
     from safetensors.torch import load_file, save_file
-    d = M.make_tiny(str(tmp_path / "m"), bpe_vocab_size=300)
+    d = make_tiny(str(tmp_path / "m"), bpe_vocab_size=300)
     (tmp_path / "m" / "config.json").write_text("[1, 2]")
     with pytest.raises(M.CheckpointError, match="config.json: expected a JSON object, got list"):
         M.Qwen25VL.from_pretrained(d)
-    d = M.make_tiny(str(tmp_path / "n"), bpe_vocab_size=300)
+    d = make_tiny(str(tmp_path / "n"), bpe_vocab_size=300)
     (tmp_path / "n" / "generation_config.json").write_text("{oops")
     with pytest.raises(M.CheckpointError, match="generation_config.json: not a valid generation config"):
         M.Qwen25VL.from_pretrained(d)
@@ -339,7 +341,7 @@ def test_bad_checkpoint_files_are_named(tmp_path):
         M.Qwen25VL.from_pretrained(d)
     (tmp_path / "n" / "tokenizer.json").write_text("not json")
     with pytest.raises(M.CheckpointError, match="tokenizer.json: not a tokenizers file"):
-        M.Tokenizer.from_pretrained(d)
+        T.Tokenizer.from_pretrained(d)
 
 
 def test_raw_errors_become_named_errors(tmp_path):
@@ -401,7 +403,7 @@ def test_kill_9_during_resaves_never_leaves_latest_broken(tmp_path):
     import subprocess
     import sys
     import threading
-    d = M.make_tiny(str(tmp_path / "m"), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+    d = make_tiny(str(tmp_path / "m"), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                     intermediate_size=32, vision_hidden_size=32, vision_depth=1, vision_heads=2,
                     vision_intermediate_size=32, fullatt_block_indexes=(0,), bpe_vocab_size=300)
     out = tmp_path / "out"

@@ -10,6 +10,9 @@ from PIL import Image
 
 import model as M
 from model_fixtures import hf, hf_logits, hf_processor, left_pad, ours, pixels, seq, tiny_dir
+from data import tiny
+import tokenizer as T
+import crop_kernels as ck
 
 TOL = 1e-4
 
@@ -72,7 +75,7 @@ def test_logits_match_transformers(layout, tie, case):
 
 def test_train_init_is_plain_qwen(tmp_path):
     """make_tiny(init="train"): unit norms, zero biases, otherwise the same draw; transformers gives the same logits."""
-    d = M.make_tiny(str(tmp_path / "t"), init="train", seed=3)
+    d = tiny.make_tiny(str(tmp_path / "t"), init="train", seed=3)
     m, ref = M.Qwen25VL.from_pretrained(d), hf(d)
     sd = m.state_dict()
     norms = [k for k in sd if k.endswith(".weight") and sd[k].dim() == 1]
@@ -86,7 +89,7 @@ def test_train_init_is_plain_qwen(tmp_path):
     with torch.no_grad():
         assert (m(ids, pv, g) - hf_logits(ref, ids, pv, g)).abs().max() <= TOL
     with pytest.raises(ValueError, match="init must be"):
-        M.make_tiny(str(tmp_path / "u"), init="zeros")
+        tiny.make_tiny(str(tmp_path / "u"), init="zeros")
 
 
 def test_images_change_logits():
@@ -226,7 +229,7 @@ def test_hub_id_offline_message(monkeypatch, tmp_path):
 # ---- tokenizer and chat layout -----------------------------------------------------------------------------------
 
 def _messages():
-    sys_prompt, user_suffix = M.default_tiny_corpus()[:2]
+    sys_prompt, user_suffix = tiny.default_tiny_corpus()[:2]
     return [
         {"role": "system", "content": sys_prompt},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is  the color?\n\n" + user_suffix}]},
@@ -238,7 +241,7 @@ def _messages():
 
 def test_chat_ids_match_transformers_processor():
     d = tiny_dir()
-    proc, tok = hf_processor(d), M.Tokenizer.from_pretrained(d)
+    proc, tok = hf_processor(d), T.Tokenizer.from_pretrained(d)
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (100, 130, 3), dtype=np.uint8)),
             Image.fromarray(rng.integers(0, 255, (60, 200, 3), dtype=np.uint8))]
@@ -246,10 +249,10 @@ def test_chat_ids_match_transformers_processor():
         n_img = sum(isinstance(x["content"], list) and sum(c["type"] == "image" for c in x["content"]) for x in msgs)
         text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
         out = proc(text=[text], images=imgs[:n_img], return_tensors="pt")
-        ids, mask = M.tokenize_chat(tok, msgs, out["image_grid_thw"], add_generation_prompt=gen)
+        ids, mask = T.tokenize_chat(tok, msgs, out["image_grid_thw"], add_generation_prompt=gen)
         assert ids == out["input_ids"][0].tolist()
         assert len(mask) == len(ids)
-    ids, mask = M.tokenize_chat(tok, _messages(), out["image_grid_thw"])  # last `out` is the full conversation's
+    ids, mask = T.tokenize_chat(tok, _messages(), out["image_grid_thw"])  # last `out` is the full conversation's
     got = tok.decode([i for i, k in zip(ids, mask) if k])
     assert got == ("<think>zoom</think> <tool_call>\n{\"name\": 1}\n</tool_call><|im_end|>"
                    "  <answer>B</answer>\n<|im_end|>")
@@ -259,7 +262,7 @@ def test_chat_ids_match_transformers_processor():
 def test_tokenizer_matches_transformers_and_compresses_prompt():
     from transformers import AutoTokenizer
     d = tiny_dir()
-    tok, ref = M.Tokenizer.from_pretrained(d), AutoTokenizer.from_pretrained(d)
+    tok, ref = T.Tokenizer.from_pretrained(d), AutoTokenizer.from_pretrained(d)
     for s in ["hello <|im_start|> world\n\n x", "Ünïcödé  tabs\t\tand 1234567 <tool_call>{\"a\": [1, 2]}</tool_call>",
               "<|vision_start|><|image_pad|><|image_pad|><|vision_end|>what's it?"]:
         assert tok.encode(s) == ref(s, add_special_tokens=False).input_ids
@@ -269,16 +272,16 @@ def test_tokenizer_matches_transformers_and_compresses_prompt():
     cfg = ours(d).cfg
     assert (tok.image_pad_id, tok.vision_start_id, tok.vision_end_id) == \
         (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
-    system_prompt = M.default_tiny_corpus()[0]
+    system_prompt = tiny.default_tiny_corpus()[0]
     assert len(system_prompt) > 1000 and len(tok.encode(system_prompt)) < 300  # bytes would be > 1000
 
 
 def test_tokenize_chat_errors():
-    tok = M.Tokenizer.from_pretrained(tiny_dir())
+    tok = T.Tokenizer.from_pretrained(tiny_dir())
     with pytest.raises(ValueError, match="image 1 has no entry"):
-        M.tokenize_chat(tok, [{"role": "user", "content": [{"type": "image"}]}])
+        T.tokenize_chat(tok, [{"role": "user", "content": [{"type": "image"}]}])
     with pytest.raises(ValueError, match="2 entries but the messages contain 1"):
-        M.tokenize_chat(tok, [{"role": "user", "content": [{"type": "image"}]}], [[1, 4, 4], [1, 4, 4]])
+        T.tokenize_chat(tok, [{"role": "user", "content": [{"type": "image"}]}], [[1, 4, 4], [1, 4, 4]])
 
 
 def test_preprocess_image_matches_transformers_pil_processor():
@@ -287,7 +290,7 @@ def test_preprocess_image_matches_transformers_pil_processor():
     rng = np.random.default_rng(0)
     for hw, mx in [((97, 143), 12845056), ((300, 200), 28 * 28 * 40), ((56, 84), 12845056)]:
         arr = rng.integers(0, 255, (*hw, 3), dtype=np.uint8)
-        pv, g = M.preprocess_image(torch.from_numpy(arr).permute(2, 0, 1), max_pixels=mx)
+        pv, g = ck.preprocess_image(torch.from_numpy(arr).permute(2, 0, 1), max_pixels=mx)
         out = ref(images=[Image.fromarray(arr)], size={"shortest_edge": 3136, "longest_edge": mx}, return_tensors="pt")
         assert g.tolist() == out["image_grid_thw"].tolist()
         assert torch.equal(pv, out["pixel_values"])
@@ -369,7 +372,7 @@ def test_bf16_bit_identical_to_transformers_on_cpu():
 
 def test_image_limits_from_preprocessor_config(tmp_path):
     """make_tiny writes the processor's pixel limits; from_pretrained reads both preprocessor_config.json layouts."""
-    d = M.make_tiny(tmp_path / "m", max_pixels=112 * 112, bpe_vocab_size=300)
+    d = tiny.make_tiny(tmp_path / "m", max_pixels=112 * 112, bpe_vocab_size=300)
     net = M.Qwen25VL.from_pretrained(d)
     assert (net.image_min_pixels, net.image_max_pixels) == (3136, 12544)
     pp_path = tmp_path / "m" / "preprocessor_config.json"
@@ -377,8 +380,8 @@ def test_image_limits_from_preprocessor_config(tmp_path):
     del pp["min_pixels"], pp["max_pixels"]
     pp["size"] = {"shortest_edge": 784, "longest_edge": 50176}  # transformers 5 layout
     pp_path.write_text(json.dumps(pp))
-    assert M.read_image_limits(d) == (784, 50176)
+    assert ck.read_image_limits(d) == (784, 50176)
     pp["size"] = {"shortest_edge": 50176, "longest_edge": 784}
     pp_path.write_text(json.dumps(pp))
     with pytest.raises(ValueError, match="min_pixels/max_pixels"):
-        M.read_image_limits(d)
+        ck.read_image_limits(d)

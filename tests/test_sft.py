@@ -11,6 +11,8 @@ import torch
 
 import model as M
 import sft
+from data import tiny
+import tokenizer as T
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +20,8 @@ def byte_tok(tmp_path_factory):
     """A tokenizer whose BPE learned no merges: every ASCII character is one token, special tokens are one each,
     so expected positions can be counted by hand."""
     d = tmp_path_factory.mktemp("bytetok")
-    M.make_tiny(str(d), hidden_size=32, num_heads=2, num_kv_heads=1, bpe_vocab_size=256)
-    tok = M.Tokenizer.from_pretrained(str(d))
+    tiny.make_tiny(str(d), hidden_size=32, num_heads=2, num_kv_heads=1, bpe_vocab_size=256)
+    tok = T.Tokenizer.from_pretrained(str(d))
     assert tok.encode("assistant") == tok.encode("a") + tok.encode("ssistant")   # really one token per character
     return tok
 

@@ -18,6 +18,9 @@ import model as M
 import sft
 from data.formats import DataError
 from procs import run_script
+from data import tiny
+import tokenizer as T
+import crop_kernels as ck
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
@@ -57,7 +60,7 @@ def setup(tmp_path_factory):
     data = root / "data" / "train.json"
     data.write_text(json.dumps(rows))
     corpus = [m["content"] for r in rows for m in r["messages"]]
-    model_dir = M.make_tiny(str(root / "model"), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+    model_dir = tiny.make_tiny(str(root / "model"), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                             intermediate_size=64, vision_hidden_size=32, vision_depth=2, vision_heads=2,
                             vision_intermediate_size=64, corpus=corpus, bpe_vocab_size=400)
     return dict(root=root, data=str(data), model=model_dir, rows=rows)
@@ -112,7 +115,7 @@ def test_checkpoint_loads_in_transformers_with_identical_logits(setup, lora_run)
     from transformers import Qwen2_5_VLForConditionalGeneration
     ckpt = lora_run["checkpoint"]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(ckpt))
-    tok = M.Tokenizer.from_pretrained(ckpt)
+    tok = T.Tokenizer.from_pretrained(ckpt)
     cfg = _cfg(setup, "unused")
     rows, _ = sft.load_rows(setup["data"], tok, cfg)
     b = sft.collate([sft.SFTData(rows, tok, cfg)[i] for i in (0, 1)], tok.pad_id)
@@ -139,14 +142,14 @@ def test_cached_samples_equal_fresh_ones_and_the_processor(setup):
     """The sample cache keeps uint8 images and patchifies on every read: same tensors as an uncached read, and the
     pixel values are model.preprocess_image's (the processor) for every image of the row."""
     from crop_kernels import load_image
-    tok = M.Tokenizer.from_pretrained(setup["model"])
+    tok = T.Tokenizer.from_pretrained(setup["model"])
     cfg = _cfg(setup, "unused", max_pixels=56 * 28)        # 56x56 main images are resized to 28x28, 56x28 crops kept
     rows, _ = sft.load_rows(setup["data"], tok, cfg)
     cached, fresh = sft.SFTData(rows, tok, cfg, cache=True), sft.SFTData(rows, tok, cfg)
     for i in (0, 1, 0):
         a, b = cached[i], fresh[i]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        want = [M.preprocess_image(load_image(p), cfg.min_pixels, cfg.max_pixels) for p in rows[i]["images"]]
+        want = [ck.preprocess_image(load_image(p), cfg.min_pixels, cfg.max_pixels) for p in rows[i]["images"]]
         assert torch.equal(a["pixel_values"], torch.cat([pv for pv, _ in want]))
         assert torch.equal(a["image_grid_thw"], torch.cat([g for _, g in want]))
         assert a["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4]]
@@ -231,7 +234,7 @@ def test_bad_rows_name_file_and_row_and_skip_bad_counts_them(setup, case, match)
     else:
         bad["messages"][4]["content"] += " and much more" * 30
     path = _write_rows(setup, f"bad_{case}.json", [good, bad, good])
-    tok = M.Tokenizer.from_pretrained(setup["model"])
+    tok = T.Tokenizer.from_pretrained(setup["model"])
     max_len = 60 if case == "too_long" else 4096
     if case == "too_long":   # the good rows fit, the bad one does not
         ids, _, _ = sft.render(good, tok, [sft.image_grid(p, _cfg(setup, "x")) for p in

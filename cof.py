@@ -77,7 +77,7 @@ MAX_NEW_TOKENS = 512             # --max_new_tokens
 # unless the first resize produced more than 12,845,056 pixels.
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompts / messages (HF-style dicts, rendered by model.tokenize_chat)
+# Prompts / messages (HF-style dicts, rendered by tokenizer.tokenize_chat)
 
 
 # Two layouts of the text after the image exist upstream: the released evaluation (vllm_inference.py) writes
@@ -555,12 +555,11 @@ def _pick(logits, cfg, generator, banned=()):
 
 
 class _Turns:
-    """Environment token chunks, rendered by model.tokenize_chat (the owner of the chat layout): each new turn is
+    """Environment token chunks, rendered by tokenizer.tokenize_chat (the owner of the chat layout): each new turn is
     the whole-conversation rendering minus the rendering of a one-message prefix, so the ids are exactly those
     the chat template gives for the full conversation (special tokens split the text, so pieces never merge)."""
 
     def __init__(self, tokenizer):
-
         self.tok = tokenizer
         self.base = T.tokenize_chat(tokenizer, [{"role": "system", "content": "x"}])[0]
         end = self.base.index(tokenizer.im_end_id)
@@ -578,58 +577,8 @@ class _Turns:
         return close + self.sep + self.turn(message, grid)
 
 
-class Progress:
-    """A one-line progress bar on stderr (tqdm is not a runtime dependency): `desc done/total [####....] stats
-    elapsed<eta`. It redraws in place on a terminal; without one (CI, a log file) it prints a plain line every ~2%
-    of the work instead. Used by the evaluation here, data.build and sft.py."""
-
-    def __init__(self, total, desc="", start=0, enabled=True):
-
-        self.total, self.desc, self.done, self.start = total, desc, start, start
-        self.enabled = enabled and total > start
-        self.stream, self.clock, self.t0 = sys.stderr, time.time, time.time()
-        self.tty = self.stream.isatty()
-        self.every, self.last_print = max(1, (total - start) // 50), start
-
-    def update(self, k=1, **stats):
-        """Advance by k units of work; stats (e.g. loss=0.3) are shown after the bar."""
-        self.done += k
-        if not self.enabled:
-            return
-        el = self.clock() - self.t0
-        frac = (self.done - self.start) / (self.total - self.start)
-        eta = el / frac - el if frac > 0 else 0.0
-        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
-        line = f"{self.desc} {self.done}/{self.total} [{bar}] {text} {_hms(el)}<{_hms(eta)}".lstrip()
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K" + ("\n" if self.done >= self.total else ""))
-            self.stream.flush()
-        elif self.done - self.last_print >= self.every or self.done >= self.total:
-            self.last_print = self.done
-            print(line, file=self.stream, flush=True)
-
-    def close(self):
-        """End the bar's line early (before other output) on a terminal."""
-        if self.enabled and self.tty and self.done < self.total:
-            self.stream.write("\n")
-
-
-def progress(items, desc="", total=None):
-    """Iterate over items with a Progress bar."""
-    bar = Progress(len(items) if total is None else total, desc)
-    for x in items:
-        yield x
-        bar.update()
-
-
-def _hms(s):
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
 def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=None, messages=None, on_turn=None,
-        logits_processor=None, reencode=False):
+        logits_processor=None):
     """Run the Chain-of-Focus loop for a batch of questions on one KV cache.
 
     images: per question a path / bytes / PIL image / uint8 [3,H,W] (the original image; it is smart-resized here).
@@ -641,172 +590,241 @@ def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=N
     logits_processor: optional fn(views, logits [R, V]) -> logits applied before picking each token, where views[i] =
       (trajectory row, turn index, tokens of the current turn so far) for cache row i (e.g. to ban tokens; the
       benchmark uses it to force zooms on random weights). Recorded logprobs stay those of the raw model.
-    reencode: the released cost model, as a baseline: after every zoom the whole conversation is prefilled again
-      into a fresh cache (one question at a time) instead of appending the new turn to the cache.
     Returns one Trajectory per row, rows ordered question-major (question i's G samples are rows i*G .. i*G+G-1).
+
+    The loop, stage by stage: `_prompts` (main image, vision inputs, chat tokens per question) -> `_prefill` (one
+    batched extend, copied G times) -> per step `_pick` a token for every live row, `_add_token` to its turn, and at
+    the end of a turn `_end_turn` (record it, run the zoom tool, build the environment's reply) -> `_feed` the step's
+    chunks (one token, or the last token + the environment's turn with its crop) back in one extend.
     """
-
-    with torch.no_grad():
-        return _run(model, tokenizer, images, questions, cfg, group_size, generator, messages, on_turn,
-                    logits_processor, reencode)
-
-
-def _run(model, tokenizer, images, questions, cfg, group_size, generator, messages, on_turn, logits_processor,
-         reencode):
-
-
+    if len(images) != len(questions):
+        raise ValueError(f"got {len(images)} images for {len(questions)} questions")
     cfg = with_processor_limits(cfg or CofConfig(), model)
-    tok = tokenizer
-    dev = _device(model)
-    turns_tpl = _Turns(tok)
-    stop_ids = {i for i in (tok.im_end_id, getattr(tok, "eos_id", None), getattr(tok, "pad_id", None)) if i is not None}
-    banned = vision_token_ids(tok) if cfg.ban_vision_tokens else []
-    unusable = set(vision_token_ids(tok)[:2])       # pads that cannot be fed back (only sampled with the ban off)
-    B, G = len(questions), group_size
-    if len(images) != B:
-        raise ValueError(f"got {len(images)} images for {B} questions")
-    if reencode and B * G != 1:
-        raise ValueError("reencode=True (the re-prefill baseline) runs one conversation at a time")
+    env = _Env(tokenizer, cfg)
+    with torch.no_grad():
+        prompts = _prompts(model, tokenizer, images, questions, messages, cfg)
+        cache, logits = _prefill(model, tokenizer, prompts, group_size)
+        rows = [_Row.start(prompts[r // group_size], r // group_size) for r in range(len(prompts) * group_size)]
+        for row in rows:
+            if len(row.ids) >= cfg.max_model_len:      # a prompt vLLM would refuse: no generation, empty answer
+                row.refuse(cfg.max_model_len)
+        live = list(range(len(rows)))                   # cache row -> trajectory row
+        while True:
+            nxt, lp = _next_tokens(logits[:, -1], [rows[r] for r in live], live, env, generator, logits_processor)
+            chunks, new_images = [], []
+            for c, r in enumerate(live):
+                row = rows[r]
+                if row.done:                        # finished, in the cache until the next compaction: padding
+                    chunks.append([])
+                    continue
+                chunk, image, ended = _add_token(row, nxt[c], lp[c], env)
+                chunks.append(chunk)
+                if image is not None:
+                    new_images.append(image)
+                if ended and on_turn is not None:
+                    on_turn(r, row.turns[-1])
+            if all(rows[r].done for r in live):
+                break
+            live, chunks = _compact(cache, live, chunks, rows)
+            logits = _feed(model, cache, chunks, new_images, tokenizer.pad_id)                  # [len(live), 1, V]
+    return [row.trajectory(questions[row.question]) for row in rows]
 
-    # ---- prompts: main image resize, vision inputs, chat tokens
-    rows = []
-    for b in range(B):
+
+@dataclass
+class _Prompt:
+    """One question's first turns, ready to prefill."""
+    main: object                   # uint8 [3, h, w] main image as the model sees it (CPU)
+    main_dev: object               # the same on the model's device (crops are cut from it)
+    original_size: tuple           # (H, W) given
+    ids: list                      # chat tokens of the first turns + the assistant header
+    pixel_values: object           # [patches, 1176] of the main image
+    grid: object                   # int64 [1, 3]
+    image: object                  # uint8 main image when cfg.keep_images, else None
+
+
+@dataclass
+class _Row:
+    """One conversation in flight: everything a Trajectory holds, plus the turn being generated."""
+    prompt: _Prompt
+    question: int                                   # index of its question in the batch
+    ids: list                                       # prompt + finished turns + environment turns
+    gen: list                                       # per id: generated by the model
+    lp: list                                        # per id: log p under the sampling policy (0.0 if not generated)
+    pv: list                                        # pixel_values per image (main, then crops)
+    grid: list                                      # grid_thw per image
+    images: list                                    # uint8 images (cfg.keep_images)
+    turn: list = field(default_factory=list)        # tokens of the turn being generated
+    turn_lp: list = field(default_factory=list)
+    turns: list = field(default_factory=list)       # one dict per finished turn (see Trajectory)
+    n_zooms: int = 0
+    done: bool = False
+    finished: bool = False
+    answer: str = ""
+
+    @classmethod
+    def start(cls, p, question):
+        return cls(prompt=p, question=question, ids=list(p.ids), gen=[False] * len(p.ids), lp=[0.0] * len(p.ids),
+                   pv=[p.pixel_values], grid=[p.grid], images=[p.image] if p.image is not None else [])
+
+    def refuse(self, max_model_len):
+        self.done = True
+        self.turns.append(dict(text="", n_tokens=0, stop="context", tool_call=False, status="context",
+                               message=f"prompt of {len(self.ids)} tokens >= max_model_len {max_model_len}"))
+
+    def append(self, ids, generated, lp=None):
+        self.ids += ids
+        self.gen += [generated] * len(ids)
+        self.lp += lp if lp is not None else [0.0] * len(ids)
+
+    def trajectory(self, question):
+        return Trajectory(
+            question=question, ids=self.ids, gen_mask=self.gen, logprobs=self.lp, prompt_len=len(self.prompt.ids),
+            pixel_values=torch.cat(self.pv), image_grid_thw=torch.cat(self.grid), turns=self.turns,
+            answer=self.answer, n_zooms=self.n_zooms, n_generated=sum(self.gen), finished=self.finished,
+            original_size=self.prompt.original_size, main_size=tuple(self.prompt.main.shape[1:]),
+            images=self.images, group=self.question)
+
+
+class _Env:
+    """What the loop needs besides the model: the tokenizer, the config, stop / banned / unusable token ids and the
+    environment's turn template."""
+
+    def __init__(self, tokenizer, cfg):
+        self.tok, self.cfg, self.turns = tokenizer, cfg, _Turns(tokenizer)
+        self.stop_ids = {i for i in (tokenizer.im_end_id, getattr(tokenizer, "eos_id", None),
+                                     getattr(tokenizer, "pad_id", None)) if i is not None}
+        self.banned = vision_token_ids(tokenizer) if cfg.ban_vision_tokens else []
+        self.unusable = set(vision_token_ids(tokenizer)[:2])   # pads that cannot be fed back (only with the ban off)
+
+
+def _prompts(model, tokenizer, images, questions, messages, cfg):
+    """Per question: the main image resized by the released rule, its pixel values, and the chat tokens."""
+    dev = _device(model)
+    out = []
+    for b, question in enumerate(questions):
         orig, main = prepare_main(images[b], cfg)
         h, w = main.shape[1:]
         pv, grid, img = _encode(main.to(dev), (0, 0, w, h), (h, w), cfg, keep=cfg.keep_images)
-        msgs = messages[b] if messages is not None else build_messages(questions[b], cfg.system, cfg.question_format)
-        ids, _ = T.tokenize_chat(tok, msgs, image_grid_thw=grid, add_generation_prompt=True)
-        rows.append(dict(main=main, main_dev=main.to(dev), orig_size=tuple(orig.shape[1:]), ids=list(ids),
-                         gen=[False] * len(ids), lp=[0.0] * len(ids), pv=[pv], grid=[grid],
-                         imgs=[img] if cfg.keep_images else [], prompt_len=len(ids)))
-
-    cache = model.new_cache(B)
-    chunk, mask = _pad([r["ids"] for r in rows], tok.pad_id)
-    logits = model.extend(cache, chunk.to(dev), mask=mask.to(dev),
-                          pixel_values=torch.cat([r["pv"][0] for r in rows]).to(dev),
-                          image_grid_thw=torch.cat([r["grid"][0] for r in rows]).to(dev), last_only=True)  # [B,1,V]
-    if G > 1:
-        cache.repeat_interleave(G)
-        logits = logits.repeat_interleave(G, dim=0)
-    R = B * G
-    st = []
-    for r in range(R):
-        src = rows[r // G]
-        st.append(dict(src=src, ids=list(src["ids"]), gen=list(src["gen"]), lp=list(src["lp"]), pv=list(src["pv"]),
-                       grid=list(src["grid"]), imgs=list(src["imgs"]), turn=[], turn_lp=[], turns=[], n_zooms=0,
-                       done=False, finished=False, answer="", t0=time.time()))
-
-    for s in st:                      # a prompt vLLM would refuse: no generation, empty answer
-        if len(s["ids"]) >= cfg.max_model_len:
-            s.update(done=True, seconds=0.0)
-            s["turns"].append(dict(text="", n_tokens=0, stop="context", tool_call=False, status="context",
-                                   message=f"prompt of {len(s['ids'])} tokens >= max_model_len {cfg.max_model_len}"))
-    live = list(range(R))             # cache row -> trajectory row
-    while live:
-        raw = logits[:, -1]                                                      # [len(live), V]
-        if logits_processor is not None:
-            views = [(r, len(st[r]["turns"]), st[r]["turn"]) for r in live]
-            nxt, _ = _pick(logits_processor(views, raw.clone()), cfg, generator, banned)
-            lp = policy_logprobs(raw, nxt, banned, _temperature(cfg))
-        else:
-            nxt, lp = _pick(raw, cfg, generator, banned)                         # [len(live)]
-        nxt, lp = nxt.tolist(), lp.tolist()
-        chunks, imgs_pv, imgs_grid = [], [], []
-        for c, r in enumerate(live):
-            s = st[r]
-            if s["done"]:                  # finished, still in the cache until the next compaction
-                chunks.append([])
-                continue
-            t = nxt[c]
-            bad = t in unusable           # the turn ends before it: the token is never fed back nor trained on
-            if not bad:
-                s["turn"].append(t)
-                s["turn_lp"].append(lp[c])
-            stopped = t in stop_ids
-            full = len(s["ids"]) + len(s["turn"]) >= cfg.max_model_len
-            if not stopped and not full and not bad and len(s["turn"]) < cfg.max_new_tokens:
-                chunks.append([t])
-                continue
-            # ---- the turn ended: record it, then either finish or build the environment's reply
-            body = s["turn"][:-1] if stopped else s["turn"]
-            text = tok.decode(body, skip_special_tokens=True)
-            s["ids"] += s["turn"]
-            s["gen"] += [True] * len(s["turn"])
-            s["lp"] += s["turn_lp"]
-            info = dict(text=text, n_tokens=len(s["turn"]), stop="eos" if stopped else "vision_token" if bad else
-                        "length", tool_call=has_tool_call(text) and not bad)
-            s["turn"], s["turn_lp"] = [], []
-            s["turns"].append(info)
-            env = None
-            if info["tool_call"] and len(s["turns"]) < cfg.max_turns:
-                z = zoom(s["src"]["main_dev"], text, cfg, keep=cfg.keep_images)
-                s["n_zooms"] += 1
-                info.update(box=z["box"], status=z["status"], message=z["message"],
-                            crop_size=list(z["size"]) if z["size"] else None)
-                if z["pixel_values"] is None:
-                    env = turns_tpl.after_assistant(t if stopped else None, error_message(z["message"]))
-                else:
-                    env = turns_tpl.after_assistant(t if stopped else None, zoom_message(), z["grid"])
-                if len(s["ids"]) + len(env) >= cfg.max_model_len:   # vLLM would refuse the next prompt
-                    info.update(status="context", message=f"conversation longer than max_model_len "
-                                                          f"{cfg.max_model_len}: stopped")
-                    env = None
-            if env is not None:
-                if z["pixel_values"] is not None:
-                    imgs_pv.append(z["pixel_values"])
-                    imgs_grid.append(z["grid"])
-                    s["pv"].append(z["pixel_values"])
-                    s["grid"].append(z["grid"])
-                    if cfg.keep_images:
-                        s["imgs"].append(z["image"])
-                s["ids"] += env
-                s["gen"] += [False] * len(env)
-                s["lp"] += [0.0] * len(env)
-                chunks.append([t] + env)
-            else:
-                if info["tool_call"] and "status" not in info:
-                    s["n_zooms"] += 1          # the turn limit: this call is never executed (released loop)
-                    info.update(box=parse_zoom(text, s["src"]["main"].shape[2], s["src"]["main"].shape[1],
-                                               cfg.enlarge), status="limit", message="turn limit reached")
-                s["finished"] = not info["tool_call"] and not bad
-                s["answer"] = judge_answer(text) if s["finished"] else ""
-                s["done"] = True
-                s["seconds"] = time.time() - s["t0"]
-                chunks.append([])
-            if on_turn is not None:
-                on_turn(r, info)
-        # drop finished rows from the cache when enough of them have piled up
-        dead = [c for c, r in enumerate(live) if st[r]["done"]]
-        if len(dead) == len(live):
-            break
-        if dead and len(dead) >= max(1, len(live) // 4):
-            keep = [c for c, r in enumerate(live) if not st[r]["done"]]
-            cache.select(keep)
-            live = [live[c] for c in keep]
-            chunks = [chunks[c] for c in keep]
-        # chunks whose row already finished (kept in the cache for now) are empty: all-padding
-        chunk, mask = _pad([ch for ch in chunks], tok.pad_id)
-        kw = {}
-        if imgs_pv:
-            kw = dict(pixel_values=torch.cat(imgs_pv).to(dev), image_grid_thw=torch.cat(imgs_grid).to(dev))
-        if reencode and imgs_pv or reencode and len(chunks[0]) > 1:   # baseline: prefill everything again
-            s = st[live[0]]
-            cache = model.new_cache(1)
-            logits = model.extend(cache, torch.tensor([s["ids"]], device=dev), last_only=True,
-                                  pixel_values=torch.cat(s["pv"]).to(dev), image_grid_thw=torch.cat(s["grid"]).to(dev))
-            continue
-        logits = model.extend(cache, chunk.to(dev), mask=mask.to(dev), last_only=True, **kw)   # [len(live),1,V]
-
-    out = []
-    for r, s in enumerate(st):
-        n_gen = sum(s["gen"])
-        out.append(Trajectory(
-            question=questions[r // G], ids=s["ids"], gen_mask=s["gen"], logprobs=s["lp"],
-            prompt_len=s["src"]["prompt_len"], pixel_values=torch.cat(s["pv"]), image_grid_thw=torch.cat(s["grid"]),
-            turns=s["turns"], answer=s["answer"], n_zooms=s["n_zooms"], n_generated=n_gen, finished=s["finished"],
-            original_size=s["src"]["orig_size"], main_size=tuple(s["src"]["main"].shape[1:]),
-            images=s["imgs"], group=r // G))
+        msgs = messages[b] if messages is not None else build_messages(question, cfg.system, cfg.question_format)
+        ids, _ = T.tokenize_chat(tokenizer, msgs, image_grid_thw=grid, add_generation_prompt=True)
+        out.append(_Prompt(main=main, main_dev=main.to(dev), original_size=tuple(orig.shape[1:]), ids=list(ids),
+                           pixel_values=pv, grid=grid, image=img))
     return out
+
+
+def _prefill(model, tokenizer, prompts, group_size):
+    """All prompts through one batched extend; with G > 1 the cache rows are copied G times (prefilled once)."""
+    dev = _device(model)
+    cache = model.new_cache(len(prompts))
+    chunk, mask = _pad([p.ids for p in prompts], tokenizer.pad_id)
+    logits = model.extend(cache, chunk.to(dev), mask=mask.to(dev),
+                          pixel_values=torch.cat([p.pixel_values for p in prompts]).to(dev),
+                          image_grid_thw=torch.cat([p.grid for p in prompts]).to(dev), last_only=True)   # [B, 1, V]
+    if group_size > 1:
+        cache.repeat_interleave(group_size)
+        logits = logits.repeat_interleave(group_size, dim=0)                                    # [B*G, 1, V]
+    return cache, logits
+
+
+def _next_tokens(raw, rows, live, env, generator, logits_processor):
+    """One token per live row from its logits raw [R, V] -> (ids, log p under the sampling policy) as lists."""
+    cfg = env.cfg
+    if logits_processor is not None:
+        views = [(r, len(row.turns), row.turn) for r, row in zip(live, rows)]
+        nxt, _ = _pick(logits_processor(views, raw.clone()), cfg, generator, env.banned)
+        lp = policy_logprobs(raw, nxt, env.banned, _temperature(cfg))
+    else:
+        nxt, lp = _pick(raw, cfg, generator, env.banned)                                         # [R], [R]
+    return nxt.tolist(), lp.tolist()
+
+
+def _add_token(row, t, lp, env):
+    """Append sampled token t to the row's turn. Returns (the ids to feed back next, the new crop's (pixel_values,
+    grid) or None, whether the turn ended): [t] while the turn goes on; when it ends, [t] + the environment's reply,
+    or [] when the conversation is over."""
+    cfg = env.cfg
+    bad = t in env.unusable           # the turn ends before it: the token is never fed back nor trained on
+    if not bad:
+        row.turn.append(t)
+        row.turn_lp.append(lp)
+    stopped = t in env.stop_ids
+    full = len(row.ids) + len(row.turn) >= cfg.max_model_len
+    if not stopped and not full and not bad and len(row.turn) < cfg.max_new_tokens:
+        return [t], None, False
+    reply, image = _end_turn(row, t if stopped else None, bad, env)
+    return ([t] + reply if reply is not None else []), image, True
+
+
+def _end_turn(row, stop_token, bad, env):
+    """Record the finished turn; run the zoom tool if it called it. Returns (the environment's reply tokens, or None
+    when the conversation ends; the crop's (pixel_values, grid) or None)."""
+    cfg, tok = env.cfg, env.tok
+    body = row.turn[:-1] if stop_token is not None else row.turn
+    text = tok.decode(body, skip_special_tokens=True)
+    row.append(row.turn, True, row.turn_lp)
+    info = dict(text=text, n_tokens=len(row.turn), stop="eos" if stop_token is not None else
+                "vision_token" if bad else "length", tool_call=has_tool_call(text) and not bad)
+    row.turn, row.turn_lp = [], []
+    row.turns.append(info)
+    reply, z = None, None
+    if info["tool_call"] and len(row.turns) < cfg.max_turns:
+        z = zoom(row.prompt.main_dev, text, cfg, keep=cfg.keep_images)
+        row.n_zooms += 1
+        info.update(box=z["box"], status=z["status"], message=z["message"],
+                    crop_size=list(z["size"]) if z["size"] else None)
+        message = error_message(z["message"]) if z["pixel_values"] is None else zoom_message()
+        reply = env.turns.after_assistant(stop_token, message, z["grid"])
+        if len(row.ids) + len(reply) >= cfg.max_model_len:   # vLLM would refuse the next prompt
+            info.update(status="context", message=f"conversation longer than max_model_len {cfg.max_model_len}: "
+                                                  f"stopped")
+            reply = None
+    if reply is None:
+        _finish(row, info, text, bad, cfg)
+        return None, None
+    image = None
+    if z["pixel_values"] is not None:
+        image = (z["pixel_values"], z["grid"])
+        row.pv.append(z["pixel_values"])
+        row.grid.append(z["grid"])
+        if cfg.keep_images:
+            row.images.append(z["image"])
+    row.append(reply, False)
+    return reply, image
+
+
+def _finish(row, info, text, bad, cfg):
+    """The conversation ends with this turn: an answer, the turn limit, a bad token or the context limit."""
+    if info["tool_call"] and "status" not in info:
+        row.n_zooms += 1          # the turn limit: this call is never executed (released loop)
+        main = row.prompt.main
+        info.update(box=parse_zoom(text, main.shape[2], main.shape[1], cfg.enlarge), status="limit",
+                    message="turn limit reached")
+    row.finished = not info["tool_call"] and not bad
+    row.answer = judge_answer(text) if row.finished else ""
+    row.done = True
+
+
+def _compact(cache, live, chunks, rows):
+    """Drop finished rows from the cache once a quarter of the live rows (at least one) have finished; until then
+    they stay, fed all-padding chunks. Returns the new (live, chunks)."""
+    dead = [c for c, r in enumerate(live) if rows[r].done]
+    if not dead or len(dead) < max(1, len(live) // 4):
+        return live, chunks
+    keep = [c for c, r in enumerate(live) if not rows[r].done]
+    cache.select(keep)
+    return [live[c] for c in keep], [chunks[c] for c in keep]
+
+
+def _feed(model, cache, chunks, new_images, pad_id):
+    """The step's chunks (ragged: one token, a token + an environment turn, or nothing) in one extend, with the new
+    crops in row order -> logits [R, 1, V] at each row's last real token."""
+    dev = _device(model)
+    chunk, mask = _pad(chunks, pad_id)
+    kw = {}
+    if new_images:
+        kw = dict(pixel_values=torch.cat([pv for pv, _ in new_images]).to(dev),
+                  image_grid_thw=torch.cat([g for _, g in new_images]).to(dev))
+    return model.extend(cache, chunk.to(dev), mask=mask.to(dev), last_only=True, **kw)
 
 
 def force_prefixes(tokenizer, prefixes, group_size=1):
@@ -1003,7 +1021,6 @@ def read_synthetic(path):
 def load_item_image(item):
     """uint8 [3, H, W] of a benchmark item (path or base64)."""
 
-
     if "image_b64" in item:
         return ck.load_image(base64.b64decode(item["image_b64"]))
     return ck.load_image(item["image"])
@@ -1170,8 +1187,6 @@ def draw_trace(traj, path, panel=640, thumb=220, width_chars=110):
     """Draw a Trajectory (run with keep_images=True) to a PNG: the image the model saw with every crop box (numbered,
     one colour per zoom), the crops it got back beside it, and the text of every turn below."""
 
-
-
     if not traj.images:
         raise ValueError("draw_trace needs the images: run the loop with CofConfig(keep_images=True)")
     try:
@@ -1232,6 +1247,59 @@ def draw_trace(traj, path, panel=640, thumb=220, width_chars=110):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Progress bar (the evaluation here, data.build, sft.py and grpo.py; tqdm is not a runtime dependency)
+
+
+class Progress:
+    """A one-line progress bar on stderr (tqdm is not a runtime dependency): `desc done/total [####....] stats
+    elapsed<eta`. It redraws in place on a terminal; without one (CI, a log file) it prints a plain line every ~2%
+    of the work instead. Used by the evaluation here, data.build and sft.py."""
+
+    def __init__(self, total, desc="", start=0, enabled=True):
+        self.total, self.desc, self.done, self.start = total, desc, start, start
+        self.enabled = enabled and total > start
+        self.stream, self.clock, self.t0 = sys.stderr, time.time, time.time()
+        self.tty = self.stream.isatty()
+        self.every, self.last_print = max(1, (total - start) // 50), start
+
+    def update(self, k=1, **stats):
+        """Advance by k units of work; stats (e.g. loss=0.3) are shown after the bar."""
+        self.done += k
+        if not self.enabled:
+            return
+        el = self.clock() - self.t0
+        frac = (self.done - self.start) / (self.total - self.start)
+        eta = el / frac - el if frac > 0 else 0.0
+        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
+        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
+        line = f"{self.desc} {self.done}/{self.total} [{bar}] {text} {_hms(el)}<{_hms(eta)}".lstrip()
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K" + ("\n" if self.done >= self.total else ""))
+            self.stream.flush()
+        elif self.done - self.last_print >= self.every or self.done >= self.total:
+            self.last_print = self.done
+            print(line, file=self.stream, flush=True)
+
+    def close(self):
+        """End the bar's line early (before other output) on a terminal."""
+        if self.enabled and self.tty and self.done < self.total:
+            self.stream.write("\n")
+
+
+def progress(items, desc="", total=None):
+    """Iterate over items with a Progress bar."""
+    bar = Progress(len(items) if total is None else total, desc)
+    for x in items:
+        yield x
+        bar.update()
+
+
+def _hms(s):
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -1265,75 +1333,12 @@ def _cfg_from_args(pairs, **base):
         raise SystemExit(f"--cfg: {e}") from None
 
 
-def _load(model_path, device, dtype):
-
-
+def load(model_path, device=None, dtype=None):
+    """(model, tokenizer) of a checkpoint directory or hub id, on `device` (default CUDA if present) in `dtype`
+    ("bf16" | "fp16" | "fp32"; default the checkpoint's)."""
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return M.Qwen25VL.from_pretrained(model_path, dtype=dt, device=dev).eval(), T.Tokenizer.from_pretrained(model_path)
-
-
-def bench(argv):
-    """`python cof.py bench`: the batched one-cache loop against the released cost model (one question at a time,
-    the whole conversation prefilled again after every zoom), same questions, same run. Random weights never zoom,
-    so every question is made to call the tool `--zooms` times (forced tool-call prefixes), then the model runs on."""
-
-
-
-    p = argparse.ArgumentParser(prog="cof.py bench")
-    p.add_argument("--model", default=None, help="checkpoint (default: a random model of --hidden/--layers)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--n", type=int, default=8, help="questions")
-    p.add_argument("--size", type=int, default=448, help="long side of the random images")
-    p.add_argument("--zooms", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=32, help="max new tokens per turn")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
-    a = p.parse_args(argv)
-    path = a.model or M.make_tiny(tempfile.mkdtemp(prefix="cof_bench_"), hidden_size=a.hidden, num_layers=a.layers,
-                                  num_heads=4, num_kv_heads=2, intermediate_size=4 * a.hidden,
-                                  vision_hidden_size=128, vision_depth=4, vision_heads=4, vision_intermediate_size=256)
-    model, tok = _load(path, a.device, a.dtype)
-    g = torch.Generator().manual_seed(0)
-    h, w = a.size * 3 // 4, a.size
-    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for _ in range(a.n)]
-    mh, mw = main_size(h, w)
-    prefixes = [[f'<tool_call>\n{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": '
-                 f'[{int(mw * (0.05 + 0.1 * k))}, {int(mh * 0.1)}, {int(mw * (0.3 + 0.1 * k))}, {int(mh * 0.4)}]}}}}'
-                 f'\n</tool_call>' for k in range(a.zooms)] for _ in range(a.n)]
-    qs = [f"Question {i}: what is in the picture?" for i in range(a.n)]
-    cfg = CofConfig(max_new_tokens=a.new_tokens, max_turns=a.zooms + 1)
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-
-    def timed(fn):
-        sync()
-        t0 = time.time()
-        out = fn()
-        sync()
-        return out, time.time() - t0
-
-    run(model, tok, images[:1], qs[:1], cfg, logits_processor=force_prefixes(tok, prefixes[:1]))   # warm-up
-    results = []
-    base, t_base = timed(lambda: [run(model, tok, [im], [q], cfg, logits_processor=force_prefixes(tok, [pf]),
-                                      reencode=True)[0] for im, q, pf in zip(images, qs, prefixes)])
-    results.append(("re-encode each turn, 1 question at a time (released)", base, t_base))
-    seq, t_seq = timed(lambda: [run(model, tok, [im], [q], cfg, logits_processor=force_prefixes(tok, [pf]))[0]
-                                for im, q, pf in zip(images, qs, prefixes)])
-    results.append(("one KV cache, 1 question at a time", seq, t_seq))
-    bat, t_bat = timed(lambda: run(model, tok, images, qs, cfg, logits_processor=force_prefixes(tok, prefixes)))
-    results.append((f"one KV cache, batch of {a.n}", bat, t_bat))
-    print(f"device: {model.device} ({torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}), "
-          f"dtype {model.dtype}, {a.n} questions, image {w}x{h} -> {mw}x{mh}, {a.zooms} zooms each, "
-          f"<= {a.new_tokens} new tokens a turn")
-    rows = []
-    for name, trs, t in results:
-        gen = sum(x.n_generated for x in trs)
-        same = all(x.ids == y.ids for x, y in zip(trs, base))
-        rows.append(dict(mode=name, seconds=t, s_per_q=t / a.n, gen_tok_per_s=gen / t, speedup=t_base / t,
-                         zooms=_mean([x.n_zooms for x in trs]), same_tokens_as_baseline=same))
-    print(format_table(rows))
-    return rows
 
 
 def _positive_int(text):
@@ -1352,7 +1357,6 @@ def _mean(xs):
 
 
 def main(argv=None):
-
     argv = list(sys.argv[1:] if argv is None else argv)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="checkpoint directory or hub id")
@@ -1361,7 +1365,7 @@ def main(argv=None):
     common.add_argument("--cfg", action="append", metavar="KEY=VALUE",
                         help="loop option, e.g. max_turns=6, invalid=text, max_pixels=1003520 (see CofConfig)")
     if argv[:1] == ["bench"]:
-        return bench(argv[1:])
+        raise SystemExit("`python cof.py bench` moved: run `python bench.py cof` (same options)")
     if argv[:1] == ["eval"]:
         p = argparse.ArgumentParser(prog="cof.py eval", parents=[common],
                                     description="Evaluate the CoF loop on a benchmark (JSONL per question + summary).")
@@ -1382,7 +1386,7 @@ def main(argv=None):
             p.error(f"--resolutions {a.resolutions}: {e}")
         items = {"vstar": read_vstar, "synthetic": read_synthetic,
                  "hrbench": lambda d: read_hrbench(d, a.hr_prompt)}[a.bench](a.data)[:a.limit]
-        model, tok = _load(a.model, a.device, a.dtype)
+        model, tok = load(a.model, a.device, a.dtype)
         rows = evaluate(model, tok, items, a.out, _cfg_from_args(a.cfg), res, a.batch_size, a.bench)
         table = format_table(rows)
         recs = list(load_results(a.out).values())
@@ -1398,7 +1402,7 @@ def main(argv=None):
     p.add_argument("--question", required=True)
     p.add_argument("--trace", default=None, help="write the chain as a PNG here")
     a = p.parse_args(argv)
-    model, tok = _load(a.model, a.device, a.dtype)
+    model, tok = load(a.model, a.device, a.dtype)
     cfg = _cfg_from_args(a.cfg, keep_images=a.trace is not None)
 
     def show(row, t):

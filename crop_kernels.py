@@ -41,14 +41,22 @@ FACTOR = PATCH_SIZE * MERGE_SIZE                                   # 28
 PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE      # 1176 values per row of pixel_values
 # The hub preprocessor_config.json's pixel limits (4*28*28 .. 16384*28*28): every released checkpoint's processor.
 PROCESSOR_MIN_PIXELS, PROCESSOR_MAX_PIXELS = 4 * FACTOR * FACTOR, 16384 * FACTOR * FACTOR
+# tl.constexpr copies of the constants above for the Triton kernels' bodies, set by _kernels() (triton is imported
+# lazily). A @triton.jit body may read a module global only when it is a tl.constexpr, and TRITON_INTERPRET=1 re-runs
+# the kernel source in the module's globals (closure variables are lost there), so module globals it is; the kernels'
+# signatures stay as they are.
+_K_PRECISION_BITS = _K_ROUNDING = _K_PATCH_SIZE = _K_MERGE_SIZE = _K_TEMPORAL_PATCH_SIZE = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # smart_resize
 
 
-def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280):
+def smart_resize(height, width, factor=FACTOR, min_pixels=56 * 56, max_pixels=28 * 28 * 1280):
     """Target (h, w) for an image of `height` x `width`, exactly as transformers' Qwen2-VL `smart_resize` (v4.53+/v5).
+
+    The defaults are transformers' own function defaults, written as it writes them (factor 28 = FACTOR, min 56*56,
+    max 28*28*1280); they are not the released processor's limits (PROCESSOR_MIN_PIXELS / PROCESSOR_MAX_PIXELS).
 
     Both sides become multiples of `factor`; the area is brought inside [min_pixels, max_pixels] keeping the aspect
     ratio roughly. Python's round() is banker's rounding (70/28 = 2.5 -> 2). Raises ValueError, like transformers,
@@ -201,7 +209,7 @@ def check_box(box, height, width):
     return x0, y0, x1, y1
 
 
-def check_size(size, factor=28):
+def check_size(size, factor=FACTOR):
     """Validate a target (h, w) whose sides are positive multiples of `factor`; return it as ints."""
     if len(size) != 2:
         raise ValueError(f"size must be (h, w), got {size!r}")
@@ -272,7 +280,7 @@ def pil_coeffs(in_size, out_size, resample):
     """Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for a full-range box [0, in_size).
 
     Returns (xmin int32 [out], count int32 [out], weights int32 [out, ksize]) where output index i reads input indices
-    xmin[i] .. xmin[i]+count[i]-1 with 22-bit fixed-point weights (entries past count are 0).
+    xmin[i] .. xmin[i]+count[i]-1 with PRECISION_BITS (22)-bit fixed-point weights (entries past count are 0).
     Support grows with the downscale factor (antialiasing); taps outside the image are dropped and the rest
     renormalized. Coefficients are computed in double exactly in Resample.c's operation order.
     """
@@ -490,8 +498,9 @@ def crop_resize_patchify(image, boxes, sizes, resample="lanczos", out_dtype=torc
 
     image: uint8 [3, H, W] on CPU or CUDA, or a list of them (then each box is (image_index, x0, y0, x1, y1)).
     boxes: integer (x0, y0, x1, y1) per crop, in image pixels, x1/y1 exclusive.
-    sizes: (h, w) per crop, multiples of 28 (see smart_resize).
-    Returns (pixel_values [sum_i h_i*w_i/196, 1176] in out_dtype on the image's device,
+    sizes: (h, w) per crop, multiples of FACTOR = 28 (see smart_resize).
+    Returns (pixel_values [sum_i h_i*w_i/PATCH_SIZE^2, PATCH_DIM] = [sum_i h_i*w_i/196, 1176] in out_dtype on the
+             image's device,
              grid_thw int64 [n, 3] on the CPU). CUDA images take the Triton kernels; CPU images the reference
     chain, resizing with Pillow 13.0.0's C code when that is the installed Pillow (else with the torch `resize`).
     All paths give the same bits (bf16 = round-to-nearest-even of the float32 values).
@@ -532,13 +541,16 @@ def triton_crop_resize_patchify(image, boxes, sizes, resample="lanczos", out_dty
 #   pass 2: the second pass from the workspace, then uint8 -> normalized value through a [3, 256] table holding the
 #           output dtype's bit patterns (float32 or bf16, rounded on the host by torch, so the kernel only moves bits),
 #           stored twice (the two temporal copies) straight into pixel_values.
-# Filter weights are Pillow's int32 22-bit tables from pil_coeffs (host), accumulated in int32 as Resample.c does.
+# Filter weights are Pillow's int32 tables with PRECISION_BITS (22) fraction bits from pil_coeffs (host), accumulated
+# in int32 from the rounding offset 1 << (PRECISION_BITS - 1) and shifted right by PRECISION_BITS, as Resample.c does.
 #
-# Output index map (kernels.md 1.1), patch p=14, merge m=2, T=2, for one crop of h x w with gw2 = w / 28:
-#   unique value e = r*588 + c*196 + py*14 + px   (r: patch row of this crop, c: channel)
-#   mw = r % 2, mh = (r // 2) % 2, wb = (r // 4) % gw2, hb = r // (4*gw2)
-#   y = (2*hb + mh)*14 + py,  x = (2*wb + mw)*14 + px
-#   pixel_values[row0 + r, c*392 + tt*196 + py*14 + px] = lut[c, pixel(c, y, x)]  for tt in {0, 1}
+# Output index map (kernels.md 1.1) for one crop of h x w, with p = PATCH_SIZE (14), m = MERGE_SIZE (2),
+# T = TEMPORAL_PATCH_SIZE (2), 3 channels, and gw2 = w / FACTOR (FACTOR = p*m = 28):
+#   unique value e = r*(3*p*p) + c*(p*p) + py*p + px   (r: patch row of this crop, c: channel; 3*p*p = 588, p*p = 196)
+#   mw = r % m, mh = (r // m) % m, wb = (r // (m*m)) % gw2, hb = r // (m*m*gw2)
+#   y = (m*hb + mh)*p + py,  x = (m*wb + mw)*p + px
+#   pixel_values[row0 + r, c*(T*p*p) + tt*(p*p) + py*p + px] = lut[c, pixel(c, y, x)]  for tt in 0 .. T-1
+#   (a row holds 3*T*p*p = PATCH_DIM = 1176 values; c*(T*p*p) = c*392)
 
 _M1 = ("src_off", "chan_stride", "row_stride", "P", "Q", "ws_off", "axis_h", "tb", "wb", "ks", "n_tp", "n_tq")
 _M2 = ("ws_off", "P", "Q", "gw2", "axis_h", "tb", "wb", "ks", "row0", "n")
@@ -556,6 +568,16 @@ def _kernels():
         return _KERNELS[key]
     import triton
     import triton.language as tl
+
+    g = globals()
+    if g["_K_PRECISION_BITS"] is None:  # set once: triton refuses to relaunch a kernel whose globals changed
+        g.update(_K_PRECISION_BITS=tl.constexpr(PRECISION_BITS),
+                 _K_ROUNDING=tl.constexpr(1 << (PRECISION_BITS - 1)),  # Resample.c's rounding offset, one half
+                 _K_PATCH_SIZE=tl.constexpr(PATCH_SIZE), _K_MERGE_SIZE=tl.constexpr(MERGE_SIZE),
+                 _K_TEMPORAL_PATCH_SIZE=tl.constexpr(TEMPORAL_PATCH_SIZE))
+    # In the kernels: locals that hold these are annotated tl.constexpr (a plain assignment makes a runtime value),
+    # and a constexpr stays on the right of an operator whose other side is a tensor (the interpreter runs the
+    # operators as Python: constexpr has no __rlshift__, and constexpr * tensor would wrap a tensor in a constexpr).
 
     @triton.jit
     def pass1_kernel(src_ptr, ws_ptr, bounds_ptr, wts_ptr, meta_ptr, prog_ptr,
@@ -583,7 +605,7 @@ def _kernels():
         q = tq * BQ + tl.arange(0, BQ)[None, :]  # [1, BQ] workspace col
         inside = (p < P) & (q < Q)  # [BP, BQ]
         src = src_ptr + src_off + c * chan_stride
-        acc = tl.full((BP, BQ), 2097152, tl.int32)  # 1 << (PRECISION_BITS - 1)
+        acc = tl.full((BP, BQ), _K_ROUNDING, tl.int32)  # 1 << (PRECISION_BITS - 1)
         if axis_h != 0:  # resample along width: output col q reads source cols xmin[q] + j of source row p
             # (names differ between the branches: Triton's `if` rejects a name bound to two shapes)
             qm = q < Q
@@ -607,7 +629,7 @@ def _kernels():
                 vv = tl.load(vbase + i * row_stride, mask=inside & (i < vcnt), other=0)  # [BP, BQ] uint8
                 acc += vv.to(tl.int32) * vw
                 i += 1
-        out = tl.minimum(tl.maximum(acc >> 22, 0), 255).to(tl.uint8)  # clip8
+        out = tl.minimum(tl.maximum(acc >> _K_PRECISION_BITS, 0), 255).to(tl.uint8)  # clip8
         tl.store(ws_ptr + ws_off + c * P * Q + p * Q + q, out, mask=inside)
 
     @triton.jit
@@ -627,16 +649,20 @@ def _kernels():
         ks = tl.load(m + 7)
         row0 = tl.load(m + 8)
         n = tl.load(m + 9)
+        ps: tl.constexpr = _K_PATCH_SIZE  # p, m, T of the index map above
+        ms: tl.constexpr = _K_MERGE_SIZE
+        tps: tl.constexpr = _K_TEMPORAL_PATCH_SIZE
+        pp: tl.constexpr = ps * ps  # values per patch and channel
         e = blk * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] unique output values of this crop, in output order
         inside = e < n
-        r = e // 588
-        c = (e // 196) % 3
-        pix = e % 196
-        py = pix // 14
-        px = pix % 14
-        blk4 = r // 4
-        y = (2 * (blk4 // gw2) + (r // 2) % 2) * 14 + py
-        x = (2 * (blk4 % gw2) + r % 2) * 14 + px
+        r = e // (3 * pp)
+        c = (e // pp) % 3
+        pix = e % pp
+        py = pix // ps
+        px = pix % ps
+        mblk = r // (ms * ms)  # merged block, row-major over the crop's (h / FACTOR) x gw2 blocks
+        y = ((mblk // gw2) * ms + (r // ms) % ms) * ps + py
+        x = ((mblk % gw2) * ms + r % ms) * ps + px
         ws = ws_ptr + ws_off + c * P * Q
         o = tl.where(axis_h != 0, x, y)  # output index along the resampled axis
         u = tl.where(axis_h != 0, y, x)  # index along the other axis
@@ -645,7 +671,7 @@ def _kernels():
         xmin = tl.load(bounds_ptr + 2 * (tb + o), mask=inside, other=0)
         cnt = tl.load(bounds_ptr + 2 * (tb + o) + 1, mask=inside, other=0)
         base = ws + u * u_stride + xmin * tap_stride
-        acc = tl.full((BLOCK,), 2097152, tl.int32)
+        acc = tl.full((BLOCK,), _K_ROUNDING, tl.int32)  # 1 << (PRECISION_BITS - 1)
         j = ks * 0
         while j < ks:
             mj = inside & (j < cnt)
@@ -653,11 +679,11 @@ def _kernels():
             v = tl.load(base + j * tap_stride, mask=mj, other=0)
             acc += v.to(tl.int32) * w
             j += 1
-        v8 = tl.minimum(tl.maximum(acc >> 22, 0), 255)  # clip8
+        v8 = tl.minimum(tl.maximum(acc >> _K_PRECISION_BITS, 0), 255)  # clip8
         val = tl.load(lut_ptr + c * 256 + v8, mask=inside, other=0)  # output dtype's bit pattern
-        dst = out_ptr + (row0 + r).to(tl.int64) * 1176 + c * 392 + pix
-        tl.store(dst, val, mask=inside)
-        tl.store(dst + 196, val, mask=inside)
+        dst = out_ptr + (row0 + r).to(tl.int64) * (3 * tps * pp) + c * (tps * pp) + pix  # row length PATCH_DIM
+        for tt in tl.static_range(tps):  # the temporal copies
+            tl.store(dst + tt * pp, val, mask=inside)
 
     _KERNELS[key] = (pass1_kernel, pass2_kernel)
     return _KERNELS[key]
@@ -690,12 +716,12 @@ def _plan(shapes, offsets, ids, boxes, sizes, resample, BP, BQ, BLOCK2):
         imH, imW = shapes[k]
         meta1.append((offsets[k] + y0 * imW + x0, imH * imW, imW, P, Q, ws_total, int(first == "h"), *tabs[0],
                       n_tp, n_tq))
-        meta2.append((ws_total, P, Q, w // 28, int(second == "h"), *tabs[1], rows, 3 * h * w))
+        meta2.append((ws_total, P, Q, w // FACTOR, int(second == "h"), *tabs[1], rows, 3 * h * w))
         prog1.append(np.stack([np.full(3 * n_tp * n_tq, i), np.arange(3 * n_tp * n_tq)], 1))
         nb2 = -(-3 * h * w // BLOCK2)
         prog2.append(np.stack([np.full(nb2, i), np.arange(nb2)], 1))
         ws_total += 3 * P * Q
-        rows += h * w // 196
+        rows += h * w // (PATCH_SIZE * PATCH_SIZE)
     if max(ws_total, offsets[-1] + 3 * shapes[-1][0] * shapes[-1][1], n_w) >= 2**31:
         raise ValueError("batch too large for int32 indexing: split it into several calls")
     cat = lambda xs: np.ascontiguousarray(np.concatenate(xs).astype(np.int32))
@@ -737,7 +763,7 @@ def _triton_launcher(images, ids, boxes, sizes, resample, out_dtype, BP=None, BQ
         t[k] = flat[at:at + plan[k].size]
         at += plan[k].size
     ws = torch.empty(plan["ws_total"], dtype=torch.uint8, device=device)
-    out = torch.empty(plan["rows"], 1176, dtype=torch.int32 if out_dtype == torch.float32 else torch.int16,
+    out = torch.empty(plan["rows"], PATCH_DIM, dtype=torch.int32 if out_dtype == torch.float32 else torch.int16,
                       device=device)
     lut = _lut_bits(out_dtype, device)
     n1, n2 = plan["prog1"].shape[0], plan["prog2"].shape[0]
@@ -830,9 +856,10 @@ def _torch_eager(image, boxes, sizes):
         x = image[None, :, y0:y1, x0:x1].float()  # [1, 3, Hc, Wc]
         x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 255).round_()
         x = (x - mean) / std  # [1, 3, h, w]
-        x = x.view(3, h // 28, 2, 14, w // 28, 2, 14).permute(1, 4, 2, 5, 0, 3, 6)  # [bh, bw, mh, mw, c, py, px]
-        x = x.reshape(-1, 3, 1, 14, 14).expand(-1, 3, 2, 14, 14)
-        out.append(x.reshape(-1, 1176))
+        p, m = PATCH_SIZE, MERGE_SIZE
+        x = x.view(3, h // FACTOR, m, p, w // FACTOR, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # [bh, bw, mh, mw, c, py, px]
+        x = x.reshape(-1, 3, 1, p, p).expand(-1, 3, TEMPORAL_PATCH_SIZE, p, p)
+        out.append(x.reshape(-1, PATCH_DIM))
     return torch.cat(out)
 
 
@@ -887,7 +914,7 @@ def bench(sources=BENCH_SOURCES, n_crops=8, resample="lanczos", sweep=False):
         image_cpu = torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g)
         image = image_cpu.to(dev)
         in_bytes = sum(3 * (y1 - y0) * (x1 - x0) for x0, y0, x1, y1 in boxes)
-        out_elems = sum(3 * 2 * h * w for h, w in sizes)
+        out_elems = sum(3 * TEMPORAL_PATCH_SIZE * h * w for h, w in sizes)
         rows = []  # (name, device, out bytes per element, timings or an error string)
 
         def add(name, where, nbytes, timer, fn):
@@ -946,19 +973,20 @@ def gpu_check(seed=0):
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     cases = []  # (source (H, W), boxes, sizes)
+    F = FACTOR
     for H, W in ((97, 131), (480, 640), (1080, 1920)):
-        boxes, sizes = [(0, 0, W, H), (0, 0, 1, H), (W - 1, 0, W, H), (0, H - 1, W, H)], [(28, 28), (56, 28), (28, 56),
-                                                                                         (28, 84)]
+        boxes = [(0, 0, W, H), (0, 0, 1, H), (W - 1, 0, W, H), (0, H - 1, W, H)]
+        sizes = [(F, F), (2 * F, F), (F, 2 * F), (F, 3 * F)]
         for _ in range(8):
             x0, y0 = int(rng.integers(0, W - 1)), int(rng.integers(0, H - 1))
             x1, y1 = int(rng.integers(x0 + 1, W + 1)), int(rng.integers(y0 + 1, H + 1))
             boxes.append((x0, y0, x1, y1))
-            sizes.append((28 * int(rng.integers(1, 30)), 28 * int(rng.integers(1, 30))))
+            sizes.append((F * int(rng.integers(1, 30)), F * int(rng.integers(1, 30))))
         boxes.append((0, 0, W, H))
         sizes.append(smart_resize(H, W))
         cases.append(((H, W), boxes, sizes))
     cases.append(((4320, 7680), [(1920, 1080, 5760, 3240), (0, 0, 7680, 4320), (0, 0, 7680, 40)],
-                  [smart_resize(2160, 3840), (28, 56), (28, 5600)]))  # big crop, 137x downscale, 200:1 aspect
+                  [smart_resize(2160, 3840), (F, 2 * F), (F, 200 * F)]))  # big crop, 137x downscale, 200:1 aspect
     fails = 0
     for (H, W), boxes, sizes in cases:
         img = torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g)

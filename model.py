@@ -20,6 +20,7 @@ format for the tests; `python bench.py model` times this file against transforme
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -32,9 +33,7 @@ import torch.nn.functional as F
 
 import crop_kernels as ck
 
-# --------------------------------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------------------------------
+# ---- Config --------------------------------------------------------------------------------------------------------
 
 # config.json keys we read elsewhere or that do not change the image/text math (kept out of the "unknown key" warning).
 _HF_TOP_IGNORED = {
@@ -151,23 +150,21 @@ class ModelConfig:
             raise ValueError(f"{source}: missing 'vision_config' section")
         if not isinstance(text, dict):
             raise ValueError(f"{source}: text_config must be an object, got {type(text).__name__}")
-        unknown = sorted(set(d) - _HF_TOP_IGNORED - {f.name for f in dataclasses.fields(TextConfig)})
+        text_keys = _HF_TOP_IGNORED | {f.name for f in dataclasses.fields(TextConfig)}
+        vision_keys = _HF_VISION_IGNORED | {f.name for f in dataclasses.fields(VisionConfig)}
+        unknown = sorted(set(d) - text_keys)
         if d.get("text_config"):
-            unknown += [f"text_config.{k}" for k in sorted(set(text) - _HF_TOP_IGNORED
-                                                           - {f.name for f in dataclasses.fields(TextConfig)})]
-        unknown += [f"vision_config.{k}" for k in sorted(set(vis) - _HF_VISION_IGNORED
-                                                         - {f.name for f in dataclasses.fields(VisionConfig)})]
+            unknown += [f"text_config.{k}" for k in sorted(set(text) - text_keys)]
+        unknown += [f"vision_config.{k}" for k in sorted(set(vis) - vision_keys)]
         if unknown:
             warnings.warn(f"{source}: ignoring keys this implementation does not use: {unknown}")
-
-        def need(section, keys, where):
+        for section, keys, where in (
+                (text, ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"],
+                 "text_config" if d.get("text_config") else "the top level"),
+                (vis, ["hidden_size", "out_hidden_size", "intermediate_size"], "vision_config")):
             missing = [k for k in keys if section.get(k) is None]
             if missing:
                 raise ValueError(f"{source}: missing required field(s) {missing} in {where}")
-
-        need(text, ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"],
-             "text_config" if d.get("text_config") else "the top level")
-        need(vis, ["hidden_size", "out_hidden_size", "intermediate_size"], "vision_config")
         rope = text.get("rope_parameters") or text.get("rope_scaling") or d.get("rope_scaling") or {}
         if "mrope_section" not in rope:
             raise ValueError(f"{source}: missing rope_scaling.mrope_section (or text_config.rope_parameters.mrope_section)")
@@ -190,15 +187,9 @@ class ModelConfig:
         if vis.get("in_channels", vis.get("in_chans", 3)) != 3:
             raise ValueError(f"{source}: vision in_channels must be 3")
         tie = bool(d.get("tie_word_embeddings", False) or (text.get("tie_word_embeddings", False) if d.get("text_config") else False))
-        ids = {}
-        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-            if k in d:
-                ids[k] = d[k]
-        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if k in d:
-                ids[k] = d[k]
-            elif k in text:
-                ids[k] = text[k]
+        ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                                 "bos_token_id", "eos_token_id", "pad_token_id") if k in d}
+        ids.update({k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in text and k not in d})
         return cls(text=TextConfig(**tkw), vision=VisionConfig(**vkw), tie_word_embeddings=tie,
                    torch_dtype=d.get("torch_dtype", d.get("dtype")), **ids)
 
@@ -227,9 +218,7 @@ class ModelConfig:
         }
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Building blocks
-# --------------------------------------------------------------------------------------------------------------------
+# ---- Building blocks -----------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -260,14 +249,13 @@ def _rotate_half(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+@functools.lru_cache(maxsize=None)
 def _inv_freq(dim: int, theta: float, device) -> torch.Tensor:
-    # computed on CPU in fp32 like transformers' init, then moved
+    # computed on CPU in fp32 like transformers' init, then moved (once per device: callers never modify it)
     return (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))).to(device)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Vision tower
-# --------------------------------------------------------------------------------------------------------------------
+# ---- Vision tower --------------------------------------------------------------------------------------------------
 
 class _Segments:
     """Contiguous segments of a packed sequence (cu_seqlens) attended to separately, batched by length.
@@ -279,17 +267,14 @@ class _Segments:
     """
 
     def __init__(self, cu: list[int], device):
-        lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-        self.total = cu[-1]
-        self.groups = []  # (length, index [n, length] into the packed sequence)
-        by_len: dict[int, list[int]] = {}
-        for start, n in zip(cu[:-1], lens):
-            by_len.setdefault(n, []).append(start)
-        if len(by_len) == 1:
-            self.groups, self.inverse = None, None  # all equal and contiguous: a plain view
-            self.n, self.lmax = len(lens), lens[0]
+        by_len: dict[int, list[int]] = {}  # segment length -> start offsets
+        for a, b in zip(cu[:-1], cu[1:]):
+            by_len.setdefault(b - a, []).append(a)
+        if len(by_len) == 1:  # all of one length (and contiguous): a plain view
+            (self.lmax, starts), = by_len.items()
+            self.groups, self.inverse, self.n = None, None, len(starts)
             return
-        order = []
+        self.groups, order = [], []  # groups: (length, index [n, length] into the packed sequence)
         for n, starts in by_len.items():
             idx = torch.tensor(starts)[:, None] + torch.arange(n)[None, :]
             self.groups.append((n, idx.to(device)))
@@ -352,36 +337,30 @@ class VisionTower(nn.Module):
         self.merger.mlp = nn.Sequential(nn.Linear(m2, m2), nn.GELU(), nn.Linear(m2, c.out_hidden_size))
 
     def _layout(self, grids: list[tuple[int, int, int]], device):
-        """Rotary positions, window permutation and segment boundaries (transformers' get_window_index etc.)."""
+        """Rotary (row, col) positions [N, 2], window permutation and segment boundaries (get_window_index etc.)."""
         c, m = self.c, self.c.spatial_merge_size
         unit = m * m
         win = c.window_size // m // c.patch_size  # window side in merged tokens (4 for 112 px)
-        hpos, wpos, win_index, cu_win, cu_full = [], [], [], [0], [0]
+        pos, win_index, cu_win, cu_full = [], [], [0], [0]
         offset = 0
         for t, h, w in grids:
             if h % m or w % m:
                 raise ValueError(f"image grid {(t, h, w)}: h and w must be multiples of spatial_merge_size {m}")
-            hp = torch.arange(h)[:, None].expand(h, w).reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
-            wp = torch.arange(w)[None, :].expand(h, w).reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
-            hpos.append(hp.repeat(t))
-            wpos.append(wp.repeat(t))
             lh, lw = h // m, w // m
+            hw = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1)  # [h, w, 2]
+            pos.append(hw.reshape(lh, m, lw, m, 2).permute(0, 2, 1, 3, 4).reshape(-1, 2).repeat(t, 1))  # merge units
             index = torch.arange(t * lh * lw).reshape(t, lh, lw)
             ph, pw = win - lh % win, win - lw % win  # == win when divisible: an empty band, dropped below
             nh, nw = (lh + ph) // win, (lw + pw) // win
             ip = F.pad(index, (0, pw, 0, ph), value=-100)
             ip = ip.reshape(t, nh, win, nw, win).permute(0, 1, 3, 2, 4).reshape(t, nh * nw, win, win)
-            seqlens = (ip != -100).sum([2, 3]).reshape(-1)
-            ip = ip.reshape(-1)
+            seqlens = (ip != -100).sum([2, 3]).reshape(-1)                    # tokens per window, [t * nh * nw]
             win_index.append(ip[ip != -100] + offset)
-            for s in (seqlens.cumsum(0) * unit + cu_win[-1]).tolist():
-                if s != cu_win[-1]:  # unique_consecutive: drop empty windows
-                    cu_win.append(s)
-            for _ in range(t):
-                cu_full.append(cu_full[-1] + h * w)
+            cu_win += (seqlens[seqlens > 0].cumsum(0) * unit + cu_win[-1]).tolist()  # empty windows dropped
+            cu_full += [cu_full[-1] + (i + 1) * h * w for i in range(t)]  # one segment per frame
             offset += t * lh * lw
-        pos = torch.stack([torch.cat(hpos), torch.cat(wpos)], -1)  # [N, 2]
-        return pos.to(device), torch.cat(win_index).to(device), _Segments(cu_win, device), _Segments(cu_full, device)
+        pos, win_index = torch.cat(pos).to(device), torch.cat(win_index).to(device)  # [N, 2], [N / unit]
+        return pos, win_index, _Segments(cu_win, device), _Segments(cu_full, device)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
         c = self.c
@@ -399,8 +378,7 @@ class VisionTower(nn.Module):
         unit = c.spatial_merge_size ** 2
         x = x.view(N // unit, unit, D)[win_index].reshape(N, D)                # window order, merge units intact
         hd = D // c.num_heads
-        f = pos[..., None].float() * _inv_freq(hd // 2, c.rope_theta, dev)    # [N, 2, hd/4]
-        f = f.flatten(1)                                                       # [N, hd/2] = [h freqs | w freqs]
+        f = (pos[..., None].float() * _inv_freq(hd // 2, c.rope_theta, dev)).flatten(1)  # [N, hd/2] = [h | w freqs]
         f = f.view(N // unit, unit, -1)[win_index].reshape(N, -1)
         emb = torch.cat([f, f], -1)                                            # [N, hd]
         cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]               # [N, 1, hd] fp32
@@ -410,9 +388,7 @@ class VisionTower(nn.Module):
         return y[torch.argsort(win_index)]                                     # back to raster order
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Language model
-# --------------------------------------------------------------------------------------------------------------------
+# ---- Language model ------------------------------------------------------------------------------------------------
 
 class DecoderLayer(nn.Module):
     def __init__(self, c: TextConfig):
@@ -429,17 +405,17 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, bias=False)
 
     def forward(self, x, cos, sin, mask, kv: tuple | None):
-        """x [B, L, D]; cos/sin [B, 1, L, hd]; kv = (k_cache, v_cache, start) or None; mask is one of
-        [B, 1, G*L, S] bool (True = attend; query row g*L + l is position l of the g-th head of a KV group),
-        None (every query sees every key: one decode step with no padding anywhere), "causal" (dense prefill)."""
+        """x [B, L, D]; cos/sin [B, 1, L, hd]; kv = (k_cache, v_cache, start): write this chunk's keys/values at
+        slots [start, start + L) of the cache and attend to slots [0, start + L), or None (no cache).
+        mask: "causal", None or a [B, 1, G*L, S] bool tensor, as `Qwen25VL._attention_mask` documents."""
         B, L, D = x.shape
         a = self.self_attn
         h = self.input_layernorm(x)
         q = a.q_proj(h).view(B, L, self.heads, self.hd).transpose(1, 2)        # [B, H, L, hd]
         k = a.k_proj(h).view(B, L, self.kv_heads, self.hd).transpose(1, 2)     # [B, KV, L, hd]
         v = a.v_proj(h).view(B, L, self.kv_heads, self.hd).transpose(1, 2)     # [B, KV, L, hd]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = q * cos + _rotate_half(q) * sin                                    # [B, H, L, hd] M-RoPE
+        k = k * cos + _rotate_half(k) * sin                                    # [B, KV, L, hd]
         if kv is not None:
             kc, vc, start = kv
             kc[:, :, start:start + L] = k
@@ -455,17 +431,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class TextModel(nn.Module):
-    def __init__(self, c: TextConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# KV cache
-# --------------------------------------------------------------------------------------------------------------------
+# ---- KV cache ------------------------------------------------------------------------------------------------------
 
 class KVCache:
     """Per-layer keys/values for a batch of rows that grow by chunks (see `Qwen25VL.extend`).
@@ -473,6 +439,8 @@ class KVCache:
     Every chunk appends the same number of slots to every row; `valid[b, s]` says whether slot s of row b holds a real
     token (padding slots are stored but never attended to). `next_pos[b]` is the row's next text M-RoPE position,
     `length[b]` its number of real tokens, `last_hidden[b]` the final-norm hidden state of its last real token.
+    A chunk goes in two steps: `reserve(L)` makes room and the decoder layers write keys/values into slots
+    [size, size + L), then `append` records the chunk's mask, positions and last hidden state.
     """
 
     def __init__(self, n_layers, batch_size, kv_heads, head_dim, hidden, dtype, device, capacity=0):
@@ -501,18 +469,26 @@ class KVCache:
             return
         cap = max(need, 2 * self.capacity)
 
-        def grow(t, dim):
-            shape = list(t.shape)
-            shape[dim] = cap
-            new = t.new_zeros(shape) if t.dtype == torch.bool else t.new_empty(shape)
-            idx = [slice(None)] * len(shape)
-            idx[dim] = slice(0, self.size)
-            new[tuple(idx)] = t[tuple(idx)]
+        def grow(t, dim):  # t with `cap` slots along dim, its first `size` slots copied (new valid slots: False)
+            new = (t.new_zeros if t.dtype == torch.bool else t.new_empty)(t.shape[:dim] + (cap,) + t.shape[dim + 1:])
+            new.narrow(dim, 0, self.size).copy_(t.narrow(dim, 0, self.size))
             return new
-
         self.k = [grow(t, 2) for t in self.k]
         self.v = [grow(t, 2) for t in self.v]
         self.valid = grow(self.valid, 1)
+
+    def append(self, mask, padded: bool, next_pos, last_hidden):
+        """Record a chunk whose keys/values the layers wrote at slots [size, size + L) (after `reserve(L)`).
+        mask [B, L] bool: its real tokens; padded: it came with a mask (so may hold padding: later decode steps keep
+        the attention mask); next_pos [B]: the rows' next M-RoPE position; last_hidden [B, D]: each row's last real
+        token (a row with nothing new in the chunk keeps its earlier last_hidden)."""
+        L = mask.shape[1]
+        self.valid[:, self.size:self.size + L] = mask
+        self.size += L
+        self.all_valid = self.all_valid and not padded
+        self.next_pos = next_pos
+        self.length = self.length + mask.long().sum(1)                        # [B]
+        self.last_hidden = torch.where(mask.any(1)[:, None], last_hidden, self.last_hidden) if padded else last_hidden
 
     def _map_rows(self, fn):
         self.k = [fn(t) for t in self.k]
@@ -531,9 +507,7 @@ class KVCache:
         return self._map_rows(lambda t: t.index_select(0, idx))
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Weights: explicit name table
-# --------------------------------------------------------------------------------------------------------------------
+# ---- Weights: explicit name table ----------------------------------------------------------------------------------
 
 def weight_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     """Every tensor name of a Qwen2.5-VL checkpoint on disk (hub names, all transformers versions) -> its shape."""
@@ -543,26 +517,24 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     kv = t.num_key_value_heads * hd
     m2 = D * v.spatial_merge_size ** 2
     s = {"visual.patch_embed.proj.weight": (D, 3, v.temporal_patch_size, v.patch_size, v.patch_size)}
-    for i in range(v.depth):
-        p = f"visual.blocks.{i}."
-        s.update({p + "norm1.weight": (D,), p + "norm2.weight": (D,),
-                  p + "attn.qkv.weight": (3 * D, D), p + "attn.qkv.bias": (3 * D,),
-                  p + "attn.proj.weight": (D, D), p + "attn.proj.bias": (D,),
-                  p + "mlp.gate_proj.weight": (I, D), p + "mlp.gate_proj.bias": (I,),
-                  p + "mlp.up_proj.weight": (I, D), p + "mlp.up_proj.bias": (I,),
-                  p + "mlp.down_proj.weight": (D, I), p + "mlp.down_proj.bias": (D,)})
+    block = {"norm1.weight": (D,), "norm2.weight": (D,),
+             "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+             "attn.proj.weight": (D, D), "attn.proj.bias": (D,),
+             "mlp.gate_proj.weight": (I, D), "mlp.gate_proj.bias": (I,),
+             "mlp.up_proj.weight": (I, D), "mlp.up_proj.bias": (I,),
+             "mlp.down_proj.weight": (D, I), "mlp.down_proj.bias": (D,)}
+    s.update({f"visual.blocks.{i}.{k}": shape for i in range(v.depth) for k, shape in block.items()})
     s.update({"visual.merger.ln_q.weight": (D,), "visual.merger.mlp.0.weight": (m2, m2), "visual.merger.mlp.0.bias": (m2,),
               "visual.merger.mlp.2.weight": (v.out_hidden_size, m2), "visual.merger.mlp.2.bias": (v.out_hidden_size,),
               "model.embed_tokens.weight": (t.vocab_size, H), "model.norm.weight": (H,)})
-    for j in range(t.num_hidden_layers):
-        p = f"model.layers.{j}."
-        s.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-                  p + "self_attn.q_proj.weight": (H, H), p + "self_attn.q_proj.bias": (H,),
-                  p + "self_attn.k_proj.weight": (kv, H), p + "self_attn.k_proj.bias": (kv,),
-                  p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.v_proj.bias": (kv,),
-                  p + "self_attn.o_proj.weight": (H, H),
-                  p + "mlp.gate_proj.weight": (t.intermediate_size, H), p + "mlp.up_proj.weight": (t.intermediate_size, H),
-                  p + "mlp.down_proj.weight": (H, t.intermediate_size)})
+    layer = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
+             "self_attn.q_proj.weight": (H, H), "self_attn.q_proj.bias": (H,),
+             "self_attn.k_proj.weight": (kv, H), "self_attn.k_proj.bias": (kv,),
+             "self_attn.v_proj.weight": (kv, H), "self_attn.v_proj.bias": (kv,),
+             "self_attn.o_proj.weight": (H, H),
+             "mlp.gate_proj.weight": (t.intermediate_size, H), "mlp.up_proj.weight": (t.intermediate_size, H),
+             "mlp.down_proj.weight": (H, t.intermediate_size)}
+    s.update({f"model.layers.{j}.{k}": shape for j in range(t.num_hidden_layers) for k, shape in layer.items()})
     if not cfg.tie_word_embeddings:
         s["lm_head.weight"] = (t.vocab_size, H)
     return s
@@ -602,7 +574,7 @@ def resolve_checkpoint(path_or_id: str) -> str:
         raise OSError(f"could not fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
                       f"If this machine is offline, download it elsewhere with "
                       f"`huggingface-cli download {path_or_id} --local-dir DIR`, copy DIR here and pass "
-                      f"`from_pretrained('DIR')`.") from None
+                      f"`from_pretrained('DIR')`.") from e
 
 
 def path_inside(root: str, rel: str):
@@ -613,17 +585,44 @@ def path_inside(root: str, rel: str):
     return full if os.path.commonpath([full, top]) == top else None
 
 
+def _read_json(path: str, problem: str):
+    """json.load of a checkpoint file; bad JSON -> CheckpointError naming the file, caused by the parser's error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting too deep to parse
+        raise CheckpointError(f"{path}: {problem} ({type(e).__name__}: {e})") from e
+
+
+def _read_config(directory: str) -> ModelConfig:
+    """config.json -> ModelConfig; a missing, unparsable or invalid config raises, naming the file."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory}: no config.json")
+    raw = _read_json(path, "not valid JSON")
+    try:
+        return ModelConfig.from_hf(raw, source=path)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}" if path not in str(e) else str(e)) from e
+
+
+def _read_generation_config(directory: str, cfg: ModelConfig):
+    """(eos_token_id, pad_token_id) for generate(): generation_config.json's when the checkpoint has one (the hub's
+    stop list [<|im_end|>, <|endoftext|>] is what transformers' generate uses), else config.json's."""
+    path = os.path.join(directory, "generation_config.json")
+    gen = _read_json(path, "not a valid generation config") if os.path.exists(path) else {}
+    if not isinstance(gen, dict):
+        raise CheckpointError(f"{path}: not a valid generation config (expected an object, got {type(gen).__name__})")
+    return gen.get("eos_token_id", cfg.eos_token_id), gen.get("pad_token_id", cfg.pad_token_id)
+
+
 def _checkpoint_files(directory: str) -> dict[str, str]:
     """tensor name (as stored) -> file path, from model.safetensors or model.safetensors.index.json."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     index = os.path.join(directory, "model.safetensors.index.json")
     single = os.path.join(directory, "model.safetensors")
     if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                wm = json.load(f)
-        except (ValueError, RecursionError) as e:
-            raise CheckpointError(f"{index}: not valid JSON ({e}); download the checkpoint again") from None
+        wm = _read_json(index, "not valid JSON; download the checkpoint again")
         wm = wm.get("weight_map") if isinstance(wm, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise CheckpointError(f"{index}: expected {{\"weight_map\": {{tensor name: shard file name}}}}")
@@ -642,14 +641,54 @@ def _checkpoint_files(directory: str) -> dict[str, str]:
     try:
         with safe_open(single, framework="pt") as f:
             return {k: single for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"{single}: cannot read the safetensors header ({e}); the file is truncated or corrupt, "
-                         f"download it again") from None
+    except (SafetensorError, OSError) as e:  # an unreadable file; anything else (out of memory, ...) passes through
+        raise CheckpointError(f"{single}: cannot read the safetensors header ({type(e).__name__}: {e}); if the file "
+                              f"is truncated or corrupt, download it again") from e
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# The model
-# --------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _load_weights(model: nn.Module, directory: str):
+    """Copy the checkpoint's tensors into `model`'s parameters, one memory-mapped tensor at a time converted in place
+    to the parameter's dtype/device. Names, dtypes and shapes are checked against `weight_shapes`."""
+    from safetensors import SafetensorError, safe_open
+    expected = weight_shapes(model.cfg)
+    files = _checkpoint_files(directory)
+    by_disk = {}  # hub name -> name as stored
+    for stored in files:
+        disk = _disk_name(stored)
+        if disk == "lm_head.weight" and model.cfg.tie_word_embeddings:
+            continue  # tied: transformers ignores a stored lm_head too
+        if disk not in expected:
+            raise ValueError(f"{directory}: unexpected tensor {stored!r} (not part of a Qwen2.5-VL model with this "
+                             f"config.json; wrong config or a different architecture?)")
+        by_disk[disk] = stored
+    missing = [k for k in expected if k not in by_disk]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"{directory}: missing tensor(s) {missing[:5]}{more} in the checkpoint")
+    per_file: dict[str, list[str]] = {}
+    for disk, stored in by_disk.items():
+        per_file.setdefault(files[stored], []).append(disk)
+    for fn, names in per_file.items():
+        try:
+            with safe_open(fn, framework="pt") as f:
+                for disk in names:
+                    stored = by_disk[disk]
+                    sl = f.get_slice(stored)
+                    shape = tuple(sl.get_shape())
+                    if sl.get_dtype() not in ("F64", "F32", "F16", "BF16"):
+                        raise CheckpointError(f"{fn}: tensor {stored!r} is stored as {sl.get_dtype()}, not a "
+                                              f"floating-point type; this is not a Qwen2.5-VL weight file")
+                    if shape != expected[disk]:
+                        raise CheckpointError(f"{fn}: tensor {stored!r} has shape {list(shape)} but config.json "
+                                              f"implies {list(expected[disk])}")
+                    model.get_parameter(disk).copy_(f.get_tensor(stored))  # converts dtype/device in place
+        except (SafetensorError, OSError) as e:  # a cut or damaged file; anything else (out of memory, ...) passes
+            raise CheckpointError(f"{fn}: cannot read tensors ({type(e).__name__}: {e}); if the file is "
+                                  f"truncated or corrupt, download it again") from e
+
+
+# ---- The model -----------------------------------------------------------------------------------------------------
 
 class Qwen25VL(nn.Module):
     """Qwen2_5_VLForConditionalGeneration. Module names equal the hub tensor names (visual.*, model.*, lm_head)."""
@@ -658,14 +697,17 @@ class Qwen25VL(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.visual = VisionTower(cfg.vision)
-        self.model = TextModel(cfg.text)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        t = cfg.text
+        self.model = nn.Module()  # Qwen2Model
+        self.model.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(t) for _ in range(t.num_hidden_layers))
+        self.model.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(t.hidden_size, t.vocab_size, bias=False)
         self.source_dir = None
         self.generation_eos = cfg.eos_token_id  # generate()'s defaults; generation_config.json overrides them
         self.generation_pad = cfg.pad_token_id
         # the image processor's pixel limits (preprocessor_config.json); cof.py and sft.py size images with them
         self.image_min_pixels, self.image_max_pixels = ck.PROCESSOR_MIN_PIXELS, ck.PROCESSOR_MAX_PIXELS
-        self._rope_cache = {}
 
     # ---- loading / saving ------------------------------------------------------------------------------------------
 
@@ -676,81 +718,19 @@ class Qwen25VL(nn.Module):
         dtype defaults to the checkpoint's `torch_dtype`, device to CPU. No full fp32 copy is ever built: the module
         is created on the meta device, then each tensor is read (memory-mapped) and converted straight into place.
         """
-        from safetensors import safe_open
         directory = resolve_checkpoint(path_or_id)
-        cfg_path = os.path.join(directory, "config.json")
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{directory}: no config.json")
-        with open(cfg_path, encoding="utf-8") as f:
-            try:
-                raw_cfg = json.load(f)
-            except (ValueError, RecursionError) as e:
-                raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-        try:
-            cfg = ModelConfig.from_hf(raw_cfg, source=cfg_path)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{cfg_path}: {e}" if cfg_path not in str(e) else str(e)) from None
+        cfg = _read_config(directory)
         if dtype is None:
             dtype = getattr(torch, cfg.torch_dtype) if isinstance(cfg.torch_dtype, str) and \
                 isinstance(getattr(torch, cfg.torch_dtype, None), torch.dtype) else torch.float32
-        device = torch.device(device or "cpu")
         with torch.device("meta"):
             model = cls(cfg)
-        model = model.to(dtype).to_empty(device=device)
+        model = model.to(dtype).to_empty(device=torch.device(device or "cpu"))
         model.source_dir = directory
         model.image_min_pixels, model.image_max_pixels = ck.read_image_limits(directory)
-        gen_path = os.path.join(directory, "generation_config.json")
-        if os.path.exists(gen_path):  # the hub's stop list ([<|im_end|>, <|endoftext|>]) is what transformers' generate uses
-            try:
-                with open(gen_path, encoding="utf-8") as f:
-                    gen = json.load(f)
-                if not isinstance(gen, dict):
-                    raise ValueError(f"expected a JSON object, got {type(gen).__name__}")
-            except (ValueError, RecursionError) as e:
-                raise CheckpointError(f"{gen_path}: not a valid generation config ({e})") from None
-            model.generation_eos = gen.get("eos_token_id", model.generation_eos)
-            model.generation_pad = gen.get("pad_token_id", model.generation_pad)
-
-        expected = weight_shapes(cfg)
-        files = _checkpoint_files(directory)
-        by_disk = {}
-        for stored in files:
-            disk = _disk_name(stored)
-            if disk == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue  # tied: transformers ignores a stored lm_head too
-            if disk not in expected:
-                raise ValueError(f"{directory}: unexpected tensor {stored!r} (not part of a Qwen2.5-VL model with this "
-                                 f"config.json; wrong config or a different architecture?)")
-            by_disk[disk] = stored
-        missing = [k for k in expected if k not in by_disk]
-        if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise ValueError(f"{directory}: missing tensor(s) {missing[:5]}{more} in the checkpoint")
-        per_file: dict[str, list[str]] = {}
-        for disk, stored in by_disk.items():
-            per_file.setdefault(files[stored], []).append(disk)
-        with torch.no_grad():
-            for fn, names in per_file.items():
-                try:
-                    with safe_open(fn, framework="pt") as f:
-                        for disk in names:
-                            stored = by_disk[disk]
-                            sl = f.get_slice(stored)
-                            shape = tuple(sl.get_shape())
-                            if sl.get_dtype() not in ("F64", "F32", "F16", "BF16"):
-                                raise CheckpointError(f"{fn}: tensor {stored!r} is stored as {sl.get_dtype()}, not a "
-                                                      f"floating-point type; this is not a Qwen2.5-VL weight file")
-                            if shape != expected[disk]:
-                                raise CheckpointError(f"{fn}: tensor {stored!r} has shape {list(shape)} but config.json "
-                                                 f"implies {list(expected[disk])}")
-                            model.get_parameter(disk).copy_(f.get_tensor(stored))  # converts dtype/device in place
-                except (CheckpointError, MemoryError, torch.cuda.OutOfMemoryError):
-                    raise
-                except Exception as e:   # safetensors' own errors: a cut or damaged file
-                    raise CheckpointError(f"{fn}: cannot read tensors ({type(e).__name__}: {e}); if the file is "
-                                          f"truncated or corrupt, download it again") from e
-        model.eval()
-        return model
+        model.generation_eos, model.generation_pad = _read_generation_config(directory, cfg)
+        _load_weights(model, directory)
+        return model.eval()
 
     def save_pretrained(self, directory: str, max_shard_bytes: int = 5 * 2**30):
         """Write config.json (hub flat layout) + model.safetensors (sharded with an index above max_shard_bytes),
@@ -763,36 +743,31 @@ class Qwen25VL(nn.Module):
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         tensors = {k: self.get_parameter(k).detach().to("cpu").contiguous() for k in weight_shapes(self.cfg)}
-        shards, cur, size = [], {}, 0
+        shards, size = [{}], 0  # in name-table order; a new shard when the next tensor would overflow this one
         for k, t in tensors.items():
-            nb = t.numel() * t.element_size()
-            if cur and size + nb > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k] = t
-            size += nb
-        shards.append(cur)
+            if shards[-1] and size + t.nbytes > max_shard_bytes:
+                shards, size = shards + [{}], 0
+            shards[-1][k] = t
+            size += t.nbytes
         for old in ("model.safetensors", "model.safetensors.index.json"):
             if os.path.exists(os.path.join(directory, old)):
                 os.remove(os.path.join(directory, old))
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            wm = {}
-            for i, sh in enumerate(shards):
-                fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(sh, os.path.join(directory, fn), metadata={"format": "pt"})
-                wm.update({k: fn for k in sh})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
+        names = ["model.safetensors"] if len(shards) == 1 else [
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for fn, shard in zip(names, shards):
+            save_file(shard, os.path.join(directory, fn), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                     "weight_map": {k: fn for fn, shard in zip(names, shards) for k in shard}}
             with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": wm}, f, indent=2)
+                json.dump(index, f, indent=2)
         if self.source_dir and os.path.abspath(self.source_dir) != os.path.abspath(directory):
             for fn in _TOKENIZER_FILES:
                 src = os.path.join(self.source_dir, fn)
                 if os.path.exists(src):
                     shutil.copyfile(src, os.path.join(directory, fn))
 
-    # ---- helpers ---------------------------------------------------------------------------------------------------
+    # ---- forward: positions -> embeddings (+ vision) -> attention mask -> decoder layers ---------------------------
 
     @property
     def dtype(self):
@@ -810,15 +785,8 @@ class Qwen25VL(nn.Module):
         """pos [3, B, L] -> cos, sin [B, 1, L, hd] (M-RoPE: t/h/w take different frequency slices), in `dtype`."""
         t = self.cfg.text
         hd = t.hidden_size // t.num_attention_heads
-        key = (pos.device, hd)
-        if key not in self._rope_cache:
-            self._rope_cache[key] = _inv_freq(hd, t.rope_theta, pos.device)
-        f = pos[..., None].float() * self._rope_cache[key]                     # [3, B, L, hd/2]
-        parts, start = [], 0
-        for axis, n in enumerate(t.mrope_section):
-            parts.append(f[axis, ..., start:start + n])
-            start += n
-        f = torch.cat(parts, -1)                                               # [B, L, hd/2]
+        f = pos[..., None].float() * _inv_freq(hd, t.rope_theta, pos.device)  # [3, B, L, hd/2]
+        f = torch.cat([part[axis] for axis, part in enumerate(f.split(list(t.mrope_section), -1))], -1)  # [B, L, hd/2]
         emb = torch.cat([f, f], -1)[:, None]                                   # [B, 1, L, hd]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -826,156 +794,141 @@ class Qwen25VL(nn.Module):
         """M-RoPE positions of one chunk (transformers' get_rope_index, continued from each row's next_pos).
 
         ids/mask [B, L]; grids: list of (t, h, w) for the images of this chunk (row-major). Returns pos [3, B, L] and
-        the rows' new next_pos. Text continues by +1; an image of merged grid (t, hm, wm) starting at s gets
-        t-axis s + frame, h-axis s + row, w-axis s + col, and the next text starts at s + max(hm, wm).
+        the rows' new next_pos [B]. Text continues by +1 on all three axes; an image of merged grid (t, hm, wm)
+        starting at s gets t-axis s + frame, h-axis s + row, w-axis s + col, and the next text starts at
+        s + max(hm, wm). Padding slots repeat the position before them (they are never attended to).
         """
         c = self.cfg
-        ms = c.vision.spatial_merge_size
         B, L = ids.shape
-        is_img = (ids == c.image_token_id) & mask
-        pos = (next_pos[:, None] + mask.long().cumsum(1) - 1).clamp_min(0)    # [B, L] text-only rows
-        pos = pos[None].expand(3, B, L).clone()                                # [3, B, L]
-        new_next = next_pos + mask.long().sum(1)
+        pos = (next_pos[:, None] + mask.long().cumsum(1) - 1).clamp_min(0)[None].expand(3, B, L)  # [3, B, L] as text
+        new_next = next_pos + mask.long().sum(1)                                # [B]
+        is_img = (ids == c.image_token_id) & mask                              # [B, L]
+        if not grids and not bool((is_img | ((ids == c.video_token_id) & mask)).any()):
+            return pos, new_next  # a plain text chunk (one host sync)
+        if not grids and bool(is_img.any()):
+            raise ValueError("input_ids contain <|image_pad|> tokens but no pixel_values/image_grid_thw were given")
         if c.video_token_id is not None and bool(((ids == c.video_token_id) & mask).any()):
             raise NotImplementedError("video inputs (<|video_pad|>) are not supported by this implementation")
         if not bool(is_img.any()):
-            if grids:
-                raise ValueError(f"image_grid_thw has {len(grids)} image(s) but the chunk has no <|image_pad|> token "
-                                 f"(id {c.image_token_id})")
-            return pos, new_next
-        gi = 0
-        img_id = c.image_token_id
+            raise ValueError(f"image_grid_thw has {len(grids)} image(s) but the chunk has no <|image_pad|> token "
+                             f"(id {c.image_token_id})")
+        pos, gi = pos.clone(), 0
         for b in torch.nonzero(is_img.any(1)).flatten().tolist():
-            cols = torch.nonzero(mask[b]).flatten()
-            row = ids[b, cols].tolist()
-            cur = int(next_pos[b])
-            out = []
-            i = 0
-            while i < len(row):
-                if row[i] == img_id:
-                    if gi >= len(grids):
-                        raise ValueError(f"the chunk has more <|image_pad|> runs than the {len(grids)} image(s) in "
-                                         f"image_grid_thw (row {b})")
-                    t, h, w = grids[gi]
-                    gi += 1
-                    hm, wm = h // ms, w // ms
-                    n = t * hm * wm
-                    if row[i:i + n] != [img_id] * n:
-                        raise ValueError(f"row {b}: image {gi - 1} with grid {(t, h, w)} needs {n} consecutive "
-                                         f"<|image_pad|> tokens but the run at token {i} is shorter")
-                    tt = torch.arange(t).view(t, 1, 1).expand(t, hm, wm).flatten()
-                    hh = torch.arange(hm).view(1, hm, 1).expand(t, hm, wm).flatten()
-                    ww = torch.arange(wm).view(1, 1, wm).expand(t, hm, wm).flatten()
-                    out.append(torch.stack([tt, hh, ww]) + cur)
-                    cur += max(hm, wm)
-                    i += n
-                else:
-                    j = i
-                    while j < len(row) and row[j] != img_id:
-                        j += 1
-                    out.append(torch.arange(cur, cur + j - i).expand(3, -1))
-                    cur += j - i
-                    i = j
-            pos[:, b, cols] = torch.cat(out, 1).to(pos.device)
+            cols = torch.nonzero(mask[b]).flatten()                            # the row's real tokens
+            row_pos, cur, gi = self._row_positions(ids[b, cols].tolist(), int(next_pos[b]), grids, gi, b)
+            pos[:, b, cols] = row_pos.to(pos.device)
             new_next[b] = cur
         if gi != len(grids):
             raise ValueError(f"image_grid_thw has {len(grids)} image(s) but the chunk's <|image_pad|> runs use {gi}")
         return pos, new_next
 
-    # ---- forward ---------------------------------------------------------------------------------------------------
+    def _row_positions(self, row: list[int], cur: int, grids, gi: int, b: int):
+        """Positions [3, len(row)] of one row's real tokens `row`, starting at position `cur`; its images are grids[gi],
+        grids[gi + 1], ... in order. Returns (positions, the row's next position, index of the next unused grid)."""
+        ms, img_id = self.cfg.vision.spatial_merge_size, self.cfg.image_token_id
+        out, i = [], 0
+        while i < len(row):
+            j = row.index(img_id, i) if img_id in row[i:] else len(row)       # the next image starts at j
+            out.append(torch.arange(cur, cur + j - i).expand(3, -1))           # [3, j - i] text: +1 per token
+            cur, i = cur + j - i, j
+            if i == len(row):
+                break
+            if gi >= len(grids):
+                raise ValueError(f"the chunk has more <|image_pad|> runs than the {len(grids)} image(s) in "
+                                 f"image_grid_thw (row {b})")
+            t, h, w = grids[gi]
+            hm, wm = h // ms, w // ms
+            n = t * hm * wm
+            if row[i:i + n] != [img_id] * n:
+                raise ValueError(f"row {b}: image {gi} with grid {(t, h, w)} needs {n} consecutive "
+                                 f"<|image_pad|> tokens but the run at token {i} is shorter")
+            thw = torch.meshgrid(torch.arange(t), torch.arange(hm), torch.arange(wm), indexing="ij")
+            out.append(torch.stack(thw).flatten(1) + cur)                      # [3, n] frame, row, col
+            cur, i, gi = cur + max(hm, wm), i + n, gi + 1
+        return torch.cat(out, 1), cur, gi
 
-    def _run(self, input_ids, mask, pixel_values, image_grid_thw, cache: KVCache | None, last_only: bool,
-             next_pos=None):
+    def _embed(self, ids, mask, pixel_values, grids):
+        """Token embeddings [B, L, D], with the vision tower's merged image features in the <|image_pad|> slots."""
         c = self.cfg
-        dev = self.device
-        input_ids = input_ids.to(dev)
-        B, L = input_ids.shape
-        dense = mask is None  # no padding in this chunk (known without looking at data)
-        mask = torch.ones(B, L, dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool()
-        if mask.shape != (B, L):
-            raise ValueError(f"mask/attention_mask has shape {tuple(mask.shape)}, expected {(B, L)}")
-        grids = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in torch.as_tensor(image_grid_thw).tolist()]
-        if next_pos is None:
-            next_pos = torch.zeros(B, dtype=torch.long, device=dev) if cache is None else cache.next_pos
-        vision_tokens = (input_ids == c.image_token_id) | (input_ids == c.video_token_id)
-        if grids or bool((vision_tokens & mask).any()):  # one host sync; plain text chunks skip the scan
-            if not grids and bool(((input_ids == c.image_token_id) & mask).any()):
-                raise ValueError("input_ids contain <|image_pad|> tokens but no pixel_values/image_grid_thw were given")
-            pos, new_next = self._positions(input_ids, mask, next_pos, grids)
-        else:
-            pos = (next_pos[:, None] + mask.long().cumsum(1) - 1).clamp_min(0)[None].expand(3, B, L)  # [3, B, L]
-            new_next = next_pos + mask.long().sum(1)
+        h = self.model.embed_tokens(ids)                                      # [B, L, D]
+        if not grids:
+            if pixel_values is not None:
+                raise ValueError("pixel_values given without image_grid_thw")
+            return h
+        if pixel_values is None:
+            raise ValueError("image_grid_thw given without pixel_values")
+        feats = self.visual(pixel_values, grids)                              # [n_feat, D]
+        img = (ids == c.image_token_id) & mask                                # [B, L]
+        n_tok = int(img.sum())
+        if n_tok != feats.shape[0]:
+            raise ValueError(f"{n_tok} <|image_pad|> tokens but the images give {feats.shape[0]} features "
+                             f"(grids {grids}, merge {c.vision.spatial_merge_size})")
+        return h.masked_scatter(img[..., None].expand_as(h), feats.to(h.dtype))  # [B, L, D]
 
-        h = self.model.embed_tokens(input_ids)                                # [B, L, D]
-        if grids:
-            if pixel_values is None:
-                raise ValueError("image_grid_thw given without pixel_values")
-            feats = self.visual(pixel_values, grids)                          # [n_feat, D]
-            img = (input_ids == c.image_token_id) & mask
-            n_tok = int(img.sum())
-            if n_tok != feats.shape[0]:
-                raise ValueError(f"{n_tok} <|image_pad|> tokens but the images give {feats.shape[0]} features "
-                                 f"(grids {grids}, merge {c.vision.spatial_merge_size})")
-            h = h.masked_scatter(img[..., None].expand_as(h), feats.to(h.dtype))
-        elif pixel_values is not None:
-            raise ValueError("pixel_values given without image_grid_thw")
-
-        cos, sin = self._text_rope(pos, h.dtype)
+    def _attention_mask(self, mask, padded: bool, cache: KVCache | None):
+        """The attention mask of a chunk (mask [B, L]: its real tokens; padded: it came with a mask), in the one form
+        every DecoderLayer takes:
+        "causal"  no padding anywhere and the chunk starts at position 0 (a prefill): SDPA's is_causal, the flash path.
+        None      no padding anywhere and a one-token chunk (a decode step): the token sees every key.
+        tensor    otherwise: [B, 1, G*L, S] bool, True = attend: causal over the row's real keys, a padding query sees
+                  only itself (no all-False row). Row g*L + l is query l of head g of a KV group (GQA without copying).
+        """
+        B, L = mask.shape
+        dev = mask.device
         start = 0 if cache is None else cache.size
-        S = start + L
-        if cache is not None:
-            cache.reserve(L)
-            cache.valid[:, start:S] = mask
-            keys_valid = cache.valid[:, :S]                                   # [B, S]
-        else:
-            keys_valid = mask
-        if cache is not None:
-            cache.all_valid = cache.all_valid and dense
-        no_padding = dense and (cache is None or cache.all_valid)
-        if cache is None and not dense:  # right padding only (training batches): under causal attention real rows
+        no_padding = not padded and (cache is None or cache.all_valid)
+        if cache is None and padded:  # right padding only (training batches): under causal attention real rows
             lengths = mask.long().sum(1)  # never see a pad, so the flash path gives them the masked path's result
             no_padding = bool((mask == (torch.arange(L, device=dev)[None, :] < lengths[:, None])).all())
         if no_padding and start == 0:
-            attn = "causal"
-        elif no_padding and L == 1:
-            attn = None
-        else:
-            causal = torch.arange(S, device=dev)[None, :] <= (start + torch.arange(L, device=dev))[:, None]  # [L, S]
-            attn = keys_valid[:, None, :] & causal[None]                      # [B, L, S]
-            attn[:, torch.arange(L, device=dev), start + torch.arange(L, device=dev)] = True  # padding rows: themselves
-            G = c.text.num_attention_heads // c.text.num_key_value_heads
-            attn = attn[:, None, None].expand(B, 1, G, L, S).reshape(B, 1, G * L, S)  # [B, 1, G*L, S]
+            return "causal"
+        if no_padding and L == 1:
+            return None
+        keys_valid = mask if cache is None else torch.cat([cache.valid[:, :start], mask], 1)   # [B, S]
+        S = start + L
+        q_pos = start + torch.arange(L, device=dev)                           # [L] slot of each query
+        causal = torch.arange(S, device=dev)[None, :] <= q_pos[:, None]       # [L, S]
+        attn = keys_valid[:, None, :] & causal[None]                          # [B, L, S]
+        attn[:, torch.arange(L, device=dev), q_pos] = True                    # padding queries: themselves
+        G = self.cfg.text.num_attention_heads // self.cfg.text.num_key_value_heads
+        return attn[:, None, None].expand(B, 1, G, L, S).reshape(B, 1, G * L, S)  # [B, 1, G*L, S]
+
+    def _run(self, input_ids, mask, pixel_values, image_grid_thw, cache: KVCache | None):
+        """One chunk through the decoder: input_ids [B, L] -> final-norm hidden states [B, L, D].
+
+        mask [B, L] (False = padding slot) or None (no padding). Without a cache this is a full forward from
+        position 0; with one, each row continues from its cached slots and the chunk is appended to the cache.
+        """
+        dev = self.device
+        input_ids = input_ids.to(dev)
+        B, L = input_ids.shape
+        padded = mask is not None  # without a mask the chunk has no padding, known without looking at the data
+        mask = torch.ones(B, L, dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool()   # [B, L]
+        if mask.shape != (B, L):
+            raise ValueError(f"mask/attention_mask has shape {tuple(mask.shape)}, expected {(B, L)}")
+        grids = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in torch.as_tensor(image_grid_thw).tolist()]
+        next_pos = torch.zeros(B, dtype=torch.long, device=dev) if cache is None else cache.next_pos
+        pos, new_next = self._positions(input_ids, mask, next_pos, grids)    # [3, B, L], [B]
+        h = self._embed(input_ids, mask, pixel_values, grids)                 # [B, L, D]
+        cos, sin = self._text_rope(pos, h.dtype)                              # [B, 1, L, hd]
+        attn = self._attention_mask(mask, padded, cache)
+        if cache is not None:
+            cache.reserve(L)
         for i, layer in enumerate(self.model.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i], start)
-            h = layer(h, cos, sin, attn, kv)
+            h = layer(h, cos, sin, attn, None if cache is None else (cache.k[i], cache.v[i], cache.size))
         h = self.model.norm(h)                                                # [B, L, D]
         if cache is not None:
-            cache.size = S
-            cache.next_pos = new_next
-            cache.length = cache.length + mask.long().sum(1)
-        if last_only:
-            if dense:
-                hl = h[:, -1]                                                 # [B, D]
-            else:
-                has = mask.any(1)
-                last = (L - 1 - mask.flip(1).long().argmax(1))                # index of each row's last real token
-                hl = h[torch.arange(B, device=dev), last]                     # [B, D]
-                if cache is not None:
-                    hl = torch.where(has[:, None], hl, cache.last_hidden)
-            if cache is not None:
-                cache.last_hidden = hl
-            return self._lm_head(hl[:, None])                                 # [B, 1, V]
-        if cache is not None:
-            has = mask.any(1)
-            last = (L - 1 - mask.flip(1).long().argmax(1))
-            cache.last_hidden = torch.where(has[:, None], h[torch.arange(B, device=dev), last], cache.last_hidden)
-        return self._lm_head(h)                                               # [B, L, V]
+            last = h[:, -1]                                                   # [B, D] each row's last real token
+            if padded:  # the last True of each mask row (a row with none: slot L - 1, which append ignores)
+                last = h[torch.arange(B, device=dev), L - 1 - mask.flip(1).long().argmax(1)]  # [B, D]
+            cache.append(mask, padded, new_next, last)
+        return h
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None):
         """Full forward without cache. input_ids [B, T] (any padding, marked by attention_mask [B, T]);
         pixel_values [N, 1176] + image_grid_thw [n_img, 3] for the images in order of their <|image_pad|> runs,
         row-major over the batch. Returns logits [B, T, V] (padding positions hold garbage)."""
-        return self._run(input_ids, attention_mask, pixel_values, image_grid_thw, None, False)
+        return self._lm_head(self._run(input_ids, attention_mask, pixel_values, image_grid_thw, None))  # [B, T, V]
 
     # ---- cache API -------------------------------------------------------------------------------------------------
 
@@ -996,7 +949,8 @@ class Qwen25VL(nn.Module):
         """
         if input_ids.shape[0] != cache.batch_size:
             raise ValueError(f"chunk has {input_ids.shape[0]} rows but the cache has {cache.batch_size}")
-        return self._run(input_ids, mask, pixel_values, image_grid_thw, cache, last_only)
+        h = self._run(input_ids, mask, pixel_values, image_grid_thw, cache)  # [B, L, D]
+        return self._lm_head(cache.last_hidden[:, None] if last_only else h)  # [B, 1, V] or [B, L, V]
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, max_new_tokens=64,
@@ -1042,5 +996,4 @@ def sample_next(logits, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, ge
         drop = cum - s.softmax(-1) >= top_p                                   # keep the smallest set reaching top_p
         drop[..., 0] = False
         x = x.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
-    probs = x.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(x.softmax(-1), 1, generator=generator).squeeze(-1)

@@ -11,8 +11,8 @@ the optimizer, schedule, RNG and data position next to them, so `--resume` conti
     python sft.py                                  # synthetic task + tiny model on the CPU, then CoF evaluation
     python sft.py --model DIR --data rows.json     # real checkpoint; torchrun ... sft.py --dist fsdp for big models
 
-`python sft.py --help` lists every option. Sequences come from model.tokenize_chat, images from model.processor_resize
-and crop_kernels.patchify, the evaluation from cof.py's zoom loop. The machinery grpo.py shares is written here once:
+`python sft.py --help` lists every option. Sequences come from tokenizer.tokenize_chat, images from
+crop_kernels.processor_resize and crop_kernels.patchify, the evaluation from cof.py's zoom loop. The machinery grpo.py shares is written here once:
 RunConfig (the options both trainers have), LoRA and freezing, build_policy / distribute / grad_sync / optimizer_step,
 checkpoints and exact resume, Metrics, evaluate.
 
@@ -79,8 +79,8 @@ class RunConfig:
     adam_eps: float = _opt(1e-8, "AdamW epsilon")
     clip_grad: float = _opt(1.0, "clip the global gradient norm to this; 0 = off")
     # images and prompts
-    min_pixels: int = _opt(112 * 112, "smart_resize lower bound for every image (released: 12544)")
-    max_pixels: int = _opt(3840 * 3840, "smart_resize upper bound for every image (released: 3840*3840)")
+    min_pixels: int = _opt(cof.MAIN_MIN_PIXELS, "smart_resize lower bound for every image (released: 12544)")
+    max_pixels: int = _opt(cof.MAIN_MAX_PIXELS, "smart_resize upper bound for every image (released: 3840*3840)")
     drop_system: bool = _opt(False, "train and evaluate without the rows' system prompt (the chat template's default "
                                     "one-line system prompt is used instead); saves ~250 tokens per row")
     # model
@@ -322,13 +322,15 @@ def load_rows(path, tokenizer, cfg):
                 except (ImageError, ImageTooLargeError) as e:
                     raise BadRow(f"{where}, images[{k}]: {e}; replace the file or pass --skip_bad") from None
             grids = [image_grid(p, cfg) for p in row["images"]]
-            ids, labels, _ = render(row, tokenizer, grids, drop_system=cfg.drop_system)
+            ids, labels, weights = render(row, tokenizer, grids, cfg.answer_weight, cfg.drop_system)
             if len(ids) > cfg.max_len:
                 raise BadRow(f"{where}: sample is {len(ids)} tokens (images included), longer than --max_len "
                              f"{cfg.max_len}; raise --max_len, lower --max_pixels, or pass --skip_bad to drop it")
             if not any(l != IGNORE for l in labels):
                 raise BadRow(f"{where}: no assistant tokens to learn from; add an assistant turn or --skip_bad")
             row["n_tokens"] = len(ids)
+            row["tokens"] = dict(input_ids=torch.tensor(ids, dtype=torch.int32), grids=grids,   # rendered once, here
+                                 labels=torch.tensor(labels, dtype=torch.int32), weights=torch.tensor(weights))
         except BadRow:
             if not cfg.skip_bad:
                 raise
@@ -361,9 +363,13 @@ class SFTData(torch.utils.data.Dataset):
         images = [ck.processor_resize(load_image(p), self.cfg.min_pixels, self.cfg.max_pixels) for p in row["images"]]
         patches = [patchify(im) for im in images]                       # each ([h*w/196, 1176], grid [1, 3])
         grid = torch.cat([g for _, g in patches]) if patches else torch.zeros(0, 3, dtype=torch.long)
-        ids, labels, weights = render(row, self.tok, grid.tolist(), self.cfg.answer_weight, self.cfg.drop_system)
-        s = dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), weights=torch.tensor(weights),
-                 image_grid_thw=grid)
+        done = row.get("tokens")
+        if done is not None and [tuple(g) for g in grid.tolist()] == [tuple(g) for g in done["grids"]]:
+            s = dict(input_ids=done["input_ids"].long(), labels=done["labels"].long(), weights=done["weights"])
+        else:   # rows that did not go through load_rows (or an image that changed on disk since)
+            ids, labels, weights = render(row, self.tok, grid.tolist(), self.cfg.answer_weight, self.cfg.drop_system)
+            s = dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), weights=torch.tensor(weights))
+        s["image_grid_thw"] = grid
         if self.cache is not None:
             self.cache[i] = s, images
         return dict(s, pixel_values=torch.cat([pv for pv, _ in patches]) if patches else None)

@@ -48,14 +48,6 @@ VIEW_MIN_PIXELS = crop_kernels.PROCESSOR_MIN_PIXELS   # 56 * 56
 # The world: one image at one resolution, as the CoF loop and the model see it
 
 
-def resize_long_side(img, long_side):
-    """LANCZOS-resize a PIL image so that its long side is `long_side` (the evaluation-resolution sweep)."""
-    w, h = img.size
-    s = long_side / max(w, h)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    return img if size == img.size else img.resize(size, Image.Resampling.LANCZOS)
-
-
 @dataclass
 class View:
     """An image the model sees. crop_box: integer box in the main-image frame (None for the main view).
@@ -91,7 +83,9 @@ class World:
         self.options = options if options is not None else cof.parse_options(question)
         self.view_max_pixels, self.view_min_pixels = view_max_pixels, view_min_pixels
         src_w, src_h = image.size
-        img = resize_long_side(image.convert("RGB"), resolution) if resolution else image.convert("RGB")
+        img = image.convert("RGB")
+        if resolution:          # the evaluation-resolution sweep's resize (cof.py's, on the uint8 tensor)
+            img = crop_kernels.to_pil(cof.resize_long_side(crop_kernels.from_pil(img), resolution))
         h, w = cof.main_size(img.height, img.width)
         self.main = img if (w, h) == img.size else img.resize((w, h), Image.Resampling.LANCZOS)
         self.resolution = resolution or max(src_w, src_h)
@@ -108,7 +102,8 @@ class World:
         return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
     def _processor(self, img):
-        h, w = crop_kernels.smart_resize(img.height, img.width, 28, self.view_min_pixels, self.view_max_pixels)
+        h, w = crop_kernels.smart_resize(img.height, img.width, crop_kernels.FACTOR, self.view_min_pixels,
+                                         self.view_max_pixels)
         return img if (w, h) == img.size else img.resize((w, h), Image.Resampling.BICUBIC)
 
     def main_view(self):
@@ -166,7 +161,7 @@ class OracleTools:
     def locate(self, world):
         """The target object's box grown to the 28 px sub-grid (a big object's whole cell, a small object's own
         box), in main-image px."""
-        return _round_box(world.from_source(synth._snap(world.scene.object_box)))
+        return _round_box(world.from_source(synth.snap(world.scene.object_box)))
 
     def adjust_box(self, world, box):
         """The detail region on the 28 px sub-grid (the tag, the striped centre, the two patches), in main-image
@@ -220,7 +215,7 @@ class ModelTools:
 
     def ask(self, images, text, min_pixels=VIEW_MIN_PIXELS, max_pixels=QWEN_VIEW_MAX_PIXELS):
         """One user turn [images..., text] -> the model's reply (special tokens stripped). `images` are what the CoF
-        loop sends (View.sent); model.preprocess_image applies the processor limits, as in cof.py's loop."""
+        loop sends (View.sent); crop_kernels.preprocess_image applies the processor limits, as in cof.py's loop."""
         import torch
         from crop_kernels import preprocess_image
         from tokenizer import tokenize_chat
@@ -353,9 +348,7 @@ def _where(world, box):
 def _conclusion(world, look, zoomed):
     """The last thought: the options restated, then what was read, ending on the option's own words, then the letter.
     Picking the letter is then a short lookup: the last option words written match one entry of the list a few tokens
-    back, and the letter in front of it is copied. With what was read first and the options after it (the order used
-    until data.build.VERSION 6), every option word stands between the reading and the letter, and a 2-layer model got
-    the letter wrong for 1 read in 10 to 1 in 3 depending on the run (README, "Teaching a tiny model")."""
+    back, and the letter in front of it is copied."""
     sc, L = world.scene, look.letter
     lead = "In the zoomed view" if zoomed else "At this resolution"
     if sc is None:

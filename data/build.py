@@ -45,7 +45,7 @@ class BuildConfig:
     val: int = 200
     test: int = 400
     resolutions: str = "448"        # comma list; item i uses resolutions[i % len]; e.g. "224,448,...,3840"
-    view_max_pixels: int = agent.TINY_VIEW_MAX_PIXELS   # the model processor's cap (12845056 for the 7B)
+    view_max_pixels: int = agent.TINY_VIEW_MAX_PIXELS   # the model processor's cap (7B: agent.QWEN_VIEW_MAX_PIXELS)
     mix: str = "easy=0.1,medium=0.65,hard=0.25"
     relative: float = 0.35          # share of relative_position items
     colours: str = ",".join(synth.DEFAULT_COLOURS)   # palette names the scenes draw from ("all": synth.PALETTE)
@@ -105,9 +105,9 @@ IMAGE_EXT = ".webp"
 
 
 def _save_image(img, path):
-    """Lossless WebP: the same pixels as PNG (tests decode every file and compare) at about half the bytes on these
-    scenes (main image 2.2 KB vs 6.2 KB, zoom 3.6 KB vs 5.1 KB). JPEG, which the released data uses, would blur the
-    4 px stripes the questions ask about. method=1 is libwebp's fast effort level (~4 ms per image here)."""
+    """Lossless WebP: the same pixels as PNG (tests decode every file and compare) in fewer bytes on these scenes.
+    JPEG, which the released data uses, would blur the 4 px stripes the questions ask about. method=1 is libwebp's
+    fast effort level."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     img.save(path, format="WEBP", lossless=True, quality=25, method=1)
     return path
@@ -152,7 +152,7 @@ KINDS = (("direct_attributes", "easy"), ("direct_attributes", "medium"), ("direc
          ("relative_position", "easy"), ("relative_position", "medium"))
 
 
-def legibility_table(resolutions=synth.RESOLUTIONS, view_max_pixels=agent.TINY_VIEW_MAX_PIXELS, n=12, seed=12345):
+def legibility_table(resolutions=cof.SWEEP, view_max_pixels=agent.TINY_VIEW_MAX_PIXELS, n=12, seed=12345):
     """For each resolution and kind of item: the stripe period in px of the main image and of each model view
     (main view, zoom on the object's cell, zoom on the detail), the measured contrast left (fraction of the rendered
     RMS contrast) and the share of items whose texture is read correctly with contrast >= LEGIBLE_CONTRAST.

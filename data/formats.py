@@ -205,7 +205,7 @@ def write_sft(path, rows, root=None):
 
 
 def to_chat(messages):
-    """Released ShareGPT messages -> model.tokenize_chat messages: `<image>` placeholders split into
+    """Released ShareGPT messages -> tokenizer.tokenize_chat messages: `<image>` placeholders split into
     {"type": "image"} items, text kept byte for byte around them."""
     chat = []
     for m in messages:

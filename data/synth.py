@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+import cof
+
 SCENE = 448                 # scene side, px
 GRID = 4                    # cells per side
 CELL = SCENE // GRID        # 112 px; at a 112 px working view one cell = one merged 28 px Qwen token
@@ -46,20 +48,15 @@ OBJ_MARGIN = 8              # a big object's box inside its cell: [8, 104)
 SMALL_MARGIN = 28           # a small object's box: [28, 84), the cell's middle 2 x 2 of 28 px sub-cells
 AMPLITUDE = 50              # stripes are fill +- AMPLITUDE on every channel
 SUPERSAMPLE = 4             # stripes are rendered antialiased (periods need not be whole pixels)
-RESOLUTIONS = (224, 448, 672, 1024, 1344, 1920, 2560, 3840)   # V* evaluation sizes (long side)
-ANSWER_HINT = "\nAnswer with the option's letter from the given choices directly."   # V* test_questions.jsonl
 CATEGORIES = ("direct_attributes", "relative_position")
 DIFFICULTIES = ("easy", "medium", "hard")
 PERIOD = {"easy": 16.0, "medium": 4.0, "hard": 2.5}
 
 # The background is the image processor's normalisation mean (OPENAI_CLIP_MEAN x 255, rounded), so empty space
 # enters the vision tower as (almost exactly) zero and every token's features come from the objects in its cell.
-# With a light background (232, 230, 224) every merged token of an untrained tower shares one large component and
-# a tiny model from scratch could not even find the only red object (7.5% after 600 steps, chance 6.25%; 97% with
-# this background). Each cell's background is tinted (red channel by column, blue by row: +-16 or +-48 levels
-# around the mean), a faint map grid: text far from the image cannot tell where an image token is from M-RoPE
-# alone (the question's length varies), so the position has to be in the pixels. Probe numbers: README, "Teaching
-# a tiny model from scratch".
+# Each cell's background is tinted (red channel by column, blue by row: +-16 or +-48 levels around the mean), a
+# faint map grid: text far from the image cannot tell where an image token is from M-RoPE alone (the question's
+# length varies), so the position has to be in the pixels.
 BACKGROUND = (123, 117, 104)
 CELL_TINT = 32
 # Fill colours: every channel in [50, 205] so that fill +- AMPLITUDE stays inside [0, 255] (mean preserved).
@@ -68,9 +65,8 @@ PALETTE = {
     "purple": (140, 65, 185), "orange": (205, 120, 50), "cyan": (55, 175, 185), "pink": (205, 105, 165),
     "brown": (130, 85, 55),
 }
-# Colours a scene draws from by default. A tiny model from scratch binds 3 colour words to image colours within the
-# CPU budget (a locate probe: 3 colours 99.5% after 1500 steps, 9 colours 9.5%); pass `colours=tuple(PALETTE)` for
-# the full palette.
+# Colours a scene draws from by default: few enough that a tiny model from scratch binds each colour word to an image
+# colour within the CPU budget; pass `colours=tuple(PALETTE)` for the full palette.
 DEFAULT_COLOURS = ("red", "green", "blue")
 SHAPES = ("square", "circle")
 TAG_SIZE, TAG_BORDER = 28, 2
@@ -144,7 +140,7 @@ class Scene:
     @property
     def text(self):
         """The V* test_questions.jsonl `text`: question, options, answer hint."""
-        return self.question + ANSWER_HINT
+        return self.question + cof.LETTER_HINT
 
     @property
     def target_obj(self):
@@ -190,8 +186,7 @@ def _union(*boxes):
 
 def _tag_box(r, c):
     """A 28 px tag in the middle of the cell (inside any shape). Always in the middle, so that the second zoom of a
-    hard item is a known place inside the first one: a 2-layer model from scratch did not learn to tell which of
-    four 28 px places a tag was in (hard items 30% held-out, the rest 90%)."""
+    hard item is a known place inside the first one (a tiny model need not learn where in the object the tag is)."""
     x0, y0, _, _ = _cell_box(r, c)
     m = (CELL - TAG_SIZE) // 2
     return (x0 + m, y0 + m, x0 + m + TAG_SIZE, y0 + m + TAG_SIZE)
@@ -248,8 +243,8 @@ TARGETS = {("direct_attributes", "easy"): ("stripes", "big", PERIOD["easy"]),
            ("relative_position", "medium"): ("marks", "small", PERIOD["medium"])}
 
 
-def _snap(box, g=TAG_SIZE):
-    """A box grown outward to the 28 px sub-grid."""
+def snap(box, g=TAG_SIZE):
+    """A box grown outward to the 28 px sub-grid (the agent's zoom boxes: locate's box is snap(object_box))."""
     return (box[0] // g * g, box[1] // g * g, -(-box[2] // g) * g, -(-box[3] // g) * g)
 
 
@@ -298,14 +293,14 @@ def make_scene(rng, uid="0", category=None, difficulty=None, mix=None, colours=D
             target_box = detail_box = target.tag
         else:
             q = f"What is the direction of the stripes on the {name}?"
-            target_box, detail_box = target.box, _snap(_centre_box(target.box, 56))
+            target_box, detail_box = target.box, snap(_centre_box(target.box, 56))
     else:
         q = f"Where is the horizontally striped patch relative to the vertically striped patch on the {name}?"
         # where the horizontal patch (the first one if h_first) is, relative to the vertical one
         answer = {("x", True): "left", ("x", False): "right", ("y", True): "above", ("y", False): "below"}[
             (axis, h_first)]
         choices = list(RELATIONS)
-        target_box, detail_box = target.box, _snap(_union(*(t.box for t in details)))
+        target_box, detail_box = target.box, snap(_union(*(t.box for t in details)))
     objects.insert(0, target)
     order = [int(i) for i in rng.permutation(len(objects))]
     objects = [objects[i] for i in order]

@@ -87,6 +87,8 @@ def make_tiny(directory, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads
     """
     if init not in ("random", "train"):
         raise ValueError(f"init must be 'random' or 'train', got {init!r}")
+    if layout not in ("flat", "nested"):
+        raise ValueError(f"layout must be 'flat' or 'nested', got {layout!r}")
     from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
     tok = _train_tiny_bpe(corpus if corpus is not None else default_tiny_corpus(), bpe_vocab_size)
@@ -94,34 +96,48 @@ def make_tiny(directory, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads
     vocab = (n_tok + 63) // 64 * 64  # embedding rows padded like the real checkpoints
     ids = {t: tok.token_to_id(t) for t in T.QWEN_SPECIAL_TOKENS}
     text = M.TextConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                      num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                      rms_norm_eps=1e-6, rope_theta=rope_theta, mrope_section=_mrope_section(hidden_size // num_heads),
-                      max_position_embeddings=32768)
+                        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                        rms_norm_eps=1e-6, rope_theta=rope_theta, mrope_section=_mrope_section(hidden_size // num_heads),
+                        max_position_embeddings=32768)
     vision = M.VisionConfig(hidden_size=vision_hidden_size, out_hidden_size=hidden_size,
-                          intermediate_size=vision_intermediate_size, depth=vision_depth, num_heads=vision_heads,
-                          window_size=window_size, fullatt_block_indexes=tuple(fullatt_block_indexes), tokens_per_second=2)
+                            intermediate_size=vision_intermediate_size, depth=vision_depth, num_heads=vision_heads,
+                            window_size=window_size, fullatt_block_indexes=tuple(fullatt_block_indexes), tokens_per_second=2)
     cfg = M.ModelConfig(text=text, vision=vision, tie_word_embeddings=tie_word_embeddings,
-                      image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-                      bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                      torch_dtype="float32")
-    hf = cfg.to_hf()
-    if layout == "nested":
-        vis = hf.pop("vision_config")
-        vis["model_type"] = "qwen2_5_vl_vision"
-        rope = hf.pop("rope_scaling")
-        top = {k: hf.pop(k) for k in ("architectures", "model_type", "tie_word_embeddings", "image_token_id",
-                                      "video_token_id", "vision_start_token_id", "vision_end_token_id", "torch_dtype")}
-        hf["rope_parameters"] = {"rope_type": "default", "mrope_section": rope["mrope_section"],
-                                 "rope_theta": hf.pop("rope_theta")}
-        hf["model_type"] = "qwen2_5_vl_text"
-        top["dtype"] = top.pop("torch_dtype")
-        hf = {**top, "text_config": hf, "vision_config": vis}
-    elif layout != "flat":
-        raise ValueError(f"layout must be 'flat' or 'nested', got {layout!r}")
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
+                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                        torch_dtype="float32")
+    _write_json(os.path.join(directory, "config.json"), _hf_config(cfg, layout))
+    save_file(_random_weights(cfg, seed, init, init_scale), os.path.join(directory, "model.safetensors"),
+              metadata={"format": "pt"})
+    _write_processor_files(directory, tok, vision, min_pixels, max_pixels)
+    return os.fspath(directory)
 
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _hf_config(cfg, layout):
+    """config.json: the hub's flat layout, or transformers 5's nested one (text_config, rope_parameters)."""
+    hf = cfg.to_hf()
+    if layout == "flat":
+        return hf
+    vis = hf.pop("vision_config")
+    vis["model_type"] = "qwen2_5_vl_vision"
+    rope = hf.pop("rope_scaling")
+    top = {k: hf.pop(k) for k in ("architectures", "model_type", "tie_word_embeddings", "image_token_id",
+                                  "video_token_id", "vision_start_token_id", "vision_end_token_id", "torch_dtype")}
+    hf["rope_parameters"] = {"rope_type": "default", "mrope_section": rope["mrope_section"],
+                             "rope_theta": hf.pop("rope_theta")}
+    hf["model_type"] = "qwen2_5_vl_text"
+    top["dtype"] = top.pop("torch_dtype")
+    return {**top, "text_config": hf, "vision_config": vis}
+
+
+def _random_weights(cfg, seed, init, init_scale):
+    """{hub tensor name: tensor} drawn in weight_shapes order from one seeded generator (see make_tiny)."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in M.weight_shapes(cfg).items():
@@ -135,31 +151,30 @@ def make_tiny(directory, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads
             fan_in = math.prod(shape[1:])
             t = torch.randn(shape, generator=g) * (init_scale / math.sqrt(fan_in))
         tensors[name] = t.contiguous()
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    return tensors
 
+
+def _write_processor_files(directory, tok, vision, min_pixels, max_pixels):
+    """tokenizer.json, tokenizer_config.json, chat_template.json and preprocessor_config.json as the hub has them."""
     tok.save(os.path.join(directory, "tokenizer.json"))
     added = {}
     for t in T.QWEN_SPECIAL_TOKENS + T.QWEN_ADDED_TOKENS:
         added[str(tok.token_to_id(t))] = {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                           "single_word": False, "special": t in T.QWEN_SPECIAL_TOKENS}
-    tc = {"add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
-          "additional_special_tokens": T.QWEN_SPECIAL_TOKENS[1:], "bos_token": None, "chat_template": T.CHAT_TEMPLATE,
-          "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
-          "model_max_length": 131072, "pad_token": "<|endoftext|>", "split_special_tokens": False,
-          "tokenizer_class": "Qwen2Tokenizer", "unk_token": None, "processor_class": "Qwen2_5_VLProcessor"}
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump(tc, f, indent=2)
-    with open(os.path.join(directory, "chat_template.json"), "w") as f:
-        json.dump({"chat_template": T.CHAT_TEMPLATE}, f, indent=2)
-    pp = {"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": vision.patch_size,
-          "temporal_patch_size": vision.temporal_patch_size, "merge_size": vision.spatial_merge_size,
-          "image_mean": list(ck.OPENAI_CLIP_MEAN), "image_std": list(ck.OPENAI_CLIP_STD),
-          "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor", "resample": 3,
-          "rescale_factor": 0.00392156862745098, "do_resize": True, "do_rescale": True, "do_normalize": True,
-          "do_convert_rgb": True}
-    with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
-        json.dump(pp, f, indent=2)
-    return os.fspath(directory)
+    _write_json(os.path.join(directory, "tokenizer_config.json"), {
+        "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
+        "additional_special_tokens": T.QWEN_SPECIAL_TOKENS[1:], "bos_token": None, "chat_template": T.CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+        "model_max_length": 131072, "pad_token": "<|endoftext|>", "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None, "processor_class": "Qwen2_5_VLProcessor"})
+    _write_json(os.path.join(directory, "chat_template.json"), {"chat_template": T.CHAT_TEMPLATE})
+    _write_json(os.path.join(directory, "preprocessor_config.json"), {
+        "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": vision.patch_size,
+        "temporal_patch_size": vision.temporal_patch_size, "merge_size": vision.spatial_merge_size,
+        "image_mean": list(ck.OPENAI_CLIP_MEAN), "image_std": list(ck.OPENAI_CLIP_STD),
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor", "resample": 3,
+        "rescale_factor": 0.00392156862745098, "do_resize": True, "do_rescale": True, "do_normalize": True,
+        "do_convert_rgb": True})
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Shared pytest setup: every test starts from the same seeds, and the repo root is importable."""
+"""Shared pytest setup: every test starts from the same seeds, and the repo root is importable.
+
+How the tests import: the top-level modules (model, cof, sft, ...) through the one sys.path entry below; the
+helper modules next to the tests (procs, cof_fixtures, model_fixtures) because pytest's default "prepend" import
+mode puts tests/ (a folder without __init__.py) on sys.path. Scripts the tests start as processes get the repo root
+through PYTHONPATH (procs.run_script). No test module imports another test module."""
 import os
 import random
 import sys

@@ -1,13 +1,12 @@
 """Runs grpo.train from a JSON config with a reward that always varies inside a group (the length of the response text),
-so that a random tiny model gets real gradients; used by tests/test_grpo.py, also under torchrun."""
+so that a random tiny model gets real gradients; used by tests/test_grpo.py, also under torchrun. Started through
+procs.run_script, which puts the repository root on PYTHONPATH (by hand: `PYTHONPATH=. python tests/grpo_runner.py
+'{"model": ...}'` from the root)."""
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import grpo  # noqa: E402
-import sft  # noqa: E402
+import grpo
+import sft
 
 
 def length_reward(records):

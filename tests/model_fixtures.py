@@ -1,6 +1,8 @@
 """Helpers for the model.py tests (owned by the model tests): tiny checkpoints, the transformers oracle, inputs."""
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 
 import torch
@@ -10,6 +12,7 @@ from data import tiny
 import tokenizer as T
 
 _ROOT = tempfile.mkdtemp(prefix="tiny_qwen25vl_")
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)       # the session's tiny checkpoints go with it
 
 
 @functools.lru_cache(maxsize=None)

@@ -76,7 +76,8 @@ def test_read_vstar(vstar_dir):
     items = cof.read_vstar(vstar_dir)
     assert [it["label"] for it in items] == ["A", "C", "B"]
     assert items[0]["options"] == {"A": "rubber", "B": "cotton", "C": "kevlar", "D": "leather"}
-    assert items[2]["category"] == "relative_position" and os.path.exists(items[2]["image"])
+    assert items[2]["category"] == "relative_position"
+    assert items[2]["image"] == os.path.join(vstar_dir, "relative_position", "sa_1.jpg")
     assert items[0]["question"] == VSTAR[0][1]
     assert len(cof.read_vstar(vstar_dir, categories=["relative_position"])) == 1
     with open(os.path.join(vstar_dir, "test_questions.jsonl"), "a") as f:
@@ -143,27 +144,45 @@ def test_evaluate_resume_and_sweep(tiny_tok, vstar_dir, tmp_path):
     out = str(tmp_path / "res.jsonl")
     rows = cof.evaluate(sm, tok, items, out, resolutions=[None, 224], batch_size=2, bench="vstar", progress=False)
     assert [r["resolution"] for r in rows] == ["orig", 224]
+    recs = [json.loads(l) for l in open(out)]
+    assert len(recs) == 6 and {r["key"] for r in recs} == {f"{s}:{i}" for s in ("orig", 224) for i in "012"}
+    # every turn of the script is generated in full, plus its <|im_end|>
+    n_gen = {k: sum(len(tok.encode(t)) + 1 for t in texts) for k, texts in TABLE.items()}
+    assert [r["n_generated"] for r in recs[:3]] == [n_gen["glove"], n_gen["dustpan"], n_gen["cup on the left"]]
+    assert [r["n_zooms"] for r in recs[:3]] == [1, 0, 2]
     for r in rows:
         assert r["n"] == 3 and r["acc_direct_attributes"] == 50.0 and r["acc_relative_position"] == 100.0
         assert abs(r["acc_overall"] - 200 / 3) < 1e-9                           # micro over questions
-        assert r["zooms"] == 1.0 and r["gen_tokens"] > 0 and r["s_per_q"] >= 0
-    recs = [json.loads(l) for l in open(out)]
-    assert len(recs) == 6 and {r["key"] for r in recs} == {f"{s}:{i}" for s in ("orig", 224) for i in "012"}
+        assert r["zooms"] == 1.0 and r["errors"] == 0
+        assert r["gen_tokens"] == pytest.approx(sum(n_gen.values()) / 3)
+        mine = [q for q in recs if q["key"].startswith(f"{r['resolution']}:")]
+        assert r["s_per_q"] == pytest.approx(sum(q["seconds"] for q in mine) / 3)
     swept = next(r for r in recs if r["key"] == "224:0")
     assert max(swept["original_size"]) == 224 and swept["main_size"] == list(cof.main_size(*swept["original_size"]))
     assert swept["turns"][0]["tool_call"] and swept["turns"][1]["text"] == "<answer>A</answer>"
     # resume: nothing left to do
     calls = sm.calls
-    cof.evaluate(sm, tok, items, out, resolutions=[None, 224], batch_size=2, progress=False)
+    cof.evaluate(sm, tok, items, out, resolutions=[None, 224], batch_size=2, bench="vstar", progress=False)
     assert sm.calls == calls and len(open(out).readlines()) == 6
-    # an interrupted run (truncated last line) re-runs just that question
+    # an interrupted run (truncated last line) re-runs just that question: the other lines stay as they were (their
+    # timings included), the re-run record equals the lost one but for its timing
     lines = open(out).readlines()
     with open(out, "w") as f:
         f.writelines(lines[:-1] + [lines[-1][:20]])
-    rows2 = cof.evaluate(sm, tok, items, out, resolutions=[None, 224], batch_size=2, progress=False)
-    assert sm.calls > calls and len(cof.load_results(out)) == 6
-    assert [(r["n"], r["acc_overall"], r["zooms"]) for r in rows2] == [(r["n"], r["acc_overall"], r["zooms"]) for r in rows]
-    assert "| resolution | n |" in cof.format_table(rows)
+    rows2 = cof.evaluate(sm, tok, items, out, resolutions=[None, 224], batch_size=2, bench="vstar", progress=False)
+    assert sm.calls > calls
+    now = open(out).readlines()
+    assert now[:5] == lines[:5] and now[5] == lines[-1][:20] + "\n" and len(now) == 7
+    untimed = lambda r: {k: v for k, v in r.items() if k != "seconds"}       # noqa: E731
+    assert untimed(json.loads(now[6])) == untimed(json.loads(lines[-1]))
+    assert list(cof.load_results(out)) == [json.loads(l)["key"] for l in lines]
+    keep = ("n", "acc_direct_attributes", "acc_relative_position", "acc_overall", "errors", "zooms", "gen_tokens")
+    assert [[r[k] for k in keep] for r in rows2] == [[r[k] for k in keep] for r in rows]
+    assert cof.format_table(rows) == "\n".join([
+        "| resolution | n | acc_direct_attributes | acc_relative_position | acc_overall | errors | zooms | gen_tokens "
+        "| s_per_q |", "|---|---|---|---|---|---|---|---|---|"]
+        + [f"| {r['resolution']} | 3 | 50.00 | 100.00 | 66.67 | 0 | 1.00 | {r['gen_tokens']:.2f} | {r['s_per_q']:.2f} |"
+           for r in rows])
 
 
 def test_a_broken_image_is_recorded_not_fatal(tiny_tok, vstar_dir, tmp_path):
@@ -175,6 +194,9 @@ def test_a_broken_image_is_recorded_not_fatal(tiny_tok, vstar_dir, tmp_path):
     recs = cof.load_results(out)
     assert rows[0]["n"] == 3 and rows[0]["errors"] == 1 and "error" in recs["orig:1"]
     assert recs["orig:0"]["correct"] and recs["orig:2"]["correct"] and not recs["orig:1"]["correct"]
+    bad = os.path.join(vstar_dir, "direct_attributes", "sa_86101.jpg")
+    assert recs["orig:1"]["error"].startswith(f"ImageError: '{bad}': cannot read it as an image")
+    assert (recs["orig:1"]["answer"], recs["orig:1"]["n_generated"], recs["orig:1"]["turns"]) == ("", 0, [])
 
 
 def test_hrbench_cycle_average():
@@ -208,22 +230,41 @@ def test_trace_png(tiny_tok, tmp_path):
     tok = tiny_tok
     texts = ["<think>The sign is far away.</think> " + call("[120, 40, 180, 90]"),
              "<think>Closer still.</think> " + call("[130, 50, 150, 70]"), "<answer>A</answer>"]
-    main = torch.full((3, 168, 224), 255, dtype=torch.uint8)
+    grey, white = (128,) * 3, (255,) * 3
+
+    def boxes_drawn(im, turns):
+        """Each zoom's box outlined in its colour on the left panel, at its main-image pixels (x640/224 + (10, 30))."""
+        for k, t in enumerate(turns[:2]):
+            x0, y0, x1, y1 = (round((10, 30)[i % 2] + v * 640 / 224) for i, v in enumerate(t["box"]))
+            assert im.getpixel((x0 + 1, (y0 + y1) // 2)) == im.getpixel(((x0 + x1) // 2, y1 - 1)) == cof._COLORS[k]
+
+    main = torch.full((3, 168, 224), 128, dtype=torch.uint8)
     tr = cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"], cof.CofConfig(keep_images=True))[0]
     path = cof.draw_trace(tr, str(tmp_path / "t.png"))
     im = Image.open(path).convert("RGB")
-    assert im.width >= 640 + 220 and im.height > 480
-    colors = {c for _, c in im.getcolors(maxcolors=1 << 20)}
-    assert cof._COLORS[0] in colors and cof._COLORS[1] in colors              # both boxes drawn
+    # layout: the 224x168 image scaled to a 640x480 panel at (10, 30); the crops as 220 px thumbnails in a column at
+    # x = 670, each framed in its zoom's colour under a 20 px caption, 30 px apart; then one text line per line of
+    # every turn (plus its header) and the answer line, 18 px each, from y = 480 + 40, and a 20 px margin
+    assert [t["status"] for t in tr.turns[:2]] == ["ok", "ok"] and len(tr.images) == 3
+    assert im.getpixel((10, 30)) == im.getpixel((649, 509)) == grey
+    boxes_drawn(im, tr.turns)
+    assert im.getpixel((9, 300)) == im.getpixel((650, 300)) == im.getpixel((300, 510)) == white
+    y = 30
+    for k, crop in enumerate(tr.images[1:]):
+        h, w = crop.shape[1:]
+        th, tw = round(220 * h / max(h, w)), round(220 * w / max(h, w))
+        mid = y + 20 + th // 2
+        assert im.getpixel((668, mid)) == im.getpixel((670 + tw + 1, mid)) == cof._COLORS[k]    # the frame
+        assert im.getpixel((675, mid)) == grey                                                   # the crop inside
+        y += th + 30
+    n_lines = sum(1 + len(t["text"].splitlines()) for t in tr.turns) + 1
+    assert y - 30 < 480 and im.height == 480 + 40 + 18 * n_lines + 20 and im.width > 670 + 220 + 1
     # the kept main image may be the model's smaller view (a 112 px cap here): boxes are still drawn where they
     # are in main-image pixels, on the left panel (x in [10, 650)), not only around the crop thumbnails
     small = cof.CofConfig(keep_images=True, processor_min_pixels=56 * 56, processor_max_pixels=112 * 112)
     tr = cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"], small)[0]
-    im = Image.open(cof.draw_trace(tr, str(tmp_path / "v.png"))).convert("RGB")
-    s = 640 / 224
-    x0, y0, x1, y1 = (round(10 + v * s) if i % 2 == 0 else round(30 + v * s) for i, v in enumerate(tr.turns[0]["box"]))
-    assert im.getpixel((x0 + 1, (y0 + y1) // 2)) == cof._COLORS[0]
-    assert im.getpixel(((x0 + x1) // 2, y1 - 1)) == cof._COLORS[0]
+    assert tr.images[0].shape == (3, 84, 112) and tr.main_size == (168, 224)
+    boxes_drawn(Image.open(cof.draw_trace(tr, str(tmp_path / "v.png"))).convert("RGB"), tr.turns)
     with pytest.raises(ValueError, match="keep_images"):
         cof.draw_trace(cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"])[0], str(tmp_path / "u.png"))
 
@@ -234,12 +275,18 @@ def test_cli_single_and_eval(tiny_dir, vstar_dir, tmp_path, capsys):
     tr = cof.main(["--model", tiny_dir, "--image", str(png), "--question", "What is it?", "--device", "cpu",
                    "--cfg", "max_new_tokens=6", "--trace", str(tmp_path / "trace.png")])
     out = capsys.readouterr().out
-    assert "--- turn 1 (6 tokens, stop: length)" in out and "=== answer:" in out and os.path.exists(tmp_path / "trace.png")
-    assert tr.n_generated == 6
+    assert tr.n_generated == 6 and len(tr.turns) == 1 and tr.answer == ""   # one turn cut at 6 tokens: no answer
+    assert f"--- turn 1 (6 tokens, stop: length)\n{tr.turns[0]['text']}\n" in out
+    h, w = tr.main_size
+    assert f"=== answer: ''  (zooms {tr.n_zooms}, generated tokens 6, image {w}x{h}, " in out
+    assert f"trace: {tmp_path / 'trace.png'}\n" in out
+    assert Image.open(tmp_path / "trace.png").width == 640 + (220 + 20) + 30   # panel, (empty) crop column, margins
     res = tmp_path / "ev.jsonl"
     rows = cof.main(["eval", "--model", tiny_dir, "--bench", "vstar", "--data", vstar_dir, "--out", str(res),
                      "--device", "cpu", "--resolutions", "orig,112", "--cfg", "max_new_tokens=4", "--batch-size", "3"])
     assert [r["n"] for r in rows] == [3, 3] and len(open(res).readlines()) == 6
-    assert os.path.exists(str(res).rsplit(".", 1)[0] + "_summary.md")
-    with pytest.raises(SystemExit):
+    assert [r["resolution"] for r in rows] == ["orig", 112]
+    assert cof.summarize(list(cof.load_results(str(res)).values())) == rows
+    assert (tmp_path / "ev_summary.md").read_text() == cof.format_table(rows) + "\n"
+    with pytest.raises(SystemExit, match="unknown --cfg key 'max_turn'"):
         cof.main(["--model", tiny_dir, "--image", str(png), "--question", "q", "--cfg", "max_turn=3"])

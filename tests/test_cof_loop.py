@@ -1,6 +1,6 @@
 """The CoF loop end to end: a scripted stand-in model (emits given texts through model.py's cache interface) checks the
-turn layout token by token against model.tokenize_chat of the whole conversation, the zoom limit, fallbacks, batching
-and grouping; a tiny random Qwen2.5-VL (model.make_tiny) runs the real loop on the CPU, batched with zooms, and the
+turn layout token by token against tokenizer.tokenize_chat of the whole conversation, the zoom limit, fallbacks, batching
+and grouping; a tiny random Qwen2.5-VL (data.tiny.make_tiny) runs the real loop on the CPU, batched with zooms, and the
 KV-cache path is checked against re-encoding the whole conversation."""
 import os
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cof
+from bench import Reencode
 import crop_kernels as ck
 import model as M
 from cof_fixtures import ScriptedModel, call, img
@@ -205,8 +206,8 @@ def test_kv_cache_equals_reencoding_every_turn(tiny):
     batched = cof.run(model, tok, images, qs, cfg, logits_processor=cof.force_prefixes(tok, prefixes))
     assert [t.n_zooms for t in batched] == [2, 1, 3] and batched[0].turns[1]["status"] == "ok"
     for q in range(3):
-        ref = cof.run(model, tok, [images[q]], [qs[q]], cfg, logits_processor=cof.force_prefixes(tok, [prefixes[q]]),
-                      reencode=True)[0]
+        ref = cof.run(Reencode(model), tok, [images[q]], [qs[q]], cfg,
+                      logits_processor=cof.force_prefixes(tok, [prefixes[q]]))[0]
         assert batched[q].ids == ref.ids and batched[q].gen_mask == ref.gen_mask
         assert max(abs(a - b) for a, b in zip(batched[q].logprobs, ref.logprobs)) < 1e-3
 
@@ -277,3 +278,14 @@ def test_processor_limits_come_from_the_checkpoint(tmp_path):
     img = torch.randint(0, 256, (3, 448, 448), dtype=torch.uint8)
     _, grid, _ = cof._encode(img, (0, 0, 448, 448), (448, 448), cof.with_processor_limits(cof.CofConfig(), net), False)
     assert grid.tolist() == [[1, 8, 8]]  # 448x448 -> 112x112 -> 8x8 patches of 14 px
+
+
+def test_bench_cof_baseline_gives_the_same_tokens(capsys):
+    """`python bench.py cof`: the re-encode baseline, the one-cache loop and the batched loop make the same
+    trajectories (forced zooms on a random model), so the table compares costs of one computation."""
+    import bench
+
+    rows = bench.main(["cof", "--n", "2", "--hidden", "64", "--layers", "2", "--new-tokens", "6", "--zooms", "2"])
+    assert [r["same_tokens_as_baseline"] for r in rows] == [True, True, True]
+    assert [r["zooms"] for r in rows] == [2.0, 2.0, 2.0]
+    assert "re-encode each turn" in capsys.readouterr().out

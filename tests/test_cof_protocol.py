@@ -56,6 +56,36 @@ def released_find(outputs_string, W, H, enlarge_factor=1):
     return [int(x0), int(y0), int(x1), int(y1)]
 
 
+def released_stage(outputs_string, W, H):
+    """Where the transcription above leaves find_absolute_bboxes for this text: "no block" (no tool call), "json"
+    (JSONDecodeError, returns None), "deep" (RecursionError escapes), "shape" (no arguments.bbox_2d of 4 values:
+    the exception escapes), "bbox" (check_absolute_bbox_format fails, returns None) or "ok"."""
+    m = re.search(r"<tool_call>(.*?)</tool_call>", outputs_string, re.DOTALL)
+    if not m:
+        return "no block"
+    try:
+        data = json.loads(m.group(1).strip())
+    except json.JSONDecodeError:
+        return "json"
+    except RecursionError:
+        return "deep"
+    try:
+        x0, y0, x1, y1 = data["arguments"]["bbox_2d"]
+    except Exception:  # noqa: BLE001
+        return "shape"
+    return "ok" if released_check([x0, y0, x1, y1], W, H) else "bbox"
+
+
+# the message find_box gives for each stage: exact, or its start (the rest quotes the error or the box)
+STAGE_MESSAGES = {"no block": ("Invalid tool call: no <tool_call>...</tool_call> block found.", True),
+                  "json": ("Invalid tool call: the <tool_call> content is not valid JSON (", False),
+                  "deep": ("Invalid tool call: the <tool_call> JSON is nested too deeply.", True),
+                  "shape": ('Invalid tool call: expected {"name": "image_zoom_in_tool", "arguments": {"bbox_2d": '
+                            '[x1, y1, x2, y2]}} (', False),
+                  "bbox": ("Invalid bounding box: Bounding box ", False),
+                  "ok": ("ok", True)}
+
+
 def qvu_smart_resize(height, width, factor=28, min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28):
     """qwen_vl_utils.vision_process.smart_resize (0.0.10)."""
     def round_by_factor(n, f): return round(n / f) * f
@@ -163,7 +193,10 @@ def test_rl_prompt_hint_rule():
 
 
 def test_corpus_size_and_oracle_agreement():
-    assert len(CORPUS) >= 40
+    statuses = [want for _, want in CORPUS]
+    assert (len(CORPUS), statuses.count("none"), statuses.count("error"), statuses.count("ok")) == (52, 31, 11, 10)
+    stages = {released_stage(text, W, H) for text, _ in CORPUS}
+    assert stages == set(STAGE_MESSAGES)                                # every exit of the released parser is hit
     for text, want in CORPUS:
         try:
             ref, raised = released_find(text, W, H, 1.5), False
@@ -174,7 +207,11 @@ def test_corpus_size_and_oracle_agreement():
         assert (status == "error") == raised, text[:120]
         assert (list(box) if box else None) == ref, text[:120]
         assert cof.parse_zoom(text, W, H) == box
-        assert isinstance(msg, str) and msg
+        stage = released_stage(text, W, H)
+        assert status == {"no block": "none", "json": "none", "bbox": "none", "deep": "error", "shape": "error",
+                          "ok": "ok"}[stage], text[:120]
+        expected, exact = STAGE_MESSAGES[stage]
+        assert (msg == expected) if exact else msg.startswith(expected), (text[:120], stage, msg)
 
 
 def test_parse_values():

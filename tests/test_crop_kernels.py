@@ -1,6 +1,7 @@
 """crop_kernels.py against its oracles: Pillow 13.0.0 (resize), transformers' Qwen2-VL PIL image processor
 (pixel_values, smart_resize, RGB conversion), and the torch reference (Triton kernels, TRITON_INTERPRET=1 on a CPU)."""
 import io
+import re
 
 import numpy as np
 import pytest
@@ -271,16 +272,22 @@ def test_triton_bf16_small_blocks_and_several_images(interpret):
     assert not torch.equal(got.float(), want)  # bf16 really rounds: the check above is not vacuous
 
 
-def test_import_and_cpu_path_without_triton():
+def test_import_and_cpu_path_without_triton(tmp_path):
+    """With triton unimportable, crop_kernels imports and its CPU path gives the same bits as in this process."""
     import subprocess
     import sys
 
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch, crop_kernels as ck\n"
-            "pv, g = ck.crop_resize_patchify(torch.zeros(3, 30, 30, dtype=torch.uint8), [(0, 0, 30, 30)], [(28, 28)])\n"
-            "assert pv.shape == (4, 1176) and g.tolist() == [[1, 2, 2]]\n")
+            "img = torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))\n"
+            "torch.save(ck.crop_resize_patchify(img, [(0, 0, 40, 30), (5, 3, 21, 30)], [(28, 56), (56, 28)]),"
+            " sys.argv[1])\n")
     root = str(__import__("pathlib").Path(ck.__file__).parent)
-    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "out.pt")], cwd=root, check=True, timeout=120)
+    pv, grid = torch.load(tmp_path / "out.pt")
+    img = torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    want, want_grid = _spec(img, [(0, 0, 40, 30), (5, 3, 21, 30)], [(28, 56), (56, 28)], "lanczos")
+    assert torch.equal(pv, want) and grid.tolist() == want_grid.tolist() == [[1, 2, 4], [1, 4, 2]]
 
 
 def test_triton_kernels_compile_for_hopper_and_ampere():
@@ -310,19 +317,47 @@ def test_triton_kernels_compile_for_hopper_and_ampere():
             assert k.asm["cubin"]
 
 
+_BENCH_ROW = re.compile(r"^\s*112x84\s+(?P<name>.+?)\s+(?P<p50>[\d.]+) \[\s*(?P<p20>[\d.]+),\s*(?P<p80>[\d.]+)\]\s+"
+                        r"(?P<gbs>\S+)\s+(?P<pct>\S+)%\s+(?P<vs>n/a|[\d.]+x)$")
+
+
 def test_bench_and_check_run_on_cpu(capsys):
-    """The benchmark prints its CPU rows with numbers on a machine without a GPU; --check says there is no GPU."""
+    """The benchmark's table on a 112x84 source, 2 crops: every row's GB/s is the batch's bytes over its p50 time,
+    its % is of the copy bandwidth in the header, its "vs HF" is transformers' time over its own; without a GPU
+    the rows are the three CPU implementations and --check says there is no GPU."""
+    cuda = torch.cuda.is_available()
     ck.bench(sources=[(112, 84)], n_crops=2)
     out = capsys.readouterr().out
-    if not torch.cuda.is_available():
+    if not cuda:
         assert ck.gpu_check() == 0 and "no CUDA GPU" in capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.strip().startswith("112x84")]
-    names = " ".join(rows)
-    assert "ours: crop_resize_patchify on CPU" in names or "ours: Triton kernels only" in names
-    assert "PIL LANCZOS + transformers PIL processor" in names
-    for line in rows:
-        if "failed:" not in line:
-            assert float(line.split()[-3]) > 0  # GB/s column
+    # 2 crops of 56x42 (half the sides), read once as uint8, each resized to 56x56 = 16 rows of 1176 fp32 values
+    nbytes = 2 * 3 * 56 * 42 + 2 * (56 * 56 // 196) * 1176 * 4
+    copy = re.search(r"copy bandwidth: device (\S+) GB/s, host (\S+) GB/s", out)
+    copy_dev, copy_host = float(copy.group(1)), float(copy.group(2))
+    lines = [line for line in out.splitlines() if line.strip().startswith("112x84")]
+    failed = [line for line in lines if "failed:" in line]
+    rows = [_BENCH_ROW.match(line) for line in lines if "failed:" not in line]
+    assert None not in rows, lines
+    names = [r["name"] for r in rows]
+    if not cuda:
+        assert not failed and names == ["torch eager: crop+interpolate+normalize (fp32)",
+                                        "ours: crop_resize_patchify on CPU (fp32)",
+                                        "PIL LANCZOS + transformers PIL processor (CPU)"], lines
+    else:
+        assert {"ours: crop_resize_patchify end-to-end (fp32)",
+                "PIL LANCZOS + transformers PIL processor (CPU)"} <= set(names), lines
+    ref = next((float(r["p50"]) for r in rows if r["name"].startswith("transformers")), None)
+    for r in rows:
+        p50, p20, p80, gbs, pct = (float(r[k]) for k in ("p50", "p20", "p80", "gbs", "pct"))
+        assert p20 <= p50 <= p80, r.group(0)
+        tol = 0.0005 / p50 + 0.005          # p50 is printed to 1 us, GB/s to 3 significant digits
+        assert gbs == pytest.approx(nbytes / (p50 * 1e-3) / 1e9, rel=tol + 1e-3), r.group(0)
+        bw = copy_host if (not cuda or "CPU" in r["name"]) else copy_dev
+        assert pct == pytest.approx(100 * gbs / bw, rel=tol + 0.06 + 0.5 / bw), r.group(0)   # % to 2 digits
+        if ref is None:
+            assert r["vs"] == "n/a"
+        else:
+            assert float(r["vs"][:-1]) == pytest.approx(ref / p50, rel=tol + 0.0005 / ref, abs=0.05), r.group(0)
 
 
 def test_triton_extreme_downscale_and_aspect(interpret):

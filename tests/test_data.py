@@ -275,7 +275,7 @@ def test_rl_and_vstar_records(built):
     items = cof.read_vstar(out)                  # the output folder is a V*-layout folder
     assert len(items) == len(test) == 8
     for t, it in zip(test, items):
-        assert it["label"] == t["label"] and it["options"][t["label"]] and t["text"].endswith(synth.ANSWER_HINT)
+        assert it["label"] == t["label"] and it["options"][t["label"]] and t["text"].endswith(cof.LETTER_HINT)
         x, y, w, h = t["bbox"][0]
         assert Image.open(it["image"]).size == (448, 448) and 0 <= x and x + w <= 448 and w > 0
 

@@ -286,7 +286,7 @@ def _losses(out):
 
 
 def test_resume_is_exact(setup):
-    from tests.grpo_runner import length_reward
+    from grpo_runner import length_reward
     full = grpo.train(_cfg(setup, "full"), reward_fn=length_reward)
     assert len(full["history"]) == 4 and any(abs(h["loss"]) > 0 for h in full["history"])
     out = setup["root"] / "resumed"

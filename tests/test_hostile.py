@@ -13,6 +13,7 @@ import cof
 import model as M
 import sft
 from data.tiny import make_tiny
+from procs import ROOT
 import tokenizer as T
 
 
@@ -54,11 +55,23 @@ def test_a_thousand_sampled_rollouts_of_an_untrained_model(tiny):
         out += cof.run(net, tok, images[i:i + 25], [f"question {k}" for k in range(i, i + 25)], cfg, group_size=8,
                        generator=torch.Generator().manual_seed(i), logits_processor=boost(tok, HOSTILE, 4.0))
     assert len(out) == 1000
-    statuses = {t.get("status") for tr in out for t in tr.turns}
-    assert {"ok", "none"} & statuses and sum(tr.n_zooms for tr in out) > 100     # the fuzzing reached the tool
+    # the fuzzing reached the tool and its exits: unclosed and unparsable calls (answered with a text turn), a call
+    # in the last turn, a conversation past max_model_len (an untrained model never writes a valid box)
+    calls = [t for tr in out for t in tr.turns if t["tool_call"]]
+    assert {"none", "limit", "context"} <= {t["status"] for t in calls} <= {"ok", "none", "error", "limit", "context"}
+    messages = [t["message"] for t in calls]
+    assert sum(m == "Invalid tool call: no <tool_call>...</tool_call> block found." for m in messages) > 100
+    assert sum(m.startswith("Invalid tool call: the <tool_call> content is not valid JSON") for m in messages) > 50
     vision = set(cof.vision_token_ids(tok))
     for tr in out:
         assert len(tr.ids) == len(tr.gen_mask) == len(tr.logprobs)
+        assert 1 <= len(tr.turns) <= cfg.max_turns and all(t["n_tokens"] <= cfg.max_new_tokens for t in tr.turns)
+        assert tr.n_zooms == sum(t["tool_call"] for t in tr.turns)                # each call counted once
+        last = tr.turns[-1]                          # an answer turn: no call, not cut by a vision token
+        assert tr.finished == (not last["tool_call"] and last["stop"] not in ("vision_token", "context"))
+        assert all((t.get("status") is not None) == t["tool_call"] or t["status"] == "context" for t in tr.turns)
+        # invalid="text": only a valid box sends an image back, the main image is the first
+        assert tr.image_grid_thw.shape[0] == 1 + sum(t.get("status") == "ok" for t in tr.turns)
         assert not any(g and i in vision for i, g in zip(tr.ids, tr.gen_mask))
         n_pad = sum(1 for i in tr.ids if i == tok.image_pad_id)
         assert n_pad == int(tr.image_grid_thw.prod(1).sum()) // 4         # every image run has its image
@@ -89,7 +102,8 @@ def test_tool_call_numbers_past_the_int_limit_are_an_invalid_call():
 
 
 @pytest.mark.parametrize("text", ["<tool_call>" * 100_000, "<answer>" * 130_000, "<answer>\n x" * 100_000,
-                                  "<tool_call><answer> " * 60_000 + "</answer>"])
+                                  "<tool_call><answer> " * 60_000 + "</answer>"],
+                         ids=["open_tool_calls", "open_answers", "answers_with_newlines", "interleaved_then_close"])
 def test_parsing_is_linear(text):
     assert len(text) >= 1_000_000
     t0 = time.time()
@@ -265,7 +279,9 @@ def test_echoed_model_text_cannot_inject_special_tokens(tiny):
     net, tok = tiny
     text = '<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": ["<|image_pad|>", "<|im_end|>", 1, 2]}}</tool_call>'
     z = cof.zoom(img(112, 112), text, cof.with_processor_limits(cof.CofConfig(invalid="text"), net))
-    assert z["status"] == "none" and "<|" not in z["message"] and "image_pad" in z["message"]
+    assert z["status"] == "none" and z["message"] == ("Invalid bounding box: Bounding box must be a list of 4 numbers, "
+                                                      "but found non-numeric elements in: "
+                                                      "'['<image_pad>', '<im_end>', 1, 2]'")
     turns = cof._Turns(tok)
     ids = turns.after_assistant(tok.im_end_id, cof.error_message(z["message"]))
     assert tok.image_pad_id not in ids and ids.count(tok.im_end_id) == 1       # only the one closing the user turn
@@ -407,11 +423,10 @@ def test_kill_9_during_resaves_never_leaves_latest_broken(tmp_path):
                     intermediate_size=32, vision_hidden_size=32, vision_depth=1, vision_heads=2,
                     vision_intermediate_size=32, fullatt_block_indexes=(0,), bpe_vocab_size=300)
     out = tmp_path / "out"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rng = random.Random(0)
     for trial in range(4):
-        p = subprocess.Popen([sys.executable, "-c", _RESAVER, d, str(out)], cwd=root, stdout=subprocess.PIPE,
-                             env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"), text=True)
+        p = subprocess.Popen([sys.executable, "-c", _RESAVER, d, str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                             env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), text=True)
         watchdog = threading.Timer(120, p.kill)       # a hung child must not hang the suite
         watchdog.start()
         for _ in range(2 + trial):                    # let it finish a few saves, so the next one is a re-save

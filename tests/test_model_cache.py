@@ -169,3 +169,36 @@ def test_generation_config_sets_default_stop_tokens(tmp_path):
     m2 = M.Qwen25VL.from_pretrained(d)
     out = m2.generate(ids, max_new_tokens=12)
     assert out[0].tolist() == free[0, : free[0].tolist().index(stop) + 1].tolist()
+
+
+def test_unreadable_checkpoint_keeps_the_cause_and_out_of_memory_passes_through(tmp_path, monkeypatch):
+    import shutil
+    import safetensors
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir(), d)
+    path = d / "model.safetensors"
+    raw = path.read_bytes()
+    path.write_bytes(raw[:len(raw) // 2])                        # a cut download: the header read fails
+    with pytest.raises(M.CheckpointError, match="SafetensorError") as e:
+        M.Qwen25VL.from_pretrained(d)
+    assert str(path) in str(e.value) and isinstance(e.value.__cause__, safetensors.SafetensorError)
+    path.write_bytes(raw)
+    M.Qwen25VL.from_pretrained(d).save_pretrained(tmp_path / "sharded", max_shard_bytes=len(raw) // 3)
+    shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])                  # a cut shard: the tensor loop fails
+    with pytest.raises(M.CheckpointError, match="SafetensorError") as e:
+        M.Qwen25VL.from_pretrained(tmp_path / "sharded")
+    assert str(shard) in str(e.value) and isinstance(e.value.__cause__, safetensors.SafetensorError)
+    real_open = safetensors.safe_open
+    for fail_at in (1, 2):                                       # 1: the header read, 2: the tensor loop
+        calls = []
+
+        def out_of_memory(*a, **k):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise MemoryError("simulated")
+            return real_open(*a, **k)
+
+        monkeypatch.setattr(safetensors, "safe_open", out_of_memory)
+        with pytest.raises(MemoryError, match="simulated"):      # not relabelled as a corrupt file
+            M.Qwen25VL.from_pretrained(d)

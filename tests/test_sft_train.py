@@ -22,7 +22,6 @@ from data import tiny
 import tokenizer as T
 import crop_kernels as ck
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
 
 
@@ -205,8 +204,18 @@ def test_torchrun_two_ranks_equal_one_process(setup, mode, extra):
     assert ref.keys() == got.keys()
     assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-4
     base = M.Qwen25VL.from_pretrained(setup["model"]).state_dict()
-    q = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(base[q], got[q])       # a LoRA target: the delta was merged into the saved weight
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    if mode == "ddp":                              # full fine-tuning: every language-model weight trained
+        assert not torch.equal(base[q], got[q]) and not torch.equal(base[k], got[k])
+        return
+    # LoRA (rank 4, alpha 0 = 2 * rank, so scale 2) on q_proj/v_proj: the saved q_proj is the frozen base weight plus
+    # 2 * B @ A from the trained adapter the checkpoint keeps; k_proj, not a target, is the base weight as it was
+    from safetensors.torch import load_file
+    lora = load_file(os.path.join(two, "ckpt-000004", "trainer", "trainable.safetensors"))
+    A, B = lora[q.replace("weight", "lora_A")], lora[q.replace("weight", "lora_B")]
+    assert A.shape == (4, base[q].shape[1]) and B.abs().max() > 1e-4       # B starts at 0: the adapter trained
+    torch.testing.assert_close(got[q], base[q] + 2.0 * B @ A, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[k], base[k])
 
 
 def _write_rows(setup, name, rows):

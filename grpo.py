@@ -35,8 +35,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
 
 import cof
+import crop_kernels as ck
 import model as M
 import sft
 import tokenizer as T
@@ -125,7 +127,6 @@ def load_prompts(path, cfg):
     """CoF-RL rows -> prompt dicts: image (path), question, label, options, kind, messages (the row's prompt turns,
     the system turn dropped with --drop_system, as in SFT). Rows are validated by data.formats.read_rl (a bad row
     raises DataError naming the file and row unless --skip_bad); a row needs exactly one image."""
-    from crop_kernels import ImageError, ImageTooLargeError, load_image
     rows, n_bad = formats.read_rl(path, skip_bad=cfg.skip_bad)
     prompts = []
     for i, r in enumerate(rows):
@@ -134,8 +135,8 @@ def load_prompts(path, cfg):
                 raise formats.DataError(path, i, "images", f"a CoF-RL prompt has one image, this row has "
                                                            f"{len(r['images'])}")
             try:
-                load_image(r["images"][0])
-            except (ImageError, ImageTooLargeError) as e:
+                ck.load_image(r["images"][0])
+            except (ck.ImageError, ck.ImageTooLargeError) as e:
                 raise formats.DataError(path, i, "images[0]", f"{e}; replace the file or pass --skip_bad") from None
         except formats.DataError:
             if not cfg.skip_bad:
@@ -610,7 +611,6 @@ def plot_metrics(path, png, smooth=10):
     """Training curves from metrics.jsonl as a PNG (Pillow only): reward, and the rollouts' zoom rate and accuracy per
     question kind (each a mean over the last `smooth` steps: a step holds only a few prompts of a kind), against the
     step; and the held-out accuracy per kind at each evaluation."""
-    from PIL import Image, ImageDraw, ImageFont
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     train_rows = [r for r in rows if "reward" in r]

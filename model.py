@@ -24,12 +24,16 @@ import functools
 import json
 import math
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import snapshot_download
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 import crop_kernels as ck
 
@@ -568,7 +572,6 @@ def resolve_checkpoint(path_or_id: str) -> str:
                                 f"and model.safetensors (or model.safetensors.index.json), or a hub id like "
                                 f"'Qwen/Qwen2.5-VL-7B-Instruct'.")
     try:
-        from huggingface_hub import snapshot_download
         return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
     except Exception as e:  # offline, unknown repo, gated repo, ...
         raise OSError(f"could not fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
@@ -618,7 +621,6 @@ def _read_generation_config(directory: str, cfg: ModelConfig):
 
 def _checkpoint_files(directory: str) -> dict[str, str]:
     """tensor name (as stored) -> file path, from model.safetensors or model.safetensors.index.json."""
-    from safetensors import SafetensorError, safe_open
     index = os.path.join(directory, "model.safetensors.index.json")
     single = os.path.join(directory, "model.safetensors")
     if os.path.exists(index):
@@ -650,7 +652,6 @@ def _checkpoint_files(directory: str) -> dict[str, str]:
 def _load_weights(model: nn.Module, directory: str):
     """Copy the checkpoint's tensors into `model`'s parameters, one memory-mapped tensor at a time converted in place
     to the parameter's dtype/device. Names, dtypes and shapes are checked against `weight_shapes`."""
-    from safetensors import SafetensorError, safe_open
     expected = weight_shapes(model.cfg)
     files = _checkpoint_files(directory)
     by_disk = {}  # hub name -> name as stored
@@ -735,8 +736,6 @@ class Qwen25VL(nn.Module):
     def save_pretrained(self, directory: str, max_shard_bytes: int = 5 * 2**30):
         """Write config.json (hub flat layout) + model.safetensors (sharded with an index above max_shard_bytes),
         with hub tensor names, plus the tokenizer/processor files of the directory this model was loaded from."""
-        import shutil
-        from safetensors.torch import save_file
         os.makedirs(directory, exist_ok=True)
         cfg = self.cfg.to_hf()
         cfg["torch_dtype"] = str(self.model.embed_tokens.weight.dtype).replace("torch.", "")

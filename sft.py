@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -40,6 +41,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 
 import cof
 import crop_kernels as ck
@@ -273,7 +277,6 @@ class RunError(ValueError):
 
 def image_grid(path, cfg) -> tuple:
     """(t, h, w) patch grid of one image as preprocess_image will make it, from the file header only."""
-    from PIL import Image
 
     with Image.open(path) as im:
         w, h = im.size   # EXIF rotation would swap h and w; the token count h*w/4 does not change
@@ -310,7 +313,6 @@ def load_rows(path, tokenizer, cfg):
     placeholder/image count mismatch, unknown role, paths outside the dataset, special-token text); here every image
     is decoded (a file that is not an image, or is cut short, is found now, not mid-training) and each row is
     rendered to find over-long samples. Returns (rows, n_bad); a bad row raises BadRow/DataError unless --skip_bad."""
-    from crop_kernels import ImageError, ImageTooLargeError, load_image
     rows, n_bad = formats.read_sft(path, skip_bad=cfg.skip_bad)
     kept = []
     for i, row in enumerate(rows):
@@ -318,8 +320,8 @@ def load_rows(path, tokenizer, cfg):
         try:
             for k, p in enumerate(row["images"]):
                 try:
-                    load_image(p)
-                except (ImageError, ImageTooLargeError) as e:
+                    ck.load_image(p)
+                except (ck.ImageError, ck.ImageTooLargeError) as e:
                     raise BadRow(f"{where}, images[{k}]: {e}; replace the file or pass --skip_bad") from None
             grids = [image_grid(p, cfg) for p in row["images"]]
             ids, labels, weights = render(row, tokenizer, grids, cfg.answer_weight, cfg.drop_system)
@@ -355,13 +357,12 @@ class SFTData(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        from crop_kernels import load_image, patchify
         if self.cache is not None and i in self.cache:
             s, images = self.cache[i]
-            return dict(s, pixel_values=torch.cat([patchify(im)[0] for im in images]) if images else None)
+            return dict(s, pixel_values=torch.cat([ck.patchify(im)[0] for im in images]) if images else None)
         row = self.rows[i]
-        images = [ck.processor_resize(load_image(p), self.cfg.min_pixels, self.cfg.max_pixels) for p in row["images"]]
-        patches = [patchify(im) for im in images]                       # each ([h*w/196, 1176], grid [1, 3])
+        images = [ck.processor_resize(ck.load_image(p), self.cfg.min_pixels, self.cfg.max_pixels) for p in row["images"]]
+        patches = [ck.patchify(im) for im in images]                       # each ([h*w/196, 1176], grid [1, 3])
         grid = torch.cat([g for _, g in patches]) if patches else torch.zeros(0, 3, dtype=torch.long)
         done = row.get("tokens")
         if done is not None and [tuple(g) for g in grid.tolist()] == [tuple(g) for g in done["grids"]]:
@@ -558,7 +559,6 @@ def blocks(model):
 
 
 def add_activation_checkpointing(model):
-    from torch.utils.checkpoint import checkpoint
     for blk in blocks(model):
         fwd = blk.forward
         blk.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
@@ -664,7 +664,6 @@ def set_rng_state(s):
 def load_trainer_file(path):
     """torch.load with weights_only=True: tensors, numbers, strings, lists, tuples and dicts only. A checkpoint file
     that would unpickle anything else (which can run code) is refused with an error naming it."""
-    import pickle
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -720,7 +719,6 @@ def save_checkpoint(raw, optimizer, step, cfg, extra):
     opt_sd = optimizer_state(raw, optimizer)
     torch.save(rng_state(), tmp / "trainer" / f"rng-rank{rank}.pt")
     if rank == 0:
-        from safetensors.torch import save_file
         save_file(train_sd, str(tmp / "trainer" / "trainable.safetensors"))
         torch.save(opt_sd, tmp / "trainer" / "optimizer.pt")
         state = dict(step=step, world=world, config=dataclasses.asdict(cfg), **extra)
@@ -793,7 +791,6 @@ def resolve_resume(cfg):
 
 def load_trainable(raw, ckpt):
     """Copy trainable.safetensors into the (unwrapped, not yet sharded) model; every trainable param must be there."""
-    from safetensors.torch import load_file
     sd = load_file(str(Path(ckpt) / "trainer" / "trainable.safetensors"))
     params = dict(raw.named_parameters())
     want = {n for n, p in params.items() if p.requires_grad}

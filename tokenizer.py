@@ -12,6 +12,7 @@ import json
 import os
 
 import torch
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
 from model import CheckpointError, resolve_checkpoint
 
@@ -62,7 +63,6 @@ class Tokenizer:
     def from_pretrained(cls, dir_or_id) -> "Tokenizer":
         """tokenizer.json, or (like transformers' Qwen2Tokenizer) vocab.json + merges.txt with the added tokens of
         tokenizer_config.json's added_tokens_decoder; eos/pad tokens from tokenizer_config.json."""
-        from tokenizers import Tokenizer as HFTokenizer
         directory = resolve_checkpoint(dir_or_id)
         path = os.path.join(directory, "tokenizer.json")
         tc = {}
@@ -171,7 +171,6 @@ def tokenize_chat(tokenizer: Tokenizer, messages: list[dict], image_grid_thw=Non
 
 def qwen_bpe(vocab=None, merges=None):
     """An empty (or vocab/merges-filled) byte-level BPE with Qwen2's normalizer, pre-tokenizer and decoder."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
     tok = HFTokenizer(models.BPE(vocab, merges, dropout=None, unk_token=None, continuing_subword_prefix="",
                                  end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
@@ -185,7 +184,6 @@ def qwen_bpe(vocab=None, merges=None):
 def _qwen_bpe_from_files(directory, added):
     """vocab.json + merges.txt -> the tokenizer transformers' Qwen2Tokenizer builds, with the added tokens of
     `added` ({id: {content, special, ...}}, tokenizer_config.json's added_tokens_decoder) at their ids."""
-    from tokenizers import AddedToken, models
     try:
         vocab, merges = models.BPE.read_file(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
     except Exception as e:  # tokenizers' own exception type

@@ -32,10 +32,12 @@ import json
 import re
 from dataclasses import dataclass, field
 
+import torch
 from PIL import Image
 
 import cof
 import crop_kernels
+import tokenizer as T
 from data import synth
 
 TOOL_NAME = "image_zoom_in_tool"
@@ -216,17 +218,14 @@ class ModelTools:
     def ask(self, images, text, min_pixels=VIEW_MIN_PIXELS, max_pixels=QWEN_VIEW_MAX_PIXELS):
         """One user turn [images..., text] -> the model's reply (special tokens stripped). `images` are what the CoF
         loop sends (View.sent); crop_kernels.preprocess_image applies the processor limits, as in cof.py's loop."""
-        import torch
-        from crop_kernels import preprocess_image
-        from tokenizer import tokenize_chat
         pv, grids = [], []
         for img in images:
-            p, g = preprocess_image(crop_kernels.from_pil(img), min_pixels=min_pixels, max_pixels=max_pixels)
+            p, g = crop_kernels.preprocess_image(crop_kernels.from_pil(img), min_pixels=min_pixels, max_pixels=max_pixels)
             pv.append(p)
             grids.append(g)
         msgs = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}]
         grid = torch.cat(grids) if grids else None
-        ids, _ = tokenize_chat(self.tok, msgs, image_grid_thw=grid, add_generation_prompt=True)
+        ids, _ = T.tokenize_chat(self.tok, msgs, image_grid_thw=grid, add_generation_prompt=True)
         dev = self.model.device
         out = self.model.generate(torch.tensor([ids], device=dev),
                                   pixel_values=torch.cat(pv).to(dev) if pv else None,

@@ -199,6 +199,6 @@ def test_unreadable_checkpoint_keeps_the_cause_and_out_of_memory_passes_through(
                 raise MemoryError("simulated")
             return real_open(*a, **k)
 
-        monkeypatch.setattr(safetensors, "safe_open", out_of_memory)
+        monkeypatch.setattr(M, "safe_open", out_of_memory)   # the name model.py reads the files with
         with pytest.raises(MemoryError, match="simulated"):      # not relabelled as a corrupt file
             M.Qwen25VL.from_pretrained(d)

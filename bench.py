@@ -67,78 +67,128 @@ class Reencode:
 # python bench.py model
 
 def bench_model(args):
-    """Prefill and decode tokens/s, ours vs transformers, same random checkpoint, one run on this machine."""
+    """Every step of a CoF rollout and of training, ours vs transformers, on one random checkpoint, one run: the
+    vision encoder, prefill, decode at batch 1, one prompt x G samples (prefill once, then G rows decoding), a
+    training forward + backward; then agreement (logits, greedy tokens) and the crop kernels' table."""
     torch.manual_seed(0)
     device = torch.device(args.device)
-    ours_m, ref, ids, pv, grid = _model_pair(args, device)
-    mm = (ids == ours_m.cfg.image_token_id).int()
-    never = ours_m.cfg.text.vocab_size - 1                  # a token id no random model stops at: fixed-length decode
-    n_new = args.new_tokens
+    ours, ref, ids, pv, grid = _model_pair(args, device)
+    ours.eval()
+    mm = (ids == ours.cfg.image_token_id).int()                                               # [1, T]
+    never = ours.cfg.text.vocab_size - 1                  # a token id no random model stops at: fixed-length decode
+    n_new, G, T = args.new_tokens, args.samples, ids.shape[1]
+    hf_in = dict(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=mm)
+    clock = _Clock(device, args.reps)
+    rows = []   # (step, unit, ours, transformers): unit "ms" (lower is better) or "tok/s" (higher is better)
+    with torch.no_grad():
+        rows.append((f"vision encoder, {pv.shape[0]} patches", "ms", *clock.pair(
+            lambda: ours.visual(pv, grid), lambda: _hf_visual(ref)(pv, grid_thw=grid))))
+        rows.append((f"prefill, vision + {T} tokens", "ms", *clock.pair(
+            lambda: _prefill(ours, ids, pv, grid, n_new), lambda: ref(**hf_in, use_cache=True, logits_to_keep=1))))
+        rows.append(("decode, batch 1", "tok/s", *clock.pair(
+            lambda: _decode(ours, ids, pv, grid, n_new, 1, clock), lambda: _hf_decode(ref, hf_in, n_new, never, clock),
+            rate=n_new)))
+        hf_g = {k: torch.cat([v] * G) for k, v in hf_in.items()}                  # G copies of the prompt
+        rows.append((f"one prompt x {G} samples: prefill", "ms", *clock.pair(
+            lambda: _prefill(ours, ids, pv, grid, n_new).repeat_interleave(G),
+            lambda: ref(**hf_g, use_cache=True, logits_to_keep=1))))
+        rows.append((f"one prompt x {G} samples: decode", "tok/s", *clock.pair(
+            lambda: _decode(ours, ids, pv, grid, n_new, G, clock), lambda: _hf_decode(ref, hf_g, n_new, never, clock),
+            rate=G * n_new)))
+    rows.append((f"training forward + backward, {T} tokens", "ms", *clock.pair(
+        lambda: _train_step(ours, lambda: ours(ids, pv, grid)), lambda: _train_step(ref, lambda: ref(**hf_in).logits))))
+    with torch.no_grad():
+        diff = (ours(ids, pv, grid)[:, -1].float() - ref(**hf_in).logits[:, -1].float()).abs().max().item()
+        a = ours.generate(ids, pv, grid, max_new_tokens=16, eos_token_id=never)
+        b = ref.generate(**hf_in, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                         eos_token_id=never, pad_token_id=0)[:, T:]
+    _model_table(args, device, rows, ids, grid, diff, a.tolist() == b.tolist())
+    if not args.no_crop:
+        ck.bench(sources=((args.crop_source[0], args.crop_source[1]),))
+    return dict(rows=rows, max_logit_diff=diff, greedy_same=a.tolist() == b.tolist())
 
-    def sync():
-        if device.type == "cuda":
+
+class _Clock:
+    """Median wall time over `reps` runs after one warm-up, ours and transformers alternating within each repetition
+    so that load from other processes hits both alike. A function may return its own duration (decode loops time
+    only their decode steps); otherwise the whole call is timed."""
+
+    def __init__(self, device, reps=None):
+        self.device, self.reps = device, reps
+
+    def sync(self):
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def ours_prefill():
-        cache = ours_m.new_cache(args.batch, capacity=ids.shape[1] + n_new + 1)
-        return cache, ours_m.extend(cache, ids, pixel_values=pv, image_grid_thw=grid, last_only=True)[:, 0]
+    def now(self):
+        self.sync()
+        return time.perf_counter()
 
-    def ours_decode():  # generate's loop, timed after the prefill
-        cache, logits = ours_prefill()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(n_new):
-            nxt = M.sample_next(logits)
-            logits = ours_m.extend(cache, nxt[:, None], last_only=True)[:, 0]
-        sync()
-        return time.perf_counter() - t0
+    def once(self, fn):
+        t0 = self.now()
+        out = fn()
+        t1 = self.now()
+        return out if isinstance(out, float) else t1 - t0
 
-    class _Clock:  # transformers calls streamer.put(prompt) then put(token) once per step
-        def __init__(self):
-            self.t = []
-
-        def put(self, value):
-            sync()
-            self.t.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    def hf_decode():
-        clock = _Clock()
-        ref.generate(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=mm,
-                     attention_mask=torch.ones_like(ids), max_new_tokens=n_new + 1, min_new_tokens=n_new + 1,
-                     do_sample=False, eos_token_id=never, pad_token_id=0, streamer=clock)
-        return clock.t[-1] - clock.t[1]  # first new token (end of prefill) -> last new token: n_new decode steps
-
-    def hf_prefill():
-        return ref(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=mm, use_cache=True,
-                   logits_to_keep=1)
-
-    def once(fn):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
-
-    # ours and transformers alternate within each repetition, so load from other processes hits both alike
-    times = {"ours": ([], []), "transformers": ([], [])}
-    with torch.no_grad():
-        for rep in range(args.reps + 1):  # the first repetition is a warm-up
-            for name, prefill, decode in (("ours", ours_prefill, ours_decode), ("transformers", hf_prefill, hf_decode)):
-                tp, td = once(prefill), decode()
+    def pair(self, ours, theirs, rate=None):
+        """(ours, transformers): median ms, or `rate` units per second when rate is given."""
+        times = ([], [])
+        for rep in range(self.reps + 1):
+            for k, fn in enumerate((ours, theirs)):
+                t = self.once(fn)
                 if rep:
-                    times[name][0].append(tp)
-                    times[name][1].append(td)
-        res = {k: (args.batch * ids.shape[1] / statistics.median(tp), args.batch * n_new / statistics.median(td))
-               for k, (tp, td) in times.items()}
-        a = ours_m.generate(ids, pv, grid, max_new_tokens=16, eos_token_id=never)
-        b = ref.generate(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=mm,
-                         attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, eos_token_id=never,
-                         pad_token_id=0)[:, ids.shape[1]:]
-    _model_table(args, device, res, ids, grid, a.tolist() == b.tolist())
-    return res
+                    times[k].append(t)
+        med = [statistics.median(t) for t in times]
+        return tuple(rate / m for m in med) if rate else tuple(1e3 * m for m in med)
+
+
+def _hf_visual(ref):
+    return getattr(ref, "visual", None) or ref.model.visual
+
+
+def _prefill(model, ids, pv, grid, n_new):
+    cache = model.new_cache(ids.shape[0], capacity=ids.shape[1] + n_new + 1)
+    model.extend(cache, ids, pixel_values=pv, image_grid_thw=grid, last_only=True)
+    return cache
+
+
+def _decode(model, ids, pv, grid, n_new, G, clock):
+    """generate's loop for G rows sharing one prefilled prompt; returns the seconds of the n_new decode steps."""
+    cache = model.new_cache(1, capacity=ids.shape[1] + n_new + 1)
+    logits = model.extend(cache, ids, pixel_values=pv, image_grid_thw=grid, last_only=True)[:, 0]    # [1, V]
+    cache.repeat_interleave(G)
+    logits = logits.repeat_interleave(G, dim=0)                                                     # [G, V]
+    t0 = clock.now()
+    for _ in range(n_new):
+        logits = model.extend(cache, M.sample_next(logits)[:, None], last_only=True)[:, 0]
+    return clock.now() - t0
+
+
+class _Streamer:  # transformers calls streamer.put(prompt), then put(new tokens [B]) once per step
+    def __init__(self, clock):
+        self.clock, self.t = clock, []
+
+    def put(self, value):
+        self.t.append(self.clock.now())
+
+    def end(self):
+        pass
+
+
+def _hf_decode(ref, hf_in, n_new, never, clock):
+    """transformers' greedy generate on a batch of prompts (G copies for the samples rows: it has no shared prefill);
+    the seconds from its first new token to its last (n_new decode steps)."""
+    streamer = _Streamer(clock)
+    ref.generate(**hf_in, attention_mask=torch.ones_like(hf_in["input_ids"]), max_new_tokens=n_new + 1,
+                 min_new_tokens=n_new + 1, do_sample=False, eos_token_id=never, pad_token_id=0, streamer=streamer)
+    return streamer.t[-1] - streamer.t[1]
+
+
+def _train_step(model, logits_fn):
+    """One training forward + backward of a stand-in loss (logsumexp of the logits), gradients dropped after."""
+    model.zero_grad(set_to_none=True)
+    logits_fn().float().logsumexp(-1).mean().backward()
+    model.zero_grad(set_to_none=True)
 
 
 def _model_pair(args, device):
@@ -159,24 +209,25 @@ def _model_pair(args, device):
     msgs = [{"role": "system", "content": cof.SYSTEM_PROMPT},
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the color of the cup?"}]}]
     ids, _ = T.tokenize_chat(tok, msgs, grid, add_generation_prompt=True)
-    ids = torch.tensor([ids] * args.batch, device=device)                                     # [B, T]
-    return ours, ref, ids, torch.cat([pv] * args.batch).to(device), torch.cat([grid] * args.batch)
+    return ours, ref, torch.tensor([ids], device=device), pv.to(device), grid                 # ids [1, T]
 
 
-def _model_table(args, device, res, ids, grid, same):
-    """The result as a markdown table with ratios, naming the device."""
+def _model_table(args, device, rows, ids, grid, diff, same):
+    """The rows as a markdown table with ratios (> 1 = ours is faster), naming the device and the versions."""
+    import transformers
+
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"Qwen2.5-VL forward benchmark on {dev_name}, {args.dtype}; text+vision {args.layers} layers, hidden "
-          f"{args.hidden}; batch {args.batch}; one {args.image}x{args.image} image ({int(grid[0].prod()) // 4} image "
-          f"tokens) in a {ids.shape[1]}-token prompt; {args.new_tokens} decode steps; median of {args.reps}; torch "
-          f"{torch.__version__}")
-    print(f"| {'':14s} | {'prefill tok/s':>14s} | {'decode tok/s':>13s} |")
-    print(f"|{'-' * 16}|{'-' * 16}|{'-' * 15}|")
-    for name, (p, dcd) in res.items():
-        print(f"| {name:14s} | {p:14.1f} | {dcd:13.1f} |")
-    print(f"| {'ours / HF':14s} | {res['ours'][0] / res['transformers'][0]:13.2f}x | "
-          f"{res['ours'][1] / res['transformers'][1]:12.2f}x |")
-    print(f"greedy tokens identical for 16 steps: {same}")
+    print(f"Qwen2.5-VL benchmark on {dev_name}, {args.dtype}; text + vision {args.layers} layers, hidden {args.hidden}; "
+          f"one {args.image}x{args.image} image ({int(grid[0].prod()) // 4} image tokens) in a {ids.shape[1]}-token "
+          f"prompt; {args.new_tokens} decode steps; median of {args.reps}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}")
+    print("| step | unit | ours | transformers | ours vs transformers |")
+    print("|---|---|---|---|---|")
+    for step, unit, o, h in rows:
+        ratio = h / o if unit == "ms" else o / h
+        print(f"| {step} | {unit} | {o:.1f} | {h:.1f} | {ratio:.2f}x |")
+    print(f"agreement: max |logit difference| at the last prompt token {diff:.2e}; greedy tokens identical for 16 "
+          f"steps: {same}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -239,9 +290,12 @@ def main(argv=None):
     m.add_argument("--layers", type=int, default=4)
     m.add_argument("--hidden", type=int, default=512)
     m.add_argument("--image", type=int, default=448, help="side of the square test image in pixels")
-    m.add_argument("--batch", type=int, default=1)
+    m.add_argument("--samples", type=int, default=8, help="G: samples of one prompt decoded together")
     m.add_argument("--new_tokens", type=int, default=64)
     m.add_argument("--reps", type=int, default=5)
+    m.add_argument("--no_crop", action="store_true", help="skip the crop kernels' table")
+    m.add_argument("--crop_source", type=lambda t: tuple(int(v) for v in t.split("x")), default=(7680, 4320),
+                   help="WxH of the source image the crop kernels' table crops from")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     m.add_argument("--dtype", default="float32")
     m.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")

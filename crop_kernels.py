@@ -880,18 +880,10 @@ def _pil_pipeline(image_u8, boxes, sizes, proc):
     return proc(images=crops, do_resize=False, return_tensors="pt")["pixel_values"]
 
 
-def bench(sources=BENCH_SOURCES, n_crops=8, resample="lanczos", sweep=False):
-    """Print one table: ms (p50 [p20, p80]), GB/s and % of measured copy bandwidth per implementation and source."""
-    cuda = torch.cuda.is_available()
-    dev = torch.device("cuda" if cuda else "cpu")
-    card = torch.cuda.get_device_name() if cuda else "no CUDA GPU (CPU rows only)"
-    copy_cpu = _copy_bandwidth(torch.device("cpu"))
-    copy_dev = _copy_bandwidth(dev) if cuda else copy_cpu
-    print(f"# crop_kernels bench: {card}; torch {torch.__version__} ({torch.get_num_threads()} CPU threads); "
-          f"{n_crops} crops per batch, resample={resample}")
-    print(f"# copy bandwidth: device {copy_dev:.0f} GB/s, host {copy_cpu:.1f} GB/s. GB/s counts the crops' uint8 bytes "
-          f"read once + pixel_values written; % is of the copy bandwidth of the device the row runs on.")
-    hf_dev = hf_pil = None
+def _hf_processors():
+    """transformers' Qwen2-VL image processors, the baselines: (PIL backend, torchvision backend on the device); one
+    that cannot be built (no transformers, no torchvision) is None and the reason is printed."""
+    hf_pil = hf_dev = None
     try:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -904,6 +896,21 @@ def bench(sources=BENCH_SOURCES, n_crops=8, resample="lanczos", sweep=False):
         hf_dev = Qwen2VLImageProcessor()
     except Exception as e:  # noqa: BLE001
         print(f"# transformers torchvision processor unavailable: {type(e).__name__}: {e}")
+    return hf_pil, hf_dev
+
+
+def bench(sources=BENCH_SOURCES, n_crops=8, resample="lanczos", sweep=False):
+    """Print one table: ms (p50 [p20, p80]), GB/s and % of measured copy bandwidth per implementation and source."""
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    card = torch.cuda.get_device_name() if cuda else "no CUDA GPU (CPU rows only)"
+    copy_cpu = _copy_bandwidth(torch.device("cpu"))
+    copy_dev = _copy_bandwidth(dev) if cuda else copy_cpu
+    print(f"# crop_kernels bench: {card}; torch {torch.__version__} ({torch.get_num_threads()} CPU threads); "
+          f"{n_crops} crops per batch, resample={resample}")
+    print(f"# copy bandwidth: device {copy_dev:.0f} GB/s, host {copy_cpu:.1f} GB/s. GB/s counts the crops' uint8 bytes "
+          f"read once + pixel_values written; % is of the copy bandwidth of the device the row runs on.")
+    hf_pil, hf_dev = _hf_processors()
     hdr = (f"{'source':>10} {'implementation':<44} {'ms p50':>9} {'[p20, p80]':>19} {'GB/s':>8} {'% copy':>7} "
            f"{'vs HF':>7}")
     print(hdr)

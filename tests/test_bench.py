@@ -1,0 +1,26 @@
+"""bench.py: each benchmark runs on a tiny model and its baselines compute what ours computes (same tokens, same
+logits), so its tables compare the cost of one computation. Speed itself is shown by the tables, never asserted."""
+import bench
+
+
+def test_bench_cof_baseline_gives_the_same_tokens(capsys):
+    """`python bench.py cof`: the re-encode baseline, the one-cache loop and the batched loop make the same
+    trajectories (forced zooms on a random model), so the table compares costs of one computation."""
+    rows = bench.main(["cof", "--n", "2", "--hidden", "64", "--layers", "2", "--new-tokens", "6", "--zooms", "2"])
+    assert [r["same_tokens_as_baseline"] for r in rows] == [True, True, True]
+    assert [r["zooms"] for r in rows] == [2.0, 2.0, 2.0]
+    assert "re-encode each turn" in capsys.readouterr().out
+
+
+
+def test_bench_model_rows_and_agreement(capsys):
+    """`python bench.py model` on a tiny config: every row of the table, and ours agrees with transformers."""
+    out = bench.main(["model", "--layers", "2", "--hidden", "128", "--image", "56", "--new_tokens", "4", "--reps", "1",
+                      "--samples", "3", "--no_crop", "--threads", "1"])
+    steps = [r[0] for r in out["rows"]]
+    assert steps == ["vision encoder, 16 patches", f"prefill, vision + {steps[1].split()[-2]} tokens", "decode, batch 1",
+                     "one prompt x 3 samples: prefill", "one prompt x 3 samples: decode",
+                     f"training forward + backward, {steps[1].split()[-2]} tokens"]
+    assert out["max_logit_diff"] < 1e-4 and out["greedy_same"]
+    table = capsys.readouterr().out
+    assert table.count("\n| ") == 1 + len(steps) and "greedy tokens identical for 16 steps: True" in table

@@ -6,6 +6,8 @@
     python bench.py cof [--model DIR] [--n 8 --zooms 2 ...]             whole CoF conversations: the batched one-cache
                                                                         loop vs the released cost model (re-encode
                                                                         the whole chat every turn), same tokens
+    python bench.py cof --model DIR --data FILE --n 64 --samples 8      GRPO-style sampled rollouts on real questions:
+                                                                        generated tokens/s, questions/s
 
 The crop kernels have their own microbenchmark beside them: `python crop_kernels.py --bench`. This file stays out of
 the runtime code because its baselines are not runtime dependencies (transformers is a test-only oracle) and because
@@ -283,6 +285,35 @@ def bench_cof(a):
     return rows
 
 
+def bench_rollouts(a):
+    """`python bench.py cof --data FILE --samples G`: GRPO rollouts as grpo.py runs them: the first --n questions of a
+    held-out file (cof.read_synthetic: V*-layout JSONL or RL records), G sampled conversations each (temperature 1,
+    one generator), all in one batched one-cache loop; generated tokens/s, questions/s and rollouts/s."""
+    model, tok = cof.load(a.model, a.device, a.dtype)
+    items = cof.read_synthetic(a.data)[:a.n]
+    images = [cof.load_item_image(it) for it in items]
+    questions = [it["question"] for it in items]
+    cfg = cof.cfg_from_args(a.cfg, do_sample=True)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    cof.rollouts(model, tok, images[:1], questions[:1], 2, cfg, generator=torch.Generator().manual_seed(1))  # warm-up
+    rows = []
+    for rep in range(a.reps):
+        g = torch.Generator(device=model.device).manual_seed(rep)
+        sync()
+        t0 = time.time()
+        trs = cof.rollouts(model, tok, images, questions, a.samples, cfg, generator=g)
+        sync()
+        t = time.time() - t0
+        gen = sum(x.n_generated for x in trs)
+        rows.append(dict(mode=f"one KV cache, {len(items)} questions x G={a.samples}, sampled (seed {rep})",
+                         seconds=t, gen_tokens=gen, gen_tok_per_s=gen / t, questions_per_s=len(items) / t,
+                         rollouts_per_s=len(trs) / t, zooms=statistics.fmean(x.n_zooms for x in trs)))
+    print(f"device: {model.device} ({torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}, "
+          f"{torch.get_num_threads()} threads), dtype {model.dtype}, model {a.model}, data {a.data}, cfg {a.cfg or []}")
+    print(cof.format_table(rows))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -310,10 +341,22 @@ def main(argv=None):
     c.add_argument("--device", default=None)
     c.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
     c.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    c.add_argument("--data", default=None, help="with --model and --samples: held-out records to run GRPO-style "
+                                                "sampled rollouts on (e.g. runs/synth/val.jsonl)")
+    c.add_argument("--samples", type=int, default=0, help="G sampled conversations per question (needs --data)")
+    c.add_argument("--reps", type=int, default=1, help="timed repetitions of the sampled rollouts (seeds 0, 1, ...)")
+    c.add_argument("--cfg", action="append", metavar="KEY=VALUE",
+                   help="CofConfig option for the sampled rollouts (repeatable), as in `cof.py eval --cfg`")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    return bench_model(a) if a.what == "model" else bench_cof(a)
+    if a.what == "model":
+        return bench_model(a)
+    if a.samples or a.data:
+        if not (a.samples and a.data and a.model):
+            ap.error("sampled rollouts need --model, --data and --samples together")
+        return bench_rollouts(a)
+    return bench_cof(a)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ Reproduces the released CoF evaluation protocol (xtong-zhang/Chain-of-Focus `eva
 Unlike the released code (vLLM, re-encoding the chat every turn), the loop here keeps ONE KV cache per
 conversation (`model.extend` with ragged masks) and runs many conversations as one batch.
 
-Layout: protocol (prompts, box parsing, crop rule, answers) -> loop / rollouts -> benchmarks -> trace -> CLI.
+Layout: protocol (prompts, box parsing, crop rule, answers) -> loop / rollouts -> benchmarks -> trace -> progress bar
+-> CLI.
 """
 from __future__ import annotations
 
@@ -1303,7 +1304,7 @@ def _hms(s):
 # Command line
 
 
-def _cfg_from_args(pairs, **base):
+def cfg_from_args(pairs, **base):
     """CofConfig from `key=value` strings (typed by the dataclass fields)."""
     types = {f.name: f.type for f in fields(CofConfig)}
     d = dict(base)
@@ -1387,7 +1388,7 @@ def main(argv=None):
         items = {"vstar": read_vstar, "synthetic": read_synthetic,
                  "hrbench": lambda d: read_hrbench(d, a.hr_prompt)}[a.bench](a.data)[:a.limit]
         model, tok = load(a.model, a.device, a.dtype)
-        rows = evaluate(model, tok, items, a.out, _cfg_from_args(a.cfg), res, a.batch_size, a.bench)
+        rows = evaluate(model, tok, items, a.out, cfg_from_args(a.cfg), res, a.batch_size, a.bench)
         table = format_table(rows)
         recs = list(load_results(a.out).values())
         if len(res) == 1 and any(r.get("kind") for r in recs):      # our synthetic sets: how each kind is answered
@@ -1403,7 +1404,7 @@ def main(argv=None):
     p.add_argument("--trace", default=None, help="write the chain as a PNG here")
     a = p.parse_args(argv)
     model, tok = load(a.model, a.device, a.dtype)
-    cfg = _cfg_from_args(a.cfg, keep_images=a.trace is not None)
+    cfg = cfg_from_args(a.cfg, keep_images=a.trace is not None)
 
     def show(row, t):
         print(f"--- turn {len(shown) + 1} ({t['n_tokens']} tokens, stop: {t['stop']})\n{t['text']}")

@@ -24,3 +24,27 @@ def test_bench_model_rows_and_agreement(capsys):
     assert out["max_logit_diff"] < 1e-4 and out["greedy_same"]
     table = capsys.readouterr().out
     assert table.count("\n| ") == 1 + len(steps) and "greedy tokens identical for 16 steps: True" in table
+
+
+def test_bench_sampled_rollouts_on_records(tmp_path, capsys):
+    """`python bench.py cof --model DIR --data FILE --samples G`: G sampled rollouts per question of a V*-layout file,
+    counted right (rows = questions x G, tokens = what the trajectories generated)."""
+    import json
+
+    from PIL import Image
+
+    from cof_fixtures import img
+    from data.tiny import make_tiny
+
+    model_dir = make_tiny(str(tmp_path / "m"), bpe_vocab_size=300)
+    with open(tmp_path / "q.jsonl", "w") as f:
+        for i in range(2):
+            Image.fromarray(img(84, 112, i).permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
+            f.write(json.dumps({"image": f"{i}.png", "text": f"What is {i}?\n(A) x\n(B) y", "label": "A"}) + "\n")
+    rows = bench.main(["cof", "--model", model_dir, "--data", str(tmp_path / "q.jsonl"), "--n", "2", "--samples", "3",
+                       "--threads", "1", "--cfg", "max_new_tokens=5", "--cfg", "max_turns=1"])
+    (row,) = rows
+    assert row["gen_tokens"] <= 2 * 3 * 5 and row["gen_tokens"] > 0
+    assert abs(row["rollouts_per_s"] - 3 * row["questions_per_s"]) < 1e-9
+    assert abs(row["gen_tok_per_s"] * row["seconds"] - row["gen_tokens"]) < 1e-6
+    assert "2 questions x G=3" in capsys.readouterr().out

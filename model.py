@@ -409,9 +409,9 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, bias=False)
 
     def forward(self, x, cos, sin, mask, kv: tuple | None):
-        """x [B, L, D]; cos/sin [B, 1, L, hd]; kv = (k_cache, v_cache, start): write this chunk's keys/values at
-        slots [start, start + L) of the cache and attend to slots [0, start + L), or None (no cache).
-        mask: "causal", None or a [B, 1, G*L, S] bool tensor, as `Qwen25VL._attention_mask` documents."""
+        """x [B, L, D]; cos/sin [B, 1, L, hd]; kv = (k_cache, v_cache, slots, S): write this chunk's keys/values at
+        `slots` (int: [slots, slots + L) of every row; [B, L]: per row, see KVCache.place), attend to the first S
+        slots; or None (no cache). mask: as `Qwen25VL._attention_mask` documents."""
         B, L, D = x.shape
         a = self.self_attn
         h = self.input_layernorm(x)
@@ -421,10 +421,15 @@ class DecoderLayer(nn.Module):
         q = q * cos + _rotate_half(q) * sin                                    # [B, H, L, hd] M-RoPE
         k = k * cos + _rotate_half(k) * sin                                    # [B, KV, L, hd]
         if kv is not None:
-            kc, vc, start = kv
-            kc[:, :, start:start + L] = k
-            vc[:, :, start:start + L] = v
-            k, v = kc[:, :, :start + L], vc[:, :, :start + L]                  # [B, KV, S, hd]
+            kc, vc, slots, S = kv
+            if isinstance(slots, int):  # every row appends at the same slots
+                kc[:, :, slots:slots + L] = k
+                vc[:, :, slots:slots + L] = v
+            else:                       # each row at its own slots
+                idx = slots[:, None, :, None].expand(B, self.kv_heads, L, self.hd)   # [B, KV, L, hd]
+                kc.scatter_(2, idx, k)
+                vc.scatter_(2, idx, v)
+            k, v = kc[:, :, :S], vc[:, :, :S]                                  # [B, KV, S, hd]
         if isinstance(mask, str):  # "causal": a dense prefill from position 0, the flash-attention path
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.hd ** -0.5, enable_gqa=True)
         else:  # GQA without copying K/V: the G query heads of one KV head become G*L query rows of that head
@@ -440,56 +445,57 @@ class DecoderLayer(nn.Module):
 class KVCache:
     """Per-layer keys/values for a batch of rows that grow by chunks (see `Qwen25VL.extend`).
 
-    Every chunk appends the same number of slots to every row; `valid[b, s]` says whether slot s of row b holds a real
-    token (padding slots are stored but never attended to). `next_pos[b]` is the row's next text M-RoPE position,
-    `length[b]` its number of real tokens, `last_hidden[b]` the final-norm hidden state of its last real token.
-    A chunk goes in two steps: `reserve(L)` makes room and the decoder layers write keys/values into slots
-    [size, size + L), then `append` records the chunk's mask, positions and last hidden state.
+    Row b holds its `length[b]` real tokens at slots [0, length[b]); `size` is the longest row's length. Until a chunk
+    has padding (`aligned`) every chunk goes to the same slots of every row; after that each row's tokens go right
+    after its own (`place`), so padding (ragged prompts, one row's crop turn, finished rows) takes no slot a later
+    query reads. `next_pos[b]`: the row's next M-RoPE position; `last_hidden[b]`: its last real token's final-norm
+    hidden state. A chunk: `place` (room, and where its keys/values go), the layers write them, `append` records it.
     """
 
     def __init__(self, n_layers, batch_size, kv_heads, head_dim, hidden, dtype, device, capacity=0):
-        cap = max(int(capacity), 16)
-        self.k = [torch.empty(batch_size, kv_heads, cap, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.empty(batch_size, kv_heads, cap, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.valid = torch.zeros(batch_size, cap, dtype=torch.bool, device=device)
+        cap = max(int(capacity), 16)  # zeros, not empty: a masked slot must hold a finite value (0 * NaN is NaN)
+        self.k = [torch.zeros(batch_size, kv_heads, cap, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(batch_size, kv_heads, cap, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
         self.size = 0
-        self.all_valid = True  # no padding slot stored yet (lets decode steps skip the attention mask)
+        self.aligned = True  # no padding yet: every row has `size` tokens (decode steps need no attention mask)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.last_hidden = torch.zeros(batch_size, hidden, dtype=dtype, device=device)
 
     @property
     def batch_size(self) -> int:
-        return self.valid.shape[0]
+        return self.length.shape[0]
 
     @property
     def capacity(self) -> int:
-        return self.valid.shape[1]
+        return self.k[0].shape[2]
 
     def reserve(self, extra: int):
-        """Make room for `extra` more slots (grows geometrically, so appending is amortised O(1))."""
-        need = self.size + extra
-        if need <= self.capacity:
-            return
-        cap = max(need, 2 * self.capacity)
+        """Make room for `extra` more slots past `size` (grows geometrically, so appending is amortised O(1))."""
+        if self.size + extra > self.capacity:  # the first `size` slots kept, zeros after them
+            grow = max(self.size + extra, 2 * self.capacity) - self.size
+            self.k = [F.pad(t[:, :, :self.size], (0, 0, 0, grow)) for t in self.k]     # [B, KV, cap, hd]
+            self.v = [F.pad(t[:, :, :self.size], (0, 0, 0, grow)) for t in self.v]
 
-        def grow(t, dim):  # t with `cap` slots along dim, its first `size` slots copied (new valid slots: False)
-            new = (t.new_zeros if t.dtype == torch.bool else t.new_empty)(t.shape[:dim] + (cap,) + t.shape[dim + 1:])
-            new.narrow(dim, 0, self.size).copy_(t.narrow(dim, 0, self.size))
-            return new
-        self.k = [grow(t, 2) for t in self.k]
-        self.v = [grow(t, 2) for t in self.v]
-        self.valid = grow(self.valid, 1)
-
-    def append(self, mask, padded: bool, next_pos, last_hidden):
-        """Record a chunk whose keys/values the layers wrote at slots [size, size + L) (after `reserve(L)`).
-        mask [B, L] bool: its real tokens; padded: it came with a mask (so may hold padding: later decode steps keep
-        the attention mask); next_pos [B]: the rows' next M-RoPE position; last_hidden [B, D]: each row's last real
-        token (a row with nothing new in the chunk keeps its earlier last_hidden)."""
+    def place(self, mask, padded: bool):
+        """Where a chunk's keys/values go, as (slots, S): S is the number of slots its queries read. Aligned and
+        without padding: slots is the int `size` (the same slots of every row). Otherwise slots [B, L]: row b's real
+        tokens at length[b], length[b] + 1, ... and its padding tokens after them (written, never read as keys)."""
         L = mask.shape[1]
-        self.valid[:, self.size:self.size + L] = mask
-        self.size += L
-        self.all_valid = self.all_valid and not padded
+        self.reserve(L)
+        if self.aligned and not padded:
+            return self.size, self.size + L
+        real = mask.long().cumsum(1)                                           # [B, L] rank of each real token
+        after = self.length[:, None] + real[:, -1:]                            # [B, 1] each row's length after
+        pad_rank = torch.arange(L, device=mask.device)[None, :] - real         # [B, L] padding tokens before + self
+        slots = torch.where(mask, self.length[:, None] + real - 1, after + pad_rank)   # [B, L]
+        return slots, max(1, int(after.max()))  # one host sync per padded chunk
+
+    def append(self, mask, padded: bool, S: int, next_pos, last_hidden):
+        """Record a chunk the layers wrote where `place` said (S from it): mask [B, L] its real tokens, next_pos [B],
+        last_hidden [B, D] each row's last real token (a row with nothing new keeps its earlier one)."""
+        self.size = S
+        self.aligned = self.aligned and not padded
         self.next_pos = next_pos
         self.length = self.length + mask.long().sum(1)                        # [B]
         self.last_hidden = torch.where(mask.any(1)[:, None], last_hidden, self.last_hidden) if padded else last_hidden
@@ -497,8 +503,9 @@ class KVCache:
     def _map_rows(self, fn):
         self.k = [fn(t) for t in self.k]
         self.v = [fn(t) for t in self.v]
-        self.valid, self.next_pos, self.length, self.last_hidden = (
-            fn(self.valid), fn(self.next_pos), fn(self.length), fn(self.last_hidden))
+        self.next_pos, self.length, self.last_hidden = fn(self.next_pos), fn(self.length), fn(self.last_hidden)
+        if not self.aligned:   # the longest rows may have gone: read only as far as the longest that stayed
+            self.size = int(self.length.max()) if self.batch_size else 0
         return self
 
     def repeat_interleave(self, g: int) -> "KVCache":
@@ -507,7 +514,7 @@ class KVCache:
 
     def select(self, rows) -> "KVCache":
         """Keep only `rows` (list or LongTensor of row indices, in that order), in place."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.length.device)
         return self._map_rows(lambda t: t.index_select(0, idx))
 
 
@@ -714,11 +721,9 @@ class Qwen25VL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_id, dtype=None, device=None) -> "Qwen25VL":
-        """Load a Qwen2.5-VL checkpoint (local directory or hub id) tensor by tensor into `dtype` on `device`.
-
-        dtype defaults to the checkpoint's `torch_dtype`, device to CPU. No full fp32 copy is ever built: the module
-        is created on the meta device, then each tensor is read (memory-mapped) and converted straight into place.
-        """
+        """Load a Qwen2.5-VL checkpoint (local directory or hub id) tensor by tensor into `dtype` (default: the
+        checkpoint's `torch_dtype`) on `device` (default CPU). No full fp32 copy is ever built: the module is created
+        on the meta device, then each tensor is read (memory-mapped) and converted straight into place."""
         directory = resolve_checkpoint(path_or_id)
         cfg = _read_config(directory)
         if dtype is None:
@@ -864,40 +869,41 @@ class Qwen25VL(nn.Module):
                              f"(grids {grids}, merge {c.vision.spatial_merge_size})")
         return h.masked_scatter(img[..., None].expand_as(h), feats.to(h.dtype))  # [B, L, D]
 
-    def _attention_mask(self, mask, padded: bool, cache: KVCache | None):
-        """The attention mask of a chunk (mask [B, L]: its real tokens; padded: it came with a mask), in the one form
-        every DecoderLayer takes:
-        "causal"  no padding anywhere and the chunk starts at position 0 (a prefill): SDPA's is_causal, the flash path.
-        None      no padding anywhere and a one-token chunk (a decode step): the token sees every key.
-        tensor    otherwise: [B, 1, G*L, S] bool, True = attend: causal over the row's real keys, a padding query sees
-                  only itself (no all-False row). Row g*L + l is query l of head g of a KV group (GQA without copying).
-        """
+    def _attention_mask(self, mask, padded: bool, cache: KVCache | None, S: int):
+        """The attention mask of a chunk (mask [B, L]: its real tokens; padded: it came with a mask; S: the key slots
+        its queries read), in the one form every DecoderLayer takes. "causal": no padding anywhere and the chunk
+        starts at position 0 (a prefill: SDPA's is_causal, the flash path). None: no padding anywhere, one token (a
+        decode step sees every key). Otherwise a bool tensor, True = attend: [B, 1, G*L, S] (row g*L + l is query l
+        of head g of a KV group: GQA without copying) or [B, 1, 1, S] for one token. A real query sees its row's keys
+        up to itself; a padding query sees something (no all-False row), never used."""
         B, L = mask.shape
         dev = mask.device
-        start = 0 if cache is None else cache.size
-        no_padding = not padded and (cache is None or cache.all_valid)
-        if cache is None and padded:  # right padding only (training batches): under causal attention real rows
-            lengths = mask.long().sum(1)  # never see a pad, so the flash path gives them the masked path's result
-            no_padding = bool((mask == (torch.arange(L, device=dev)[None, :] < lengths[:, None])).all())
-        if no_padding and start == 0:
-            return "causal"
-        if no_padding and L == 1:
-            return None
-        keys_valid = mask if cache is None else torch.cat([cache.valid[:, :start], mask], 1)   # [B, S]
-        S = start + L
-        q_pos = start + torch.arange(L, device=dev)                           # [L] slot of each query
-        causal = torch.arange(S, device=dev)[None, :] <= q_pos[:, None]       # [L, S]
-        attn = keys_valid[:, None, :] & causal[None]                          # [B, L, S]
-        attn[:, torch.arange(L, device=dev), q_pos] = True                    # padding queries: themselves
+        keys = torch.arange(S, device=dev)                                    # [S]
+        if cache is not None:   # keys packed per row (KVCache.place): real query j sees slots < length + its rank
+            if cache.aligned and not padded:
+                if cache.size == 0:
+                    return "causal"
+                if L == 1:
+                    return None
+            real = mask.long().cumsum(1)                                      # [B, L]
+            limit = cache.length[:, None] + real                              # [B, L] keys each real query sees
+            limit = torch.where(mask, limit, limit[:, -1:].clamp_min(1))      # padding: the row's keys (or slot 0)
+            attn = keys < limit[..., None]                                    # [B, L, S]
+        else:   # keys = the chunk itself: causal over real keys; right padding only (training) is still causal
+            lengths = mask.long().sum(1)
+            if not padded or bool((mask == (keys[None, :] < lengths[:, None])).all()):
+                return "causal"   # real rows never see a pad under causal attention: the flash path's result
+            attn = mask[:, None, :] & (keys[None, :] <= keys[:, None])[None]  # [B, L, S]
+            attn[:, keys, keys] = True                                        # padding queries: themselves
+        if L == 1:
+            return attn[:, None]                                              # [B, 1, 1, S]
         G = self.cfg.text.num_attention_heads // self.cfg.text.num_key_value_heads
         return attn[:, None, None].expand(B, 1, G, L, S).reshape(B, 1, G * L, S)  # [B, 1, G*L, S]
 
     def _run(self, input_ids, mask, pixel_values, image_grid_thw, cache: KVCache | None):
-        """One chunk through the decoder: input_ids [B, L] -> final-norm hidden states [B, L, D].
-
-        mask [B, L] (False = padding slot) or None (no padding). Without a cache this is a full forward from
-        position 0; with one, each row continues from its cached slots and the chunk is appended to the cache.
-        """
+        """One chunk through the decoder: input_ids [B, L] -> final-norm hidden states [B, L, D]. mask [B, L] (False =
+        padding) or None (no padding). Without a cache a full forward from position 0; with one, each row continues
+        from its cached tokens and the chunk is appended to the cache."""
         dev = self.device
         input_ids = input_ids.to(dev)
         B, L = input_ids.shape
@@ -910,17 +916,16 @@ class Qwen25VL(nn.Module):
         pos, new_next = self._positions(input_ids, mask, next_pos, grids)    # [3, B, L], [B]
         h = self._embed(input_ids, mask, pixel_values, grids)                 # [B, L, D]
         cos, sin = self._text_rope(pos, h.dtype)                              # [B, 1, L, hd]
-        attn = self._attention_mask(mask, padded, cache)
-        if cache is not None:
-            cache.reserve(L)
+        slots, S = (None, L) if cache is None else cache.place(mask, padded)   # where K/V go, keys to read
+        attn = self._attention_mask(mask, padded, cache, S)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, attn, None if cache is None else (cache.k[i], cache.v[i], cache.size))
+            h = layer(h, cos, sin, attn, None if cache is None else (cache.k[i], cache.v[i], slots, S))
         h = self.model.norm(h)                                                # [B, L, D]
         if cache is not None:
             last = h[:, -1]                                                   # [B, D] each row's last real token
             if padded:  # the last True of each mask row (a row with none: slot L - 1, which append ignores)
                 last = h[torch.arange(B, device=dev), L - 1 - mask.flip(1).long().argmax(1)]  # [B, D]
-            cache.append(mask, padded, new_next, last)
+            cache.append(mask, padded, S, new_next, last)
         return h
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None):
@@ -938,14 +943,11 @@ class Qwen25VL(nn.Module):
                        self.device, capacity)
 
     def extend(self, cache: KVCache, input_ids, mask=None, pixel_values=None, image_grid_thw=None, last_only=False):
-        """Append one chunk input_ids [B, L] to every row of `cache` and return its logits [B, L, V]
-        (or [B, 1, V] at each row's last real token so far if last_only).
-
-        mask [B, L] bool: False marks padding slots (stored, never attended, positions do not advance).
-        Images in the chunk are given by pixel_values/image_grid_thw in order of their <|image_pad|> runs, row-major.
-        The result for real tokens equals a full forward over each row's concatenated real tokens.
-        Runs under the caller's grad mode: wrap in torch.no_grad() for rollouts.
-        """
+        """Append one chunk input_ids [B, L] to every row of `cache` and return its logits [B, L, V] (or [B, 1, V] at
+        each row's last real token so far if last_only). mask [B, L] bool: False marks padding (never attended, not
+        kept, positions do not advance). Images of the chunk: pixel_values/image_grid_thw in order of their
+        <|image_pad|> runs, row-major. For real tokens the result equals a full forward over each row's concatenated
+        real tokens. Runs under the caller's grad mode: wrap in torch.no_grad() for rollouts."""
         if input_ids.shape[0] != cache.batch_size:
             raise ValueError(f"chunk has {input_ids.shape[0]} rows but the cache has {cache.batch_size}")
         h = self._run(input_ids, mask, pixel_values, image_grid_thw, cache)  # [B, L, D]

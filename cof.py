@@ -594,9 +594,10 @@ def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=N
     Returns one Trajectory per row, rows ordered question-major (question i's G samples are rows i*G .. i*G+G-1).
 
     The loop, stage by stage: `_prompts` (main image, vision inputs, chat tokens per question) -> `_prefill` (one
-    batched extend, copied G times) -> per step `_pick` a token for every live row, `_add_token` to its turn, and at
-    the end of a turn `_end_turn` (record it, run the zoom tool, build the environment's reply) -> `_feed` the step's
-    chunks (one token, or the last token + the environment's turn with its crop) back in one extend.
+    batched extend, copied G times) -> per step `_next_tokens` (one token for every live row), `_add_token` (to its
+    turn), and at the end of a turn `_end_turn` (record it, run the zoom tool, build the environment's reply) ->
+    `_compact` (drop finished rows) -> `_feed` the step's chunks (one token, or the last token + the environment's
+    turn with its crop) back in one extend.
     """
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} images for {len(questions)} questions")

@@ -126,11 +126,15 @@ class _Clock:
         self.sync()
         return time.perf_counter()
 
-    def once(self, fn):
+    def timed(self, fn):
+        """(fn's result, seconds the call took)."""
         t0 = self.now()
         out = fn()
-        t1 = self.now()
-        return out if isinstance(out, float) else t1 - t0
+        return out, self.now() - t0
+
+    def once(self, fn):
+        out, t = self.timed(fn)
+        return out if isinstance(out, float) else t
 
     def pair(self, ours, theirs, rate=None):
         """(ours, transformers): median ms, or `rate` units per second when rate is given."""
@@ -252,15 +256,7 @@ def bench_cof(a):
                  f'\n</tool_call>' for k in range(a.zooms)] for _ in range(a.n)]
     qs = [f"Question {i}: what is in the picture?" for i in range(a.n)]
     cfg = cof.CofConfig(max_new_tokens=a.new_tokens, max_turns=a.zooms + 1)
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-
-    def timed(fn):
-        sync()
-        t0 = time.time()
-        out = fn()
-        sync()
-        return out, time.time() - t0
-
+    timed = _Clock(model.device).timed
     cof.run(model, tok, images[:1], qs[:1], cfg, logits_processor=cof.force_prefixes(tok, prefixes[:1]))   # warm-up
     results = []
     base, t_base = timed(lambda: [cof.run(Reencode(model), tok, [im], [q], cfg,
@@ -294,16 +290,12 @@ def bench_rollouts(a):
     images = [cof.load_item_image(it) for it in items]
     questions = [it["question"] for it in items]
     cfg = cof.cfg_from_args(a.cfg, do_sample=True)
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    clock = _Clock(model.device)
     cof.rollouts(model, tok, images[:1], questions[:1], 2, cfg, generator=torch.Generator().manual_seed(1))  # warm-up
     rows = []
     for rep in range(a.reps):
         g = torch.Generator(device=model.device).manual_seed(rep)
-        sync()
-        t0 = time.time()
-        trs = cof.rollouts(model, tok, images, questions, a.samples, cfg, generator=g)
-        sync()
-        t = time.time() - t0
+        trs, t = clock.timed(lambda: cof.rollouts(model, tok, images, questions, a.samples, cfg, generator=g))
         gen = sum(x.n_generated for x in trs)
         rows.append(dict(mode=f"one KV cache, {len(items)} questions x G={a.samples}, sampled (seed {rep})",
                          seconds=t, gen_tokens=gen, gen_tok_per_s=gen / t, questions_per_s=len(items) / t,

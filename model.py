@@ -869,26 +869,24 @@ class Qwen25VL(nn.Module):
                              f"(grids {grids}, merge {c.vision.spatial_merge_size})")
         return h.masked_scatter(img[..., None].expand_as(h), feats.to(h.dtype))  # [B, L, D]
 
-    def _attention_mask(self, mask, padded: bool, cache: KVCache | None, S: int):
-        """The attention mask of a chunk (mask [B, L]: its real tokens; padded: it came with a mask; S: the key slots
-        its queries read), in the one form every DecoderLayer takes. "causal": no padding anywhere and the chunk
+    def _attention_mask(self, mask, padded: bool, cache: KVCache | None, slots, S: int):
+        """The attention mask of a chunk (mask [B, L]: its real tokens; padded: it came with a mask; slots, S: where
+        KVCache.place put it and the key slots its queries read), in the one form every DecoderLayer takes. "causal": no padding anywhere and the chunk
         starts at position 0 (a prefill: SDPA's is_causal, the flash path). None: no padding anywhere, one token (a
         decode step sees every key). Otherwise a bool tensor, True = attend: [B, 1, G*L, S] (row g*L + l is query l
         of head g of a KV group: GQA without copying) or [B, 1, 1, S] for one token. A real query sees its row's keys
-        up to itself; a padding query sees something (no all-False row), never used."""
+        up to itself; a padding query sees slot 0 (no all-False row; cache slots start zeroed), never used."""
         B, L = mask.shape
         dev = mask.device
         keys = torch.arange(S, device=dev)                                    # [S]
-        if cache is not None:   # keys packed per row (KVCache.place): real query j sees slots < length + its rank
-            if cache.aligned and not padded:
-                if cache.size == 0:
+        if cache is not None:   # keys packed per row (KVCache.place): a real query sees its row up to its own slot
+            if isinstance(slots, int):  # aligned, no padding: the same slots in every row
+                if slots == 0:
                     return "causal"
                 if L == 1:
                     return None
-            real = mask.long().cumsum(1)                                      # [B, L]
-            limit = cache.length[:, None] + real                              # [B, L] keys each real query sees
-            limit = torch.where(mask, limit, limit[:, -1:].clamp_min(1))      # padding: the row's keys (or slot 0)
-            attn = keys < limit[..., None]                                    # [B, L, S]
+                slots = slots + torch.arange(L, device=dev)[None, :]          # [1, L]
+            attn = keys < torch.where(mask, slots + 1, 1)[..., None]          # [B, L, S]
         else:   # keys = the chunk itself: causal over real keys; right padding only (training) is still causal
             lengths = mask.long().sum(1)
             if not padded or bool((mask == (keys[None, :] < lengths[:, None])).all()):
@@ -917,7 +915,7 @@ class Qwen25VL(nn.Module):
         h = self._embed(input_ids, mask, pixel_values, grids)                 # [B, L, D]
         cos, sin = self._text_rope(pos, h.dtype)                              # [B, 1, L, hd]
         slots, S = (None, L) if cache is None else cache.place(mask, padded)   # where K/V go, keys to read
-        attn = self._attention_mask(mask, padded, cache, S)
+        attn = self._attention_mask(mask, padded, cache, slots, S)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, attn, None if cache is None else (cache.k[i], cache.v[i], slots, S))
         h = self.model.norm(h)                                                # [B, L, D]

@@ -330,7 +330,6 @@ def load_rows(path, tokenizer, cfg):
                              f"{cfg.max_len}; raise --max_len, lower --max_pixels, or pass --skip_bad to drop it")
             if not any(l != IGNORE for l in labels):
                 raise BadRow(f"{where}: no assistant tokens to learn from; add an assistant turn or --skip_bad")
-            row["n_tokens"] = len(ids)
             row["tokens"] = dict(input_ids=torch.tensor(ids, dtype=torch.int32), grids=grids,   # rendered once, here
                                  labels=torch.tensor(labels, dtype=torch.int32), weights=torch.tensor(weights))
         except BadRow:
@@ -511,7 +510,7 @@ def add_lora(model, cfg):
     if not names:
         raise ValueError(f"--lora_targets {cfg.lora_targets}: no such linear layers in the language model")
     for n in names:
-        parent, attr = n.rpartition(".")[0], n.rpartition(".")[2]
+        parent, _, attr = n.rpartition(".")
         parent = model.get_submodule(parent)
         setattr(parent, attr, LoRALinear(getattr(parent, attr), cfg.lora_rank, alpha, cfg.lora_dropout))
     return names
@@ -1097,7 +1096,7 @@ def train(cfg: TrainConfig) -> dict:
 
     ds = SFTData(rows, tokenizer, cfg, cache=cfg.workers == 0 and not cfg.model)
     sampler = StepSampler(len(rows), cfg, start, total, rank, world,
-                          [r["n_tokens"] for r in rows] if cfg.group_by_length else None)
+                          [len(r["tokens"]["input_ids"]) for r in rows] if cfg.group_by_length else None)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.workers,
                                          collate_fn=functools.partial(collate, pad_id=tokenizer.pad_id),
                                          generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG

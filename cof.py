@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import crop_kernels as ck
+import decode
 import model as M
 import tokenizer as T
 
@@ -426,6 +427,7 @@ class CofConfig:
     keep_images: bool = False                    # keep uint8 images of main image and crops (traces, GRPO)
     ban_vision_tokens: bool = True               # never sample <|image_pad|> <|video_pad|> <|vision_start|> <|vision_end|>
     question_format: str = "released"            # "released": the eval's "Question: "; "train": the SFT/RL rows' " Question: "
+    compile: bool = False                        # one-token steps through decode.Decoder (torch.compile)
 
     def __post_init__(self):
         if self.invalid not in ("image", "text"):
@@ -546,12 +548,12 @@ def policy_logprobs(logits, tokens, banned=(), temperature=1.0):
 
 
 def _pick(logits, cfg, generator, banned=()):
-    """Next token per row from logits [R, V] (model.sample_next: greedy, or temperature -> top-k -> top-p; banned ids
+    """Next token per row from logits [R, V] (decode.sample_next: greedy, or temperature -> top-k -> top-p; banned ids
     never) -> (ids [R], log p under the sampling policy [R])."""
 
     if len(banned):
         logits = logits.index_fill(-1, torch.as_tensor(banned, device=logits.device), float("-inf"))
-    nxt = M.sample_next(logits, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, generator)      # [R]
+    nxt = decode.sample_next(logits, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, generator)      # [R]
     return nxt, policy_logprobs(logits, nxt, (), _temperature(cfg))                                    # [R], [R]
 
 
@@ -603,6 +605,7 @@ def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=N
         raise ValueError(f"got {len(images)} images for {len(questions)} questions")
     cfg = with_processor_limits(cfg or CofConfig(), model)
     env = _Env(tokenizer, cfg)
+    step = decode.decoder_for(model) if cfg.compile else None
     with torch.no_grad():
         prompts = _prompts(model, tokenizer, images, questions, messages, cfg)
         cache, logits = _prefill(model, tokenizer, prompts, group_size)
@@ -628,7 +631,7 @@ def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=N
             if all(rows[r].done for r in live):
                 break
             live, chunks = _compact(cache, live, chunks, rows)
-            logits = _feed(model, cache, chunks, new_images, tokenizer.pad_id)                  # [len(live), 1, V]
+            logits = _feed(model, cache, chunks, new_images, tokenizer.pad_id, step)            # [len(live), 1, V]
     return [row.trajectory(questions[row.question]) for row in rows]
 
 
@@ -817,9 +820,33 @@ def _compact(cache, live, chunks, rows):
     return [live[c] for c in keep], [chunks[c] for c in keep]
 
 
-def _feed(model, cache, chunks, new_images, pad_id):
-    """The step's chunks (ragged: one token, a token + an environment turn, or nothing) in one extend, with the new
-    crops in row order -> logits [R, 1, V] at each row's last real token."""
+def _feed(model, cache, chunks, new_images, pad_id, step=None):
+    """The step's chunks (ragged: one token, a token + an environment turn, or nothing) -> logits [R, 1, V] at each
+    row's last real token; the new crops come in row order. Without a decode `step`: all rows in one padded extend.
+    With one (decode.Decoder): the one-token rows through it (the others are its padding rows), then the rows with
+    a longer chunk, taken out of the cache, through one extend of their own: a crop turn of one row no longer pads
+    every other row of the batch to its length."""
+    if step is None:
+        return _extend(model, cache, chunks, new_images, pad_id)
+    dev = _device(model)
+    one = [len(c) == 1 for c in chunks]
+    longer = [r for r, c in enumerate(chunks) if len(c) > 1]
+    logits = None
+    if any(one):
+        tokens = torch.tensor([c[0] if len(c) == 1 else pad_id for c in chunks], device=dev)   # [R]
+        logits = step(cache, tokens, None if all(one) else torch.tensor(one, device=dev))[:, None]   # [R, 1, V]
+    if longer:
+        rows = torch.tensor(longer, device=dev)
+        part = cache.take(rows)
+        out = _extend(model, part, [chunks[r] for r in longer], new_images, pad_id)            # [n, 1, V]
+        cache.put(rows, part)
+        logits = out.new_zeros(len(chunks), 1, out.shape[-1]) if logits is None else logits
+        logits[rows] = out
+    return logits
+
+
+def _extend(model, cache, chunks, new_images, pad_id):
+    """Ragged chunks in one padded extend -> logits [R, 1, V] at each row's last real token."""
     dev = _device(model)
     chunk, mask = _pad(chunks, pad_id)
     kw = {}

@@ -11,7 +11,8 @@ is the v4.49+ math for images) and the Qwen2.5-VL chat template + processor (pro
             full-attention blocks per image frame, RMSNorm, SwiGLU with bias, 2x2 patch merger.
 - text:     Qwen2 decoder (GQA, q/k/v bias), M-RoPE with 3-D position ids, image features scattered into
             <|image_pad|> slots, left padding / arbitrary attention masks.
-- cache:    `KVCache` + `Qwen25VL.extend` append ragged chunks (with new images) per row; `generate` is built on it.
+- cache:    `KVCache` + `Qwen25VL.extend` append ragged chunks (with new images) per row; decode.py builds
+            generation on it.
 
 The processor's two halves live beside it: the tokenizer and chat layout in tokenizer.py, the pixels (smart_resize,
 resize, patchify, the checkpoint's pixel limits) in crop_kernels.py. `data/tiny.py` writes random models in this
@@ -19,6 +20,7 @@ format for the tests; `python bench.py model` times this file against transforme
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -425,10 +427,11 @@ class DecoderLayer(nn.Module):
             if isinstance(slots, int):  # every row appends at the same slots
                 kc[:, :, slots:slots + L] = k
                 vc[:, :, slots:slots + L] = v
-            else:                       # each row at its own slots
-                idx = slots[:, None, :, None].expand(B, self.kv_heads, L, self.hd)   # [B, KV, L, hd]
-                kc.scatter_(2, idx, k)
-                vc.scatter_(2, idx, v)
+            else:                       # each row at its own slots (index_put_: compiled, it writes in place)
+                rows = torch.arange(B, device=x.device)[:, None, None]                # [B, 1, 1]
+                heads = torch.arange(self.kv_heads, device=x.device)[None, :, None]  # [1, KV, 1]
+                kc[rows, heads, slots[:, None, :]] = k                              # [B, KV, L] slots <- [.., hd]
+                vc[rows, heads, slots[:, None, :]] = v
             k, v = kc[:, :, :S], vc[:, :, :S]                                  # [B, KV, S, hd]
         if isinstance(mask, str):  # "causal": a dense prefill from position 0, the flash-attention path
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.hd ** -0.5, enable_gqa=True)
@@ -500,6 +503,14 @@ class KVCache:
         self.length = self.length + mask.long().sum(1)                        # [B]
         self.last_hidden = torch.where(mask.any(1)[:, None], last_hidden, self.last_hidden) if padded else last_hidden
 
+    def record_step(self, live, all_live: bool, last_hidden):
+        """Record a decode step (`decode.step_graph` wrote one token per row at slot length[b]): live [B] bool, which
+        rows' tokens are real (all_live: every row's, known on the host); last_hidden [B, D] as the step returns it."""
+        self.length, self.next_pos = self.length + live, self.next_pos + live                     # [B], [B]
+        self.last_hidden = last_hidden
+        self.aligned = self.aligned and all_live
+        self.size = self.size + 1 if all_live else int(self.length.max())   # a host sync only for padded steps
+
     def _map_rows(self, fn):
         self.k = [fn(t) for t in self.k]
         self.v = [fn(t) for t in self.v]
@@ -508,9 +519,21 @@ class KVCache:
             self.size = int(self.length.max()) if self.batch_size else 0
         return self
 
+    def take(self, rows) -> "KVCache":
+        """A new cache holding copies of `rows` (LongTensor of row indices): extend it, then `put` it back."""
+        return copy.copy(self)._map_rows(lambda t: t.index_select(0, rows))
+
+    def put(self, rows, part: "KVCache"):
+        """Write back the rows `take` copied into `part`, which has grown since (their slots past part.size unused)."""
+        self.reserve(max(0, part.size - self.size))
+        for mine, theirs in zip(self.k + self.v, part.k + part.v):
+            mine[rows, :, :part.size] = theirs[:, :, :part.size]                  # [n, KV, part.size, hd]
+        self.length[rows], self.next_pos[rows], self.last_hidden[rows] = part.length, part.next_pos, part.last_hidden
+        self.size, self.aligned = max(self.size, part.size), False
+
     def repeat_interleave(self, g: int) -> "KVCache":
         """Copy each row g times in place (rows r*g .. r*g+g-1 come from row r): one prompt -> G GRPO samples."""
-        return self._map_rows(lambda t: t.repeat_interleave(g, dim=0))
+        return self.select(torch.arange(self.batch_size, device=self.length.device).repeat_interleave(g))
 
     def select(self, rows) -> "KVCache":
         """Keep only `rows` (list or LongTensor of row indices, in that order), in place."""
@@ -617,8 +640,8 @@ def _read_config(directory: str) -> ModelConfig:
 
 
 def _read_generation_config(directory: str, cfg: ModelConfig):
-    """(eos_token_id, pad_token_id) for generate(): generation_config.json's when the checkpoint has one (the hub's
-    stop list [<|im_end|>, <|endoftext|>] is what transformers' generate uses), else config.json's."""
+    """(eos_token_id, pad_token_id) for decode.generate(): generation_config.json's when the checkpoint has one (the
+    hub's stop list [<|im_end|>, <|endoftext|>] is what transformers' generate uses), else config.json's."""
     path = os.path.join(directory, "generation_config.json")
     gen = _read_json(path, "not a valid generation config") if os.path.exists(path) else {}
     if not isinstance(gen, dict):
@@ -712,7 +735,7 @@ class Qwen25VL(nn.Module):
         self.model.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(t.hidden_size, t.vocab_size, bias=False)
         self.source_dir = None
-        self.generation_eos = cfg.eos_token_id  # generate()'s defaults; generation_config.json overrides them
+        self.generation_eos = cfg.eos_token_id  # decode.generate()'s defaults; generation_config.json overrides them
         self.generation_pad = cfg.pad_token_id
         # the image processor's pixel limits (preprocessor_config.json); cof.py and sft.py size images with them
         self.image_min_pixels, self.image_max_pixels = ck.PROCESSOR_MIN_PIXELS, ck.PROCESSOR_MAX_PIXELS
@@ -920,9 +943,10 @@ class Qwen25VL(nn.Module):
             h = layer(h, cos, sin, attn, None if cache is None else (cache.k[i], cache.v[i], slots, S))
         h = self.model.norm(h)                                                # [B, L, D]
         if cache is not None:
-            last = h[:, -1]                                                   # [B, D] each row's last real token
             if padded:  # the last True of each mask row (a row with none: slot L - 1, which append ignores)
                 last = h[torch.arange(B, device=dev), L - 1 - mask.flip(1).long().argmax(1)]  # [B, D]
+            else:       # a copy, not a view of h (which it would keep alive)
+                last = h[:, -1].clone()                                       # [B, D] each row's last real token
             cache.append(mask, padded, S, new_next, last)
         return h
 
@@ -950,49 +974,3 @@ class Qwen25VL(nn.Module):
             raise ValueError(f"chunk has {input_ids.shape[0]} rows but the cache has {cache.batch_size}")
         h = self._run(input_ids, mask, pixel_values, image_grid_thw, cache)  # [B, L, D]
         return self._lm_head(cache.last_hidden[:, None] if last_only else h)  # [B, 1, V] or [B, L, V]
-
-    @torch.no_grad()
-    def generate(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, max_new_tokens=64,
-                 do_sample=False, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None,
-                 generator=None) -> torch.Tensor:
-        """Prefill + decode. Returns new tokens only, LongTensor [B, <=max_new_tokens]; rows that stopped are padded
-        with the pad id after their stop token. eos_token_id: int or list; default generation_config.json's
-        eos_token_id if the checkpoint has one (hub: [<|im_end|>, <|endoftext|>]), else config.json's."""
-        B, T = input_ids.shape
-        eos = self.generation_eos if eos_token_id is None else eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        pad = pad_token_id if pad_token_id is not None else (
-            self.generation_pad if self.generation_pad is not None else (eos[0] if eos else 0))
-        eos_t = torch.tensor(eos, dtype=torch.long, device=self.device)
-        cache = self.new_cache(B, capacity=T + max_new_tokens)
-        logits = self.extend(cache, input_ids, attention_mask, pixel_values, image_grid_thw, last_only=True)[:, 0]
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        out = []
-        for step in range(max_new_tokens):
-            nxt = sample_next(logits, do_sample, temperature, top_p, top_k, generator)  # [B]
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            out.append(nxt)
-            done = done | torch.isin(nxt, eos_t)
-            n_done = int(done.sum())  # the one host sync per step
-            if step == max_new_tokens - 1 or n_done == B:
-                break
-            step_mask = None if n_done == 0 else ~done[:, None]
-            logits = self.extend(cache, nxt[:, None], mask=step_mask, last_only=True)[:, 0]
-        return torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=self.device)
-
-
-def sample_next(logits, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, generator=None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. Greedy, or temperature -> top-k -> top-p (transformers' warper order)."""
-    if not do_sample or temperature == 0:
-        return logits.argmax(-1)
-    x = logits.float() / temperature
-    if top_k and top_k > 0:
-        kth = torch.topk(x, min(top_k, x.shape[-1]), dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if top_p < 1.0:
-        s, idx = torch.sort(x, descending=True, dim=-1)
-        cum = s.softmax(-1).cumsum(-1)
-        drop = cum - s.softmax(-1) >= top_p                                   # keep the smallest set reaching top_p
-        drop[..., 0] = False
-        x = x.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
-    return torch.multinomial(x.softmax(-1), 1, generator=generator).squeeze(-1)

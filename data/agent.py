@@ -37,6 +37,7 @@ from PIL import Image
 
 import cof
 import crop_kernels
+import decode
 import tokenizer as T
 from data import synth
 
@@ -227,11 +228,10 @@ class ModelTools:
         grid = torch.cat(grids) if grids else None
         ids, _ = T.tokenize_chat(self.tok, msgs, image_grid_thw=grid, add_generation_prompt=True)
         dev = self.model.device
-        out = self.model.generate(torch.tensor([ids], device=dev),
-                                  pixel_values=torch.cat(pv).to(dev) if pv else None,
-                                  image_grid_thw=grid.to(dev) if grid is not None else None,
-                                  max_new_tokens=self.max_new_tokens,
-                                  eos_token_id=[self.tok.im_end_id, self.tok.eos_id])
+        out = decode.generate(self.model, torch.tensor([ids], device=dev),
+                              pixel_values=torch.cat(pv).to(dev) if pv else None,
+                              image_grid_thw=grid.to(dev) if grid is not None else None,
+                              max_new_tokens=self.max_new_tokens, eos_token_id=[self.tok.im_end_id, self.tok.eos_id])
         return self.tok.decode(out[0].tolist(), skip_special_tokens=True).strip()
 
     def _ask(self, world, view, text):

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import decode
 import model as M
 from model_fixtures import hf, left_pad, ours, pixels, seq, tiny_dir
 
@@ -31,13 +32,13 @@ def test_greedy_matches_transformers_generate(case):
         ids, mask = left_pad([seq(c, grids[:1]), seq(c, grids[1:], text=(5, 6, 7, 8, 9, 10, 11))], c.pad_token_id)
         pv, g = pixels(grids)
     never = c.text.vocab_size - 1  # a padded embedding row: run all 32 steps first
-    free = m.generate(ids, pv, g, attention_mask=mask, max_new_tokens=32, eos_token_id=never,
+    free = decode.generate(m, ids, pv, g, attention_mask=mask, max_new_tokens=32, eos_token_id=never,
                       pad_token_id=c.pad_token_id)
     assert free.shape == (ids.shape[0], 32) and never not in free.tolist()[0]
     assert free.tolist() == _hf_generate(ref, ids, mask, pv, g, eos=never, pad=c.pad_token_id).tolist()
     # then stop on a token row 0 emits mid-way: rows stop at different steps and are padded after their stop token
     eos = int(free[0, 10])
-    stopped = m.generate(ids, pv, g, attention_mask=mask, max_new_tokens=32, eos_token_id=eos,
+    stopped = decode.generate(m, ids, pv, g, attention_mask=mask, max_new_tokens=32, eos_token_id=eos,
                          pad_token_id=c.pad_token_id)
     assert stopped.tolist() == _hf_generate(ref, ids, mask, pv, g, eos=eos, pad=c.pad_token_id).tolist()
     assert eos in stopped[0].tolist()
@@ -141,18 +142,18 @@ def test_repeat_interleave_and_select():
 def test_sampling_controls():
     m = ours(tiny_dir())
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
-    greedy = m.generate(ids, max_new_tokens=8, eos_token_id=[])
-    assert torch.equal(m.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, eos_token_id=[]), greedy)
-    assert torch.equal(m.generate(ids, max_new_tokens=8, do_sample=True, top_p=1e-6, eos_token_id=[]), greedy)
-    a = m.generate(ids, max_new_tokens=8, do_sample=True, temperature=5.0, eos_token_id=[],
-                   generator=torch.Generator().manual_seed(1))
-    b = m.generate(ids, max_new_tokens=8, do_sample=True, temperature=5.0, eos_token_id=[],
-                   generator=torch.Generator().manual_seed(1))
+    greedy = decode.generate(m, ids, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(decode.generate(m, ids, max_new_tokens=8, do_sample=True, top_k=1, eos_token_id=[]), greedy)
+    assert torch.equal(decode.generate(m, ids, max_new_tokens=8, do_sample=True, top_p=1e-6, eos_token_id=[]), greedy)
+    a = decode.generate(m, ids, max_new_tokens=8, do_sample=True, temperature=5.0, eos_token_id=[],
+                        generator=torch.Generator().manual_seed(1))
+    b = decode.generate(m, ids, max_new_tokens=8, do_sample=True, temperature=5.0, eos_token_id=[],
+                        generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.equal(a, greedy)
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
-    draws = torch.stack([M.sample_next(logits, True, 1.0, 0.7, 0, torch.Generator().manual_seed(s)) for s in range(200)])
+    draws = torch.stack([decode.sample_next(logits, True, 1.0, 0.7, 0, torch.Generator().manual_seed(s)) for s in range(200)])
     assert set(draws.flatten().tolist()) == {2, 3}             # p(3)=.64 < .7 -> keep {3, 2}, never 0 or 1
-    draws = torch.stack([M.sample_next(logits, True, 1.0, 1.0, 3, torch.Generator().manual_seed(s)) for s in range(200)])
+    draws = torch.stack([decode.sample_next(logits, True, 1.0, 1.0, 3, torch.Generator().manual_seed(s)) for s in range(200)])
     assert set(draws.flatten().tolist()) == {1, 2, 3}
 
 
@@ -163,11 +164,11 @@ def test_generation_config_sets_default_stop_tokens(tmp_path):
     shutil.copytree(tiny_dir(), d)
     m = M.Qwen25VL.from_pretrained(d)
     ids = torch.tensor([[5, 6, 7, 8]])
-    free = m.generate(ids, max_new_tokens=12, eos_token_id=[])
+    free = decode.generate(m, ids, max_new_tokens=12, eos_token_id=[])
     stop = int(free[0, 5])
     json.dump({"eos_token_id": [m.cfg.eos_token_id, stop], "pad_token_id": 3}, open(d / "generation_config.json", "w"))
     m2 = M.Qwen25VL.from_pretrained(d)
-    out = m2.generate(ids, max_new_tokens=12)
+    out = decode.generate(m2, ids, max_new_tokens=12)
     assert out[0].tolist() == free[0, : free[0].tolist().index(stop) + 1].tolist()
 
 

@@ -1,0 +1,181 @@
+"""Generation: sampling, `generate`, and a fixed-shape decode step that torch.compile compiles once.
+
+model.py ends at `Qwen25VL.extend`, the readable way to run any chunk (any length, any padding, images) on a
+KV cache. This file builds generation on it, as gpt-fast keeps generate.py beside model.py
+(`../shared/reference/style-anchors.md`):
+  * `sample_next`: greedy, or temperature -> top-k -> top-p (transformers' warper order), then one uniform draw per
+    row (inverse CDF);
+  * `generate(model, ...)`: prefill + decode loop, transformers' `generate` semantics (eos list, pad after stop);
+  * `Decoder`: the decode step of `generate` and of cof.py's zoom loop, one text token per row, written so that its
+    shapes do not depend on the data and the whole step (all layers, rotary, cache writes, the attention mask, the
+    head) compiles into one graph with no host sync inside. On small models and large batches decode is dominated by
+    the ~15 small eager ops per layer, not by arithmetic; compiled, they become a few fused loops.
+
+The step, for a cache of B rows (row b holds its real tokens at slots [0, length[b])):
+  * row b writes its token's keys/values at slot length[b]; a padding row (a finished conversation, or one whose
+    turn goes through `extend` this step) writes there too and does not count it: the slot is overwritten by its
+    next real token, exactly as `KVCache.place` treats padding;
+  * its query reads slots [0, length[b]] through a [B, 1, 1, n_keys] mask: every row reads the same n_keys slots,
+    the longest row's length rounded up to a multiple of KEY_BUCKET (masked slots hold finite values, so they cost
+    arithmetic but never change a result);
+  * M-RoPE positions of a text token are next_pos[b] on all three axes.
+It is compiled with symbolic sizes (`dynamic=True`), so neither compacting finished rows nor a growing cache
+recompiles: after the first call, only a batch of one row compiles once more (torch specialises sizes 0 and 1).
+`Decoder.compiles` counts compilations. New turns (the environment's reply with a crop image) go through `extend`.
+
+Numerics: the same operations on the same weights as `extend`, but not the same kernels: the eager path reads
+exactly the filled slots (without a mask when no row has padding), this step reads n_keys slots with a mask, and
+inductor fuses the elementwise work; masked keys add exact zeros, yet sums may be blocked differently. Greedy tokens
+agree and log-probs differ by ~1e-6 in fp32 (tests/test_decode.py); a sampled token can differ only where its
+uniform draw falls within that distance of the boundary between two tokens' intervals.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+
+import model as M
+
+KEY_BUCKET = 64   # the step reads a multiple of 64 cache slots: one key count per 64 decode steps, not one per step
+
+# model._inv_freq is functools.lru_cache'd; dynamo traces through the cache (the function is pure: same numbers) and
+# says so once per process. Nothing to act on, so the notice is not shown.
+warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped function")
+
+
+def sample_next(logits, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, generator=None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. Greedy, or temperature -> top-k -> top-p (transformers' warper order), then
+    inverse-CDF sampling: one uniform draw per row from `generator` (B random numbers, not multinomial's B x V)."""
+    if not do_sample or temperature == 0:
+        return logits.argmax(-1)
+    x = logits.float() / temperature
+    if top_k and top_k > 0:
+        kth = torch.topk(x, min(top_k, x.shape[-1]), dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        s, idx = torch.sort(x, descending=True, dim=-1)
+        cum = s.softmax(-1).cumsum(-1)
+        drop = cum - s.softmax(-1) >= top_p                                   # keep the smallest set reaching top_p
+        drop[..., 0] = False
+        x = x.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
+    p = x.softmax(-1)                                                         # [B, V]
+    cdf = p.cumsum(-1)                                                        # [B, V] token i owns [cdf[i-1], cdf[i])
+    u = torch.rand(p.shape[0], 1, generator=generator, device=p.device) * cdf[:, -1:]   # [B, 1]
+    last = p.shape[-1] - 1 - (p > 0).flip(-1).int().argmax(-1)                # [B] a draw rounding up to the total
+    return torch.minimum(torch.searchsorted(cdf, u, right=True).squeeze(-1), last)   # never lands on a p = 0 token
+
+
+@torch.no_grad()
+def generate(model, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, max_new_tokens=64,
+             do_sample=False, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None,
+             generator=None, compile=False) -> torch.Tensor:
+    """Prefill + decode. Returns new tokens only, LongTensor [B, <=max_new_tokens]; rows that stopped are padded
+    with the pad id after their stop token. eos_token_id: int or list; default generation_config.json's
+    eos_token_id if the checkpoint has one (hub: [<|im_end|>, <|endoftext|>]), else config.json's. compile: decode
+    through the compiled `Decoder` (default: `model.extend`)."""
+    B, T = input_ids.shape
+    dev = model.device
+    eos = model.generation_eos if eos_token_id is None else eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = pad_token_id if pad_token_id is not None else (
+        model.generation_pad if model.generation_pad is not None else (eos[0] if eos else 0))
+    eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
+    step = decoder_for(model) if compile else None
+    cache = model.new_cache(B, capacity=T + max_new_tokens)
+    logits = model.extend(cache, input_ids, attention_mask, pixel_values, image_grid_thw, last_only=True)[:, 0]
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    out = []
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits, do_sample, temperature, top_p, top_k, generator)  # [B]
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        out.append(nxt)
+        done = done | torch.isin(nxt, eos_t)
+        n_done = int(done.sum())  # the one host sync per step
+        if i == max_new_tokens - 1 or n_done == B:
+            break
+        live = None if n_done == 0 else ~done                                 # [B]
+        if step is not None:
+            logits = step(cache, nxt, live)                                   # [B, V]
+        else:
+            logits = model.extend(cache, nxt[:, None], None if live is None else live[:, None], last_only=True)[:, 0]
+    return torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=dev)
+
+
+# ---- The compiled decode step ----------------------------------------------------------------------------------
+
+def step_graph(model, k, v, tokens, live, length, next_pos, last_hidden, n_keys: int):
+    """One text token per cache row (eager; `Decoder` compiles it). k/v: the cache's per-layer [B, KV, C, hd]
+    tensors, written in place at slot length[b] of each row; tokens [B] long; live [B] bool (False: a padding row,
+    its token not kept); length, next_pos [B] long; last_hidden [B, D]; n_keys <= C: the slots queries read (every
+    length[b] < n_keys). Returns (logits [B, V] at each row's last real token, the new last_hidden [B, D])."""
+    B = tokens.shape[0]
+    x = model.model.embed_tokens(tokens[:, None])                             # [B, 1, D]
+    cos, sin = model._text_rope(next_pos[None, :, None].expand(3, B, 1), x.dtype)   # [B, 1, 1, hd] text: t = h = w
+    keys = torch.arange(n_keys, device=tokens.device)                         # [n_keys]
+    mask = (keys[None, :] <= length[:, None])[:, None, None]                  # [B, 1, 1, n_keys] its tokens + this one
+    slots = length[:, None]                                                   # [B, 1] where this token goes
+    for i, layer in enumerate(model.model.layers):
+        x = layer(x, cos, sin, mask, (k[i], v[i], slots, n_keys))             # [B, 1, D]
+    h = model.model.norm(x)[:, 0]                                             # [B, D]
+    last = torch.where(live[:, None], h, last_hidden)                         # [B, D] padding rows keep theirs
+    return model._lm_head(last), last                                         # [B, V], [B, D]
+
+
+class Decoder:
+    """`decoder(cache, tokens, live)` == `model.extend(cache, tokens[:, None], live[:, None], last_only=True)[:, 0]`
+    for one token per row, through `step_graph`: compiled on first use when `compile` (falling back to eager, with a
+    warning, where torch.compile is unavailable or fails). Use `decoder_for(model)` to share one compiled step."""
+
+    def __init__(self, model, compile: bool = True):
+        self.model = weakref.ref(model)   # not a strong reference: decoder_for keeps one Decoder per live model
+        self.fn, self.compiled, self.compiles = step_graph, False, 0
+        if compile:
+            try:
+                self.fn = torch.compile(step_graph, backend=self._backend, dynamic=True, fullgraph=True)
+                self.compiled = True
+            except Exception as e:  # e.g. a Python version dynamo does not support yet
+                warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {e}); decoding eagerly")
+
+    def _backend(self, gm, example_inputs):
+        self.compiles += 1   # dynamo calls the backend once per graph it compiles
+        return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+
+    def __call__(self, cache: M.KVCache, tokens, live=None):
+        """tokens [B] long, one per cache row; live [B] bool, or None: every row's token is real. -> logits [B, V]."""
+        if tokens.shape != (cache.batch_size,):
+            raise ValueError(f"a decode step takes one token per cache row: got shape {tuple(tokens.shape)}, "
+                             f"the cache has {cache.batch_size} rows")
+        all_live = live is None
+        live = torch.ones_like(tokens, dtype=torch.bool) if all_live else live
+        n_keys = -(-(cache.size + 1) // KEY_BUCKET) * KEY_BUCKET
+        cache.reserve(n_keys + 1 - cache.size)   # capacity > n_keys: a read never spans the whole cache (which
+                                                 # torch would compile as a second graph)
+        args = (self.model(), cache.k, cache.v, tokens, live, cache.length, cache.next_pos, cache.last_hidden, n_keys)
+        try:
+            with torch._dynamo.config.patch(**_NO_SYMBOLIC_FLOATS):
+                logits, last = self.fn(*args)
+        except Exception as e:   # failing mid-step is harmless: the eager rerun writes the same slots again
+            if not self.compiled:
+                raise
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); decoding eagerly")
+            self.fn, self.compiled = step_graph, False
+            logits, last = self.fn(*args)
+        cache.record_step(live, all_live, last)
+        return logits
+
+
+# The model's float constants (rope theta, norm eps, attention scale) stay constants: with dynamic=True, dynamo would
+# first trace them as symbols, find they cannot be, and compile everything a second time.
+_NO_SYMBOLIC_FLOATS = dict(specialize_float=True) if hasattr(torch._dynamo.config, "specialize_float") else {}
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def decoder_for(model, compile: bool = True) -> Decoder:
+    """One Decoder per (model, compile) for as long as the model lives: a compiled step is reused by every call
+    (the rollouts of every GRPO step) instead of compiled again."""
+    per_model = _DECODERS.setdefault(model, {})
+    if compile not in per_model:
+        per_model[compile] = Decoder(model, compile)
+    return per_model[compile]

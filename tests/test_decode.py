@@ -1,0 +1,202 @@
+"""decode.py: the sampler against the distribution it samples, the decode step (eager and compiled) against
+`Qwen25VL.extend`, generate and the CoF loop with the compiled step against the eager loop (greedy and sampled,
+multi-turn with crops, ragged rows, G > 1), recompiles counted, and the fallback where torch.compile is missing."""
+import warnings
+
+import pytest
+import torch
+
+import cof
+import decode
+import model as M
+from cof_fixtures import call, img
+from data.tiny import make_tiny
+import tokenizer as T
+
+TOL = 1e-5   # fp32 logits / log-probs, compiled or take/put path vs the plain extend path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = make_tiny(str(tmp_path_factory.mktemp("tiny_decode")))
+    return M.Qwen25VL.from_pretrained(d).eval(), T.Tokenizer.from_pretrained(d)
+
+
+def compiled(model):
+    """The shared compiled Decoder; skips the test where this machine cannot compile (it decodes eagerly then)."""
+    d = decode.decoder_for(model)
+    if not d.compiled:
+        pytest.skip("torch.compile is unavailable here: the Decoder fell back to eager")
+    return d
+
+
+def prompt_cache(model, rows=(7, 3, 5), seed=0):
+    """A cache after a ragged (padded) prefill of random text rows; returns (cache, logits [B, V])."""
+    g = torch.Generator().manual_seed(seed)
+    L = max(rows)
+    ids = torch.randint(10, 200, (len(rows), L), generator=g)
+    mask = torch.arange(L)[None, :] < torch.tensor(rows)[:, None]
+    cache = model.new_cache(len(rows))
+    with torch.no_grad():
+        logits = model.extend(cache, ids, mask=mask, last_only=True)[:, 0]
+    return cache, logits
+
+
+def test_sampler_draws_the_softmax_distribution_and_never_a_zero_probability_token(monkeypatch):
+    logits = torch.tensor([[0.0, 1.0, float("-inf"), 2.0, -1.0, float("-inf")],
+                           [3.0, float("-inf"), 0.5, 0.5, 0.0, 1.0]])
+    p = logits.softmax(-1)
+    g = torch.Generator().manual_seed(0)
+    n = 40000
+    draws = decode.sample_next(logits.repeat(n, 1), True, generator=g).view(n, 2)              # [n, 2]
+    freq = torch.stack([torch.bincount(draws[:, r], minlength=6) for r in range(2)]).float() / n
+    sigma = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 5 * sigma + 1e-9).all(), (freq, p)
+    assert freq[0, 2] == freq[0, 5] == freq[1, 1] == 0
+    # a draw that rounds up to the total lands on the last token with p > 0, not on a banned tail token
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(a[0], a[1]))
+    assert decode.sample_next(logits, True).tolist() == [4, 5]
+
+
+def test_decode_step_equals_extend_with_padding_rows(tiny):
+    """The step (eager and compiled) gives extend's logits and cache state, step after step, with ragged prompts
+    and some rows padding (finished) in some steps."""
+    model, _ = tiny
+    ref, logits = prompt_cache(model)
+    steps = {"eager": decode.Decoder(model, compile=False), "compiled": compiled(model)}
+    caches = {k: prompt_cache(model)[0] for k in steps}
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i in range(6):
+            tokens = torch.randint(10, 200, (3,), generator=g)
+            live = None if i < 2 else torch.tensor([True, i % 2 == 0, True])
+            want = model.extend(ref, tokens[:, None], None if live is None else live[:, None], last_only=True)[:, 0]
+            for name, step in steps.items():
+                got = step(caches[name], tokens, live)
+                assert (got - want).abs().max() < TOL, (name, i)
+                assert torch.equal(caches[name].length, ref.length) and torch.equal(caches[name].next_pos, ref.next_pos)
+                assert caches[name].size == ref.size
+
+
+def test_take_and_put_equal_extending_the_whole_cache(tiny):
+    model, _ = tiny
+    ref, _ = prompt_cache(model)
+    cache, _ = prompt_cache(model)
+    chunk = torch.randint(10, 200, (3, 4), generator=torch.Generator().manual_seed(2))
+    rows = torch.tensor([0, 2])
+    with torch.no_grad():
+        want = model.extend(ref, chunk, mask=torch.tensor([[True] * 4, [False] * 4, [True, True, False, False]]),
+                            last_only=True)[:, 0]
+        part = cache.take(rows)
+        got = model.extend(part, chunk[rows], mask=torch.tensor([[True] * 4, [True, True, False, False]]),
+                           last_only=True)[:, 0]
+        cache.put(rows, part)
+        assert (got - want[rows]).abs().max() < TOL
+        assert torch.equal(cache.length, ref.length) and torch.equal(cache.next_pos, ref.next_pos)
+        nxt = torch.tensor([5, 6, 7])     # the next token of every row sees the same keys either way
+        a = model.extend(ref, nxt[:, None], last_only=True)[:, 0]
+        b = model.extend(cache, nxt[:, None], last_only=True)[:, 0]
+        assert (a - b).abs().max() < TOL
+
+
+def test_generate_compiled_equals_eager_with_rows_stopping_early(tiny):
+    model, tok = tiny
+    compiled(model)
+    ids = torch.randint(10, 200, (4, 9), generator=torch.Generator().manual_seed(3))
+    free = decode.generate(model, ids, max_new_tokens=12, eos_token_id=[])
+    eos = [free[0, 3].item(), free[2, 6].item()]          # rows stop at different steps
+    for kw in (dict(eos_token_id=[]), dict(eos_token_id=eos, pad_token_id=0)):
+        eager = decode.generate(model, ids, max_new_tokens=12, **kw)
+        fast = decode.generate(model, ids, max_new_tokens=12, compile=True, **kw)
+        assert torch.equal(eager, fast)
+
+
+ZOOMS = [["<think>look</think> " + call("[10, 10, 60, 50]"), call("[30, 20, 90, 80]")],
+         [call("[0, 0, 200, 30]")],
+         []]
+IMAGES = [img(140, 168, 1), img(112, 224, 2), img(168, 112, 3)]
+QUESTIONS = ["What is the colour of the cup?\n(A) red\n(B) blue", "Where?", "Which?"]
+
+
+def both(model, tok, cfg, group_size=1, seed=None, prefixes=ZOOMS, images=IMAGES, questions=QUESTIONS):
+    """The same CoF batch through the eager loop and the compiled one (same generator seed when sampling)."""
+    out = []
+    for comp in (False, True):
+        g = None if seed is None else torch.Generator().manual_seed(seed)
+        out.append(cof.run(model, tok, images, questions, cof.CofConfig(**{**cfg, "compile": comp}),
+                           group_size=group_size, generator=g,
+                           logits_processor=cof.force_prefixes(tok, prefixes, group_size)))
+    return out
+
+
+def assert_same(eager, fast):
+    assert len(eager) == len(fast)
+    for a, b in zip(eager, fast):
+        assert a.ids == b.ids and a.gen_mask == b.gen_mask and a.n_zooms == b.n_zooms
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < TOL
+
+
+def test_cof_loop_compiled_equals_eager_greedy_multi_turn(tiny):
+    model, tok = tiny
+    compiled(model)
+    eager, fast = both(model, tok, dict(max_new_tokens=24, max_turns=3))
+    assert [t.n_zooms for t in eager] == [2, 1, 0]                      # crops in two rows, none in the third
+    assert len({len(t.ids) for t in eager}) == 3                        # ragged rows
+    assert_same(eager, fast)
+
+
+def test_cof_loop_compiled_equals_eager_sampled_groups(tiny):
+    model, tok = tiny
+    compiled(model)
+    eager, fast = both(model, tok, dict(do_sample=True, max_new_tokens=16, max_turns=3), group_size=4, seed=5)
+    assert len({tuple(t.ids) for t in eager[:4]}) > 1                   # the G samples differ
+    assert len({sum(t.gen_mask) for t in eager}) > 2                    # and finish at different lengths
+    assert_same(eager, fast)
+
+
+def test_no_recompile_after_warm_up(tiny):
+    """One warm-up batch (which reaches a single live row), then three more turns of other lengths, other images,
+    other batch sizes: the compiled step is not compiled again."""
+    model, tok = tiny
+    d = compiled(model)
+    cfg = dict(max_new_tokens=64, max_turns=4)
+    both(model, tok, cfg, prefixes=[[call("[0, 0, 50, 50]")], []], images=IMAGES[:2], questions=QUESTIONS[:2])
+    warm = d.compiles
+    if not d.compiled:
+        pytest.skip("torch.compile failed here: the Decoder fell back to eager")
+    assert warm >= 1
+    eager, fast = both(model, tok, cfg, group_size=2, seed=None,
+                       prefixes=[[call("[5, 5, 150, 100]"), call("[0, 0, 30, 90]"), "x" * 3 + call("[1, 1, 80, 80]")],
+                                 ["a longer first turn " * 3 + call("[20, 20, 60, 60]")]],
+                       images=[img(200, 120, 7), img(120, 260, 8)], questions=["q", "a longer question " * 4])
+    assert [t.n_zooms for t in eager[::2]] == [3, 1]
+    assert_same(eager, fast)
+    assert d.compiles == warm
+
+
+def test_falls_back_to_eager_where_compile_is_missing_or_fails(tiny, monkeypatch):
+    model, _ = tiny
+    cache, _ = prompt_cache(model)
+    ref, _ = prompt_cache(model)
+    tokens = torch.tensor([11, 12, 13])
+    with torch.no_grad():
+        want = model.extend(ref, tokens[:, None], last_only=True)[:, 0]
+
+    def missing(*a, **k):
+        raise RuntimeError("Dynamo is not supported on this Python")
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "compile", missing)
+        with pytest.warns(UserWarning, match="torch.compile is unavailable"):
+            d = decode.Decoder(model)
+    assert not d.compiled
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler")
+    failing = decode.Decoder(model)
+    failing._backend = broken
+    failing.fn = torch.compile(decode.step_graph, backend=broken, dynamic=True, fullgraph=True)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = failing(cache, tokens)
+    assert any("torch.compile failed" in str(x.message) for x in w) and not failing.compiled
+    assert (got - want).abs().max() < TOL and torch.equal(cache.length, ref.length)

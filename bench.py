@@ -1,13 +1,16 @@
 """Benchmarks: our code against its baseline, in the same run, printed as a table with ratios.
 
     python bench.py model [--threads 1] [--hidden 512 --layers 4 ...]   model.py vs transformers: prefill and decode
-                                                                        tokens/s, same random checkpoint, greedy
+                                                                        (eager and compiled, theirs too where it
+                                                                        can), same random checkpoint, greedy
                                                                         tokens compared
     python bench.py cof [--model DIR] [--n 8 --zooms 2 ...]             whole CoF conversations: the batched one-cache
-                                                                        loop vs the released cost model (re-encode
-                                                                        the whole chat every turn), same tokens
-    python bench.py cof --model DIR --data FILE --n 64 --samples 8      GRPO-style sampled rollouts on real questions:
-                                                                        generated tokens/s, questions/s
+                                                                        loop, eager and compiled, vs the released
+                                                                        cost model (re-encode the whole chat every
+                                                                        turn), same tokens
+    python bench.py cof --model DIR --data FILE --n 64 --samples 8      GRPO-style sampled rollouts on real questions,
+                                                                        eager vs compiled decode step: generated
+                                                                        tokens/s, questions/s, same tokens
 
 The crop kernels have their own microbenchmark beside them: `python crop_kernels.py --bench`. This file stays out of
 the runtime code because its baselines are not runtime dependencies (transformers is a test-only oracle) and because
@@ -20,11 +23,13 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
 import cof
 import crop_kernels as ck
+import decode
 import model as M
 import tokenizer as T
 from data.tiny import make_tiny
@@ -87,9 +92,20 @@ def bench_model(args):
             lambda: ours.visual(pv, grid), lambda: _hf_visual(ref)(pv, grid_thw=grid))))
         rows.append((f"prefill, vision + {T} tokens", "ms", *clock.pair(
             lambda: _prefill(ours, ids, pv, grid, n_new), lambda: ref(**hf_in, use_cache=True, logits_to_keep=1))))
+        fast = decode.decoder_for(ours)
+        _decode(ours, ids, pv, grid, n_new, 1, clock, fast)             # compile outside the timings (batch 1 and G)
+        _decode(ours, ids, pv, grid, n_new, G, clock, fast)
+        static = _hf_static(ref, hf_in, n_new, never, clock)              # the same for transformers' compiled path
         rows.append(("decode, batch 1", "tok/s", *clock.pair(
             lambda: _decode(ours, ids, pv, grid, n_new, 1, clock), lambda: _hf_decode(ref, hf_in, n_new, never, clock),
             rate=n_new)))
+        rows.append(("decode, batch 1: ours compiled", "tok/s", *clock.pair(
+            lambda: _decode(ours, ids, pv, grid, n_new, 1, clock, fast),
+            lambda: _hf_decode(ref, hf_in, n_new, never, clock), rate=n_new)))
+        if static:
+            rows.append(("decode, batch 1: both compiled (transformers: static cache)", "tok/s", *clock.pair(
+                lambda: _decode(ours, ids, pv, grid, n_new, 1, clock, fast),
+                lambda: _hf_decode(ref, hf_in, n_new, never, clock, static), rate=n_new)))
         hf_g = {k: torch.cat([v] * G) for k, v in hf_in.items()}                  # G copies of the prompt
         rows.append((f"one prompt x {G} samples: prefill", "ms", *clock.pair(
             lambda: _prefill(ours, ids, pv, grid, n_new).repeat_interleave(G),
@@ -97,17 +113,26 @@ def bench_model(args):
         rows.append((f"one prompt x {G} samples: decode", "tok/s", *clock.pair(
             lambda: _decode(ours, ids, pv, grid, n_new, G, clock), lambda: _hf_decode(ref, hf_g, n_new, never, clock),
             rate=G * n_new)))
+        rows.append((f"one prompt x {G} samples: decode, ours compiled", "tok/s", *clock.pair(
+            lambda: _decode(ours, ids, pv, grid, n_new, G, clock, fast),
+            lambda: _hf_decode(ref, hf_g, n_new, never, clock), rate=G * n_new)))
+        if static and _hf_static(ref, hf_g, n_new, never, clock):
+            rows.append((f"one prompt x {G} samples: decode, both compiled", "tok/s", *clock.pair(
+                lambda: _decode(ours, ids, pv, grid, n_new, G, clock, fast),
+                lambda: _hf_decode(ref, hf_g, n_new, never, clock, static), rate=G * n_new)))
     rows.append((f"training forward + backward, {T} tokens", "ms", *clock.pair(
         lambda: _train_step(ours, lambda: ours(ids, pv, grid)), lambda: _train_step(ref, lambda: ref(**hf_in).logits))))
     with torch.no_grad():
         diff = (ours(ids, pv, grid)[:, -1].float() - ref(**hf_in).logits[:, -1].float()).abs().max().item()
-        a = ours.generate(ids, pv, grid, max_new_tokens=16, eos_token_id=never)
+        a = decode.generate(ours, ids, pv, grid, max_new_tokens=16, eos_token_id=never)
+        c = decode.generate(ours, ids, pv, grid, max_new_tokens=16, eos_token_id=never, compile=True)
         b = ref.generate(**hf_in, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                          eos_token_id=never, pad_token_id=0)[:, T:]
-    _model_table(args, device, rows, ids, grid, diff, a.tolist() == b.tolist())
+    same = a.tolist() == b.tolist() == c.tolist()
+    _model_table(args, device, rows, ids, grid, diff, same, fast)
     if not args.no_crop:
         ck.bench(sources=((args.crop_source[0], args.crop_source[1]),))
-    return dict(rows=rows, max_logit_diff=diff, greedy_same=a.tolist() == b.tolist())
+    return dict(rows=rows, max_logit_diff=diff, greedy_same=same)
 
 
 class _Clock:
@@ -158,15 +183,17 @@ def _prefill(model, ids, pv, grid, n_new):
     return cache
 
 
-def _decode(model, ids, pv, grid, n_new, G, clock):
-    """generate's loop for G rows sharing one prefilled prompt; returns the seconds of the n_new decode steps."""
+def _decode(model, ids, pv, grid, n_new, G, clock, step=None):
+    """generate's loop for G rows sharing one prefilled prompt, through `extend` or a decode `step`
+    (decode.Decoder); returns the seconds of the n_new decode steps."""
     cache = model.new_cache(1, capacity=ids.shape[1] + n_new + 1)
     logits = model.extend(cache, ids, pixel_values=pv, image_grid_thw=grid, last_only=True)[:, 0]    # [1, V]
     cache.repeat_interleave(G)
     logits = logits.repeat_interleave(G, dim=0)                                                     # [G, V]
     t0 = clock.now()
     for _ in range(n_new):
-        logits = model.extend(cache, M.sample_next(logits)[:, None], last_only=True)[:, 0]
+        nxt = decode.sample_next(logits)                                                           # [G]
+        logits = step(cache, nxt) if step else model.extend(cache, nxt[:, None], last_only=True)[:, 0]
     return clock.now() - t0
 
 
@@ -181,13 +208,31 @@ class _Streamer:  # transformers calls streamer.put(prompt), then put(new tokens
         pass
 
 
-def _hf_decode(ref, hf_in, n_new, never, clock):
+def _hf_decode(ref, hf_in, n_new, never, clock, static=None):
     """transformers' greedy generate on a batch of prompts (G copies for the samples rows: it has no shared prefill);
-    the seconds from its first new token to its last (n_new decode steps)."""
+    the seconds from its first new token to its last (n_new decode steps). static: generate's keywords for its
+    static cache, compiled (`_hf_static`)."""
     streamer = _Streamer(clock)
     ref.generate(**hf_in, attention_mask=torch.ones_like(hf_in["input_ids"]), max_new_tokens=n_new + 1,
-                 min_new_tokens=n_new + 1, do_sample=False, eos_token_id=never, pad_token_id=0, streamer=streamer)
+                 min_new_tokens=n_new + 1, do_sample=False, eos_token_id=never, pad_token_id=0, streamer=streamer,
+                 **(static or {}))
     return streamer.t[-1] - streamer.t[1]
+
+
+def _hf_static(ref, hf_in, n_new, never, clock):
+    """generate's keywords for transformers' static cache with its forward compiled (on CUDA it compiles that by
+    itself; on the CPU only when asked through CompileConfig's `_compile_all_devices`), after one warm-up call that
+    compiles it; None (with the reason printed) where this transformers cannot."""
+    try:
+        from transformers import CompileConfig
+        cc = CompileConfig(mode="default" if ref.device.type == "cpu" else "reduce-overhead")
+        cc._compile_all_devices = True
+        kw = dict(cache_implementation="static", compile_config=cc)
+        _hf_decode(ref, hf_in, n_new, never, clock, kw)
+        return kw
+    except Exception as e:  # an older transformers, or no compiler
+        print(f"transformers' static-cache compiled generate unavailable here: {type(e).__name__}: {str(e)[:200]}")
+        return None
 
 
 def _train_step(model, logits_fn):
@@ -218,7 +263,7 @@ def _model_pair(args, device):
     return ours, ref, torch.tensor([ids], device=device), pv.to(device), grid                 # ids [1, T]
 
 
-def _model_table(args, device, rows, ids, grid, diff, same):
+def _model_table(args, device, rows, ids, grid, diff, same, fast):
     """The rows as a markdown table with ratios (> 1 = ours is faster), naming the device and the versions."""
     import transformers
 
@@ -233,7 +278,8 @@ def _model_table(args, device, rows, ids, grid, diff, same):
         ratio = h / o if unit == "ms" else o / h
         print(f"| {step} | {unit} | {o:.1f} | {h:.1f} | {ratio:.2f}x |")
     print(f"agreement: max |logit difference| at the last prompt token {diff:.2e}; greedy tokens identical for 16 "
-          f"steps: {same}")
+          f"steps (ours eager, ours compiled, transformers): {same}; our decode step compiled {fast.compiles} "
+          f"graph(s){'' if fast.compiled else ' (torch.compile failed: decoded eagerly)'}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -268,6 +314,10 @@ def bench_cof(a):
     results.append(("one KV cache, 1 question at a time", seq, t_seq))
     bat, t_bat = timed(lambda: cof.run(model, tok, images, qs, cfg, logits_processor=cof.force_prefixes(tok, prefixes)))
     results.append((f"one KV cache, batch of {a.n}", bat, t_bat))
+    fast = replace(cfg, compile=True)
+    cof.run(model, tok, images, qs, fast, logits_processor=cof.force_prefixes(tok, prefixes))     # compiles
+    com, t_com = timed(lambda: cof.run(model, tok, images, qs, fast, logits_processor=cof.force_prefixes(tok, prefixes)))
+    results.append((f"one KV cache, batch of {a.n}, compiled decode step", com, t_com))
     print(f"device: {model.device} ({torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}), "
           f"dtype {model.dtype}, {a.n} questions, image {w}x{h} -> {mw}x{mh}, {a.zooms} zooms each, "
           f"<= {a.new_tokens} new tokens a turn")
@@ -291,15 +341,23 @@ def bench_rollouts(a):
     questions = [it["question"] for it in items]
     cfg = cof.cfg_from_args(a.cfg, do_sample=True)
     clock = _Clock(model.device)
-    cof.rollouts(model, tok, images[:1], questions[:1], 2, cfg, generator=torch.Generator().manual_seed(1))  # warm-up
     rows = []
     for rep in range(a.reps):
-        g = torch.Generator(device=model.device).manual_seed(rep)
-        trs, t = clock.timed(lambda: cof.rollouts(model, tok, images, questions, a.samples, cfg, generator=g))
-        gen = sum(x.n_generated for x in trs)
-        rows.append(dict(mode=f"one KV cache, {len(items)} questions x G={a.samples}, sampled (seed {rep})",
-                         seconds=t, gen_tokens=gen, gen_tok_per_s=gen / t, questions_per_s=len(items) / t,
-                         rollouts_per_s=len(trs) / t, zooms=statistics.fmean(x.n_zooms for x in trs)))
+        runs = []
+        for compiled in (False, True):
+            c = replace(cfg, compile=compiled)
+            if rep == 0:   # warm-up: the same rollouts once, untimed (the compiled step compiles here)
+                cof.rollouts(model, tok, images, questions, a.samples, c, generator=torch.Generator().manual_seed(9))
+            g = torch.Generator(device=model.device).manual_seed(rep)
+            trs, t = clock.timed(lambda: cof.rollouts(model, tok, images, questions, a.samples, c, generator=g))
+            runs.append(trs)
+            gen = sum(x.n_generated for x in trs)
+            rows.append(dict(mode=f"{len(items)} questions x G={a.samples}, seed {rep}: "
+                                  f"{'compiled decode step' if compiled else 'eager extend'}",
+                             seconds=t, gen_tokens=gen, gen_tok_per_s=gen / t, questions_per_s=len(items) / t,
+                             rollouts_per_s=len(trs) / t, zooms=statistics.fmean(x.n_zooms for x in trs),
+                             speedup=rows[-1]["seconds"] / t if compiled else 1.0,
+                             same_tokens_as_eager=all(x.ids == y.ids for x, y in zip(*runs)) if compiled else True))
     print(f"device: {model.device} ({torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}, "
           f"{torch.get_num_threads()} threads), dtype {model.dtype}, model {a.model}, data {a.data}, cfg {a.cfg or []}")
     print(cof.format_table(rows))

@@ -27,6 +27,7 @@ CPU path under pytest (and the full script with COF_GPU_ACCEPTANCE=1).
 """
 import argparse
 import contextlib
+import dataclasses
 import gc
 import io
 import json
@@ -63,6 +64,7 @@ import torch  # noqa: E402
 
 import cof  # noqa: E402
 import crop_kernels as ck  # noqa: E402
+import decode  # noqa: E402
 import grpo  # noqa: E402
 import model as M  # noqa: E402
 import sft  # noqa: E402
@@ -148,7 +150,7 @@ def _generate_both(m, ref, ids, pv, grid, mask, eos, n=32):
     pad = m.cfg.pad_token_id
     mm = {} if pv is None else dict(pixel_values=pv, image_grid_thw=grid,
                                     mm_token_type_ids=(ids == m.cfg.image_token_id).int())
-    a = m.generate(ids, pv, grid, attention_mask=mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
+    a = decode.generate(m, ids, pv, grid, attention_mask=mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
     b = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=eos,
                      pad_token_id=pad, **mm)[:, ids.shape[1]:]
     return a, b
@@ -358,6 +360,20 @@ def check_cof(ctx):
               f"{sum(len(t.ids) for t in want)} tokens; " + ("same token ids, pixel values and log-probs (<= 1e-3)"
                                                               if not problems else "; ".join(problems))
               + (f"; near-ties: {'; '.join(notes)}" if notes else ""))
+
+    # the compiled decode step (decode.Decoder) against the eager loop on the same device
+    fast = cof.run(net, tok, images, COF_QUESTIONS, dataclasses.replace(cfg, compile=True),
+                   logits_processor=cof.force_prefixes(tok, COF_PREFIXES))
+    d = decode.decoder_for(net)
+    same = all(a.ids == b.ids for a, b in zip(got, fast))
+    lp = max(max((abs(x - y) for x, y in zip(a.logprobs, b.logprobs)), default=0.0) for a, b in zip(got, fast))
+    details = (f"--cfg compile=true on {dev.type}: {d.compiles} graph(s) compiled"
+               + ("" if d.compiled else " (torch.compile FAILED: decoded eagerly)")
+               + f"; same token ids as the eager loop: {same}; log-probs max diff {lp:.2e} (<= 1e-4)")
+    if not d.compiled and not ctx.cuda and same:   # a CPU without a working compiler: the fallback is what runs
+        rep.add("SKIP", "cof/compiled_decode", details)
+    else:
+        rep.check("cof/compiled_decode", same and lp <= 1e-4 and d.compiled, details)
 
     # sampled rollouts, group_size 3: the helper GRPO calls, then the loop with forced zooms against a full re-forward
     g = torch.Generator(device=dev).manual_seed(0)
@@ -569,7 +585,7 @@ def check_memory_7b(ctx):
     t0 = time.time()
     with torch.no_grad():
         for _ in range(n_new):
-            nxt = M.sample_next(logits)
+            nxt = decode.sample_next(logits)
             logits = net.extend(cache, nxt[:, None], last_only=True)[:, 0]
     ctx.sync()
     t_decode = time.time() - t0

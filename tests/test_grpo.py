@@ -285,22 +285,34 @@ def _losses(out):
         return [json.loads(l) for l in f if '"reward"' in l]
 
 
-def test_resume_is_exact(setup):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_resume_is_exact(setup, compiled):
+    """Eager rollouts: a resumed run is bit for bit the uninterrupted one. Compiled rollouts: the same samples, and
+    losses and weights equal to float rounding: inductor picks its kernels' blocking from the sizes it first compiled
+    for, which a resumed process meets at another step, so log-probs can differ in the last bits."""
     from grpo_runner import length_reward
-    full = grpo.train(_cfg(setup, "full"), reward_fn=length_reward)
+    tag = "compiled" if compiled else "eager"
+    full = grpo.train(_cfg(setup, f"full-{tag}", compile=compiled), reward_fn=length_reward)
     assert len(full["history"]) == 4 and any(abs(h["loss"]) > 0 for h in full["history"])
-    out = setup["root"] / "resumed"
+    out = setup["root"] / f"resumed-{tag}"
     os.makedirs(out)
-    shutil.copytree(setup["root"] / "full" / "ckpt-000002", out / "ckpt-000002")
-    res = grpo.train(_cfg(setup, "resumed", resume=str(out / "ckpt-000002")), reward_fn=length_reward)
+    shutil.copytree(setup["root"] / f"full-{tag}" / "ckpt-000002", out / "ckpt-000002")
+    res = grpo.train(_cfg(setup, f"resumed-{tag}", compile=compiled, resume=str(out / "ckpt-000002")),
+                     reward_fn=length_reward)
     assert res["start"] == 2
-    keys = ("loss", "reward", "kl", "grad_norm", "response_tokens")
-    assert [[h[k] for k in keys] for h in res["history"]] == [[h[k] for k in keys] for h in full["history"][2:]]
+    same = ("reward", "response_tokens")                            # the same samples either way
+    assert [[h[k] for k in same] for h in res["history"]] == [[h[k] for k in same] for h in full["history"][2:]]
+    keys = ("loss", "kl", "grad_norm")
+    a_hist, b_hist = ([[h[k] for k in keys] for h in r] for r in (full["history"][2:], res["history"]))
     from safetensors.torch import load_file
-    a = load_file(str(setup["root"] / "full" / "ckpt-000004" / "trainer" / "trainable.safetensors"))
+    a = load_file(str(setup["root"] / f"full-{tag}" / "ckpt-000004" / "trainer" / "trainable.safetensors"))
     b = load_file(str(out / "ckpt-000004" / "trainer" / "trainable.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    ref = load_file(str(setup["root"] / "full" / "ckpt-000002" / "trainer" / "trainable.safetensors"))
+    if not compiled:
+        assert a_hist == b_hist and all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        assert all(abs(x - y) <= 1e-6 * max(1.0, abs(x)) for ra, rb in zip(a_hist, b_hist) for x, y in zip(ra, rb))
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5      # Adam magnifies tiny gradient gaps
+    ref = load_file(str(setup["root"] / f"full-{tag}" / "ckpt-000002" / "trainer" / "trainable.safetensors"))
     assert any(not torch.equal(a[k], ref[k]) for k in a)          # the policy did move
 
 

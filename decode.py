@@ -27,10 +27,13 @@ Numerics: the same operations on the same weights as `extend`, but not the same 
 exactly the filled slots (without a mask when no row has padding), this step reads n_keys slots with a mask, and
 inductor fuses the elementwise work; masked keys add exact zeros, yet sums may be blocked differently. Greedy tokens
 agree and log-probs differ by ~1e-6 in fp32 (tests/test_decode.py); a sampled token can differ only where its
-uniform draw falls within that distance of the boundary between two tokens' intervals.
+uniform draw falls within that distance of the boundary between two tokens' intervals. Inductor also picks its
+kernels' blocking from the sizes of the first call, so two processes that met other sizes first may differ in the
+last bits (a resumed GRPO run: same samples, weights within 1e-5; eager rollouts resume bit for bit).
 """
 from __future__ import annotations
 
+import types
 import warnings
 import weakref
 
@@ -132,8 +135,10 @@ class Decoder:
         self.model = weakref.ref(model)   # not a strong reference: decoder_for keeps one Decoder per live model
         self.fn, self.compiled, self.compiles = step_graph, False, 0
         if compile:
-            try:
-                self.fn = torch.compile(step_graph, backend=self._backend, dynamic=True, fullgraph=True)
+            try:   # its own copy of the function: dynamo keeps compiled graphs per code object, at most 8, so each
+                   # model's graphs live (and die) with its Decoder instead of crowding out the next model's
+                fn = types.FunctionType(step_graph.__code__.replace(), step_graph.__globals__, "step_graph")
+                self.fn = torch.compile(fn, backend=self._backend, dynamic=True, fullgraph=True)
                 self.compiled = True
             except Exception as e:  # e.g. a Python version dynamo does not support yet
                 warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {e}); decoding eagerly")

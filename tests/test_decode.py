@@ -200,3 +200,17 @@ def test_falls_back_to_eager_where_compile_is_missing_or_fails(tiny, monkeypatch
         got = failing(cache, tokens)
     assert any("torch.compile failed" in str(x.message) for x in w) and not failing.compiled
     assert (got - want).abs().max() < TOL and torch.equal(cache.length, ref.length)
+
+
+def test_every_model_in_a_process_gets_its_own_compiled_step(tmp_path):
+    """dynamo keeps at most 8 compiled graphs per code object; nine models in one process (say, an evaluation of nine
+    checkpoints) must still each decode compiled, not fall back to eager."""
+    d = make_tiny(str(tmp_path / "m"))
+    ids = torch.randint(10, 200, (2, 6), generator=torch.Generator().manual_seed(4))
+    for i in range(9):
+        model = M.Qwen25VL.from_pretrained(d).eval()
+        want = decode.generate(model, ids, max_new_tokens=3, eos_token_id=[])
+        got = decode.generate(model, ids, max_new_tokens=3, eos_token_id=[], compile=True)
+        if i == 0 and not decode.decoder_for(model).compiled:
+            pytest.skip("torch.compile is unavailable here: the Decoder fell back to eager")
+        assert torch.equal(got, want) and decode.decoder_for(model).compiled, f"model {i}"

@@ -42,14 +42,16 @@ HOSTILE = ["<tool_call>", "</tool_call>", "<answer>", "</answer>", "<think>", "{
            "<|im_start|>", "-", ".", "e", "99999999"]
 
 
-def test_a_thousand_sampled_rollouts_of_an_untrained_model(tiny):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_thousand_sampled_rollouts_of_an_untrained_model(tiny, compiled):
     """125 questions x G = 8 at temperature 1.0, with the tool-call and vision tokens boosted so that tool calls,
     broken JSON and vision tokens are sampled all the time: every rollout ends, no exception, no vision pad in the
-    ids the loss would see, and the training forward over the trajectories runs."""
+    ids the loss would see, and the training forward over the trajectories runs. Eager, and through the compiled
+    decode step GRPO uses (rows ending turns at every step are taken out of the cache and put back)."""
     net, tok = tiny
     images = [img(112 + 28 * (i % 5), 140 + 28 * (i % 3), i) for i in range(125)]
     cfg = cof.CofConfig(do_sample=True, temperature=1.0, max_new_tokens=24, max_turns=4, invalid="text",
-                        max_model_len=600)
+                        max_model_len=600, compile=compiled)
     out = []
     for i in range(0, 125, 25):
         out += cof.run(net, tok, images[i:i + 25], [f"question {k}" for k in range(i, i + 25)], cfg, group_size=8,

@@ -1200,7 +1200,7 @@ def format_table(rows):
     if not rows:
         return "(no results)"
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)   # noqa: E731
+    fmt = lambda v: (f"{v:.2f}" if v == 0 or abs(v) >= 0.01 else f"{v:.1e}") if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

@@ -52,4 +52,5 @@ def test_bench_sampled_rollouts_on_records(tmp_path, capsys):
         assert abs(row["rollouts_per_s"] - 3 * row["questions_per_s"]) < 1e-9
         assert abs(row["gen_tok_per_s"] * row["seconds"] - row["gen_tokens"]) < 1e-6
     assert fast["same_tokens_as_eager"] and fast["gen_tokens"] == eager["gen_tokens"]
+    assert 0 <= fast["max_logprob_diff"] < 1e-4
     assert "2 questions x G=3" in capsys.readouterr().out

@@ -358,14 +358,14 @@ def bench_rollouts(a):
                              rollouts_per_s=len(trs) / t, zooms=statistics.fmean(x.n_zooms for x in trs),
                              speedup=rows[-1]["seconds"] / t if compiled else 1.0,
                              same_tokens_as_eager=all(x.ids == y.ids for x, y in zip(*runs)) if compiled else True,
-                             max_logprob_diff=_logprob_gap(*runs) if compiled else 0.0))
+                             max_logprob_diff=logprob_gap(*runs) if compiled else 0.0))
     print(f"device: {model.device} ({torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}, "
           f"{torch.get_num_threads()} threads), dtype {model.dtype}, model {a.model}, data {a.data}, cfg {a.cfg or []}")
     print(cof.format_table(rows))
     return rows
 
 
-def _logprob_gap(a, b):
+def logprob_gap(a, b):
     """Largest difference between the recorded log-probs of two runs' trajectories that have the same tokens."""
     return max((max((abs(p - q) for p, q in zip(x.logprobs, y.logprobs)), default=0.0)
                 for x, y in zip(a, b) if x.ids == y.ids), default=float("nan"))

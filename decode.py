@@ -177,10 +177,9 @@ _NO_SYMBOLIC_FLOATS = dict(specialize_float=True) if hasattr(torch._dynamo.confi
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def decoder_for(model, compile: bool = True) -> Decoder:
-    """One Decoder per (model, compile) for as long as the model lives: a compiled step is reused by every call
-    (the rollouts of every GRPO step) instead of compiled again."""
-    per_model = _DECODERS.setdefault(model, {})
-    if compile not in per_model:
-        per_model[compile] = Decoder(model, compile)
-    return per_model[compile]
+def decoder_for(model) -> Decoder:
+    """The model's compiled Decoder, made on first use and kept for as long as the model lives: a compiled step is
+    reused by every call (the rollouts of every GRPO step) instead of compiled again."""
+    if model not in _DECODERS:
+        _DECODERS[model] = Decoder(model)
+    return _DECODERS[model]

@@ -62,6 +62,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import bench  # noqa: E402
 import cof  # noqa: E402
 import crop_kernels as ck  # noqa: E402
 import decode  # noqa: E402
@@ -366,7 +367,7 @@ def check_cof(ctx):
                    logits_processor=cof.force_prefixes(tok, COF_PREFIXES))
     d = decode.decoder_for(net)
     same = all(a.ids == b.ids for a, b in zip(got, fast))
-    lp = max(max((abs(x - y) for x, y in zip(a.logprobs, b.logprobs)), default=0.0) for a, b in zip(got, fast))
+    lp = bench.logprob_gap(got, fast)
     details = (f"--cfg compile=true on {dev.type}: {d.compiles} graph(s) compiled"
                + ("" if d.compiled else " (torch.compile FAILED: decoded eagerly)")
                + f"; same token ids as the eager loop: {same}; log-probs max diff {lp:.2e} (<= 1e-4)")

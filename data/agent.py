@@ -78,11 +78,14 @@ class World:
     image: PIL RGB source; resolution: long side to resize to first (None: keep); view_max_pixels / view_min_pixels:
     the model processor's limits. scene: a synth.Scene when the image is a toy-V* scene (oracle tools need it).
     target_box: the asked-about box in SOURCE px (V* `bbox`), target_name: what to locate (V* `target_object`).
+    acuity: the finest stripe period, in px of a model view, that the model is taken to read (0: whatever survives
+    in the pixels, the ideal reader). A view can hold a texture that a small-patch model does not make out until it
+    is magnified: that, not lost pixels, is why zooming helps Qwen2.5-VL-7B on an image it sees at full size.
     """
 
     def __init__(self, image, question, label=None, options=None, resolution=None, view_max_pixels=TINY_VIEW_MAX_PIXELS,
-                 view_min_pixels=VIEW_MIN_PIXELS, scene=None, target_box=None, target_name=None):
-        self.question, self.label, self.scene = question, label, scene
+                 view_min_pixels=VIEW_MIN_PIXELS, scene=None, target_box=None, target_name=None, acuity=0.0):
+        self.question, self.label, self.scene, self.acuity = question, label, scene, acuity
         self.options = options if options is not None else cof.parse_options(question)
         self.view_max_pixels, self.view_min_pixels = view_max_pixels, view_min_pixels
         src_w, src_h = image.size
@@ -173,11 +176,14 @@ class OracleTools:
         return None if tuple(new) == tuple(box) else new
 
     def look(self, world, view):
+        """Read every detail in `view` (synth.read_texture); a stripe period under world.acuity view px counts as
+        not legible however clear the pixels are."""
         sx, sy = world.src_scale
         readings, contrast = [], []
         for t in world.scene.details:
             ori, c, ok = synth.read_texture(view.image, t, lambda b: view.from_main((b[0] * sx, b[1] * sy,
                                                                                     b[2] * sx, b[3] * sy)))
+            ok = ok and t.period * sx * view.scale[0] >= world.acuity
             readings.append(ori if ok else None)
             contrast.append(round(c, 3))
         ans = synth.answer_from_reading(world.scene, readings)
@@ -300,13 +306,14 @@ class Search:
     success: bool
 
 
-def search(world, tools, max_zooms=3):
+def search(world, tools, max_zooms=3, always_zoom=False):
     """Run the thought/action loop. Answers from the main view when `look` reads it there and `verify` agrees;
     otherwise locates the target, zooms, and tightens the box (adjust_box) until the answer verifies or no tighter
-    box is left (at most `max_zooms` zooms)."""
+    box is left (at most `max_zooms` zooms). always_zoom: never answer from the main view (the always-zoom
+    baseline's trajectories, like the proactive models the paper compares with)."""
     steps = []
     first = tools.look(world, world.main_view())
-    ok = first.answer is not None and tools.verify(world, first)
+    ok = first.answer is not None and tools.verify(world, first) and not always_zoom
     steps.append(Step("Try to answer from the whole image.", "look", None, first, ok))
     if ok:
         return Search(world, steps, [], first, True)
@@ -416,8 +423,8 @@ def to_messages(question_with_options, label, assistant_texts):
     return msgs
 
 
-def scene_world(scene, image=None, resolution=synth.SCENE, view_max_pixels=TINY_VIEW_MAX_PIXELS):
+def scene_world(scene, image=None, resolution=synth.SCENE, view_max_pixels=TINY_VIEW_MAX_PIXELS, acuity=0.0):
     """A World for a toy-V* scene (rendered when `image` is None)."""
     image = image if image is not None else synth.render(scene)
     return World(image, scene.question, scene.label, dict(zip("ABCD", scene.options)), resolution, view_max_pixels,
-                 scene=scene, target_box=scene.target_box, target_name=scene.name)
+                 scene=scene, target_box=scene.target_box, target_name=scene.name, acuity=acuity)

@@ -15,6 +15,9 @@ Writes under OUT:
                                  (easy / medium / hard / relative), so per-kind rates are not read off a handful
   card.json, card.md             counts, zoom histogram, the measured legibility table, a sample trajectory
 Same --seed, same files (byte for byte). Items are drawn per (seed, split, index), so --n only adds items.
+
+The resolution sweep's setting (sweep.py) is this build with a ladder of --resolutions, a generous
+--view-max-pixels, wider --periods and the agent's --acuity; --always-zoom true writes its always-zoom baseline.
 """
 from __future__ import annotations
 
@@ -50,6 +53,9 @@ class BuildConfig:
     relative: float = 0.35          # share of relative_position items
     colours: str = ",".join(synth.DEFAULT_COLOURS)   # palette names the scenes draw from ("all": synth.PALETTE)
     max_zooms: int = 3
+    periods: str = ""               # stripe periods replacing synth.PERIOD's, e.g. "medium=6,hard=4" (empty: PERIOD)
+    acuity: float = 0.0             # finest period (px of a model view) the agent counts as legible (0: ideal reader)
+    always_zoom: bool = False       # trajectories zoom on every question (the always-zoom baseline's data)
     table_items: int = 3            # scenes per kind for the legibility table (0: skip it)
     per_kind: int = 100             # items of each question kind in test_by_kind.jsonl (0: skip it)
 
@@ -57,7 +63,8 @@ class BuildConfig:
     def from_args(cls, argv=None):
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         for f in fields(cls):
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+            kind = _yes_no if isinstance(f.default, bool) else type(f.default)
+            p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
         return cls(**vars(p.parse_args(argv)))
 
     def parsed_mix(self, text=None):
@@ -69,12 +76,28 @@ class BuildConfig:
             mix[k.strip()] = float(v)
         return mix
 
+    def parsed_periods(self):
+        out = {}
+        for part in filter(None, self.periods.split(",")):
+            k, _, v = part.partition("=")
+            try:
+                out[k.strip()] = float(v)
+            except ValueError:
+                raise ValueError(f"--periods {self.periods!r}: {part!r} is not difficulty=px") from None
+        return synth.check_periods(out)
+
     def parsed_colours(self):
         names = list(synth.PALETTE) if self.colours.strip() == "all" else [c.strip() for c in self.colours.split(",")]
         return synth.check_colours(names, what=f"--colours {self.colours!r} ('all' or a comma list):")
 
     def parsed_resolutions(self):
         return [int(r) for r in self.resolutions.split(",")]
+
+
+def _yes_no(text):
+    if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
 
 
 def _items(cfg, split, n, mix=None, relative=None):
@@ -84,7 +107,8 @@ def _items(cfg, split, n, mix=None, relative=None):
     for i in range(n):
         rng = synth.scene_rng(cfg.seed, split, i)
         cat = "relative_position" if rng.random() < relative else "direct_attributes"
-        out.append(synth.make_scene(rng, uid=f"{split}-{i:06d}", category=cat, mix=mix, colours=colours))
+        out.append(synth.make_scene(rng, uid=f"{split}-{i:06d}", category=cat, mix=mix, colours=colours,
+                                    periods=cfg.parsed_periods()))
     return out
 
 
@@ -97,7 +121,7 @@ def _items_by_kind(cfg, n):
         for i in range(n):
             rng = synth.scene_rng(cfg.seed, "by_kind", k * 1_000_000 + i)
             out.append(synth.make_scene(rng, uid=f"by_kind-{kind}-{i:06d}", category=cat, difficulty=diff,
-                                        mix=cfg.parsed_mix(), colours=colours))
+                                        mix=cfg.parsed_mix(), colours=colours, periods=cfg.parsed_periods()))
     return out
 
 
@@ -129,8 +153,8 @@ def trajectories(cfg, scenes, split, tools=None, desc=None):
     rows, recs = [], []
     for i, sc in enumerate(cof.progress(scenes, desc=desc or f"{split} searches")):
         R = res[i % len(res)]
-        world = agent.scene_world(sc, synth.render(sc), R, cfg.view_max_pixels)
-        result = agent.search(world, tools, cfg.max_zooms)
+        world = agent.scene_world(sc, synth.render(sc), R, cfg.view_max_pixels, cfg.acuity)
+        result = agent.search(world, tools, cfg.max_zooms, cfg.always_zoom)
         rec = {"uid": sc.uid, "category": sc.category, "difficulty": sc.difficulty, "resolution": R,
                "success": result.success, "zooms": len(result.zooms) if result.success else None}
         recs.append(rec)
@@ -152,21 +176,22 @@ KINDS = (("direct_attributes", "easy"), ("direct_attributes", "medium"), ("direc
          ("relative_position", "easy"), ("relative_position", "medium"))
 
 
-def legibility_table(resolutions=cof.SWEEP, view_max_pixels=agent.TINY_VIEW_MAX_PIXELS, n=12, seed=12345):
+def legibility_table(resolutions=cof.SWEEP, view_max_pixels=agent.TINY_VIEW_MAX_PIXELS, n=12, seed=12345, acuity=0.0,
+                     periods=None):
     """For each resolution and kind of item: the stripe period in px of the main image and of each model view
     (main view, zoom on the object's cell, zoom on the detail), the measured contrast left (fraction of the rendered
-    RMS contrast) and the share of items whose texture is read correctly with contrast >= LEGIBLE_CONTRAST.
-    Returns a list of dicts (one per resolution x kind)."""
+    RMS contrast) and the share of items whose texture is read correctly with contrast >= LEGIBLE_CONTRAST (and a
+    period of at least `acuity` view px). Returns a list of dicts (one per resolution x kind)."""
     tools = agent.OracleTools()
     out = []
-    scenes = {k: [synth.make_scene(synth.scene_rng(seed, "test", 1000 * j + i), category=k[0], difficulty=k[1])
-                  for i in range(n)] for j, k in enumerate(KINDS)}
+    scenes = {k: [synth.make_scene(synth.scene_rng(seed, "test", 1000 * j + i), category=k[0], difficulty=k[1],
+                                   periods=periods) for i in range(n)] for j, k in enumerate(KINDS)}
     images = {k: [synth.render(s) for s in v] for k, v in scenes.items()}
     for R in resolutions:
         for kind in KINDS:
             stats = {"main": [], "cell": [], "detail": []}
             for sc, img in zip(scenes[kind], images[kind]):
-                w = agent.scene_world(sc, img, R, view_max_pixels)
+                w = agent.scene_world(sc, img, R, view_max_pixels, acuity)
                 views = {"main": w.main_view(), "cell": w.zoom(agent.tool_call_text(tools.locate(w)))}
                 tight = tools.adjust_box(w, tools.locate(w))
                 views["detail"] = w.zoom(agent.tool_call_text(tight)) if tight else views["cell"]
@@ -213,7 +238,7 @@ def build(cfg):
     rl_items = _items(cfg, "rl", cfg.rl, cfg.parsed_mix(cfg.rl_mix), cfg.rl_relative)
     for i, sc in enumerate(cof.progress(rl_items, desc="rl images")):
         path = os.path.join(cfg.out, "images", "rl", f"{sc.uid}{IMAGE_EXT}")
-        _save_image(agent.scene_world(sc, synth.render(sc), res[i % len(res)], cfg.view_max_pixels).main, path)
+        _save_image(agent.scene_world(sc, synth.render(sc), res[i % len(res)]).main, path)
         rel = formats.relative_image(path, cfg.out)
         rl.append(formats.rl_record(cof.SYSTEM_PROMPT, cof.rl_prompt(sc.question, sc.label), rel, sc.label,
                                     sc.question, i, "train",
@@ -239,9 +264,11 @@ def build(cfg):
             "zooms": zoom_histogram(rec_train), "zooms_by_kind": zoom_by_kind(rec_train),
             "test_mix": dict(Counter(f"{s.category}/{s.difficulty}" for s in test))}
     if cfg.table_items:
-        card["legibility"] = legibility_table(view_max_pixels=cfg.view_max_pixels, n=cfg.table_items)
+        card["legibility"] = legibility_table(view_max_pixels=cfg.view_max_pixels, n=cfg.table_items,
+                                              acuity=cfg.acuity, periods=cfg.parsed_periods())
         if cfg.view_max_pixels != agent.QWEN_VIEW_MAX_PIXELS:
-            card["legibility_qwen"] = legibility_table(view_max_pixels=agent.QWEN_VIEW_MAX_PIXELS, n=cfg.table_items)
+            card["legibility_qwen"] = legibility_table(view_max_pixels=agent.QWEN_VIEW_MAX_PIXELS, n=cfg.table_items,
+                                                       periods=cfg.parsed_periods())
     if sft_train:
         card["sample"] = {"images": [formats.relative_image(p, cfg.out) for p in sft_train[0]["images"]],
                           "messages": sft_train[0]["messages"][1:]}

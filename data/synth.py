@@ -25,6 +25,8 @@ The scene (grid-aligned on purpose, so that a box is "which cell" and costs a fe
                                                       just faint; one zoom on the object shows it at 5.3 px
       hard    big object with a 28 px bordered tag, -> a zoom on the object shows the tag but not its stripes
               period 2.5 on the tag (attributes)      (1.6 px); a second zoom on the tag reads them (6.7 px)
+  `periods` (make_scene) replaces these periods and nothing else: the same draws give the same scene with other
+  stripe widths (the resolution sweep's setting, sweep.py, uses 20 / 7.5 / 5 px).
 Legibility is measured, not assumed: `read_pattern` reads a texture from pixels (2-D FFT peak) and reports its
 contrast relative to the rendered scene; data/build.py's `legibility_table` runs it through the real resizes
 (LANCZOS to the evaluation resolution, cof.py's crop rule, the model processor's BICUBIC smart-resize).
@@ -211,7 +213,7 @@ def _mark_boxes(obj_box, axis, size):
 
 def _make_obj(rng, r, c, colour, kind, size, period, orientation=None, axis=None, h_first=None):
     """An object of one of the three kinds: 'stripes' (striped all over), 'tag' (plain, a bordered striped tag;
-    big only) or 'marks' (plain, two striped patches: one horizontal, one vertical)."""
+    big only; `period` is the tag's) or 'marks' (plain, two striped patches: one horizontal, one vertical)."""
     box = _obj_box(r, c, size)
     shape = SHAPES[rng.integers(len(SHAPES))]
     fill = PALETTE[colour]
@@ -220,27 +222,28 @@ def _make_obj(rng, r, c, colour, kind, size, period, orientation=None, axis=None
         return Obj((r, c), shape, colour, box, [Texture(box, orientation, period, fill, AMPLITUDE, read)])
     if kind == "tag":
         tag = _tag_box(r, c)
-        return Obj((r, c), shape, colour, box, [_tag_texture(tag, orientation, PERIOD["hard"])], tag=tag)
+        return Obj((r, c), shape, colour, box, [_tag_texture(tag, orientation, period)], tag=tag)
     a, b = _mark_boxes(box, axis, size)
     first, second = ("horizontal", "vertical") if h_first else ("vertical", "horizontal")
     return Obj((r, c), shape, colour, box, [Texture(a, first, period, fill, AMPLITUDE),
                                             Texture(b, second, period, fill, AMPLITUDE)])
 
 
-def _distractor(rng, r, c, colour):
+def _distractor(rng, r, c, colour, periods):
     kind = ("stripes", "stripes", "tag", "marks")[rng.integers(4)]
     size = "big" if kind == "tag" or rng.random() < 0.5 else "small"
-    period = PERIOD["easy"] if size == "big" and rng.random() < 0.5 else PERIOD["medium"]
+    period = periods["easy"] if size == "big" and rng.random() < 0.5 else periods["medium"]
+    period = periods["hard"] if kind == "tag" else period
     return _make_obj(rng, r, c, colour, kind, size, period, ORIENTATIONS[rng.integers(4)],
                      "x" if rng.random() < 0.5 else "y", bool(rng.random() < 0.5))
 
 
-# What the target is, per (category, difficulty): kind, size, stripe period.
-TARGETS = {("direct_attributes", "easy"): ("stripes", "big", PERIOD["easy"]),
-           ("direct_attributes", "medium"): ("stripes", "small", PERIOD["medium"]),
-           ("direct_attributes", "hard"): ("tag", "big", PERIOD["hard"]),
-           ("relative_position", "easy"): ("marks", "big", PERIOD["easy"]),
-           ("relative_position", "medium"): ("marks", "small", PERIOD["medium"])}
+# What the target is, per (category, difficulty): kind and size (its stripe period is periods[difficulty]).
+TARGETS = {("direct_attributes", "easy"): ("stripes", "big"),
+           ("direct_attributes", "medium"): ("stripes", "small"),
+           ("direct_attributes", "hard"): ("tag", "big"),
+           ("relative_position", "easy"): ("marks", "big"),
+           ("relative_position", "medium"): ("marks", "small")}
 
 
 def snap(box, g=TAG_SIZE):
@@ -256,11 +259,24 @@ def check_colours(colours, what="colours"):
     return tuple(colours)
 
 
-def make_scene(rng, uid="0", category=None, difficulty=None, mix=None, colours=DEFAULT_COLOURS):
+def check_periods(periods):
+    """PERIOD with the entries of `periods` (a dict difficulty -> stripe period in px of the 448 scene) replaced, or
+    ValueError for an unknown difficulty or a period that cannot be drawn (under 2 px: finer than a pixel pair)."""
+    out = dict(PERIOD)
+    for k, v in (periods or {}).items():
+        if k not in PERIOD or not (isinstance(v, (int, float)) and 2 <= v <= 64):
+            raise ValueError(f"stripe periods {periods}: each key one of {list(PERIOD)}, each period in [2, 64] px")
+        out[k] = float(v)
+    return out
+
+
+def make_scene(rng, uid="0", category=None, difficulty=None, mix=None, colours=DEFAULT_COLOURS, periods=None):
     """One random item. `rng`: numpy Generator. category/difficulty: fixed, or drawn (difficulty from `mix`, a dict
     difficulty -> weight; hard is attributes-only, relative_position items draw from easy/medium). `colours`: the
-    PALETTE names to draw from (at least 2: the target's colour is unique in the scene)."""
+    PALETTE names to draw from (at least 2: the target's colour is unique in the scene). `periods`: stripe periods
+    per difficulty replacing PERIOD's (the same draws, so the same scene with other stripe widths)."""
     check_colours(colours)
+    periods = check_periods(periods)
     category = category or CATEGORIES[int(rng.random() < 0.35)]
     if difficulty is None:
         mix = dict(mix or DEFAULT_MIX)
@@ -277,10 +293,11 @@ def make_scene(rng, uid="0", category=None, difficulty=None, mix=None, colours=D
     colours = list(colours)
     tcolour = colours[rng.integers(len(colours))]
     others = [c for c in colours if c != tcolour]
-    objects = [_distractor(rng, r, c, others[rng.integers(len(others))]) for (r, c) in cells[1:]]
+    objects = [_distractor(rng, r, c, others[rng.integers(len(others))], periods) for (r, c) in cells[1:]]
 
     r, c = cells[0]
-    kind, size, period = TARGETS[(category, difficulty)]
+    kind, size = TARGETS[(category, difficulty)]
+    period = periods[difficulty]
     ori = ORIENTATIONS[rng.integers(4)]
     axis, h_first = ("x" if rng.random() < 0.5 else "y"), bool(rng.random() < 0.5)
     target = _make_obj(rng, r, c, tcolour, kind, size, period, ori, axis, h_first)
@@ -329,10 +346,10 @@ def scene_rng(seed, split, index):
     return np.random.default_rng(np.random.SeedSequence([int(seed), SPLIT_IDS[split], int(index)]))
 
 
-def make_split(seed, split, n, mix=None, category=None, colours=DEFAULT_COLOURS):
+def make_split(seed, split, n, mix=None, category=None, colours=DEFAULT_COLOURS, periods=None):
     """n items of a split; the same (seed, split, index) always gives the same item."""
     return [make_scene(scene_rng(seed, split, i), uid=f"{split}-{seed}-{i:06d}", category=category, mix=mix,
-                       colours=colours) for i in range(n)]
+                       colours=colours, periods=periods) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

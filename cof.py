@@ -428,6 +428,7 @@ class CofConfig:
     ban_vision_tokens: bool = True               # never sample <|image_pad|> <|video_pad|> <|vision_start|> <|vision_end|>
     question_format: str = "released"            # "released": the eval's "Question: "; "train": the SFT/RL rows' " Question: "
     compile: bool = False                        # one-token steps through decode.Decoder (torch.compile)
+    direct: bool = False                         # never sample <tool_call>: forced direct answers (no-zoom baseline)
 
     def __post_init__(self):
         if self.invalid not in ("image", "text"):
@@ -699,6 +700,10 @@ class _Env:
         self.stop_ids = {i for i in (tokenizer.im_end_id, getattr(tokenizer, "eos_id", None),
                                      getattr(tokenizer, "pad_id", None)) if i is not None}
         self.banned = vision_token_ids(tokenizer) if cfg.ban_vision_tokens else []
+        if cfg.direct:
+            if tokenizer.tool_call_id is None:
+                raise ValueError("CofConfig.direct bans <tool_call>, but this tokenizer has no such token")
+            self.banned = self.banned + [tokenizer.tool_call_id]
         self.unusable = set(vision_token_ids(tokenizer)[:2])   # pads that cannot be fed back (only with the ban off)
 
 

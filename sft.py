@@ -60,6 +60,26 @@ def _opt(default, help):
     return field(default=default, metadata={"help": help})
 
 
+def check_options(cfg):
+    """ValueError naming the option unless every field of the dataclass `cfg` has its declared type (a finite number
+    for floats), lies within cfg.LIMITS[name] = (lowest, whether the lowest is allowed) and is one of
+    cfg.CHOICES[name], where the class has them."""
+    limits, choices = getattr(cfg, "LIMITS", {}), getattr(cfg, "CHOICES", {})
+    for f in dataclasses.fields(cfg):
+        v, kind = getattr(cfg, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+        want = {"int": int, "float": (int, float), "str": str, "bool": bool}[kind]
+        if not isinstance(v, want) or (kind in ("int", "float") and isinstance(v, bool)):
+            raise ValueError(f"--{f.name} must be {kind}, got {v!r}")
+        if kind == "float" and not math.isfinite(v):
+            raise ValueError(f"--{f.name} must be a finite number, got {v!r}")
+        if f.name in limits:
+            lo, inclusive = limits[f.name]
+            if v < lo or (v == lo and not inclusive):
+                raise ValueError(f"--{f.name} must be {'>=' if inclusive else '>'} {lo}, got {v!r}")
+        if f.name in choices and v not in choices[f.name]:
+            raise ValueError(f"--{f.name} must be one of {', '.join(choices[f.name])}, got {v!r}")
+
+
 @dataclass
 class RunConfig:
     """Options every trainer here has (sft.py's TrainConfig and grpo.py's GRPOConfig add their own): the model and
@@ -130,19 +150,7 @@ class RunConfig:
                    eval_question_format=("released", "train"))
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v, kind = getattr(self, f.name), f.type if isinstance(f.type, str) else f.type.__name__
-            want = {"int": int, "float": (int, float), "str": str, "bool": bool}[kind]
-            if not isinstance(v, want) or (kind in ("int", "float") and isinstance(v, bool)):
-                raise ValueError(f"--{f.name} must be {kind}, got {v!r}")
-            if kind == "float" and not math.isfinite(v):
-                raise ValueError(f"--{f.name} must be a finite number, got {v!r}")
-            if f.name in self.LIMITS:
-                lo, inclusive = self.LIMITS[f.name]
-                if v < lo or (v == lo and not inclusive):
-                    raise ValueError(f"--{f.name} must be {'>=' if inclusive else '>'} {lo}, got {v!r}")
-            if f.name in self.CHOICES and v not in self.CHOICES[f.name]:
-                raise ValueError(f"--{f.name} must be one of {', '.join(self.CHOICES[f.name])}, got {v!r}")
+        check_options(self)
         for k in ("beta1", "beta2", "min_lr_ratio", "warmup_ratio", "lora_dropout"):
             if getattr(self, k) > 1 or (k.startswith("beta") and getattr(self, k) == 1):
                 raise ValueError(f"--{k} must be {'< 1' if k.startswith('beta') else '<= 1'}, got {getattr(self, k)!r}")
@@ -979,26 +987,10 @@ def prepare_defaults(cfg):
     return model_path, data_path, eval_path
 
 
-class NoZoom:
-    """The model with the <tool_call> token banned (logit -inf) at every step: run through the CoF loop, it has to
-    answer from the main image. The forced no-zoom baseline of the evaluation."""
-
-    def __init__(self, model, banned_id):
-        self.model, self.banned = model, banned_id
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def extend(self, *a, **k):
-        logits = self.model.extend(*a, **k)
-        logits[..., self.banned] = float("-inf")
-        return logits
-
-
 def evaluate(raw, tokenizer, eval_path, cfg, step, no_zoom=False, tag=None, limit=None):
     """CoF-loop evaluation on the first --eval_n (or `limit`; 0 = all) held-out questions; each rank runs its share
-    and the results are gathered. no_zoom: the forced no-zoom baseline (see NoZoom). Every trajectory is written to
-    OUT/eval/{tag}-step{N}-rank{r}.jsonl. Returns accuracy (%), mean_zooms, n, errors (questions whose loop raised)
+    and the results are gathered. no_zoom: the forced no-zoom baseline (CofConfig.direct). Every trajectory is
+    written to OUT/eval/{tag}-step{N}-rank{r}.jsonl. Returns accuracy (%), mean_zooms, n, errors (questions whose loop raised)
     and kinds (cof.kind_table rows: per question kind and overall)."""
     rank, world, _ = dist_info()
     items = cof.read_synthetic(eval_path)
@@ -1006,20 +998,19 @@ def evaluate(raw, tokenizer, eval_path, cfg, step, no_zoom=False, tag=None, limi
     items = items[:n] if n > 0 else items
     ccfg = cof.CofConfig(processor_min_pixels=cfg.min_pixels, processor_max_pixels=cfg.max_pixels,
                          max_turns=cfg.eval_max_turns, max_new_tokens=cfg.eval_max_new_tokens,
-                         system=not cfg.drop_system, question_format=cfg.eval_question_format)
+                         system=not cfg.drop_system, question_format=cfg.eval_question_format, direct=no_zoom)
     tag = tag or ("no-zoom" if no_zoom else "cof")
     os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)   # every trajectory is kept: cof.py can draw them
     path = os.path.join(cfg.out, "eval", f"{tag}-step{step:06d}-rank{rank}.jsonl")
     if os.path.exists(path):
         os.remove(path)
-    model = NoZoom(raw, tokenizer.tok.token_to_id("<tool_call>")) if no_zoom else raw
     was_training = raw.training
     raw.eval()
     unshard = _is_fsdp(raw)
     if unshard:
         raw.unshard()
     try:
-        cof.evaluate(model, tokenizer, items[rank::world], path, ccfg, batch_size=cfg.eval_batch,
+        cof.evaluate(raw, tokenizer, items[rank::world], path, ccfg, batch_size=cfg.eval_batch,
                      bench="eval-no-zoom" if no_zoom else "eval", progress=False)
         recs = list(cof.load_results(path).values())
     finally:

@@ -58,6 +58,7 @@ class Tokenizer:
         self.image_pad_id, self.video_pad_id = tid("<|image_pad|>"), tid("<|video_pad|>")
         self.endoftext_id = tid("<|endoftext|>")
         self.eos_id, self.pad_id = tid(eos_token), tid(pad_token)
+        self.tool_call_id = tok.token_to_id("<tool_call>")     # None where the vocabulary has none
 
     @classmethod
     def from_pretrained(cls, dir_or_id) -> "Tokenizer":

@@ -610,6 +610,31 @@ def _finished(out):
 
 # ------------------------------------------------------------------------------------------------ curves
 
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 140, 140)]
+
+
+def draw_panel(d, box, title, series, y_range, x_range, x_ticks):
+    """One line chart on the ImageDraw `d` inside `box` (x0, y0, x1, y1) with room above for the title and legend:
+    series = [(label, colour, [(x, y), ...])]; y clipped to y_range; x_ticks = [(x, text)] under the axis."""
+    black, font = (0, 0, 0), ImageFont.load_default()
+    (lo, hi), (x0, x1) = y_range, x_range
+    d.rectangle(box, outline=black)
+    d.text((box[0], box[1] - 37), title, fill=black, font=font)
+    for frac in (0, 0.5, 1):
+        d.text((box[0] - 45, box[3] - frac * (box[3] - box[1]) - 6), f"{lo + frac * (hi - lo):g}", fill=black,
+               font=font)
+    for x, text in x_ticks:
+        d.text((box[0] + (x - x0) / (x1 - x0) * (box[2] - box[0]) - 10, box[3] + 5), text, fill=black, font=font)
+    for j, (label, colour, pts) in enumerate(series):
+        d.text((box[0] + 70 * j, box[1] - 21), label, fill=colour, font=font)              # legend under the title
+        xy = [(box[0] + (x - x0) / (x1 - x0) * (box[2] - box[0]),
+               box[3] - (min(max(v, lo), hi) - lo) / (hi - lo) * (box[3] - box[1])) for x, v in pts if v == v]
+        if len(xy) > 1:
+            d.line(xy, fill=colour, width=2)
+        for x, y in xy if len(xy) < 12 else []:
+            d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+
+
 def plot_metrics(path, png, smooth=10):
     """Training curves from metrics.jsonl as a PNG (Pillow only): reward, and the rollouts' zoom rate and accuracy per
     question kind (each a mean over the last `smooth` steps: a step holds only a few prompts of a kind), against the
@@ -627,34 +652,21 @@ def plot_metrics(path, png, smooth=10):
                [(f"{k}/accuracy", k, None) for k in kinds], (0, 100)),
               ("held-out accuracy, % (greedy CoF loop)", eval_rows,
                [(f"eval/{k}/accuracy", k, None) for k in kinds] + [("eval/accuracy", "all", black)], (0, 100))]
-    colours = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 140, 140)]
     W, H, pad = 560, 300, 50
     img = Image.new("RGB", (2 * W, 2 * H), "white")
     d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
     x1 = max([r["step"] for r in rows] + [1])
-    for n, (title, source, series, (lo, hi)) in enumerate(panels):
+    for n, (title, source, keys, y_range) in enumerate(panels):
         ox, oy = (n % 2) * W, (n // 2) * H
-        box = (ox + pad, oy + 45, ox + W - 20, oy + H - 30)
-        d.rectangle(box, outline=black)
-        d.text((ox + pad, oy + 8), title, fill=black, font=font)
-        for frac in (0, 0.5, 1):
-            d.text((ox + 5, box[3] - frac * (box[3] - box[1]) - 6), f"{lo + frac * (hi - lo):g}", fill=black, font=font)
-        d.text((box[0], box[3] + 5), "step 0", fill=black, font=font)
-        d.text((box[2] - 60, box[3] + 5), f"step {x1}", fill=black, font=font)
-        for j, (key, label, colour) in enumerate(series):
-            colour = colour or colours[j % len(colours)]
-            d.text((ox + pad + 70 * j, oy + 24), label, fill=colour, font=font)           # legend under the title
+        series = []
+        for j, (key, label, colour) in enumerate(keys):
             pts = [(r["step"], r[key]) for r in source if key in r and r[key] == r[key]]
             if source is train_rows:                                                      # trailing mean
                 win = [[v for _, v in pts[max(0, i - smooth + 1):i + 1]] for i in range(len(pts))]
                 pts = [(st, sum(w) / len(w)) for (st, _), w in zip(pts, win)]
-            xy = [(box[0] + st / x1 * (box[2] - box[0]),
-                   box[3] - (min(max(v, lo), hi) - lo) / (hi - lo) * (box[3] - box[1])) for st, v in pts]
-            if len(xy) > 1:
-                d.line(xy, fill=colour, width=2)
-            for x, y in xy if len(xy) < 12 else []:
-                d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+            series.append((label, colour or PALETTE[j % len(PALETTE)], pts))
+        draw_panel(d, (ox + pad, oy + 45, ox + W - 20, oy + H - 30), title, series, y_range, (0, x1),
+                   [(0, "step 0"), (x1 - 40 * x1 / (W - pad - 20), f"step {x1}")])
     img.save(png)
     return png
 

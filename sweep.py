@@ -1,0 +1,278 @@
+"""The resolution sweep: does CoF zoom where it must and look directly where it can, as the image's resolution grows?
+
+The paper's two claims (arXiv 2505.15436, sections 4-5; ../shared/reference/cof-paper.md): CoF beats the base model on
+V* at each of 8 resolutions from 224 to 3840 px, and the adaptive model "automatically transitions from iterative
+zooming to direct observation" as resolution rises, with far fewer zooms and tokens than always-zoom models. This
+file reproduces the experiment in miniature on the synthetic task, on a CPU, with one command:
+
+    python sweep.py                      # data, three trainings, 4 x 8 evaluations, table (md + json) and plot
+
+The setting (what differs from the default run, and why). Qwen2.5-VL-7B sees an image at its own size (its processor
+caps at 12.8 M px), so a crop adds no pixels the model did not have: zooming helps because the small detail, blown
+up, covers more patches. Two knobs make the tiny model's world work that way:
+  * view cap 448 x 448 px (VIEW_MAX_PIXELS): every rung of the ladder is seen at full size, so what the model sees of
+    the main image grows with resolution (the default run caps every image at 112 x 112);
+  * acuity 5 px (ACUITY): the search agent counts a stripe texture as legible only where its period spans at least
+    5 px of the model's view (and synth.read_pattern reads it). Stripe periods are widened to match (PERIODS: easy
+    20, medium 7.5, hard 5 px of the 448 scene), so that on the ladder of 8 long sides from 112 to 448 px (LADDER;
+    the paper's spans 224 to 3840 px, 17x, ours 4x: the scene has 448 px to give, and its grid is gone below 112)
+    easy items are legible directly everywhere, medium ones need a zoom from 140 to 280 and are direct from 336,
+    hard ones need a zoom from 224 to 392 and are direct at 448, and below that nothing can be read (the crop comes
+    from the resized image: the detail is gone). results.md ends with this table, measured.
+
+The four models, all evaluated greedily through cof.py's loop on the same balanced test items (data/build.py's
+test_by_kind: `per_kind` of each kind) resized to each rung:
+  (a) direct      CoF-SFT with <tool_call> banned (CofConfig.direct): the model forced to answer from the image;
+  (b) always-zoom SFT on trajectories that zoom on every question (data.build --always_zoom);
+  (c) CoF-SFT     SFT on the agent's adaptive trajectories (a zoom only where the detail is illegible);
+  (d) CoF-GRPO    (c) after grpo.py on the RL prompts of the same mix of rungs.
+Both SFT models start from the default run's SFT checkpoint (`python sft.py`, trained first if missing): it already
+knows the colours, the grid words and the tool-call format, so a short fine-tune teaches the new views.
+
+Every stage is skipped when its output is complete and resumes when it was cut (sft.py / grpo.py --resume auto,
+cof.evaluate's per-question file). Outputs under OUT (runs/sweep): data/, data-always/, sft-cof/, sft-always/,
+grpo/, eval/<model>.jsonl (every trajectory), results.json, results.md, results.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from PIL import Image, ImageDraw
+
+import cof
+import grpo
+import sft
+from data import build, synth, tiny
+from sft import _opt
+
+LADDER = (112, 140, 168, 224, 280, 336, 392, 448)   # long side, px (the scene is 448)
+VIEW_MAX_PIXELS = 448 * 448                          # the model processor's cap: no rung is shrunk for the model
+ACUITY = 5.0                                         # finest stripe period (px of a model view) counted as legible
+PERIODS = "easy=20,medium=7.5,hard=5"                # stripe periods (px of the 448 scene) of this setting
+MODELS = ("direct", "always-zoom", "cof-sft", "cof-grpo")
+KINDS = synth.QUESTION_KINDS
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    out: str = _opt("runs/sweep", "output directory (every stage's files; reused and resumed on a second run)")
+    seed: int = _opt(0, "seed of the data, the trainings and the sampling")
+    base: str = _opt("", "checkpoint both SFT runs start from; empty = the default run's (`python sft.py`)")
+    train_items: int = _opt(2000, "training scenes (SFT rows = the successful searches among them)")
+    rl_items: int = _opt(2000, "RL prompts")
+    per_kind: int = _opt(50, "test items of each question kind; each is asked at every rung")
+    sft_steps: int = _opt(1000, "optimizer steps of each SFT fine-tune (batch 32)")
+    sft_lr: float = _opt(1e-3, "peak learning rate of the SFT fine-tunes")
+    grpo_steps: int = _opt(200, "GRPO steps (16 prompts x 6 samples each)")
+    eval_batch: int = _opt(50, "questions decoded together in the evaluation")
+    threads: int = _opt(2, "torch CPU threads")
+    compile: bool = _opt(True, "decode the evaluation and the rollouts through decode.py's compiled step")
+
+    LIMITS = dict(train_items=(1, True), rl_items=(1, True), per_kind=(1, True), sft_steps=(1, True),
+                  sft_lr=(0, False), grpo_steps=(1, True), eval_batch=(1, True), threads=(1, True))
+
+    def __post_init__(self):
+        sft.check_options(self)
+
+    from_dict = classmethod(sft.RunConfig.from_dict.__func__)
+
+
+def log(msg):
+    print(f"[sweep {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+def build_data(cfg, always_zoom):
+    """The synthetic set of this setting under OUT/data (adaptive trajectories, RL prompts, val and test) or
+    OUT/data-always (always-zoom trajectories only); rebuilt only when its recipe changed."""
+    out = os.path.join(os.path.abspath(cfg.out), "data-always" if always_zoom else "data")
+    bcfg = build.BuildConfig(out=out, n=cfg.train_items, rl=0 if always_zoom else cfg.rl_items, seed=cfg.seed,
+                             val=200, test=0, per_kind=0 if always_zoom else cfg.per_kind,
+                             resolutions=",".join(map(str, LADDER)), view_max_pixels=VIEW_MAX_PIXELS,
+                             periods=PERIODS, acuity=ACUITY, always_zoom=always_zoom,
+                             table_items=0 if always_zoom else 3)
+    card = os.path.join(out, "card.json")
+    if tiny._recipe_matches(card, {"config": dataclasses.asdict(bcfg), "version": build.VERSION}):
+        log(f"reusing {out}")
+    else:
+        log(f"building {out}")
+        build.build(bcfg)
+    return out
+
+
+def _run(argv, done_path):
+    """Run a trainer as its own process (the command a reader would type), unless `done_path` exists."""
+    if os.path.exists(done_path):
+        log(f"reusing {done_path}")
+        return done_path
+    log("running: " + " ".join(argv))
+    t0 = time.time()
+    subprocess.run([sys.executable] + argv, check=True)
+    log(f"done in {(time.time() - t0) / 60:.1f} min")
+    if not os.path.exists(done_path):
+        raise RuntimeError(f"{argv[0]} finished without writing {done_path}")
+    return done_path
+
+
+def _common(cfg, data):
+    """Options both trainers take in this setting (the tiny preset's, with the generous view)."""
+    return ["--min_pixels", str(tiny.TINY_MIN_PIXELS), "--max_pixels", str(VIEW_MAX_PIXELS), "--drop_system",
+            "--eval_data", os.path.join(data, "val.jsonl"), "--eval_n", "100", "--eval_max_new_tokens", "96",
+            "--eval_batch", str(cfg.eval_batch), "--eval_question_format", "train", "--threads", str(cfg.threads),
+            "--seed", str(cfg.seed), "--resume", "auto", "--max_len", "2048"]
+
+
+def train_sft(cfg, base, data, name):
+    out = os.path.join(cfg.out, name)
+    argv = ["sft.py", "--model", base, "--data", os.path.join(data, "sft_train.json"), "--out", out,
+            "--max_steps", str(cfg.sft_steps), "--batch_size", "8", "--grad_accum", "4", "--lr", str(cfg.sft_lr),
+            "--warmup_ratio", "0.05", "--min_lr_ratio", "0.05", "--answer_weight", "4", "--freeze_vision", "no",
+            "--eval_every", "0", "--save_every", "250", "--no-eval_no_zoom"] + _common(cfg, data)
+    return _run(argv, os.path.join(out, f"ckpt-{cfg.sft_steps:06d}"))
+
+
+def train_grpo(cfg, start, data):
+    out = os.path.join(cfg.out, "grpo")
+    preset = {k: grpo.TINY_GRPO_PRESET[k] for k in ("prompts_per_step", "group_size", "micro_batch", "lr", "beta",
+                                                    "max_new_tokens")}
+    argv = ["grpo.py", "--model", start, "--data", os.path.join(data, "rl_train.jsonl"), "--out", out,
+            "--max_steps", str(cfg.grpo_steps), "--freeze_vision", "yes", "--freeze_merger", "--no-eval_start",
+            "--eval_every", "0", "--save_every", "25", "--compile" if cfg.compile else "--no-compile"]
+    argv += [a for k, v in preset.items() for a in (f"--{k}", str(v))] + _common(cfg, data)
+    return _run(argv, os.path.join(out, f"ckpt-{cfg.grpo_steps:06d}"))
+
+
+def evaluate(cfg, name, ckpt, items):
+    """Every test item at every rung through the CoF loop (greedy); trajectories in OUT/eval/<name>.jsonl, resumed
+    question by question. A file left by another checkpoint is started over."""
+    path = os.path.join(cfg.out, "eval", f"{name}.jsonl")
+    meta = path + ".source"
+    source = {"checkpoint": os.path.abspath(ckpt),
+              "bytes": os.path.getsize(os.path.join(ckpt, "model.safetensors")),
+              "mtime": os.path.getmtime(os.path.join(ckpt, "model.safetensors"))}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not tiny._recipe_matches(meta, source) and os.path.exists(path):
+        os.remove(path)
+    with open(meta, "w") as f:
+        json.dump(source, f)
+    model, tok = cof.load(ckpt, device="cpu", dtype="fp32")
+    ccfg = cof.CofConfig(processor_min_pixels=tiny.TINY_MIN_PIXELS, processor_max_pixels=VIEW_MAX_PIXELS,
+                         max_turns=6, max_new_tokens=96, system=False, question_format="train",
+                         compile=cfg.compile, direct=name == "direct")
+    log(f"evaluating {name} ({ckpt}): {len(items)} questions x {len(LADDER)} rungs")
+    cof.evaluate(model, tok, items, path, ccfg, resolutions=LADDER, batch_size=cfg.eval_batch, bench=name)
+    return list(cof.load_results(path).values())
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+def result_rows(records):
+    """One row per (model, rung): accuracy overall and per kind, mean zooms, share answered without a zoom,
+    generated tokens and seconds per question."""
+    rows = []
+    for name, recs in records.items():
+        for R in LADDER:
+            kinds = {k["kind"]: k for k in cof.kind_table([r for r in recs if r["resolution"] == R])}
+            if not kinds:
+                continue
+            overall = kinds.get("overall") or next(iter(kinds.values()))
+            at = [r for r in recs if r["resolution"] == R]
+            row = dict(model=name, resolution=R, n=overall["n"], accuracy=overall["accuracy"],
+                       **{f"acc_{k}": kinds[k]["accuracy"] if k in kinds else None for k in KINDS},
+                       mean_zooms=overall["mean_zooms"], direct_share=overall["direct_share"],
+                       gen_tokens=overall["gen_tokens"], s_per_q=sum(r["seconds"] for r in at) / len(at),
+                       errors=overall["errors"])
+            rows.append(row)
+    return rows
+
+
+def markdown(rows):
+    """The full table, then accuracy and mean zooms pivoted (rung x model)."""
+    f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    s = ("| long side | model | accuracy | easy | medium | hard | relative | mean zooms | answered directly | "
+         "tokens / q | s / q |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        s += (f"| {r['resolution']} | {r['model']} | {f(r['accuracy'])} | "
+              + " | ".join(f(r[f'acc_{k}'], 0) for k in KINDS)
+              + f" | {f(r['mean_zooms'], 2)} | {f(r['direct_share'], 0)}% | {f(r['gen_tokens'], 0)} | "
+              f"{f(r['s_per_q'], 3)} |\n")
+    names = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    for key, title, d in (("accuracy", "Accuracy, %", 1), ("mean_zooms", "Mean zooms per question", 2)):
+        s += f"\n{title}:\n\n| long side | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 1) + "|\n"
+        for R in LADDER:
+            cells = [next((f(r[key], d) for r in rows if r["model"] == m and r["resolution"] == R), "-")
+                     for m in names]
+            s += f"| {R} | " + " | ".join(cells) + " |\n"
+    return s
+
+
+def plot(rows, png):
+    """Accuracy, mean zooms and generated tokens against the rung, a line per model (Pillow only)."""
+    names = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    ticks = [(i, str(R)) for i, R in enumerate(LADDER)]
+    panels = [("accuracy, % (balanced test items)", "accuracy", (0, 100)),
+              ("mean zooms per question", "mean_zooms", (0, 2)),
+              ("generated tokens per question", "gen_tokens", (0, max([r["gen_tokens"] for r in rows] + [1])))]
+    W, H = 560, 300
+    img = Image.new("RGB", (W * len(panels), H), "white")
+    d = ImageDraw.Draw(img)
+    for n, (title, key, y_range) in enumerate(panels):
+        series = [(m, grpo.PALETTE[j % len(grpo.PALETTE)],
+                   [(i, r[key]) for i, R in enumerate(LADDER) for r in rows if r["model"] == m and r["resolution"] == R])
+                  for j, m in enumerate(names)]
+        grpo.draw_panel(d, (n * W + 50, 45, n * W + W - 20, H - 30), title + " vs long side, px", series, y_range,
+                        (0, len(LADDER) - 1), ticks)
+    img.save(png)
+    return png
+
+
+def run(cfg):
+    t0 = time.time()
+    torch.set_num_threads(cfg.threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    data, data_always = build_data(cfg, False), build_data(cfg, True)
+    base = cfg.base
+    if not base:
+        base = os.path.join(sft.TINY_PRESET["out"], f"ckpt-{sft.TINY_PRESET['max_steps']:06d}")
+        _run(["sft.py"], base)
+    ckpts = {"cof-sft": train_sft(cfg, base, data, "sft-cof"),
+             "always-zoom": train_sft(cfg, base, data_always, "sft-always")}
+    ckpts["cof-grpo"] = train_grpo(cfg, ckpts["cof-sft"], data)
+    ckpts["direct"] = ckpts["cof-sft"]
+    items = cof.read_synthetic(os.path.join(data, "test_by_kind.jsonl"))
+    records = {name: evaluate(cfg, name, ckpts[name], items) for name in MODELS}
+    rows = result_rows(records)
+    legible = build.legibility_table(LADDER, VIEW_MAX_PIXELS, n=3, acuity=ACUITY,
+                                     periods=build.BuildConfig(periods=PERIODS).parsed_periods())
+    minutes = (time.time() - t0) / 60
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(cfg), "ladder": LADDER, "acuity": ACUITY, "periods": PERIODS,
+                   "view_max_pixels": VIEW_MAX_PIXELS, "checkpoints": ckpts, "rows": rows, "legibility": legible,
+                   "minutes_this_run": round(minutes, 1)}, f, indent=1)
+    table = markdown(rows)
+    with open(os.path.join(cfg.out, "results.md"), "w") as f:
+        f.write(table + f"\nLegibility in this setting (acuity {ACUITY:g} px; stripe period in px / contrast left / "
+                f"share read right by the agent's reader, 3 items per row):\n\n" + build.table_markdown(legible))
+    print(table)
+    log(f"wrote {cfg.out}/results.md, results.json and {plot(rows, os.path.join(cfg.out, 'results.png'))} "
+        f"({minutes:.1f} min)")
+    return rows
+
+
+def main(argv=None):
+    cfg = sft.parse_config(SweepConfig, argv, None, __doc__.split("\n\n")[0])
+    try:
+        run(cfg)
+    except (subprocess.CalledProcessError, RuntimeError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"sweep.py: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -30,13 +30,15 @@ Both SFT models start from the default run's SFT checkpoint (`python sft.py`, tr
 knows the colours, the grid words and the tool-call format, so a short fine-tune teaches the new views.
 
 Every stage is skipped when its output is complete and resumes when it was cut (sft.py / grpo.py --resume auto,
-cof.evaluate's per-question file). Outputs under OUT (runs/sweep): data/, data-always/, sft-cof/, sft-always/,
+cof.evaluate's per-question file); a trained stage is recognised by its last checkpoint only, so other training
+options want another --out. Outputs under OUT (runs/sweep): data/, data-always/, sft-cof/, sft-always/,
 grpo/, eval/<model>.jsonl (every trajectory), results.json, results.md, results.png.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -114,7 +116,8 @@ def _run(argv, done_path):
         return done_path
     log("running: " + " ".join(argv))
     t0 = time.time()
-    subprocess.run([sys.executable] + argv, check=True)
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), argv[0])] + argv[1:],
+                   check=True)
     log(f"done in {(time.time() - t0) / 60:.1f} min")
     if not os.path.exists(done_path):
         raise RuntimeError(f"{argv[0]} finished without writing {done_path}")
@@ -219,7 +222,8 @@ def plot(rows, png):
     ticks = [(i, str(R)) for i, R in enumerate(LADDER)]
     panels = [("accuracy, % (balanced test items)", "accuracy", (0, 100)),
               ("mean zooms per question", "mean_zooms", (0, 2)),
-              ("generated tokens per question", "gen_tokens", (0, max([r["gen_tokens"] for r in rows] + [1])))]
+              ("generated tokens per question", "gen_tokens",
+               (0, 50 * math.ceil(max([r["gen_tokens"] for r in rows] + [1]) / 50)))]
     W, H = 560, 300
     img = Image.new("RGB", (W * len(panels), H), "white")
     d = ImageDraw.Draw(img)

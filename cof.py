@@ -29,7 +29,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import textwrap
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -1337,6 +1336,13 @@ def _hms(s):
 # Command line
 
 
+def parse_bool(text):
+    """`true` / `false` (or 1 / 0, yes / no, any case) as a bool; ValueError for anything else."""
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"expected true/false (or 1/0, yes/no), got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
 def cfg_from_args(pairs, **base):
     """CofConfig from `key=value` strings (typed by the dataclass fields)."""
     types = {f.name: f.type for f in fields(CofConfig)}
@@ -1350,9 +1356,7 @@ def cfg_from_args(pairs, **base):
         t = types[k]
         try:
             if t in ("bool", bool):
-                if v.lower() not in ("1", "true", "yes", "0", "false", "no"):
-                    raise ValueError("expected true/false (or 1/0, yes/no)")
-                d[k] = v.lower() in ("1", "true", "yes")
+                d[k] = parse_bool(v)
             elif "int" in str(t):
                 d[k] = None if v.lower() == "none" and "None" in str(t) else int(v)
             elif "float" in str(t):

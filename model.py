@@ -896,9 +896,10 @@ class Qwen25VL(nn.Module):
         """The attention mask of a chunk (mask [B, L]: its real tokens; padded: it came with a mask; slots, S: where
         KVCache.place put it and the key slots its queries read), in the one form every DecoderLayer takes.
         "causal": no padding anywhere and the chunk starts at position 0 (a prefill: SDPA's is_causal, the flash
-        path). None: no padding anywhere, one token (a decode step sees every key). Otherwise a bool tensor, True = attend: [B, 1, G*L, S] (row g*L + l is query l
-        of head g of a KV group: GQA without copying) or [B, 1, 1, S] for one token. A real query sees its row's keys
-        up to itself; a padding query sees slot 0 (no all-False row; cache slots start zeroed), never used."""
+        path). None: no padding anywhere, one token (a decode step sees every key). Otherwise a bool tensor, True =
+        attend: [B, 1, G*L, S] (row g*L + l is query l of head g of a KV group: GQA without copying) or [B, 1, 1, S]
+        for one token. A real query sees its row's keys up to itself; a padding query sees slot 0 (no all-False row;
+        cache slots start zeroed), never used."""
         B, L = mask.shape
         dev = mask.device
         keys = torch.arange(S, device=dev)                                    # [S]

@@ -157,9 +157,8 @@ def evaluate(cfg, name, ckpt, items):
     question by question. A file left by another checkpoint is started over."""
     path = os.path.join(cfg.out, "eval", f"{name}.jsonl")
     meta = path + ".source"
-    source = {"checkpoint": os.path.abspath(ckpt),
-              "bytes": os.path.getsize(os.path.join(ckpt, "model.safetensors")),
-              "mtime": os.path.getmtime(os.path.join(ckpt, "model.safetensors"))}
+    weights = os.stat(os.path.join(ckpt, "model.safetensors"))
+    source = {"checkpoint": os.path.abspath(ckpt), "bytes": weights.st_size, "mtime": weights.st_mtime}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if not tiny._recipe_matches(meta, source) and os.path.exists(path):
         os.remove(path)
@@ -182,11 +181,11 @@ def result_rows(records):
     rows = []
     for name, recs in records.items():
         for R in LADDER:
-            kinds = {k["kind"]: k for k in cof.kind_table([r for r in recs if r["resolution"] == R])}
+            at = [r for r in recs if r["resolution"] == R]
+            kinds = {k["kind"]: k for k in cof.kind_table(at)}
             if not kinds:
                 continue
             overall = kinds.get("overall") or next(iter(kinds.values()))
-            at = [r for r in recs if r["resolution"] == R]
             row = dict(model=name, resolution=R, n=overall["n"], accuracy=overall["accuracy"],
                        **{f"acc_{k}": kinds[k]["accuracy"] if k in kinds else None for k in KINDS},
                        mean_zooms=overall["mean_zooms"], direct_share=overall["direct_share"],

@@ -63,7 +63,7 @@ class BuildConfig:
     def from_args(cls, argv=None):
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         for f in fields(cls):
-            kind = _yes_no if isinstance(f.default, bool) else type(f.default)
+            kind = cof.parse_bool if isinstance(f.default, bool) else type(f.default)
             p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
         return cls(**vars(p.parse_args(argv)))
 
@@ -94,34 +94,28 @@ class BuildConfig:
         return [int(r) for r in self.resolutions.split(",")]
 
 
-def _yes_no(text):
-    if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("1", "true", "yes")
-
-
 def _items(cfg, split, n, mix=None, relative=None):
-    mix, colours = mix or cfg.parsed_mix(), cfg.parsed_colours()
+    mix, colours, periods = mix or cfg.parsed_mix(), cfg.parsed_colours(), cfg.parsed_periods()
     relative = cfg.relative if relative is None else relative
     out = []
     for i in range(n):
         rng = synth.scene_rng(cfg.seed, split, i)
         cat = "relative_position" if rng.random() < relative else "direct_attributes"
         out.append(synth.make_scene(rng, uid=f"{split}-{i:06d}", category=cat, mix=mix, colours=colours,
-                                    periods=cfg.parsed_periods()))
+                                    periods=periods))
     return out
 
 
 def _items_by_kind(cfg, n):
     """n items of each question kind (synth.QUESTION_KINDS), from their own seed stream (split "by_kind"); relative
     items draw their difficulty from the mix like the other splits."""
-    colours, out = cfg.parsed_colours(), []
+    colours, mix, periods, out = cfg.parsed_colours(), cfg.parsed_mix(), cfg.parsed_periods(), []
     for k, kind in enumerate(synth.QUESTION_KINDS):
         cat, diff = ("relative_position", None) if kind == "relative" else ("direct_attributes", kind)
         for i in range(n):
             rng = synth.scene_rng(cfg.seed, "by_kind", k * 1_000_000 + i)
             out.append(synth.make_scene(rng, uid=f"by_kind-{kind}-{i:06d}", category=cat, difficulty=diff,
-                                        mix=cfg.parsed_mix(), colours=colours, periods=cfg.parsed_periods()))
+                                        mix=mix, colours=colours, periods=periods))
     return out
 
 

@@ -8,6 +8,16 @@ def img(h, w, seed=0):
     return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
 
 
+def boost(tok, texts, amount):
+    """A logits processor that adds `amount` to the tokens of `texts` (fuzzing: the sampler sees them often)."""
+    ids = sorted({i for t in texts for i in tok.encode(t)})
+
+    def proc(views, logits):
+        logits[:, ids] += amount
+        return logits
+    return proc
+
+
 def call(b):
     return f'<tool_call>\n{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": {b}}}}}\n</tool_call>'
 

@@ -13,6 +13,7 @@ import cof
 import model as M
 import sft
 from data.tiny import make_tiny
+from cof_fixtures import boost, img
 from procs import ROOT
 import tokenizer as T
 
@@ -21,20 +22,6 @@ import tokenizer as T
 def tiny(tmp_path_factory):
     d = make_tiny(str(tmp_path_factory.mktemp("hostile")), max_pixels=112 * 112, min_pixels=56 * 56)
     return M.Qwen25VL.from_pretrained(d).eval(), T.Tokenizer.from_pretrained(d)
-
-
-def img(h, w, seed=0):
-    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
-
-def boost(tok, texts, amount):
-    """A logits processor that adds `amount` to the tokens of `texts` (fuzzing: the sampler sees them often)."""
-    ids = sorted({i for t in texts for i in tok.encode(t)})
-
-    def proc(views, logits):
-        logits[:, ids] += amount
-        return logits
-    return proc
 
 
 HOSTILE = ["<tool_call>", "</tool_call>", "<answer>", "</answer>", "<think>", "{", "}", "[", "]", ",", "0", "9",

@@ -14,6 +14,7 @@ import model as M
 import sweep
 import tokenizer as T
 from data import agent, build, synth
+from cof_fixtures import boost
 from data.tiny import make_tiny
 
 PERIODS = build.BuildConfig(periods=sweep.PERIODS).parsed_periods()
@@ -107,13 +108,6 @@ def tiny_model(tmp_path_factory):
     return M.Qwen25VL.from_pretrained(d).eval(), T.Tokenizer.from_pretrained(d)
 
 
-def _boost_tool_call(tok):
-    def proc(views, logits):
-        logits[:, tok.tool_call_id] += 30.0          # <tool_call> would be sampled at almost every step
-        return logits
-    return proc
-
-
 @pytest.mark.parametrize("compiled", [False, True])
 def test_direct_never_samples_a_tool_call(tiny_model, compiled):
     net, tok = tiny_model
@@ -124,7 +118,7 @@ def test_direct_never_samples_a_tool_call(tiny_model, compiled):
         cfg = cof.CofConfig(do_sample=True, max_new_tokens=12, max_turns=3, invalid="text", direct=direct,
                             compile=compiled)
         runs[direct] = cof.run(net, tok, images, ["q"] * 4, cfg, group_size=4, generator=torch.Generator().manual_seed(0),
-                               logits_processor=_boost_tool_call(tok))
+                               logits_processor=boost(tok, ["<tool_call>"], 30.0))  # sampled almost always
     gen = lambda trs: [i for tr in trs for i, g in zip(tr.ids, tr.gen_mask) if g]  # noqa: E731
     assert gen(runs[False]).count(tok.tool_call_id) > 16                   # the boost works...
     assert tok.tool_call_id not in gen(runs[True])                         # ...and direct bans it
@@ -137,9 +131,9 @@ def test_direct_equals_banning_the_logit_in_the_model(tiny_model):
               for i in range(3)]
     cfg = cof.CofConfig(max_new_tokens=16, max_turns=2)
     ours = cof.run(net, tok, images, ["what?"] * 3, dataclasses.replace(cfg, direct=True),
-                   logits_processor=_boost_tool_call(tok))
+                   logits_processor=boost(tok, ["<tool_call>"], 30.0))
     ref = cof.run(_Banned(net, tok.tool_call_id), tok, images, ["what?"] * 3, cfg,
-                  logits_processor=_boost_tool_call(tok))
+                  logits_processor=boost(tok, ["<tool_call>"], 30.0))
     assert [tr.ids for tr in ours] == [tr.ids for tr in ref]
 
 

@@ -31,8 +31,11 @@ knows the colours, the grid words and the tool-call format, so a short fine-tune
 
 Every stage is skipped when its output is complete and resumes when it was cut (sft.py / grpo.py --resume auto,
 cof.evaluate's per-question file); a trained stage is recognised by its last checkpoint only, so other training
-options want another --out. Outputs under OUT (runs/sweep): data/, data-always/, sft-cof/, sft-always/,
-grpo/, eval/<model>.jsonl (every trajectory), results.json, results.md, results.png.
+options want another --out. Stages that do not need each other run side by side (`parallel`, on by default: two
+1-thread jobs make better use of 2 cores than one 2-thread job does for a model this small); the trainers print to
+OUT/logs/<job>.log and the sweep prints each running job's progress once a minute. Outputs under OUT (runs/sweep):
+data/, data-always/, sft-cof/, sft-always/, grpo/, logs/, eval/<model>.jsonl (every trajectory), results.json,
+results.md, results.png.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -73,7 +77,8 @@ class SweepConfig:
     sft_lr: float = _opt(1e-3, "peak learning rate of the SFT fine-tunes")
     grpo_steps: int = _opt(200, "GRPO steps (16 prompts x 6 samples each)")
     eval_batch: int = _opt(50, "questions decoded together in the evaluation")
-    threads: int = _opt(2, "torch CPU threads")
+    threads: int = _opt(1, "torch CPU threads of each job (fixed, so that the numbers do not depend on `parallel`)")
+    parallel: bool = _opt(True, "run stages that do not need each other side by side (two at a time)")
     compile: bool = _opt(True, "decode the evaluation and the rollouts through decode.py's compiled step")
 
     LIMITS = dict(train_items=(1, True), rl_items=(1, True), per_kind=(1, True), sft_steps=(1, True),
@@ -109,19 +114,54 @@ def build_data(cfg, always_zoom):
     return out
 
 
-def _run(argv, done_path):
-    """Run a trainer as its own process (the command a reader would type), unless `done_path` exists."""
-    if os.path.exists(done_path):
-        log(f"reusing {done_path}")
-        return done_path
-    log("running: " + " ".join(argv))
-    t0 = time.time()
-    subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), argv[0])] + argv[1:],
-                   check=True)
-    log(f"done in {(time.time() - t0) / 60:.1f} min")
-    if not os.path.exists(done_path):
-        raise RuntimeError(f"{argv[0]} finished without writing {done_path}")
-    return done_path
+class Job:
+    """A trainer run as its own process (the command a reader would type), unless `done` (its last checkpoint) exists.
+    Its output goes to OUT/logs/NAME.log, so that two jobs side by side do not interleave their progress bars."""
+
+    def __init__(self, cfg, name, argv, done):
+        self.name, self.done, self.proc = name, done, None
+        if os.path.exists(done):
+            log(f"reusing {done}")
+            return
+        self.log_path = os.path.join(cfg.out, "logs", f"{name}.log")
+        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        log(f"{name}: " + " ".join(argv) + f"  (output: {self.log_path})")
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), argv[0])
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, script] + argv[1:], stdout=out, stderr=subprocess.STDOUT)
+        self.t0 = time.time()
+
+    def last_line(self):
+        """The job's latest progress line (progress bars rewrite their line with a carriage return)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(max(0, os.path.getsize(self.log_path) - 4096))
+            lines = [ln.strip() for ln in re.split(r"[\r\n]", f.read().decode(errors="replace"))]
+        return next((ln for ln in reversed(lines) if ln), "")
+
+    def wait(self, others=(), every=60.0):
+        """Block until the job ends, printing every `every` s the progress of it and of the `others` running."""
+        last = time.time()
+        while self.proc is not None and self.proc.poll() is None:
+            time.sleep(1.0)
+            if time.time() - last >= every:
+                last = time.time()
+                for job in (self,) + tuple(others):
+                    if job.proc is not None and job.proc.poll() is None:
+                        log(f"{job.name}: {job.last_line()}")
+        if self.proc is not None:
+            if self.proc.returncode != 0:
+                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}; its last line: "
+                                   f"{self.last_line()!r} (whole output: {self.log_path})")
+            log(f"{self.name}: done in {(time.time() - self.t0) / 60:.1f} min")
+            self.proc = None
+        if not os.path.exists(self.done):
+            raise RuntimeError(f"{self.name} finished without writing {self.done}")
+        return self.done
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
 
 
 def _common(cfg, data):
@@ -133,15 +173,17 @@ def _common(cfg, data):
 
 
 def train_sft(cfg, base, data, name):
+    """Start the SFT fine-tune NAME (a Job) on the trajectories in DATA."""
     out = os.path.join(cfg.out, name)
     argv = ["sft.py", "--model", base, "--data", os.path.join(data, "sft_train.json"), "--out", out,
             "--max_steps", str(cfg.sft_steps), "--batch_size", "8", "--grad_accum", "4", "--lr", str(cfg.sft_lr),
             "--warmup_ratio", "0.05", "--min_lr_ratio", "0.05", "--answer_weight", "4", "--freeze_vision", "no",
             "--eval_every", "0", "--save_every", "250", "--no-eval_no_zoom"] + _common(cfg, data)
-    return _run(argv, os.path.join(out, f"ckpt-{cfg.sft_steps:06d}"))
+    return Job(cfg, name, argv, os.path.join(out, f"ckpt-{cfg.sft_steps:06d}"))
 
 
 def train_grpo(cfg, start, data):
+    """Start GRPO (a Job) from the CoF-SFT checkpoint START."""
     out = os.path.join(cfg.out, "grpo")
     preset = {k: grpo.TINY_GRPO_PRESET[k] for k in ("prompts_per_step", "group_size", "micro_batch", "lr", "beta",
                                                     "max_new_tokens")}
@@ -149,7 +191,7 @@ def train_grpo(cfg, start, data):
             "--max_steps", str(cfg.grpo_steps), "--freeze_vision", "yes", "--freeze_merger", "--no-eval_start",
             "--eval_every", "0", "--save_every", "25", "--compile" if cfg.compile else "--no-compile"]
     argv += [a for k, v in preset.items() for a in (f"--{k}", str(v))] + _common(cfg, data)
-    return _run(argv, os.path.join(out, f"ckpt-{cfg.grpo_steps:06d}"))
+    return Job(cfg, "grpo", argv, os.path.join(out, f"ckpt-{cfg.grpo_steps:06d}"))
 
 
 def evaluate(cfg, name, ckpt, items):
@@ -237,20 +279,42 @@ def plot(rows, png):
 
 
 def run(cfg):
+    """The stages in dependency order. With `parallel`, stages that do not need each other run side by side:
+    the data builds (here) beside the default SFT run, the two fine-tunes beside each other, GRPO beside the
+    evaluation of the other three models. Each job's thread count is fixed (`threads`; the default run keeps its
+    own), so `parallel` changes the wall time only, never a number."""
     t0 = time.time()
     torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)
-    data, data_always = build_data(cfg, False), build_data(cfg, True)
-    base = cfg.base
-    if not base:
-        base = os.path.join(sft.TINY_PRESET["out"], f"ckpt-{sft.TINY_PRESET['max_steps']:06d}")
-        _run(["sft.py"], base)
-    ckpts = {"cof-sft": train_sft(cfg, base, data, "sft-cof"),
-             "always-zoom": train_sft(cfg, base, data_always, "sft-always")}
-    ckpts["cof-grpo"] = train_grpo(cfg, ckpts["cof-sft"], data)
-    ckpts["direct"] = ckpts["cof-sft"]
-    items = cof.read_synthetic(os.path.join(data, "test_by_kind.jsonl"))
-    records = {name: evaluate(cfg, name, ckpts[name], items) for name in MODELS}
+    running = []
+
+    def start(job):
+        running.append(job)
+        if not cfg.parallel:
+            job.wait()
+        return job
+
+    try:
+        base = cfg.base or os.path.join(sft.TINY_PRESET["out"], f"ckpt-{sft.TINY_PRESET['max_steps']:06d}")
+        if cfg.base and not os.path.isdir(base):
+            raise FileNotFoundError(f"--base {base}: no such checkpoint directory")
+        base_job = start(Job(cfg, "sft-default", ["sft.py"], base))
+        data, data_always = build_data(cfg, False), build_data(cfg, True)
+        base_job.wait()
+        sft_cof = start(train_sft(cfg, base, data, "sft-cof"))
+        sft_always = start(train_sft(cfg, base, data_always, "sft-always"))
+        ckpts = {"cof-sft": sft_cof.wait([sft_always])}
+        grpo_job = start(train_grpo(cfg, ckpts["cof-sft"], data))
+        ckpts["always-zoom"] = sft_always.wait([grpo_job])
+        ckpts["direct"] = ckpts["cof-sft"]
+        items = cof.read_synthetic(os.path.join(data, "test_by_kind.jsonl"))
+        records = {name: evaluate(cfg, name, ckpts[name], items) for name in ("direct", "always-zoom", "cof-sft")}
+        ckpts["cof-grpo"] = grpo_job.wait()
+        records["cof-grpo"] = evaluate(cfg, "cof-grpo", ckpts["cof-grpo"], items)
+    finally:
+        for job in running:
+            job.stop()
+    records = {name: records[name] for name in MODELS}
     rows = result_rows(records)
     legible = build.legibility_table(LADDER, VIEW_MAX_PIXELS, n=3, acuity=ACUITY,
                                      periods=build.BuildConfig(periods=PERIODS).parsed_periods())

@@ -279,10 +279,11 @@ def plot(rows, png):
 
 
 def run(cfg):
-    """The stages in dependency order. With `parallel`, stages that do not need each other run side by side:
-    the data builds (here) beside the default SFT run, the two fine-tunes beside each other, GRPO beside the
-    evaluation of the other three models. Each job's thread count is fixed (`threads`; the default run keeps its
-    own), so `parallel` changes the wall time only, never a number."""
+    """The stages in dependency order. With `parallel`, stages that do not need each other run side by side: the
+    two fine-tunes, then GRPO beside the evaluation of the other three models, each job with `threads` threads (1:
+    two 1-thread jobs keep 2 cores busier than one 2-thread job on a model this small). The default SFT run, when
+    missing, runs alone with its own 2 threads (beside another job, its threads would wait for each other and it
+    slows down five times). Thread counts never depend on `parallel`, so it changes the wall time, not a number."""
     t0 = time.time()
     torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)
@@ -298,9 +299,8 @@ def run(cfg):
         base = cfg.base or os.path.join(sft.TINY_PRESET["out"], f"ckpt-{sft.TINY_PRESET['max_steps']:06d}")
         if cfg.base and not os.path.isdir(base):
             raise FileNotFoundError(f"--base {base}: no such checkpoint directory")
-        base_job = start(Job(cfg, "sft-default", ["sft.py"], base))
         data, data_always = build_data(cfg, False), build_data(cfg, True)
-        base_job.wait()
+        Job(cfg, "sft-default", ["sft.py"], base).wait()   # alone: the default run's 2 threads, its own numbers
         sft_cof = start(train_sft(cfg, base, data, "sft-cof"))
         sft_always = start(train_sft(cfg, base, data_always, "sft-always"))
         ckpts = {"cof-sft": sft_cof.wait([sft_always])}

@@ -179,3 +179,20 @@ def test_config_rejects_unknown_and_impossible_options():
     with pytest.raises(ValueError, match="unknown SweepConfig keys"):
         sweep.SweepConfig.from_dict({"stpes": 3})
     assert json.loads(json.dumps(sweep.SweepConfig().__dict__))["out"] == os.path.join("runs", "sweep")
+
+
+def test_job_reuses_a_finished_stage_and_reports_a_failed_one(tmp_path):
+    cfg = sweep.SweepConfig(out=str(tmp_path))
+    done = tmp_path / "ckpt-000010"
+    done.mkdir()
+    job = sweep.Job(cfg, "finished", ["sft.py", "--no_such_option"], str(done))
+    assert job.proc is None and job.wait() == str(done)               # reused: nothing was started
+    job = sweep.Job(cfg, "broken", ["sft.py", "--no_such_option", "1"], str(tmp_path / "never"))
+    assert job.proc is not None
+    with pytest.raises(RuntimeError, match=r"broken exited with code 2; its last line: .*no_such_option"):
+        job.wait()
+    assert os.path.exists(tmp_path / "logs" / "broken.log")
+    with open(tmp_path / "logs" / "progress.log", "w") as f:          # a progress bar rewrites its line with \r
+        f.write("model: x\nsft 1/9 [..] loss 0.9\rsft 2/9 [#.] loss 0.8\r")
+    job.log_path = str(tmp_path / "logs" / "progress.log")
+    assert job.last_line() == "sft 2/9 [#.] loss 0.8"

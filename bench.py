@@ -19,7 +19,9 @@ the released loop's cost model (`Reencode`) is a baseline, not a way to run CoF.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -32,7 +34,7 @@ import crop_kernels as ck
 import decode
 import model as M
 import tokenizer as T
-from data.tiny import make_tiny
+from data import tiny
 
 
 class Reencode:
@@ -129,7 +131,7 @@ def bench_model(args):
         b = ref.generate(**hf_in, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                          eos_token_id=never, pad_token_id=0)[:, T:]
     same = a.tolist() == b.tolist() == c.tolist()
-    _model_table(args, device, rows, ids, grid, diff, same, fast)
+    _model_table(args, device, ours.cfg, rows, ids, grid, diff, same, fast)
     if not args.no_crop:
         ck.bench(sources=((args.crop_source[0], args.crop_source[1]),))
     return dict(rows=rows, max_logit_diff=diff, greedy_same=same)
@@ -243,18 +245,29 @@ def _train_step(model, logits_fn):
 
 
 def _model_pair(args, device):
-    """Ours and transformers' model on one random checkpoint of the asked size, and one prompt with one image."""
+    """Ours and transformers' model on one random checkpoint of the asked size, and one prompt with one image. The
+    small config is written by make_tiny and both models load it; the 7B preset's weights are drawn on the device
+    (tiny.random_model: seconds, where drawing 8 B numbers on a CPU takes minutes), written once with
+    save_pretrained, and transformers loads those files."""
     from transformers import Qwen2_5_VLForConditionalGeneration  # benchmark-only dependency
 
     dtype = getattr(torch, args.dtype)
-    d = make_tiny(os.path.join(tempfile.mkdtemp(prefix="bench_qwen25vl_"), "m"), hidden_size=args.hidden,
-                  num_layers=args.layers, num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 256),
-                  intermediate_size=args.hidden * 11 // 4, vision_hidden_size=args.hidden, vision_depth=args.layers,
-                  vision_heads=args.hidden // 64, vision_intermediate_size=args.hidden * 2,
-                  fullatt_block_indexes=(args.layers - 1,))
-    ours = M.Qwen25VL.from_pretrained(d, dtype=dtype, device=device)
+    d = os.path.join(tempfile.mkdtemp(prefix="bench_qwen25vl_"), "m")
+    if args.preset == "7b":
+        tok = T.Tokenizer.from_pretrained(tiny.make_tiny(d))     # the tokenizer and processor files
+        cfg = tiny.qwen25vl_7b_config(tok)
+        _check_memory(cfg, dtype, device)
+        ours = tiny.random_model(cfg, device, dtype)
+        ours.save_pretrained(d)                                  # replaces make_tiny's weights and config
+    else:
+        tiny.make_tiny(d, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
+                       num_kv_heads=max(1, args.hidden // 256), intermediate_size=args.hidden * 11 // 4,
+                       vision_hidden_size=args.hidden, vision_depth=args.layers, vision_heads=args.hidden // 64,
+                       vision_intermediate_size=args.hidden * 2, fullatt_block_indexes=(args.layers - 1,))
+        ours = M.Qwen25VL.from_pretrained(d, dtype=dtype, device=device)
+        tok = T.Tokenizer.from_pretrained(d)
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=dtype).to(device).eval()
-    tok = T.Tokenizer.from_pretrained(d)
+    shutil.rmtree(os.path.dirname(d))                            # 15 GiB for the 7B preset; both models hold theirs
     img = torch.randint(0, 256, (3, args.image, args.image), dtype=torch.uint8)
     pv, grid = ck.preprocess_image(img)
     msgs = [{"role": "system", "content": cof.SYSTEM_PROMPT},
@@ -263,12 +276,27 @@ def _model_pair(args, device):
     return ours, ref, torch.tensor([ids], device=device), pv.to(device), grid                 # ids [1, T]
 
 
-def _model_table(args, device, rows, ids, grid, diff, same, fast):
+def _check_memory(cfg, dtype, device):
+    """Refuse a preset the device cannot hold: two copies of the weights (ours and transformers') plus one set of
+    gradients (the training row), with a fifth spare for activations."""
+    need = 3.2 * sum(math.prod(s) for s in M.weight_shapes(cfg).values()) * torch.empty(0, dtype=dtype).element_size()
+    if device.type == "cuda":
+        have, where = torch.cuda.mem_get_info(device)[0], torch.cuda.get_device_name(device)
+    else:
+        have, where = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine's free memory"
+    if need > have:
+        raise SystemExit(f"bench.py model --preset 7b needs about {need / 2**30:.0f} GiB ({dtype}: two models and "
+                         f"one set of gradients); {where} has {have / 2**30:.0f} GiB free. Run it on a GPU.")
+
+
+def _model_table(args, device, cfg, rows, ids, grid, diff, same, fast):
     """The rows as a markdown table with ratios (> 1 = ours is faster), naming the device and the versions."""
     import transformers
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"Qwen2.5-VL benchmark on {dev_name}, {args.dtype}; text + vision {args.layers} layers, hidden {args.hidden}; "
+    t, v = cfg.text, cfg.vision
+    print(f"Qwen2.5-VL benchmark on {dev_name}, {args.dtype}; text {t.num_hidden_layers} layers, hidden {t.hidden_size}, "
+          f"vocabulary {t.vocab_size}; vision {v.depth} blocks, hidden {v.hidden_size}; "
           f"one {args.image}x{args.image} image ({int(grid[0].prod()) // 4} image tokens) in a {ids.shape[1]}-token "
           f"prompt; {args.new_tokens} decode steps; median of {args.reps}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}")
@@ -289,7 +317,7 @@ def bench_cof(a):
     """`python bench.py cof`: the batched one-cache loop against the released cost model (one question at a time,
     the whole conversation prefilled again after every zoom), same questions, same run. Random weights never zoom,
     so every question is made to call the tool `--zooms` times (forced tool-call prefixes), then the model runs on."""
-    path = a.model or make_tiny(tempfile.mkdtemp(prefix="cof_bench_"), hidden_size=a.hidden, num_layers=a.layers,
+    path = a.model or tiny.make_tiny(tempfile.mkdtemp(prefix="cof_bench_"), hidden_size=a.hidden, num_layers=a.layers,
                                 num_heads=4, num_kv_heads=2, intermediate_size=4 * a.hidden,
                                 vision_hidden_size=128, vision_depth=4, vision_heads=4, vision_intermediate_size=256)
     model, tok = cof.load(path, a.device, a.dtype)
@@ -375,9 +403,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
     m = sub.add_parser("model", help="prefill/decode tokens/s, model.py vs transformers")
+    m.add_argument("--preset", choices=("small", "7b"), default="small",
+                   help="small: a random model of --hidden/--layers (the CPU default); 7b: Qwen2.5-VL-7B's shapes, "
+                        "random weights, bf16 and a 1008 x 1008 image unless told (a GPU)")
     m.add_argument("--layers", type=int, default=4)
     m.add_argument("--hidden", type=int, default=512)
-    m.add_argument("--image", type=int, default=448, help="side of the square test image in pixels")
+    m.add_argument("--image", type=int, default=None, help="side of the square test image in pixels (small: 448, "
+                                                           "7b: 1008, the issue's 1296 image tokens)")
     m.add_argument("--samples", type=int, default=8, help="G: samples of one prompt decoded together")
     m.add_argument("--new_tokens", type=int, default=64)
     m.add_argument("--reps", type=int, default=5)
@@ -385,7 +417,8 @@ def main(argv=None):
     m.add_argument("--crop_source", type=lambda t: tuple(int(v) for v in t.split("x")), default=(7680, 4320),
                    help="WxH of the source image the crop kernels' table crops from")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    m.add_argument("--dtype", default="float32")
+    m.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="small: float32, 7b: bfloat16")
     m.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     c = sub.add_parser("cof", help="whole CoF conversations: one-cache batched loop vs re-encoding every turn")
     c.add_argument("--model", default=None, help="checkpoint (default: a random model of --hidden/--layers)")
@@ -408,6 +441,9 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.what == "model":
+        seven = a.preset == "7b"
+        a.image = a.image or (1008 if seven else 448)
+        a.dtype = a.dtype or ("bfloat16" if seven else "float32")
         return bench_model(a)
     if a.samples or a.data:
         if not (a.samples and a.data and a.model):

@@ -4,6 +4,8 @@ they train when no --model / --data is given, and the random models every test b
 - `make_tiny` writes a random Qwen2.5-VL in the hub's HF format (config.json, model.safetensors, a byte-level BPE
   tokenizer.json trained on a small corpus, chat template, preprocessor_config.json) that both model.py and
   transformers load, so parity tests compare the two on the same files.
+- `qwen25vl_7b_config` / `random_model`: the real 7B's shapes with random weights drawn on the device, for the GPU
+  memory check and the 7B benchmark.
 - `build_synthetic` / `build_tiny_model` make the default run's toy-V* dataset (data/build.py) and its tiny model
   (sizes TINY_MODEL, view capped at 112 x 112 px), rebuilding either when its recipe changed.
 """
@@ -111,6 +113,38 @@ def make_tiny(directory, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads
               metadata={"format": "pt"})
     _write_processor_files(directory, tok, vision, min_pixels, max_pixels)
     return os.fspath(directory)
+
+
+def qwen25vl_7b_config(tok) -> M.ModelConfig:
+    """Qwen2.5-VL-7B-Instruct's shapes (the hub config.json: 28 layers of hidden 3584, GQA 28/4, vocabulary 152064; a
+    32-block vision tower of hidden 1280) with the special-token ids of `tok`, a tiny tokenizer: its ids are valid
+    rows of the 7B embedding, so prompts tokenize as usual. For memory and speed checks with random weights."""
+    text = M.TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                        num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6,
+                        mrope_section=(16, 24, 24), max_position_embeddings=128000)
+    vision = M.VisionConfig(hidden_size=1280, out_hidden_size=3584, intermediate_size=3420, depth=32, num_heads=16,
+                            window_size=112, fullatt_block_indexes=(7, 15, 23, 31), tokens_per_second=2)
+    return M.ModelConfig(text=text, vision=vision, image_token_id=tok.image_pad_id, video_token_id=tok.video_pad_id,
+                         vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id,
+                         bos_token_id=tok.endoftext_id, eos_token_id=tok.im_end_id, pad_token_id=tok.pad_id,
+                         torch_dtype="bfloat16")
+
+
+def random_model(cfg: M.ModelConfig, device, dtype=torch.bfloat16, seed=0) -> M.Qwen25VL:
+    """A model of `cfg` built in place on `device` (as from_pretrained builds one, no CPU copy), weights drawn there:
+    matrices N(0, 0.02) (transformers' init), norms 1, biases 0. Seconds for 7B shapes on a GPU, where writing and
+    reading a random checkpoint takes minutes."""
+    with torch.device("meta"):
+        net = M.Qwen25VL(cfg)
+    net = net.to(dtype).to_empty(device=torch.device(device))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=gen)
+            else:
+                p.fill_(1.0 if "norm" in name or "ln_q" in name else 0.0)
+    return net.eval()
 
 
 def _write_json(path, obj):

@@ -537,30 +537,11 @@ def check_grpo(ctx):
 def check_memory_7b(ctx):
     dev, rep = ctx.device, ctx.report
     tok = T.Tokenizer.from_pretrained(tiny.make_tiny(ctx.path("tok7b")))   # text only; the ids are valid 7B embedding rows
-    text = M.TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                        num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6,
-                        mrope_section=(16, 24, 24), max_position_embeddings=128000)
-    vision = M.VisionConfig(hidden_size=1280, out_hidden_size=3584, intermediate_size=3420, depth=32, num_heads=16,
-                            window_size=112, fullatt_block_indexes=(7, 15, 23, 31), tokens_per_second=2)
-    cfg = M.ModelConfig(text=text, vision=vision, image_token_id=tok.image_pad_id, video_token_id=tok.video_pad_id,
-                        vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id,
-                        bos_token_id=tok.endoftext_id, eos_token_id=tok.im_end_id, pad_token_id=tok.pad_id,
-                        torch_dtype="bfloat16")
     gc.collect()                                        # what the earlier checks left behind
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    with torch.device("meta"):
-        net = M.Qwen25VL(cfg)
-    net = net.to(torch.bfloat16).to_empty(device=dev)   # what from_pretrained does, then random weights in place
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.02)
-            else:
-                p.fill_(1.0 if "norm" in name or "ln_q" in name else 0.0)
-    net.eval()
+    net = tiny.random_model(tiny.qwen25vl_7b_config(tok), dev, torch.bfloat16)
     ctx.sync()
     t_build = time.time() - t0
     weights = sum(p.numel() * p.element_size() for p in net.parameters()) / 2 ** 30

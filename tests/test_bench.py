@@ -54,3 +54,43 @@ def test_bench_sampled_rollouts_on_records(tmp_path, capsys):
     assert fast["same_tokens_as_eager"] and fast["gen_tokens"] == eager["gen_tokens"]
     assert 0 <= fast["max_logprob_diff"] < 1e-4
     assert "2 questions x G=3" in capsys.readouterr().out
+
+
+def test_bench_model_7b_preset_path_on_a_small_config(monkeypatch):
+    """`python bench.py model --preset 7b` builds ours on the device (tiny.random_model), writes it with
+    save_pretrained and has transformers load those files: run here with the 7B shapes swapped for small ones, the
+    two models must agree as on the small preset's files. The real shapes are checked against the hub config."""
+    import argparse
+    import dataclasses
+
+    import torch
+
+    import model as M
+    from data import tiny
+
+    real = tiny.qwen25vl_7b_config
+
+    def small(tok):
+        cfg = real(tok)
+        text = dataclasses.replace(cfg.text, vocab_size=1024, hidden_size=256, intermediate_size=256,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+        vision = dataclasses.replace(cfg.vision, hidden_size=64, out_hidden_size=256, intermediate_size=128, depth=2,
+                                     num_heads=2, fullatt_block_indexes=(1,))
+        return dataclasses.replace(cfg, text=text, vision=vision)
+
+    monkeypatch.setattr(tiny, "qwen25vl_7b_config", small)
+    args = argparse.Namespace(preset="7b", dtype="float32", image=56)
+    ours, ref, ids, pv, grid = bench._model_pair(args, torch.device("cpu"))
+    assert ours.cfg.text.hidden_size == 256 and ours.source_dir is None
+    with torch.no_grad():
+        mm = (ids == ours.cfg.image_token_id).int()
+        theirs = ref(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=mm).logits
+        assert (ours(ids, pv, grid) - theirs).abs().max().item() < 1e-4
+    cfg = real(bench.T.Tokenizer.from_pretrained(tiny.make_tiny(bench.tempfile.mkdtemp())))
+    n = sum(torch.Size(s).numel() for s in M.weight_shapes(cfg).values())
+    assert n == 8_292_166_656            # Qwen2.5-VL-7B-Instruct: its index's total_size, 16,584,333,312 bytes of bf16
+    net = tiny.random_model(small(bench.T.Tokenizer.from_pretrained(tiny.make_tiny(bench.tempfile.mkdtemp()))),
+                            "cpu", torch.float32)
+    w = dict(net.named_parameters())
+    assert abs(w["model.layers.0.mlp.up_proj.weight"].std().item() - 0.02) < 1e-3
+    assert (w["model.norm.weight"] == 1).all() and (w["model.layers.0.self_attn.q_proj.bias"] == 0).all()

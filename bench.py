@@ -89,40 +89,45 @@ def bench_model(args):
     hf_in = dict(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=mm)
     clock = _Clock(device, args.reps)
     rows = []   # (step, unit, ours, transformers): unit "ms" (lower is better) or "tok/s" (higher is better)
+
+    def add(row):   # each row printed as it is measured: a run cut short (a GPU lease) still shows what it measured
+        rows.append(row)
+        print(f"measured: {row[0]}: ours {row[2]:.1f} {row[1]}, transformers {row[3]:.1f} {row[1]}", flush=True)
+
     with torch.no_grad():
-        rows.append((f"vision encoder, {pv.shape[0]} patches", "ms", *clock.pair(
+        add((f"vision encoder, {pv.shape[0]} patches", "ms", *clock.pair(
             lambda: ours.visual(pv, grid), lambda: _hf_visual(ref)(pv, grid_thw=grid))))
-        rows.append((f"prefill, vision + {T} tokens", "ms", *clock.pair(
+        add((f"prefill, vision + {T} tokens", "ms", *clock.pair(
             lambda: _prefill(ours, ids, pv, grid, n_new), lambda: ref(**hf_in, use_cache=True, logits_to_keep=1))))
         fast = decode.decoder_for(ours)
         _decode(ours, ids, pv, grid, n_new, 1, clock, fast)             # compile outside the timings (batch 1 and G)
         _decode(ours, ids, pv, grid, n_new, G, clock, fast)
         static = _hf_static(ref, hf_in, n_new, never, clock)              # the same for transformers' compiled path
-        rows.append(("decode, batch 1", "tok/s", *clock.pair(
+        add(("decode, batch 1", "tok/s", *clock.pair(
             lambda: _decode(ours, ids, pv, grid, n_new, 1, clock), lambda: _hf_decode(ref, hf_in, n_new, never, clock),
             rate=n_new)))
-        rows.append(("decode, batch 1: ours compiled", "tok/s", *clock.pair(
+        add(("decode, batch 1: ours compiled", "tok/s", *clock.pair(
             lambda: _decode(ours, ids, pv, grid, n_new, 1, clock, fast),
             lambda: _hf_decode(ref, hf_in, n_new, never, clock), rate=n_new)))
         if static:
-            rows.append(("decode, batch 1: both compiled (transformers: static cache)", "tok/s", *clock.pair(
+            add(("decode, batch 1: both compiled (transformers: static cache)", "tok/s", *clock.pair(
                 lambda: _decode(ours, ids, pv, grid, n_new, 1, clock, fast),
                 lambda: _hf_decode(ref, hf_in, n_new, never, clock, static), rate=n_new)))
         hf_g = {k: torch.cat([v] * G) for k, v in hf_in.items()}                  # G copies of the prompt
-        rows.append((f"one prompt x {G} samples: prefill", "ms", *clock.pair(
+        add((f"one prompt x {G} samples: prefill", "ms", *clock.pair(
             lambda: _prefill(ours, ids, pv, grid, n_new).repeat_interleave(G),
             lambda: ref(**hf_g, use_cache=True, logits_to_keep=1))))
-        rows.append((f"one prompt x {G} samples: decode", "tok/s", *clock.pair(
+        add((f"one prompt x {G} samples: decode", "tok/s", *clock.pair(
             lambda: _decode(ours, ids, pv, grid, n_new, G, clock), lambda: _hf_decode(ref, hf_g, n_new, never, clock),
             rate=G * n_new)))
-        rows.append((f"one prompt x {G} samples: decode, ours compiled", "tok/s", *clock.pair(
+        add((f"one prompt x {G} samples: decode, ours compiled", "tok/s", *clock.pair(
             lambda: _decode(ours, ids, pv, grid, n_new, G, clock, fast),
             lambda: _hf_decode(ref, hf_g, n_new, never, clock), rate=G * n_new)))
         if static and _hf_static(ref, hf_g, n_new, never, clock):
-            rows.append((f"one prompt x {G} samples: decode, both compiled", "tok/s", *clock.pair(
+            add((f"one prompt x {G} samples: decode, both compiled", "tok/s", *clock.pair(
                 lambda: _decode(ours, ids, pv, grid, n_new, G, clock, fast),
                 lambda: _hf_decode(ref, hf_g, n_new, never, clock, static), rate=G * n_new)))
-    rows.append((f"training forward + backward, {T} tokens", "ms", *clock.pair(
+    add((f"training forward + backward, {T} tokens", "ms", *clock.pair(
         lambda: _train_step(ours, lambda: ours(ids, pv, grid)), lambda: _train_step(ref, lambda: ref(**hf_in).logits))))
     with torch.no_grad():
         diff = (ours(ids, pv, grid)[:, -1].float() - ref(**hf_in).logits[:, -1].float()).abs().max().item()
@@ -252,8 +257,9 @@ def _model_pair(args, device):
     from transformers import Qwen2_5_VLForConditionalGeneration  # benchmark-only dependency
 
     dtype = getattr(torch, args.dtype)
-    d = os.path.join(tempfile.mkdtemp(prefix="bench_qwen25vl_"), "m")
-    if args.preset == "7b":
+    ram = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 40 * 2**30 else None
+    d = os.path.join(tempfile.mkdtemp(prefix="bench_qwen25vl_", dir=ram if args.preset == "7b" else None), "m")
+    if args.preset == "7b":   # 15 GiB of files: in memory where the machine has room (seconds, not a minute)
         tok = T.Tokenizer.from_pretrained(tiny.make_tiny(d))     # the tokenizer and processor files
         cfg = tiny.qwen25vl_7b_config(tok)
         _check_memory(cfg, dtype, device)
@@ -399,7 +405,7 @@ def logprob_gap(a, b):
                 for x, y in zip(a, b) if x.ids == y.ids), default=float("nan"))
 
 
-def main(argv=None):
+def parser():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
     m = sub.add_parser("model", help="prefill/decode tokens/s, model.py vs transformers")
@@ -437,6 +443,11 @@ def main(argv=None):
     c.add_argument("--reps", type=int, default=1, help="timed repetitions of the sampled rollouts (seeds 0, 1, ...)")
     c.add_argument("--cfg", action="append", metavar="KEY=VALUE",
                    help="CofConfig option for the sampled rollouts (repeatable), as in `cof.py eval --cfg`")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -94,3 +94,17 @@ def test_bench_model_7b_preset_path_on_a_small_config(monkeypatch):
     w = dict(net.named_parameters())
     assert abs(w["model.layers.0.mlp.up_proj.weight"].std().item() - 0.02) < 1e-3
     assert (w["model.norm.weight"] == 1).all() and (w["model.layers.0.self_attn.q_proj.bias"] == 0).all()
+
+
+def test_gpu_session_script_calls_options_that_exist():
+    """tests/gpu_session.sh runs on a rented GPU where a typo costs the lease: its bench.py options must parse here."""
+    import os
+    import shlex
+
+    script = open(os.path.join(os.path.dirname(__file__), "gpu_session.sh")).read()
+    calls = [shlex.split(ln.split("python3 bench.py", 1)[1]) for ln in script.splitlines()
+             if ln.strip().startswith("step ") and "bench.py" in ln]
+    assert calls and all(bench.parser().parse_args(c).preset == "7b" for c in calls)
+    for ln in script.splitlines():
+        if ln.strip().startswith("step "):
+            assert os.path.exists(os.path.join(os.path.dirname(__file__), "..", shlex.split(ln)[4])), ln

@@ -39,11 +39,13 @@ results.md, results.png.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -114,6 +116,15 @@ def build_data(cfg, always_zoom):
     return out
 
 
+def _die_with_parent():
+    """In the child, before it runs: ask Linux to send it SIGTERM when the sweep dies, however it dies (a killed sweep
+    must not leave a trainer running that the next sweep would start again on the same directory)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):                # not Linux: stop() still ends the children on an exception
+        pass
+
+
 class Job:
     """A trainer run as its own process (the command a reader would type), unless `done` (its last checkpoint) exists.
     Its output goes to OUT/logs/NAME.log, so that two jobs side by side do not interleave their progress bars."""
@@ -128,7 +139,8 @@ class Job:
         log(f"{name}: " + " ".join(argv) + f"  (output: {self.log_path})")
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), argv[0])
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, script] + argv[1:], stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen([sys.executable, script] + argv[1:], stdout=out, stderr=subprocess.STDOUT,
+                                         preexec_fn=_die_with_parent)
         self.t0 = time.time()
 
     def last_line(self):

@@ -196,3 +196,33 @@ def test_job_reuses_a_finished_stage_and_reports_a_failed_one(tmp_path):
         f.write("model: x\nsft 1/9 [..] loss 0.9\rsft 2/9 [#.] loss 0.8\r")
     job.log_path = str(tmp_path / "logs" / "progress.log")
     assert job.last_line() == "sft 2/9 [#.] loss 0.8"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux only (PR_SET_PDEATHSIG)")
+def test_a_killed_sweep_takes_its_trainers_with_it():
+    """A trainer outliving a killed sweep would train on while the next sweep starts the same job in the same
+    directory: Job's children get SIGTERM when the sweep dies, even by SIGKILL."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import subprocess, sys, time; sys.path.insert(0, sys.argv[1]); import sweep; "
+            "p = subprocess.Popen(['sleep', '60'], preexec_fn=sweep._die_with_parent); print(p.pid, flush=True); "
+            "time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(os.path.abspath(sweep.__file__))],
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+
+    def state():   # the child's state letter; "gone" once reaped (a zombie "Z" is dead, waiting for init)
+        try:
+            with open(f"/proc/{child}/status") as f:
+                return next(ln.split()[1] for ln in f if ln.startswith("State:"))
+        except FileNotFoundError:
+            return "gone"
+
+    deadline = time.time() + 10
+    while state() not in ("Z", "gone") and time.time() < deadline:
+        time.sleep(0.05)
+    assert state() in ("Z", "gone")

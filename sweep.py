@@ -312,7 +312,8 @@ def run(cfg):
         if cfg.base and not os.path.isdir(base):
             raise FileNotFoundError(f"--base {base}: no such checkpoint directory")
         data, data_always = build_data(cfg, False), build_data(cfg, True)
-        Job(cfg, "sft-default", ["sft.py"], base).wait()   # alone: the default run's 2 threads, its own numbers
+        running.append(Job(cfg, "sft-default", ["sft.py"], base))   # alone: the default run's 2 threads
+        running[-1].wait()
         sft_cof = start(train_sft(cfg, base, data, "sft-cof"))
         sft_always = start(train_sft(cfg, base, data_always, "sft-always"))
         ckpts = {"cof-sft": sft_cof.wait([sft_always])}

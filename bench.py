@@ -257,9 +257,10 @@ def _model_pair(args, device):
     from transformers import Qwen2_5_VLForConditionalGeneration  # benchmark-only dependency
 
     dtype = getattr(torch, args.dtype)
-    ram = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 40 * 2**30 else None
-    d = os.path.join(tempfile.mkdtemp(prefix="bench_qwen25vl_", dir=ram if args.preset == "7b" else None), "m")
-    if args.preset == "7b":   # 15 GiB of files: in memory where the machine has room (seconds, not a minute)
+    seven = args.preset == "7b"   # 15 GiB of files: in memory where the machine has room (seconds, not a minute)
+    ram = seven and os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 40 * 2**30
+    d = os.path.join(tempfile.mkdtemp(prefix="bench_qwen25vl_", dir="/dev/shm" if ram else None), "m")
+    if seven:
         tok = T.Tokenizer.from_pretrained(tiny.make_tiny(d))     # the tokenizer and processor files
         cfg = tiny.qwen25vl_7b_config(tok)
         _check_memory(cfg, dtype, device)

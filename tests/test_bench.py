@@ -62,10 +62,12 @@ def test_bench_model_7b_preset_path_on_a_small_config(monkeypatch):
     two models must agree as on the small preset's files. The real shapes are checked against the hub config."""
     import argparse
     import dataclasses
+    import tempfile
 
     import torch
 
     import model as M
+    import tokenizer as T
     from data import tiny
 
     real = tiny.qwen25vl_7b_config
@@ -86,11 +88,10 @@ def test_bench_model_7b_preset_path_on_a_small_config(monkeypatch):
         mm = (ids == ours.cfg.image_token_id).int()
         theirs = ref(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=mm).logits
         assert (ours(ids, pv, grid) - theirs).abs().max().item() < 1e-4
-    cfg = real(bench.T.Tokenizer.from_pretrained(tiny.make_tiny(bench.tempfile.mkdtemp())))
-    n = sum(torch.Size(s).numel() for s in M.weight_shapes(cfg).values())
+    tok = T.Tokenizer.from_pretrained(tiny.make_tiny(tempfile.mkdtemp()))
+    n = sum(torch.Size(s).numel() for s in M.weight_shapes(real(tok)).values())
     assert n == 8_292_166_656            # Qwen2.5-VL-7B-Instruct: its index's total_size, 16,584,333,312 bytes of bf16
-    net = tiny.random_model(small(bench.T.Tokenizer.from_pretrained(tiny.make_tiny(bench.tempfile.mkdtemp()))),
-                            "cpu", torch.float32)
+    net = tiny.random_model(small(tok), "cpu", torch.float32)
     w = dict(net.named_parameters())
     assert abs(w["model.layers.0.mlp.up_proj.weight"].std().item() - 0.02) < 1e-3
     assert (w["model.norm.weight"] == 1).all() and (w["model.layers.0.self_attn.q_proj.bias"] == 0).all()

@@ -78,6 +78,26 @@ def test_decode_step_equals_extend_with_padding_rows(tiny):
                 assert caches[name].size == ref.size
 
 
+def test_one_row_graph_is_lowered_to_fused_products_and_still_equals_extend(tiny):
+    """A batch of one row compiles its own graph, where every linear and the attention are rewritten
+    (decode.lower_for_cpu); it still gives extend's logits step after step. A graph of several rows is not
+    rewritten."""
+    model, _ = tiny
+    d = decode.Decoder(model)        # its own Decoder: count the rewrites of exactly the graphs compiled here
+    if not d.compiled:
+        pytest.skip("torch.compile is unavailable here: the Decoder fell back to eager")
+    ref, cache = prompt_cache(model, rows=(6,))[0], prompt_cache(model, rows=(6,))[0]
+    layers = model.cfg.text.num_hidden_layers
+    with torch.no_grad():
+        for i, t in enumerate([11, 12, 13, 14]):
+            want = model.extend(ref, torch.tensor([[t]]), last_only=True)[:, 0]
+            got = d(cache, torch.tensor([t]))
+            assert (got - want).abs().max() < TOL, i
+        assert (d.compiles, d.lowered) == (1, 7 * layers + 1 + layers)   # q k v o gate up down per layer, the head,
+        d(prompt_cache(model)[0], torch.tensor([11, 12, 13]))            # and one attention per layer
+    assert (d.compiles, d.lowered) == (2, 7 * layers + 1 + layers)
+
+
 def test_take_and_put_equal_extending_the_whole_cache(tiny):
     model, _ = tiny
     ref, _ = prompt_cache(model)

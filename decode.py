@@ -201,6 +201,11 @@ def _attend(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
     return s.masked_fill(~attn_mask, float("-inf")).softmax(-1) @ v          # [B, KV, G, hd]
 
 
+def _traced(arg):
+    """The example tensor dynamo recorded for a graph argument, or None (a constant, or no record)."""
+    return arg.meta.get("example_value") if isinstance(arg, torch.fx.Node) else None
+
+
 def lower_for_cpu(gm) -> int:
     """Rewrite a traced CPU decode step in place (see above); returns the number of calls rewritten."""
     def one(sizes):   # sizes that are all a static 1 (a symbolic batch size is not)
@@ -210,14 +215,14 @@ def lower_for_cpu(gm) -> int:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in (F.linear, F.scaled_dot_product_attention):
             continue
-        x = node.args[0].meta.get("example_value")                           # linear's input, or q [B, KV, G, hd]
+        x = _traced(node.args[0])                                            # linear's input, or q [B, KV, G, hd]
         if x is None or x.device.type != "cpu":
             continue
         if node.target is F.linear and one(x.shape[:-1]):
             node.target, n = _matvec, n + 1
         elif (node.target is F.scaled_dot_product_attention and one(x.shape[:1]) and len(node.args) == 3
               and set(node.kwargs) == {"attn_mask", "scale"}
-              and node.kwargs["attn_mask"].meta["example_value"].dtype == torch.bool):
+              and getattr(_traced(node.kwargs["attn_mask"]), "dtype", None) == torch.bool):
             node.target, n = _attend, n + 1
     gm.recompile()
     return n

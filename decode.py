@@ -194,7 +194,7 @@ def _matvec(x, w, b=None):
     return y if b is None else y + b
 
 
-def _attend(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def _attend(q, k, v, attn_mask, scale):
     """scaled_dot_product_attention(q, k, v, attn_mask=<bool>, scale=scale) as plain ops: q [B, KV, G, hd],
     k/v [B, KV, S, hd], attn_mask [B, 1, 1, S] (True: attend; every query attends at least its own slot)."""
     s = (q @ k.transpose(-1, -2)) * scale                                     # [B, KV, G, S]
@@ -224,7 +224,8 @@ def lower_for_cpu(gm) -> int:
               and set(node.kwargs) == {"attn_mask", "scale"}
               and getattr(_traced(node.kwargs["attn_mask"]), "dtype", None) == torch.bool):
             node.target, n = _attend, n + 1
-    gm.recompile()
+    if n:
+        gm.recompile()
     return n
 
 

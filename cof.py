@@ -427,6 +427,7 @@ class CofConfig:
     ban_vision_tokens: bool = True               # never sample <|image_pad|> <|video_pad|> <|vision_start|> <|vision_end|>
     question_format: str = "released"            # "released": the eval's "Question: "; "train": the SFT/RL rows' " Question: "
     compile: bool = False                        # one-token steps through decode.Decoder (torch.compile)
+    cuda_graphs: bool = False                    # ... replayed as CUDA graphs (needs compile and a CUDA model)
     direct: bool = False                         # never sample <tool_call>: forced direct answers (no-zoom baseline)
 
     def __post_init__(self):
@@ -447,6 +448,8 @@ class CofConfig:
                                      f"got {v!r}")
             elif f.type == "bool" and not isinstance(v, bool):
                 raise ValueError(f"CofConfig.{f.name} must be true or false, got {v!r}")
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("CofConfig.cuda_graphs replays the compiled decode step: set compile=true as well")
         if self.top_p > 1:
             raise ValueError(f"CofConfig.top_p must be <= 1, got {self.top_p}")
         for lo, hi in (("min_pixels", "max_pixels"), ("crop_min_pixels", "crop_max_pixels"),
@@ -605,7 +608,7 @@ def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=N
         raise ValueError(f"got {len(images)} images for {len(questions)} questions")
     cfg = with_processor_limits(cfg or CofConfig(), model)
     env = _Env(tokenizer, cfg)
-    step = decode.decoder_for(model) if cfg.compile else None
+    step = decode.decoder_for(model, cfg.cuda_graphs) if cfg.compile else None
     with torch.no_grad():
         prompts = _prompts(model, tokenizer, images, questions, messages, cfg)
         cache, logits = _prefill(model, tokenizer, prompts, group_size)

@@ -23,7 +23,8 @@ It is compiled with symbolic sizes (`dynamic=True`), so neither compacting finis
 recompiles: after the first call, only a batch of one row compiles once more (torch specialises sizes 0 and 1). On
 a CPU that one-row graph is rewritten before inductor compiles it (`lower_for_cpu`): its matrix-vector products
 and its attention as plain multiplies and sums, which inductor fuses into passes that read the weights twice as
-fast as MKL does at one row.
+fast as MKL does at one row. On a GPU the compiled step can also be recorded as CUDA graphs (`Graphs`, opt-in:
+not yet measured on a GPU), so that one call replays all its kernel launches.
 `Decoder.compiles` counts compilations. New turns (the environment's reply with a crop image) go through `extend`.
 
 Numerics: the same operations on the same weights as `extend`, but not the same kernels: the eager path reads
@@ -36,6 +37,7 @@ last bits (a resumed GRPO run: same samples, weights within 1e-5; eager rollouts
 """
 from __future__ import annotations
 
+import copy
 import types
 import warnings
 import weakref
@@ -133,11 +135,13 @@ def step_graph(model, k, v, tokens, live, length, next_pos, last_hidden, n_keys:
 class Decoder:
     """`decoder(cache, tokens, live)` == `model.extend(cache, tokens[:, None], live[:, None], last_only=True)[:, 0]`
     for one token per row, through `step_graph`: compiled on first use when `compile` (falling back to eager, with a
-    warning, where torch.compile is unavailable or fails). Use `decoder_for(model)` to share one compiled step."""
+    warning, where torch.compile is unavailable or fails), replayed as CUDA graphs when `cuda_graphs` (a CUDA model
+    only; without them, with a warning, where recording fails). Use `decoder_for(model)` to share one compiled step."""
 
-    def __init__(self, model, compile: bool = True):
+    def __init__(self, model, compile: bool = True, cuda_graphs: bool = False):
         self.model = weakref.ref(model)   # not a strong reference: decoder_for keeps one Decoder per live model
         self.fn, self.compiled, self.compiles, self.lowered = step_graph, False, 0, 0
+        self.graphs = _graphs(model) if cuda_graphs else None
         if compile:
             try:   # its own copy of the function: dynamo keeps compiled graphs per code object, at most 8, so each
                    # model's graphs live (and die) with its Decoder instead of crowding out the next model's
@@ -146,6 +150,12 @@ class Decoder:
                 self.compiled = True
             except Exception as e:  # e.g. a Python version dynamo does not support yet
                 warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {e}); decoding eagerly")
+
+    def replaying(self) -> "Decoder":
+        """A Decoder that runs this one's compiled step through CUDA graphs: one compilation serves both."""
+        twin = copy.copy(self)
+        twin.graphs = _graphs(self.model())
+        return twin
 
     def _backend(self, gm, example_inputs):
         self.compiles += 1   # dynamo calls the backend once per graph it compiles
@@ -163,17 +173,88 @@ class Decoder:
         cache.reserve(n_keys + 1 - cache.size)   # capacity > n_keys: a read never spans the whole cache (which
                                                  # torch would compile as a second graph)
         args = (self.model(), cache.k, cache.v, tokens, live, cache.length, cache.next_pos, cache.last_hidden, n_keys)
+        logits, last = self._replay(cache, args) if self.graphs is not None else self._run(*args)
+        cache.record_step(live, all_live, last)
+        return logits
+
+    def _run(self, *args):
         try:
             with torch._dynamo.config.patch(**_NO_SYMBOLIC_FLOATS):
-                logits, last = self.fn(*args)
+                return self.fn(*args)
         except Exception as e:   # failing mid-step is harmless: the eager rerun writes the same slots again
             if not self.compiled:
                 raise
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); decoding eagerly")
             self.fn, self.compiled = step_graph, False
-            logits, last = self.fn(*args)
-        cache.record_step(live, all_live, last)
-        return logits
+            return self.fn(*args)
+
+    def _replay(self, cache, args):
+        try:
+            return self.graphs(self._run, cache, args)
+        except Exception as e:   # a step recorded or replayed halfway only rewrote the slots the rerun writes
+            warnings.warn(f"CUDA graphs failed ({type(e).__name__}: {str(e)[:300]}); decoding without them")
+            self.graphs = None
+            return self._run(*args)
+
+
+# ---- CUDA graphs of the step ------------------------------------------------------------------------------------
+# Compiled, a decode step is still a few hundred kernel launches issued one by one by Python (inductor's wrapper,
+# dynamo's guards): at 7B on a GPU that host time is of the order of the step's own ~4 ms of weight reads. A CUDA
+# graph records the launches once and replays them with one call, as gpt-fast's torch.compile(mode="reduce-overhead")
+# does; it is written out here because our cache is an argument of the step, not a module buffer. A graph reads and
+# writes fixed addresses, so everything the step reads is copied into buffers of its own before each replay, except
+# the cache's key/value tensors, which it writes in place: a graph is valid only for the tensors it was recorded on,
+# and a cache whose tensors were replaced (a new cache, rows compacted by `select`, a `reserve` that grew it) drops
+# every graph and records again.
+
+def record_cuda(run, pool):
+    """Record run() as a CUDA graph -> (replay, outputs): replay() reruns the recorded kernels, refilling outputs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # one run outside the graph: compiles, and lets cuBLAS / inductor set themselves up
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return graph.replay, out
+
+
+def _graphs(model):
+    if model.device.type == "cuda":
+        return Graphs()
+    warnings.warn(f"CUDA graphs need a model on a CUDA device, this one is on {model.device}: decoding without them")
+    return None
+
+
+class Graphs:
+    """One recorded step per key count n_keys (a new one every KEY_BUCKET steps), for the tensors they were recorded
+    on. `record` is `record_cuda`; tests give it a CPU stand-in with the same contract."""
+
+    def __init__(self, record=record_cuda):
+        self.record, self.records = record, 0
+        self.cache, self.weights = (lambda: None), ()   # the last cache seen (weakly), and where the weights were then
+        self.on, self.steps, self.pool = None, {}, None
+
+    def __call__(self, run, cache, args):
+        """run(*args) -> (logits, last_hidden) for a step on `cache`, replayed from the graph recorded for its tensors
+        and n_keys (recorded first if there is none)."""
+        model, k, v, *inputs, n_keys = args            # inputs: tokens, live, length, next_pos, last_hidden
+        if cache is not self.cache():                  # a new generation: the weights may have moved (`.to`, a load)
+            self.cache, self.weights = weakref.ref(cache), tuple(p.data_ptr() for p in model.parameters())
+        on = (self.weights, k[0].shape, k[0].dtype, tuple(t.data_ptr() for t in k + v))
+        if on != self.on:   # not the tensors the graphs were recorded on (a new cache may well be: same memory)
+            self.on, self.steps = on, {}
+            self.pool = torch.cuda.graph_pool_handle() if k[0].is_cuda else None   # the old pool goes with its graphs
+        if n_keys not in self.steps:
+            mine = [t.clone() for t in inputs]          # the graph's own input buffers
+            replay, out = self.record(lambda: run(model, k, v, *mine, n_keys), self.pool)
+            self.steps[n_keys], self.records = (replay, mine, out), self.records + 1
+        replay, mine, out = self.steps[n_keys]
+        for buf, t in zip(mine, inputs):
+            buf.copy_(t)
+        replay()
+        return tuple(t.clone() for t in out)   # the next replay refills out (the graphs share one memory pool)
 
 
 # ---- CPU lowering of the traced step ---------------------------------------------------------------------------
@@ -235,9 +316,12 @@ _NO_SYMBOLIC_FLOATS = dict(specialize_float=True) if hasattr(torch._dynamo.confi
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def decoder_for(model) -> Decoder:
-    """The model's compiled Decoder, made on first use and kept for as long as the model lives: a compiled step is
-    reused by every call (the rollouts of every GRPO step) instead of compiled again."""
-    if model not in _DECODERS:
-        _DECODERS[model] = Decoder(model)
-    return _DECODERS[model]
+def decoder_for(model, cuda_graphs: bool = False) -> Decoder:
+    """The model's compiled Decoder (with or without CUDA graphs), made on first use and kept for as long as the model
+    lives: a compiled step is reused by every call (the rollouts of every GRPO step) instead of compiled again."""
+    mine = _DECODERS.setdefault(model, {})
+    if False not in mine:
+        mine[False] = Decoder(model)
+    if cuda_graphs and True not in mine:
+        mine[True] = mine[False].replaying()
+    return mine[cuda_graphs]

@@ -1,6 +1,7 @@
 """decode.py: the sampler against the distribution it samples, the decode step (eager and compiled) against
 `Qwen25VL.extend`, generate and the CoF loop with the compiled step against the eager loop (greedy and sampled,
 multi-turn with crops, ragged rows, G > 1), recompiles counted, and the fallback where torch.compile is missing."""
+import copy
 import warnings
 
 import pytest
@@ -234,3 +235,100 @@ def test_every_model_in_a_process_gets_its_own_compiled_step(tmp_path):
         if i == 0 and not decode.decoder_for(model).compiled:
             pytest.skip("torch.compile is unavailable here: the Decoder fell back to eager")
         assert torch.equal(got, want) and decode.decoder_for(model).compiled, f"model {i}"
+
+
+# ---- CUDA graphs: the bookkeeping, checked on the CPU with a stand-in recorder ------------------------------------
+
+def replaying_stand_in(run, pool):
+    """A CPU stand-in for decode.record_cuda with its contract: the outputs are buffers that every replay refills,
+    computed from whatever the recorded input buffers and cache tensors hold at replay time (a graph that missed a
+    new input, or ran on a cache it was not recorded for, gives wrong tokens here as it would on a GPU)."""
+    out = run()
+
+    def replay():
+        for buf, new in zip(out, run()):
+            buf.copy_(new)
+    return replay, out
+
+
+def stand_in_graphs(decoder):
+    decoder.graphs = decode.Graphs(record=replaying_stand_in)
+    return decoder.graphs
+
+
+def test_graphs_replay_the_compiled_step_through_the_zoom_loop(tiny):
+    """The CoF loop with cuda_graphs (stand-in recorder): the compiled loop's tokens and log-probs, greedy multi-turn
+    with crops and ragged rows, and sampled groups whose rows finish (compaction replaces the cache tensors)."""
+    model, tok = tiny
+    d = compiled(model)
+    with pytest.warns(UserWarning, match="CUDA graphs need a model on a CUDA device"):
+        twin = decode.decoder_for(model, cuda_graphs=True)
+    assert twin is not d and twin.fn is d.fn and twin.graphs is None          # one compilation; CPU: no graphs
+    graphs = stand_in_graphs(twin)
+    for cfg, g, seed in ((dict(max_new_tokens=24, max_turns=3), 1, None),
+                         (dict(do_sample=True, max_new_tokens=16, max_turns=3), 4, 5)):
+        fast, graphed = [cof.run(model, tok, IMAGES, QUESTIONS, cof.CofConfig(**cfg, compile=True, cuda_graphs=cg),
+                                 group_size=g, generator=None if seed is None else torch.Generator().manual_seed(seed),
+                                 logits_processor=cof.force_prefixes(tok, ZOOMS, g)) for cg in (False, True)]
+        assert [t.n_zooms for t in fast[::g]] == [2, 1, 0] and len({len(t.ids) for t in fast}) > 2
+        assert_same(fast, graphed)
+    assert graphs.records >= 4 and twin.graphs is graphs                      # recorded, and never switched off
+
+
+def test_graphs_record_again_only_for_other_tensors_or_key_counts(tiny):
+    model, _ = tiny
+    d = decode.Decoder(model, compile=False)
+    graphs = stand_in_graphs(d)
+    cache, logits = prompt_cache(model)
+    ref, _ = prompt_cache(model)
+
+    def step(live=None):
+        nonlocal logits
+        tokens = logits.argmax(-1)
+        logits = d(cache, tokens, live)
+        want = model.extend(ref, tokens[:, None], None if live is None else live[:, None], last_only=True)[:, 0]
+        assert (logits - want).abs().max() < TOL and torch.equal(cache.length, ref.length)
+
+    with torch.no_grad():
+        step()
+        step(torch.tensor([True, False, True]))                               # a padding row: same graph, new inputs
+        assert graphs.records == 1
+        for _ in range(decode.KEY_BUCKET):                                    # into the next key count
+            step()
+        assert graphs.records == 2
+        for rows, records in (([2, 0, 1], 3), ([2, 0], 4)):                    # rows reordered, then compacted: new
+            cache.select(rows)                                                # tensors (of the same shape, first)
+            ref.select(rows)
+            logits = logits[rows]
+            step()
+            assert graphs.records == records
+        cache, logits = prompt_cache(model)                                   # a new cache of the same shape (other
+        ref, _ = prompt_cache(model)                                          # memory: the old one was alive)
+        step()
+        assert graphs.records == 5
+        cache = copy.copy(cache)                                              # a new generation on the same tensors
+        step()
+        assert graphs.records == 5
+        w = model.model.norm.weight
+        try:
+            model.model.norm.weight = torch.nn.Parameter(w.detach().clone())  # replaced, not updated in place
+            cache = copy.copy(cache)
+            step()
+            assert graphs.records == 6
+        finally:
+            model.model.norm.weight = w
+
+
+def test_cuda_graphs_need_compile_and_a_cuda_model(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="set compile=true"):
+        cof.CofConfig(cuda_graphs=True)
+    with pytest.warns(UserWarning, match="on cpu: decoding without them"):
+        d = decode.Decoder(model, compile=False, cuda_graphs=True)
+    assert d.graphs is None
+    cache, logits = prompt_cache(model)
+    ref, _ = prompt_cache(model)
+    with torch.no_grad():
+        got = d(cache, logits.argmax(-1))
+        want = model.extend(ref, logits.argmax(-1)[:, None], last_only=True)[:, 0]
+    assert (got - want).abs().max() < TOL

@@ -129,6 +129,18 @@ def bench_model(args):
                 lambda: _hf_decode(ref, hf_g, n_new, never, clock, static), rate=G * n_new)))
     add((f"training forward + backward, {T} tokens", "ms", *clock.pair(
         lambda: _train_step(ours, lambda: ours(ids, pv, grid)), lambda: _train_step(ref, lambda: ref(**hf_in).logits))))
+    if device.type == "cuda":   # the compiled step replayed as CUDA graphs, against transformers' best (last: new)
+        with torch.no_grad():
+            graphed = decode.decoder_for(ours, cuda_graphs=True)
+            for rows_ in (1, G):   # recorded outside the timings
+                _decode(ours, ids, pv, grid, n_new, rows_, clock, graphed)
+            for rows_, hf_x, name in ((1, hf_in, "decode, batch 1"), (G, hf_g, f"one prompt x {G} samples: decode")):
+                add((f"{name}: ours compiled + CUDA graphs (transformers: {'static' if static else 'default'})",
+                     "tok/s", *clock.pair(lambda: _decode(ours, ids, pv, grid, n_new, rows_, clock, graphed),
+                                          lambda: _hf_decode(ref, hf_x, n_new, never, clock, static),
+                                          rate=rows_ * n_new)))
+            recorded = graphed.graphs.records if graphed.graphs else "none (they failed: see the warning above)"
+            print(f"CUDA graphs recorded: {recorded}")
     with torch.no_grad():
         diff = (ours(ids, pv, grid)[:, -1].float() - ref(**hf_in).logits[:, -1].float()).abs().max().item()
         a = decode.generate(ours, ids, pv, grid, max_new_tokens=16, eos_token_id=never)

@@ -81,7 +81,8 @@ FP32_TOL = 1e-4
 # fp32 logits in its own direction: 2 x 0.07 -> 0.15 (under 5 bf16 ulps at |logit| in [4, 8)). Also required: ours is
 # no further from the fp32 logits than 1.5x transformers' own bf16 error + 1/32, i.e. not a worse bf16 model.
 BF16_TOL = 0.15
-GPU_ONLY = ("crop/triton_bit_exact", "crop/bench", "sft/torchrun", "memory7b/prefill_decode")   # result lines
+GPU_ONLY = ("crop/triton_bit_exact", "crop/bench", "cof/cuda_graphs", "sft/torchrun",
+            "memory7b/prefill_decode")   # result lines
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -376,6 +377,8 @@ def check_cof(ctx):
     else:
         rep.check("cof/compiled_decode", same and lp <= 1e-4 and d.compiled, details)
 
+    _check_graphs(ctx, net, tok, images, cfg, fast)
+
     # sampled rollouts, group_size 3: the helper GRPO calls, then the loop with forced zooms against a full re-forward
     g = torch.Generator(device=dev).manual_seed(0)
     out = cof.rollouts(net, tok, images[:2], COF_QUESTIONS[:2], group_size=3, generator=g, max_new_tokens=16,
@@ -403,6 +406,24 @@ def check_cof(ctx):
               f"cof.rollouts: 2 questions x G=3 sampled on {dev.type}; sampled loop with a forced zoom: recorded "
               f"log-probs vs a full re-forward max diff {worst:.2e} (<= 1e-3)" + ("" if not problems else
                                                                                  "; " + "; ".join(problems)))
+
+
+def _check_graphs(ctx, net, tok, images, cfg, fast):
+    """The compiled step replayed as CUDA graphs (decode.Graphs) against the compiled loop's run `fast`."""
+    rep = ctx.report
+    if not ctx.cuda:
+        rep.add("SKIP", "cof/cuda_graphs", "CUDA graphs of the decode step: GPU only (the CPU suite checks their "
+                                           "bookkeeping with a stand-in recorder, tests/test_decode.py)")
+        return
+    graphed = cof.run(net, tok, images, COF_QUESTIONS, dataclasses.replace(cfg, compile=True, cuda_graphs=True),
+                      logits_processor=cof.force_prefixes(tok, COF_PREFIXES))
+    twin = decode.decoder_for(net, cuda_graphs=True)
+    same = all(a.ids == b.ids for a, b in zip(fast, graphed))
+    lp = bench.logprob_gap(fast, graphed)
+    rep.check("cof/cuda_graphs", twin.graphs is not None and same and lp <= 1e-6,
+              f"--cfg cuda_graphs=true: {twin.graphs.records if twin.graphs else 0} graph(s) recorded"
+              + ("" if twin.graphs else " (recording FAILED: decoded without graphs)")
+              + f"; same token ids as the compiled loop: {same}; log-probs max diff {lp:.2e} (<= 1e-6)")
 
 
 # ------------------------------------------------------------------------------------------------ 4. sft.py

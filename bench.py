@@ -123,24 +123,25 @@ def bench_model(args):
         add((f"one prompt x {G} samples: decode, ours compiled", "tok/s", *clock.pair(
             lambda: _decode(ours, ids, pv, grid, n_new, G, clock, fast),
             lambda: _hf_decode(ref, hf_g, n_new, never, clock), rate=G * n_new)))
-        if static and _hf_static(ref, hf_g, n_new, never, clock):
+        static_g = static and _hf_static(ref, hf_g, n_new, never, clock)
+        if static_g:
             add((f"one prompt x {G} samples: decode, both compiled", "tok/s", *clock.pair(
                 lambda: _decode(ours, ids, pv, grid, n_new, G, clock, fast),
-                lambda: _hf_decode(ref, hf_g, n_new, never, clock, static), rate=G * n_new)))
-    add((f"training forward + backward, {T} tokens", "ms", *clock.pair(
-        lambda: _train_step(ours, lambda: ours(ids, pv, grid)), lambda: _train_step(ref, lambda: ref(**hf_in).logits))))
-    if device.type == "cuda":   # the compiled step replayed as CUDA graphs, against transformers' best (last: new)
-        with torch.no_grad():
+                lambda: _hf_decode(ref, hf_g, n_new, never, clock, static_g), rate=G * n_new)))
+        if device.type == "cuda":   # the compiled step replayed as CUDA graphs, against transformers' best
             graphed = decode.decoder_for(ours, cuda_graphs=True)
             for rows_ in (1, G):   # recorded outside the timings
                 _decode(ours, ids, pv, grid, n_new, rows_, clock, graphed)
-            for rows_, hf_x, name in ((1, hf_in, "decode, batch 1"), (G, hf_g, f"one prompt x {G} samples: decode")):
-                add((f"{name}: ours compiled + CUDA graphs (transformers: {'static' if static else 'default'})",
+            for rows_, hf_x, kw, name in ((1, hf_in, static, "decode, batch 1"),
+                                          (G, hf_g, static_g, f"one prompt x {G} samples: decode")):
+                add((f"{name}: ours compiled + CUDA graphs (transformers: {'static' if kw else 'default'})",
                      "tok/s", *clock.pair(lambda: _decode(ours, ids, pv, grid, n_new, rows_, clock, graphed),
-                                          lambda: _hf_decode(ref, hf_x, n_new, never, clock, static),
+                                          lambda: _hf_decode(ref, hf_x, n_new, never, clock, kw),
                                           rate=rows_ * n_new)))
             recorded = graphed.graphs.records if graphed.graphs else "none (they failed: see the warning above)"
             print(f"CUDA graphs recorded: {recorded}")
+    add((f"training forward + backward, {T} tokens", "ms", *clock.pair(
+        lambda: _train_step(ours, lambda: ours(ids, pv, grid)), lambda: _train_step(ref, lambda: ref(**hf_in).logits))))
     with torch.no_grad():
         diff = (ours(ids, pv, grid)[:, -1].float() - ref(**hf_in).logits[:, -1].float()).abs().max().item()
         a = decode.generate(ours, ids, pv, grid, max_new_tokens=16, eos_token_id=never)

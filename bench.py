@@ -389,24 +389,27 @@ def bench_rollouts(a):
     questions = [it["question"] for it in items]
     cfg = cof.cfg_from_args(a.cfg, do_sample=True)
     clock = _Clock(model.device)
+    modes = [("eager extend", dict(compile=False, cuda_graphs=False)),
+             ("compiled decode step", dict(compile=True, cuda_graphs=False))]
+    if model.device.type == "cuda":
+        modes.append(("compiled decode step + CUDA graphs", dict(compile=True, cuda_graphs=True)))
     rows = []
     for rep in range(a.reps):
         runs = []
-        for compiled in (False, True):
-            c = replace(cfg, compile=compiled)
-            if rep == 0:   # warm-up: the same rollouts once, untimed (the compiled step compiles here)
-                cof.rollouts(model, tok, images, questions, a.samples, c, generator=torch.Generator().manual_seed(9))
+        for name, kw in modes:
+            c = replace(cfg, **kw)
+            if rep == 0:   # warm-up, untimed: the same rollouts once, and one row alone (the step compiles a batch
+                for n, G in ((len(images), a.samples), (1, 1)):   # of one row as a graph of its own)
+                    cof.rollouts(model, tok, images[:n], questions[:n], G, c, generator=torch.Generator().manual_seed(9))
             g = torch.Generator(device=model.device).manual_seed(rep)
             trs, t = clock.timed(lambda: cof.rollouts(model, tok, images, questions, a.samples, c, generator=g))
-            runs.append(trs)
-            gen = sum(x.n_generated for x in trs)
-            rows.append(dict(mode=f"{len(items)} questions x G={a.samples}, seed {rep}: "
-                                  f"{'compiled decode step' if compiled else 'eager extend'}",
+            runs.append((trs, t))
+            (eager, t_eager), gen = runs[0], sum(x.n_generated for x in trs)
+            rows.append(dict(mode=f"{len(items)} questions x G={a.samples}, seed {rep}: {name}",
                              seconds=t, gen_tokens=gen, gen_tok_per_s=gen / t, questions_per_s=len(items) / t,
                              rollouts_per_s=len(trs) / t, zooms=statistics.fmean(x.n_zooms for x in trs),
-                             speedup=rows[-1]["seconds"] / t if compiled else 1.0,
-                             same_tokens_as_eager=all(x.ids == y.ids for x, y in zip(*runs)) if compiled else True,
-                             max_logprob_diff=logprob_gap(*runs) if compiled else 0.0))
+                             speedup=t_eager / t, same_tokens_as_eager=all(x.ids == y.ids for x, y in zip(eager, trs)),
+                             max_logprob_diff=logprob_gap(eager, trs) if len(runs) > 1 else 0.0))
     print(f"device: {model.device} ({torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}, "
           f"{torch.get_num_threads()} threads), dtype {model.dtype}, model {a.model}, data {a.data}, cfg {a.cfg or []}")
     print(cof.format_table(rows))

@@ -79,11 +79,13 @@ def sample_next(logits, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, ge
 @torch.no_grad()
 def generate(model, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, max_new_tokens=64,
              do_sample=False, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None,
-             generator=None, compile=False) -> torch.Tensor:
+             generator=None, compile=False, cuda_graphs=False) -> torch.Tensor:
     """Prefill + decode. Returns new tokens only, LongTensor [B, <=max_new_tokens]; rows that stopped are padded
     with the pad id after their stop token. eos_token_id: int or list; default generation_config.json's
     eos_token_id if the checkpoint has one (hub: [<|im_end|>, <|endoftext|>]), else config.json's. compile: decode
-    through the compiled `Decoder` (default: `model.extend`)."""
+    through the compiled `Decoder` (default: `model.extend`); cuda_graphs: replay it as CUDA graphs (with compile)."""
+    if cuda_graphs and not compile:
+        raise ValueError("generate(cuda_graphs=True) replays the compiled decode step: pass compile=True as well")
     B, T = input_ids.shape
     dev = model.device
     eos = model.generation_eos if eos_token_id is None else eos_token_id
@@ -91,7 +93,7 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, attention
     pad = pad_token_id if pad_token_id is not None else (
         model.generation_pad if model.generation_pad is not None else (eos[0] if eos else 0))
     eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
-    step = decoder_for(model) if compile else None
+    step = decoder_for(model, cuda_graphs) if compile else None
     cache = model.new_cache(B, capacity=T + max_new_tokens)
     logits = model.extend(cache, input_ids, attention_mask, pixel_values, image_grid_thw, last_only=True)[:, 0]
     done = torch.zeros(B, dtype=torch.bool, device=dev)

@@ -272,6 +272,11 @@ def test_graphs_replay_the_compiled_step_through_the_zoom_loop(tiny):
                                  logits_processor=cof.force_prefixes(tok, ZOOMS, g)) for cg in (False, True)]
         assert [t.n_zooms for t in fast[::g]] == [2, 1, 0] and len({len(t.ids) for t in fast}) > 2
         assert_same(fast, graphed)
+    ids = torch.randint(10, 200, (4, 9), generator=torch.Generator().manual_seed(3))
+    eos = decode.generate(model, ids, max_new_tokens=12, eos_token_id=[])[[0, 2], [3, 6]].tolist()   # rows stop early
+    assert torch.equal(decode.generate(model, ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=0),
+                       decode.generate(model, ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=0, compile=True,
+                                       cuda_graphs=True))
     assert graphs.records >= 4 and twin.graphs is graphs                      # recorded, and never switched off
 
 
@@ -323,6 +328,8 @@ def test_cuda_graphs_need_compile_and_a_cuda_model(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="set compile=true"):
         cof.CofConfig(cuda_graphs=True)
+    with pytest.raises(ValueError, match="pass compile=True"):
+        decode.generate(model, torch.tensor([[11, 12]]), max_new_tokens=2, cuda_graphs=True)
     with pytest.warns(UserWarning, match="on cpu: decoding without them"):
         d = decode.Decoder(model, compile=False, cuda_graphs=True)
     assert d.graphs is None

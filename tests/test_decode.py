@@ -339,3 +339,28 @@ def test_cuda_graphs_need_compile_and_a_cuda_model(tiny):
         got = d(cache, logits.argmax(-1))
         want = model.extend(ref, logits.argmax(-1)[:, None], last_only=True)[:, 0]
     assert (got - want).abs().max() < TOL
+
+
+def test_a_failed_recording_warns_and_decodes_without_graphs(tiny):
+    """Recording that fails (here: the real recorder on a machine without CUDA, and one that fails after its warm-up
+    run has written the step's cache slots) falls back to the plain step with a warning: same logits, same cache."""
+    model, _ = tiny
+
+    def fails_after_warm_up(run, pool):
+        run()
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    for record in (decode.record_cuda, fails_after_warm_up):
+        d = decode.Decoder(model, compile=False)
+        d.graphs = decode.Graphs(record=record)
+        cache, logits = prompt_cache(model)
+        ref, _ = prompt_cache(model)
+        tokens = logits.argmax(-1)
+        with torch.no_grad(), pytest.warns(UserWarning, match="CUDA graphs failed"):
+            got = d(cache, tokens)
+        with torch.no_grad():
+            want = model.extend(ref, tokens[:, None], last_only=True)[:, 0]
+            assert d.graphs is None and (got - want).abs().max() < TOL and torch.equal(cache.length, ref.length)
+            tokens = got.argmax(-1)
+            got, want = d(cache, tokens), model.extend(ref, tokens[:, None], last_only=True)[:, 0]
+        assert (got - want).abs().max() < TOL

@@ -404,12 +404,13 @@ def bench_rollouts(a):
             g = torch.Generator(device=model.device).manual_seed(rep)
             trs, t = clock.timed(lambda: cof.rollouts(model, tok, images, questions, a.samples, c, generator=g))
             runs.append((trs, t))
-            (eager, t_eager), gen = runs[0], sum(x.n_generated for x in trs)
+            eager, t_eager = runs[0]                    # this seed's eager run (for the eager row: itself)
+            gen = sum(x.n_generated for x in trs)
             rows.append(dict(mode=f"{len(items)} questions x G={a.samples}, seed {rep}: {name}",
                              seconds=t, gen_tokens=gen, gen_tok_per_s=gen / t, questions_per_s=len(items) / t,
                              rollouts_per_s=len(trs) / t, zooms=statistics.fmean(x.n_zooms for x in trs),
                              speedup=t_eager / t, same_tokens_as_eager=all(x.ids == y.ids for x, y in zip(eager, trs)),
-                             max_logprob_diff=logprob_gap(eager, trs) if len(runs) > 1 else 0.0))
+                             max_logprob_diff=logprob_gap(eager, trs)))
     print(f"device: {model.device} ({torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}, "
           f"{torch.get_num_threads()} threads), dtype {model.dtype}, model {a.model}, data {a.data}, cfg {a.cfg or []}")
     print(cof.format_table(rows))

@@ -78,69 +78,22 @@ class Reencode:
 def bench_model(args):
     """Every step of a CoF rollout and of training, ours vs transformers, on one random checkpoint, one run: the
     vision encoder, prefill, decode at batch 1, one prompt x G samples (prefill once, then G rows decoding), a
-    training forward + backward; then agreement (logits, greedy tokens) and the crop kernels' table."""
+    training forward + backward; agreement (logits, greedy tokens); transformers' own compiled static-cache decode
+    last (compiling it is the slowest part of a 7B run: a run cut at its time limit loses only those rows); then the
+    crop kernels' table."""
     torch.manual_seed(0)
     device = torch.device(args.device)
     ours, ref, ids, pv, grid = _model_pair(args, device)
     ours.eval()
     mm = (ids == ours.cfg.image_token_id).int()                                               # [1, T]
     never = ours.cfg.text.vocab_size - 1                  # a token id no random model stops at: fixed-length decode
-    n_new, G, T = args.new_tokens, args.samples, ids.shape[1]
+    G, T = args.samples, ids.shape[1]
     hf_in = dict(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=mm)
-    clock = _Clock(device, args.reps)
-    rows = []   # (step, unit, ours, transformers): unit "ms" (lower is better) or "tok/s" (higher is better)
-
-    def add(row):   # each row printed as it is measured: a run cut short (a GPU lease) still shows what it measured
-        rows.append(row)
-        print(f"measured: {row[0]}: ours {row[2]:.1f} {row[1]}, transformers {row[3]:.1f} {row[1]}", flush=True)
-
+    hf_g = {k: torch.cat([v] * G) for k, v in hf_in.items()}                                  # G copies of the prompt
+    run = _ModelBench(args, ours, ref, ids, pv, grid, never)
     with torch.no_grad():
-        add((f"vision encoder, {pv.shape[0]} patches", "ms", *clock.pair(
-            lambda: ours.visual(pv, grid), lambda: _hf_visual(ref)(pv, grid_thw=grid))))
-        add((f"prefill, vision + {T} tokens", "ms", *clock.pair(
-            lambda: _prefill(ours, ids, pv, grid, n_new), lambda: ref(**hf_in, use_cache=True, logits_to_keep=1))))
-        fast = decode.decoder_for(ours)
-        _decode(ours, ids, pv, grid, n_new, 1, clock, fast)             # compile outside the timings (batch 1 and G)
-        _decode(ours, ids, pv, grid, n_new, G, clock, fast)
-        static = _hf_static(ref, hf_in, n_new, never, clock)              # the same for transformers' compiled path
-        add(("decode, batch 1", "tok/s", *clock.pair(
-            lambda: _decode(ours, ids, pv, grid, n_new, 1, clock), lambda: _hf_decode(ref, hf_in, n_new, never, clock),
-            rate=n_new)))
-        add(("decode, batch 1: ours compiled", "tok/s", *clock.pair(
-            lambda: _decode(ours, ids, pv, grid, n_new, 1, clock, fast),
-            lambda: _hf_decode(ref, hf_in, n_new, never, clock), rate=n_new)))
-        if static:
-            add(("decode, batch 1: both compiled (transformers: static cache)", "tok/s", *clock.pair(
-                lambda: _decode(ours, ids, pv, grid, n_new, 1, clock, fast),
-                lambda: _hf_decode(ref, hf_in, n_new, never, clock, static), rate=n_new)))
-        hf_g = {k: torch.cat([v] * G) for k, v in hf_in.items()}                  # G copies of the prompt
-        add((f"one prompt x {G} samples: prefill", "ms", *clock.pair(
-            lambda: _prefill(ours, ids, pv, grid, n_new).repeat_interleave(G),
-            lambda: ref(**hf_g, use_cache=True, logits_to_keep=1))))
-        add((f"one prompt x {G} samples: decode", "tok/s", *clock.pair(
-            lambda: _decode(ours, ids, pv, grid, n_new, G, clock), lambda: _hf_decode(ref, hf_g, n_new, never, clock),
-            rate=G * n_new)))
-        add((f"one prompt x {G} samples: decode, ours compiled", "tok/s", *clock.pair(
-            lambda: _decode(ours, ids, pv, grid, n_new, G, clock, fast),
-            lambda: _hf_decode(ref, hf_g, n_new, never, clock), rate=G * n_new)))
-        static_g = static and _hf_static(ref, hf_g, n_new, never, clock)
-        if static_g:
-            add((f"one prompt x {G} samples: decode, both compiled", "tok/s", *clock.pair(
-                lambda: _decode(ours, ids, pv, grid, n_new, G, clock, fast),
-                lambda: _hf_decode(ref, hf_g, n_new, never, clock, static_g), rate=G * n_new)))
-        if device.type == "cuda":   # the compiled step replayed as CUDA graphs, against transformers' best
-            graphed = decode.decoder_for(ours, cuda_graphs=True)
-            for rows_ in (1, G):   # recorded outside the timings
-                _decode(ours, ids, pv, grid, n_new, rows_, clock, graphed)
-            for rows_, hf_x, kw, name in ((1, hf_in, static, "decode, batch 1"),
-                                          (G, hf_g, static_g, f"one prompt x {G} samples: decode")):
-                add((f"{name}: ours compiled + CUDA graphs (transformers: {'static' if kw else 'default'})",
-                     "tok/s", *clock.pair(lambda: _decode(ours, ids, pv, grid, n_new, rows_, clock, graphed),
-                                          lambda: _hf_decode(ref, hf_x, n_new, never, clock, kw),
-                                          rate=rows_ * n_new)))
-            recorded = graphed.graphs.records if graphed.graphs else "none (they failed: see the warning above)"
-            print(f"CUDA graphs recorded: {recorded}")
-    add((f"training forward + backward, {T} tokens", "ms", *clock.pair(
+        _inference_rows(run, hf_in, hf_g)
+    run.add((f"training forward + backward, {T} tokens", "ms", *run.clock.pair(
         lambda: _train_step(ours, lambda: ours(ids, pv, grid)), lambda: _train_step(ref, lambda: ref(**hf_in).logits))))
     with torch.no_grad():
         diff = (ours(ids, pv, grid)[:, -1].float() - ref(**hf_in).logits[:, -1].float()).abs().max().item()
@@ -148,11 +101,79 @@ def bench_model(args):
         c = decode.generate(ours, ids, pv, grid, max_new_tokens=16, eos_token_id=never, compile=True)
         b = ref.generate(**hf_in, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                          eos_token_id=never, pad_token_id=0)[:, T:]
-    same = a.tolist() == b.tolist() == c.tolist()
-    _model_table(args, device, ours.cfg, rows, ids, grid, diff, same, fast)
+        same = a.tolist() == b.tolist() == c.tolist()
+        print(f"measured: {_agreement(diff, same)}", flush=True)
+        if args.hf_static:
+            _static_rows(run, hf_in, hf_g)
+    _model_table(args, device, ours.cfg, run.rows, ids, grid, diff, same, run.fast)
     if not args.no_crop:
         ck.bench(sources=((args.crop_source[0], args.crop_source[1]),))
-    return dict(rows=rows, max_logit_diff=diff, greedy_same=same)
+    return dict(rows=run.rows, max_logit_diff=diff, greedy_same=same)
+
+
+class _ModelBench:
+    """What the rows of `bench.py model` share: both models, the prompt, the clock, our compiled decode step, and
+    the rows measured so far, each printed as it is measured (a run cut short, a GPU lease, still shows them)."""
+
+    def __init__(self, args, ours, ref, ids, pv, grid, never):
+        self.ours, self.ref, self.ids, self.pv, self.grid, self.never = ours, ref, ids, pv, grid, never
+        self.n_new, self.G = args.new_tokens, args.samples
+        self.clock = _Clock(ours.device, args.reps)
+        self.fast = decode.decoder_for(ours)
+        self.rows = []   # (step, unit, ours, transformers): unit "ms" (lower is better) or "tok/s" (higher is better)
+
+    def add(self, row):
+        self.rows.append(row)
+        print(f"measured: {row[0]}: ours {row[2]:.1f} {row[1]}, transformers {row[3]:.1f} {row[1]}", flush=True)
+
+    def decode(self, rows, step=None):
+        """Seconds of our n_new decode steps for `rows` rows sharing the prompt (eager, or through `step`)."""
+        return _decode(self.ours, self.ids, self.pv, self.grid, self.n_new, rows, self.clock, step)
+
+    def hf_decode(self, hf_x, static=None):
+        return _hf_decode(self.ref, hf_x, self.n_new, self.never, self.clock, static)
+
+    def decode_row(self, name, rows, hf_x, step=None, static=None):
+        self.add((name, "tok/s", *self.clock.pair(lambda: self.decode(rows, step), lambda: self.hf_decode(hf_x, static),
+                                                  rate=rows * self.n_new)))
+
+
+def _inference_rows(b: _ModelBench, hf_in, hf_g):
+    """Vision, prefill and decode rows against transformers' default (eager) paths; on CUDA also our compiled step
+    replayed as CUDA graphs."""
+    ours, ref, ids, pv, grid, G = b.ours, b.ref, b.ids, b.pv, b.grid, b.G
+    b.add((f"vision encoder, {pv.shape[0]} patches", "ms", *b.clock.pair(
+        lambda: ours.visual(pv, grid), lambda: _hf_visual(ref)(pv, grid_thw=grid))))
+    b.add((f"prefill, vision + {ids.shape[1]} tokens", "ms", *b.clock.pair(
+        lambda: _prefill(ours, ids, pv, grid, b.n_new), lambda: ref(**hf_in, use_cache=True, logits_to_keep=1))))
+    for rows in (1, G):                                                 # compile outside the timings (batch 1 and G)
+        b.decode(rows, b.fast)
+    b.decode_row("decode, batch 1", 1, hf_in)
+    b.decode_row("decode, batch 1: ours compiled", 1, hf_in, b.fast)
+    b.add((f"one prompt x {G} samples: prefill", "ms", *b.clock.pair(
+        lambda: _prefill(ours, ids, pv, grid, b.n_new).repeat_interleave(G),
+        lambda: ref(**hf_g, use_cache=True, logits_to_keep=1))))
+    b.decode_row(f"one prompt x {G} samples: decode", G, hf_g)
+    b.decode_row(f"one prompt x {G} samples: decode, ours compiled", G, hf_g, b.fast)
+    if ours.device.type == "cuda":   # the compiled step replayed as CUDA graphs
+        graphed = decode.decoder_for(ours, cuda_graphs=True)
+        for rows in (1, G):                                             # recorded outside the timings
+            b.decode(rows, graphed)
+        for rows, hf_x, name in ((1, hf_in, "decode, batch 1"), (G, hf_g, f"one prompt x {G} samples: decode")):
+            before = graphed.graphs.records if graphed.graphs else 0
+            b.decode_row(f"{name}: ours compiled + CUDA graphs", rows, hf_x, graphed)
+            recorded = (f"{graphed.graphs.records - before} recorded inside the timed runs (0: every step replayed)"
+                        if graphed.graphs else "none (they failed: see the warning above)")
+            print(f"CUDA graphs: {recorded}", flush=True)
+
+
+def _static_rows(b: _ModelBench, hf_in, hf_g):
+    """Our compiled step against transformers' static cache with its forward compiled, batch 1 and G rows."""
+    for rows, hf_x, name in ((1, hf_in, "decode, batch 1"), (b.G, hf_g, f"one prompt x {b.G} samples: decode")):
+        static = _hf_static(b.ref, hf_x, b.n_new, b.never, b.clock)     # compiles outside the timings
+        if static:
+            b.decode_row(f"{name}{': both compiled (transformers: static cache)' if rows == 1 else ', both compiled'}",
+                         rows, hf_x, b.fast, static)
 
 
 class _Clock:
@@ -206,7 +227,9 @@ def _prefill(model, ids, pv, grid, n_new):
 def _decode(model, ids, pv, grid, n_new, G, clock, step=None):
     """generate's loop for G rows sharing one prefilled prompt, through `extend` or a decode `step`
     (decode.Decoder); returns the seconds of the n_new decode steps."""
-    cache = model.new_cache(1, capacity=ids.shape[1] + n_new + 1)
+    # room for the last step's key bucket: a Decoder never grows this cache mid-run (a CUDA graph recorded on its
+    # tensors stays valid, and no timed step pays for a copy)
+    cache = model.new_cache(1, capacity=-(-(ids.shape[1] + n_new + 1) // decode.KEY_BUCKET) * decode.KEY_BUCKET + 1)
     logits = model.extend(cache, ids, pixel_values=pv, image_grid_thw=grid, last_only=True)[:, 0]    # [1, V]
     cache.repeat_interleave(G)
     logits = logits.repeat_interleave(G, dim=0)                                                     # [G, V]
@@ -293,7 +316,9 @@ def _model_pair(args, device):
     msgs = [{"role": "system", "content": cof.SYSTEM_PROMPT},
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the color of the cup?"}]}]
     ids, _ = T.tokenize_chat(tok, msgs, grid, add_generation_prompt=True)
-    return ours, ref, torch.tensor([ids], device=device), pv.to(device), grid                 # ids [1, T]
+    # grid on the device too: transformers builds the vision positions on grid's device, and a CPU grid with a
+    # CUDA model fails there (ours reads it to the host either way)
+    return ours, ref, torch.tensor([ids], device=device), pv.to(device), grid.to(device)     # ids [1, T]
 
 
 def _check_memory(cfg, dtype, device):
@@ -325,9 +350,13 @@ def _model_table(args, device, cfg, rows, ids, grid, diff, same, fast):
     for step, unit, o, h in rows:
         ratio = h / o if unit == "ms" else o / h
         print(f"| {step} | {unit} | {o:.1f} | {h:.1f} | {ratio:.2f}x |")
-    print(f"agreement: max |logit difference| at the last prompt token {diff:.2e}; greedy tokens identical for 16 "
-          f"steps (ours eager, ours compiled, transformers): {same}; our decode step compiled {fast.compiles} "
+    print(f"agreement: {_agreement(diff, same)}; our decode step compiled {fast.compiles} "
           f"graph(s){'' if fast.compiled else ' (torch.compile failed: decoded eagerly)'}")
+
+
+def _agreement(diff, same):
+    return (f"max |logit difference| at the last prompt token {diff:.2e}; greedy tokens identical for 16 steps "
+            f"(ours eager, ours compiled, transformers): {same}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -400,7 +429,8 @@ def bench_rollouts(a):
             c = replace(cfg, **kw)
             if rep == 0:   # warm-up, untimed: the same rollouts once, and one row alone (the step compiles a batch
                 for n, G in ((len(images), a.samples), (1, 1)):   # of one row as a graph of its own)
-                    cof.rollouts(model, tok, images[:n], questions[:n], G, c, generator=torch.Generator().manual_seed(9))
+                    cof.rollouts(model, tok, images[:n], questions[:n], G, c,
+                                 generator=torch.Generator(device=model.device).manual_seed(9))
             g = torch.Generator(device=model.device).manual_seed(rep)
             trs, t = clock.timed(lambda: cof.rollouts(model, tok, images, questions, a.samples, c, generator=g))
             runs.append((trs, t))
@@ -438,6 +468,9 @@ def parser():
     m.add_argument("--new_tokens", type=int, default=64)
     m.add_argument("--reps", type=int, default=5)
     m.add_argument("--no_crop", action="store_true", help="skip the crop kernels' table")
+    m.add_argument("--no_hf_static", dest="hf_static", action="store_false",
+                   help="skip transformers' compiled static-cache decode rows (the last ones; compiling them takes "
+                        "minutes at 7B shapes)")
     m.add_argument("--crop_source", type=lambda t: tuple(int(v) for v in t.split("x")), default=(7680, 4320),
                    help="WxH of the source image the crop kernels' table crops from")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -18,12 +18,13 @@ def test_bench_model_rows_and_agreement(capsys):
     out = bench.main(["model", "--layers", "2", "--hidden", "128", "--image", "56", "--new_tokens", "4", "--reps", "1",
                       "--samples", "3", "--no_crop", "--threads", "1"])
     steps = [r[0] for r in out["rows"]]
-    both = ["decode, batch 1: both compiled (transformers: static cache)",
-            "one prompt x 3 samples: decode, both compiled"]
-    assert [s for s in steps if s not in both] == [
+    assert steps[:8] == [
         "vision encoder, 16 patches", f"prefill, vision + {steps[1].split()[-2]} tokens", "decode, batch 1",
         "decode, batch 1: ours compiled", "one prompt x 3 samples: prefill", "one prompt x 3 samples: decode",
         "one prompt x 3 samples: decode, ours compiled", f"training forward + backward, {steps[1].split()[-2]} tokens"]
+    both = ["decode, batch 1: both compiled (transformers: static cache)",
+            "one prompt x 3 samples: decode, both compiled"]
+    assert steps[8:] == [s for s in both if s in steps[8:]]   # last (where this transformers compiles on the CPU)
     assert out["max_logit_diff"] < 1e-4 and out["greedy_same"]
     table = capsys.readouterr().out
     assert table.count("\n| ") == 1 + len(steps) and "ours compiled, transformers): True" in table

@@ -368,8 +368,8 @@ def _encode(img_u8, box, size, cfg, keep):
         out = ck.resize(ck.crop(img_u8, box), size, "lanczos") if keep else None
         return pv, grid, out
     out = ck.resize(ck.resize(ck.crop(img_u8, box), size, "lanczos"), (ph, pw), "bicubic")
-    pv, grid = ck.patchify(out)
-    return pv, grid, out
+    pv, grid = ck.patchify(out)                  # on the CPU: moved to the image's device, as the kernels' path is
+    return pv.to(img_u8.device), grid, out
 
 
 def zoom(main_u8, text, cfg, keep=False):

@@ -246,10 +246,13 @@ def dist_info():
 
 
 def init_distributed() -> torch.device:
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+    """A process group for every run torchrun started (one process too: `torchrun --nproc_per_node=1` checks the
+    backend on one GPU; models are wrapped for data parallelism only from two ranks up); the device."""
+    if {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= set(os.environ) and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl")
+            dist.init_process_group("cpu:gloo,cuda:nccl")   # NCCL for the gradients; the step's counts and metrics
+                                                            # are summed on the CPU, which NCCL cannot do
         else:
             dist.init_process_group("gloo")
     if torch.cuda.is_available():
@@ -862,8 +865,8 @@ def start_run(cfg, name):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     log0(f"{name}(\n" + "".join(f"  {k}={v!r},\n" for k, v in dataclasses.asdict(cfg).items()) + ")")
-    if world > 1:
-        log0(f"distributed: {world} ranks, {cfg.dist}, backend {dist.get_backend()}")
+    if dist.is_available() and dist.is_initialized():
+        log0(f"distributed: {world} rank(s), {cfg.dist}, backend {dist.get_backend()}")
     if rank == 0:
         clear_earlier_run(cfg)
     barrier()

@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -507,12 +508,17 @@ def check_sft(ctx):
     try:
         log, _ = p.communicate(timeout=240)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+        log = None
+    finally:   # also when this script is stopped (gpu_session.sh's time limit: SIGTERM, a SystemExit here)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    if log is None:
         log, _ = p.communicate()
     metrics = os.path.join(out, "metrics.jsonl")
     n_loss = sum('"loss"' in line for line in open(metrics)) if os.path.exists(metrics) else 0
-    ok = p.returncode == 0 and n_loss == 3 and os.path.isdir(os.path.join(out, "ckpt-000003"))
-    backend = "nccl" if "backend nccl" in log else "no process group (sft.py initialises one only for WORLD_SIZE > 1)"
+    backend = ("nccl" if re.search(r"backend \S*nccl", log)    # sft.py logs "backend cpu:gloo,cuda:nccl"
+               else "none found in its log")
+    ok = p.returncode == 0 and n_loss == 3 and os.path.isdir(os.path.join(out, "ckpt-000003")) and backend == "nccl"
     rep.check("sft/torchrun", ok, f"torchrun --nproc_per_node=1 sft.py, 3 steps: exit {p.returncode}, {n_loss} loss "
                                   f"lines, checkpoint written; distributed backend: {backend}")
     if not ok:
@@ -682,4 +688,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # `timeout` stops us: unwind, so no child outlives us
     raise SystemExit(main())

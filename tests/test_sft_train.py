@@ -198,6 +198,11 @@ def test_torchrun_two_ranks_equal_one_process(setup, mode, extra):
     a, b = _losses(one), _losses(two)
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    if mode == "ddp":   # one rank under torchrun: a process group all the same (gloo here; on a GPU NCCL, with the
+        solo = str(setup["root"] / "solo")   # step's CPU counts summed through gloo), the one process's losses
+        out = run_script("sft.py", common + ["--out", solo, "--batch_size", "1", "--grad_accum", "4"], 1)[1]
+        assert "distributed: 1 rank(s), ddp, backend gloo" in out
+        assert max(abs(x - y) for x, y in zip(a, _losses(solo))) <= 1e-6
     assert a[-1] < a[0]
     # the HF checkpoints agree too (under FSDP gathered from the shards, LoRA merged, before writing)
     ref, got = (M.Qwen25VL.from_pretrained(os.path.join(o, "ckpt-000004")).state_dict() for o in (one, two))

@@ -63,6 +63,10 @@ class GRPOConfig(sft.RunConfig):
     rollout_batch: int = _opt(0, "prompts decoded together per rollout call on a rank; 0 = all of the rank's")
     micro_batch: int = _opt(1, "trajectories per training forward (gradient accumulation over the rest)")
     ppo_epochs: int = _opt(1, "updates per rollout batch (> 1 reuses it; the ratio stays to the sampling policy)")
+    old_logprobs: str = _opt("auto", "what the PPO ratio divides by: sampler (the log-probs recorded while sampling) | "
+                                     "trainer (the update's first forward, before any change: verl's recomputed "
+                                     "old_log_prob) | auto: trainer on CUDA, whose training forward runs in bf16 "
+                                     "autocast and its rollouts do not; sampler on the CPU (both fp32, equal to 1e-5)")
     lr: float = _opt(1e-6, "learning rate (released: 1e-6)")
     warmup_ratio: float = _opt(0.0, "fraction of the steps with linear warmup (released: none)")
     min_lr_ratio: float = _opt(1.0, "final lr as a fraction of --lr (1.0 = constant, as released)")
@@ -88,7 +92,7 @@ class GRPOConfig(sft.RunConfig):
                   clip_low=(0, True), clip_high=(0, True), clip_dual=(0, True), temperature=(0, False),
                   max_turns=(1, True), max_new_tokens=(1, True), max_len=(1, True))
     CHOICES = dict(sft.RunConfig.CHOICES, loss=("token_mean", "seq_mean"), scale_rewards=("group", "none"),
-                   reward=("agar", "plain"))
+                   reward=("agar", "plain"), old_logprobs=("auto", "sampler", "trainer"))
 
     def __post_init__(self):
         super().__post_init__()
@@ -371,6 +375,8 @@ def update(model, optimizer, params, trajs, recs, ref_lp, tokenizer, cfg, step, 
     n_tokens, n_seqs = counts.tolist()
     lr = sft.set_lr(optimizer, step, total, cfg)
     stats = dict(loss=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, tokens=0.0, entropy=0.0, mismatch=0.0, grad_norm=0.0)
+    trainer_old = cfg.old_logprobs == "trainer" or (cfg.old_logprobs == "auto" and device.type == "cuda")
+    first = []                                   # epoch 0's log-probs per micro-batch: the policy before this update
     for epoch in range(cfg.ppo_epochs):
         chunks = range(0, len(trajs), cfg.micro_batch)
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -378,7 +384,10 @@ def update(model, optimizer, params, trajs, recs, ref_lp, tokenizer, cfg, step, 
             mb = trajs[i:i + cfg.micro_batch]
             with sft.grad_sync(model, j == len(chunks) - 1):
                 logp, gen, ent = token_logprobs(model, mb, tokenizer, cfg, device, with_entropy=epoch == 0)
-                old = _padded([t.logprobs for t in mb], logp.shape, device)                      # [B, T]
+                sampled = _padded([t.logprobs for t in mb], logp.shape, device)                  # [B, T]
+                if epoch == 0:
+                    first.append(logp.detach())                                                  # [B, T]
+                old = first[j] if trainer_old else sampled                                       # [B, T]
                 ref = ref_lp[j] if ref_lp is not None else None
                 w = token_weights(gen, cfg, n_tokens, n_seqs)
                 loss, st = grpo_loss(logp, old, ref, adv[i:i + len(mb)].to(device), w, cfg)
@@ -386,7 +395,7 @@ def update(model, optimizer, params, trajs, recs, ref_lp, tokenizer, cfg, step, 
             loss_sum += loss.detach().double().cpu()
             if epoch == 0:                   # before any update: KL, entropy, sampler vs trainer log-probs
                 on = w > 0
-                stats["mismatch"] = max(stats["mismatch"], float((logp.detach() - old).abs()[on].max())
+                stats["mismatch"] = max(stats["mismatch"], float((logp.detach() - sampled).abs()[on].max())
                                         if on.any() else 0.0)
                 stats["entropy"] += float(ent.sum())
                 stats["kl"] += st["kl"]

@@ -227,6 +227,34 @@ def test_training_logprobs_equal_sampling_logprobs(trajectories):
             assert torch.all(logp[~gen] == 0)
 
 
+def test_old_logprobs_from_the_trainer_leave_the_samplers_numbers_to_the_metric(trajectories):
+    """--old_logprobs trainer (auto on CUDA, where the training forward runs in bf16 autocast and the rollouts do not):
+    the ratio divides by the update's first forward, so sampler log-probs off by any amount change nothing but
+    logp_mismatch_max; sampler (auto on the CPU) divides by them, and off ones change the update."""
+    import copy
+
+    import sft
+
+    net, tok, cfg, _, trajs = trajectories
+    recs = [dict(adv=a) for a in (1.0, -0.5, 0.3, -1.0, 0.7, -0.2)]
+    off = [dataclasses_replace(t, logprobs=[x + 0.5 for x in t.logprobs]) for t in trajs]
+
+    def update(ts, mode):
+        m = copy.deepcopy(net).train()
+        c = dataclasses_replace(cfg, old_logprobs=mode, ppo_epochs=2, beta=0.0)
+        params = [p for p in m.parameters() if p.requires_grad]
+        stats = grpo.update(m, sft.make_optimizer(m, c), params, ts, recs, None, tok, c, 0, 10, torch.device("cpu"))
+        return stats, m.state_dict()
+
+    (st_a, a), (st_b, b), (_, c), (_, d), (_, e) = (update(trajs, "trainer"), update(off, "trainer"),
+                                                    update(trajs, "sampler"), update(off, "sampler"), update(off, "auto"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and st_a["loss"] == st_b["loss"]
+    assert st_a["mismatch"] <= 1e-5 and abs(st_b["mismatch"] - 0.5) <= 1e-5
+    assert max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-5           # sampler = trainer to 1e-5 here
+    assert max((a[k] - d[k]).abs().max().item() for k in a) > 1e-4            # off sampler log-probs: another update
+    assert all(torch.equal(d[k], e[k]) for k in d)                            # auto on the CPU: the sampler's
+
+
 def test_environment_tokens_get_no_gradient(trajectories):
     net, tok, cfg, _, trajs = trajectories
     seen = {}

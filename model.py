@@ -430,8 +430,8 @@ class DecoderLayer(nn.Module):
             else:                       # each row at its own slots (index_put_: compiled, it writes in place)
                 rows = torch.arange(B, device=x.device)[:, None, None]                # [B, 1, 1]
                 heads = torch.arange(self.kv_heads, device=x.device)[None, :, None]  # [1, KV, 1]
-                kc[rows, heads, slots[:, None, :]] = k                              # [B, KV, L] slots <- [.., hd]
-                vc[rows, heads, slots[:, None, :]] = v
+                kc[rows, heads, slots[:, None, :]] = k.to(kc.dtype)                 # [B, KV, L] slots <- [.., hd]
+                vc[rows, heads, slots[:, None, :]] = v.to(vc.dtype)                 # (bf16 under autocast)
             k, v = kc[:, :, :S], vc[:, :, :S]                                  # [B, KV, S, hd]
         if isinstance(mask, str):  # "causal": a dense prefill from position 0, the flash-attention path
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.hd ** -0.5, enable_gqa=True)

@@ -238,6 +238,30 @@ def test_tiny_model_rollouts_for_grpo(tiny):
     assert all(t.n_zooms >= 1 for t in out[:3])
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_zoom_loop_under_autocast(tiny, compile):
+    """Under bf16 autocast (what a training forward runs in on CUDA; here the CPU's) the fp32 cache takes bf16 keys
+    and values: sampled rollouts with a zoom, rows of different lengths and G = 2 run, eager and through the compiled
+    step, and their log-probs are an fp32 full forward's to within bf16 rounding."""
+    model, tok = tiny
+    prefixes = [[call("[10, 10, 60, 50]")], []]
+    cfg = cof.CofConfig(do_sample=True, max_new_tokens=8, max_turns=2, compile=compile)
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        out = cof.run(model, tok, [img(140, 168, 1), img(112, 140, 2)], [Q, "q"], cfg, group_size=2,
+                      generator=torch.Generator(device=DEV).manual_seed(0),
+                      logits_processor=cof.force_prefixes(tok, prefixes, group_size=2))
+    assert [t.n_zooms >= 1 for t in out] == [True, True, False, False]
+    gaps = []
+    for t in out:
+        with torch.no_grad():
+            full = model(torch.tensor([t.ids], device=DEV), pixel_values=t.pixel_values, image_grid_thw=t.image_grid_thw)[0]
+        logp = torch.log_softmax(full.float().index_fill(-1, torch.tensor(cof.vision_token_ids(tok)), float("-inf")), -1)
+        forced = forced_positions(tok, t.ids, prefixes[t.group])
+        gaps += [abs(t.logprobs[p] - logp[p - 1, t.ids[p]].item()) for p in range(t.prompt_len, len(t.ids))
+                 if t.gen_mask[p] and p not in forced]
+    assert len(gaps) > 20 and max(gaps) < 0.1 and 0 < sum(gaps) / len(gaps), max(gaps)
+
+
 def test_context_limit(tiny):
     _, tok = tiny
     texts = ["<think>a</think> " + call("[0, 0, 60, 60]"), "<answer>A</answer>"]

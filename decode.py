@@ -49,10 +49,6 @@ import model as M
 
 KEY_BUCKET = 64   # the step reads a multiple of 64 cache slots: one key count per 64 decode steps, not one per step
 
-# model._inv_freq is functools.lru_cache'd; dynamo traces through the cache (the function is pure: same numbers) and
-# says so once per process. Nothing to act on, so the notice is not shown.
-warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped function")
-
 
 def sample_next(logits, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, generator=None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]. Greedy, or temperature -> top-k -> top-p (transformers' warper order), then
@@ -70,7 +66,10 @@ def sample_next(logits, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, ge
         drop[..., 0] = False
         x = x.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
     p = x.softmax(-1)                                                         # [B, V]
-    cdf = p.cumsum(-1)                                                        # [B, V] token i owns [cdf[i-1], cdf[i])
+    # token i owns [cdf[i-1], cdf[i]), so a p = 0 token must own nothing; a parallel scan (CUDA's cumsum regroups the
+    # additions) can still grow the total there by an ulp. Each p = 0 token takes the total before it (cummax is
+    # exact); the CPU's sequential sum is left as it was.
+    cdf = p.cumsum(-1).masked_fill(p == 0, 0).cummax(-1).values              # [B, V]
     u = torch.rand(p.shape[0], 1, generator=generator, device=p.device) * cdf[:, -1:]   # [B, 1]
     last = p.shape[-1] - 1 - (p > 0).flip(-1).int().argmax(-1)                # [B] a draw rounding up to the total
     return torch.minimum(torch.searchsorted(cdf, u, right=True).squeeze(-1), last)   # never lands on a p = 0 token
@@ -116,14 +115,16 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, attention
 
 # ---- The compiled decode step ----------------------------------------------------------------------------------
 
-def step_graph(model, k, v, tokens, live, length, next_pos, last_hidden, n_keys: int):
-    """One text token per cache row (eager; `Decoder` compiles it). k/v: the cache's per-layer [B, KV, C, hd]
-    tensors, written in place at slot length[b] of each row; tokens [B] long; live [B] bool (False: a padding row,
-    its token not kept); length, next_pos [B] long; last_hidden [B, D]; n_keys <= C: the slots queries read (every
-    length[b] < n_keys). Returns (logits [B, V] at each row's last real token, the new last_hidden [B, D])."""
+def step_graph(model, inv_freq, k, v, tokens, live, length, next_pos, last_hidden, n_keys: int):
+    """One text token per cache row (eager; `Decoder` compiles it). inv_freq: model.text_inv_freq() (an input, so
+    the graph does not compute it on the host); k/v: the cache's per-layer [B, KV, C, hd] tensors, written in place
+    at slot length[b] of each row; tokens [B] long; live [B] bool (False: a padding row, its token not kept);
+    length, next_pos [B] long; last_hidden [B, D]; n_keys <= C: the slots queries read (every length[b] < n_keys).
+    Returns (logits [B, V] at each row's last real token, the new last_hidden [B, D])."""
     B = tokens.shape[0]
     x = model.model.embed_tokens(tokens[:, None])                             # [B, 1, D]
-    cos, sin = model._text_rope(next_pos[None, :, None].expand(3, B, 1), x.dtype)   # [B, 1, 1, hd] text: t = h = w
+    pos = next_pos[None, :, None].expand(3, B, 1)                             # [3, B, 1] text: t = h = w
+    cos, sin = model._text_rope(pos, x.dtype, inv_freq)                       # [B, 1, 1, hd]
     keys = torch.arange(n_keys, device=tokens.device)                         # [n_keys]
     mask = (keys[None, :] <= length[:, None])[:, None, None]                  # [B, 1, 1, n_keys] its tokens + this one
     slots = length[:, None]                                                   # [B, 1] where this token goes
@@ -174,7 +175,9 @@ class Decoder:
         n_keys = -(-(cache.size + 1) // KEY_BUCKET) * KEY_BUCKET
         cache.reserve(n_keys + 1 - cache.size)   # capacity > n_keys: a read never spans the whole cache (which
                                                  # torch would compile as a second graph)
-        args = (self.model(), cache.k, cache.v, tokens, live, cache.length, cache.next_pos, cache.last_hidden, n_keys)
+        model = self.model()
+        args = (model, model.text_inv_freq(), cache.k, cache.v, tokens, live, cache.length, cache.next_pos,
+                cache.last_hidden, n_keys)
         logits, last = self._replay(cache, args) if self.graphs is not None else self._run(*args)
         cache.record_step(live, all_live, last)
         return logits
@@ -241,7 +244,7 @@ class Graphs:
     def __call__(self, run, cache, args):
         """run(*args) -> (logits, last_hidden) for a step on `cache`, replayed from the graph recorded for its tensors
         and n_keys (recorded first if there is none)."""
-        model, k, v, *inputs, n_keys = args            # inputs: tokens, live, length, next_pos, last_hidden
+        model, inv_freq, k, v, *inputs, n_keys = args  # inputs: tokens, live, length, next_pos, last_hidden
         if cache is not self.cache():                  # a new generation: the weights may have moved (`.to`, a load)
             self.cache, self.weights = weakref.ref(cache), tuple(p.data_ptr() for p in model.parameters())
         on = (self.weights, k[0].shape, k[0].dtype, tuple(t.data_ptr() for t in k + v))
@@ -250,7 +253,7 @@ class Graphs:
             self.pool = torch.cuda.graph_pool_handle() if k[0].is_cuda else None   # the old pool goes with its graphs
         if n_keys not in self.steps:
             mine = [t.clone() for t in inputs]          # the graph's own input buffers
-            replay, out = self.record(lambda: run(model, k, v, *mine, n_keys), self.pool)
+            replay, out = self.record(lambda: run(model, inv_freq, k, v, *mine, n_keys), self.pool)
             self.steps[n_keys], self.records = (replay, mine, out), self.records + 1
         replay, mine, out = self.steps[n_keys]
         for buf, t in zip(mine, inputs):

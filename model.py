@@ -808,11 +808,17 @@ class Qwen25VL(nn.Module):
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, w)
 
-    def _text_rope(self, pos: torch.Tensor, dtype):
-        """pos [3, B, L] -> cos, sin [B, 1, L, hd] (M-RoPE: t/h/w take different frequency slices), in `dtype`."""
+    def text_inv_freq(self, device=None) -> torch.Tensor:
+        """The text rotary frequencies [hd/2], fp32, on `device` (default: the model's); cached."""
         t = self.cfg.text
-        hd = t.hidden_size // t.num_attention_heads
-        f = pos[..., None].float() * _inv_freq(hd, t.rope_theta, pos.device)  # [3, B, L, hd/2]
+        return _inv_freq(t.hidden_size // t.num_attention_heads, t.rope_theta, device or self.device)
+
+    def _text_rope(self, pos: torch.Tensor, dtype, inv_freq=None):
+        """pos [3, B, L] -> cos, sin [B, 1, L, hd] (M-RoPE: t/h/w take different frequency slices), in `dtype`.
+        inv_freq: text_inv_freq(), given by a compiled caller (traced, its computation would run on the host)."""
+        t = self.cfg.text
+        inv_freq = self.text_inv_freq(pos.device) if inv_freq is None else inv_freq                      # [hd/2]
+        f = pos[..., None].float() * inv_freq                                                            # [3, B, L, hd/2]
         f = torch.cat([part[axis] for axis, part in enumerate(f.split(list(t.mrope_section), -1))], -1)  # [B, L, hd/2]
         emb = torch.cat([f, f], -1)[:, None]                                   # [B, 1, L, hd]
         return emb.cos().to(dtype), emb.sin().to(dtype)

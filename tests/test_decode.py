@@ -2,6 +2,7 @@
 `Qwen25VL.extend`, generate and the CoF loop with the compiled step against the eager loop (greedy and sampled,
 multi-turn with crops, ragged rows, G > 1), recompiles counted, and the fallback where torch.compile is missing."""
 import copy
+import types
 import warnings
 
 import pytest
@@ -57,6 +58,12 @@ def test_sampler_draws_the_softmax_distribution_and_never_a_zero_probability_tok
     # a draw that rounds up to the total lands on the last token with p > 0, not on a banned tail token
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(a[0], a[1]))
     assert decode.sample_next(logits, True).tolist() == [4, 5]
+    # a scan that sums in another order (CUDA's) can give a p = 0 token a sliver of the total: it still gets no draw
+    row = torch.tensor([[0.0, float("-inf"), 0.0]])                                           # p = [0.5, 0, 0.5]
+    scan = torch.Tensor.cumsum
+    monkeypatch.setattr(torch.Tensor, "cumsum", lambda t, dim: scan(t, dim) + torch.tensor([0.0, 6e-8, 0.0]))
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.full((a[0], a[1]), 0.5))      # u = 0.5: the boundary
+    assert decode.sample_next(row, True).tolist() == [2]
 
 
 def test_decode_step_equals_extend_with_padding_rows(tiny):
@@ -221,6 +228,34 @@ def test_falls_back_to_eager_where_compile_is_missing_or_fails(tiny, monkeypatch
         got = failing(cache, tokens)
     assert any("torch.compile failed" in str(x.message) for x in w) and not failing.compiled
     assert (got - want).abs().max() < TOL and torch.equal(cache.length, ref.length)
+
+
+def test_the_traced_step_makes_its_tensors_on_the_cache_device(tiny):
+    """Every tensor the traced decode step creates is made on the device it runs on, and nothing is copied to it:
+    a table computed on the host inside the step (the rotary frequencies once were) would on CUDA mean a host
+    sync in every step, and a copy a CUDA graph cannot record."""
+    model, _ = tiny
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    d = decode.Decoder(model, compile=False)
+    fresh = types.FunctionType(decode.step_graph.__code__.replace(), decode.step_graph.__globals__, "step_graph")
+    d.fn = torch.compile(fresh, backend=keep, dynamic=True, fullgraph=True)
+    cache, logits = prompt_cache(model)
+    with torch.no_grad():
+        want = copy.deepcopy(model).extend(copy.deepcopy(cache), logits.argmax(-1)[:, None], last_only=True)[:, 0]
+        got = d(cache, logits.argmax(-1))
+    assert (got - want).abs().max() < TOL and len(graphs) == 1
+    nodes = list(graphs[0].graph.nodes)
+    made = [n for n in nodes if n.op == "call_function" and n.target in (torch.arange, torch.zeros, torch.ones,
+                                                                          torch.full, torch.empty, torch.tensor)]
+    assert made and all(n.kwargs.get("device") is not None for n in made), [n.format_node() for n in made]
+    moved = [n for n in nodes if n.op == "call_method" and n.target == "to"
+             and any(isinstance(a, (torch.device, str)) for a in [*n.args[1:], *n.kwargs.values()])]
+    assert not moved, [n.format_node() for n in moved]
 
 
 def test_every_model_in_a_process_gets_its_own_compiled_step(tmp_path):

@@ -494,7 +494,8 @@ class Trajectory:
     gen_mask: list
     logprobs: list
     prompt_len: int
-    pixel_values: object           # float [sum patches, 1176], images in order: main image, then crops
+    pixel_values: object           # float [sum patches, 1176] on the CPU (a training forward moves them), images in
+                                   # order: main image, then crops (on a GPU, G copies of the main image add up)
     image_grid_thw: object         # int64 [n_images, 3]
     turns: list                    # per generation: text, n_tokens, stop, tool_call, box, status, message, crop_size
     answer: str                    # judge_answer of the final turn ("" when the turn limit ended it)
@@ -687,7 +688,7 @@ class _Row:
     def trajectory(self, question):
         return Trajectory(
             question=question, ids=self.ids, gen_mask=self.gen, logprobs=self.lp, prompt_len=len(self.prompt.ids),
-            pixel_values=torch.cat(self.pv), image_grid_thw=torch.cat(self.grid), turns=self.turns,
+            pixel_values=torch.cat(self.pv).cpu(), image_grid_thw=torch.cat(self.grid), turns=self.turns,
             answer=self.answer, n_zooms=self.n_zooms, n_generated=sum(self.gen), finished=self.finished,
             original_size=self.prompt.original_size, main_size=tuple(self.prompt.main.shape[1:]),
             images=self.images, group=self.question)
@@ -707,6 +708,13 @@ class _Env:
                 raise ValueError("CofConfig.direct bans <tool_call>, but this tokenizer has no such token")
             self.banned = self.banned + [tokenizer.tool_call_id]
         self.unusable = set(vision_token_ids(tokenizer)[:2])   # pads that cannot be fed back (only with the ban off)
+        self._banned = torch.tensor(self.banned, dtype=torch.long)
+
+    def banned_on(self, device):
+        """The banned ids as a tensor on `device`, copied there once rather than once per token."""
+        if self._banned.device != device:
+            self._banned = self._banned.to(device)
+        return self._banned
 
 
 def _prompts(model, tokenizer, images, questions, messages, cfg):
@@ -740,13 +748,13 @@ def _prefill(model, tokenizer, prompts, group_size):
 
 def _next_tokens(raw, rows, live, env, generator, logits_processor):
     """One token per live row from its logits raw [R, V] -> (ids, log p under the sampling policy) as lists."""
-    cfg = env.cfg
+    cfg, banned = env.cfg, env.banned_on(raw.device)
     if logits_processor is not None:
         views = [(r, len(row.turns), row.turn) for r, row in zip(live, rows)]
-        nxt, _ = _pick(logits_processor(views, raw.clone()), cfg, generator, env.banned)
-        lp = policy_logprobs(raw, nxt, env.banned, _temperature(cfg))
+        nxt, _ = _pick(logits_processor(views, raw.clone()), cfg, generator, banned)
+        lp = policy_logprobs(raw, nxt, banned, _temperature(cfg))
     else:
-        nxt, lp = _pick(raw, cfg, generator, env.banned)                                         # [R], [R]
+        nxt, lp = _pick(raw, cfg, generator, banned)                                             # [R], [R]
     return nxt.tolist(), lp.tolist()
 
 

@@ -938,18 +938,23 @@ def bench(sources=BENCH_SOURCES, n_crops=8, resample="lanczos", sweep=False):
                     lambda: hf_dev(images=crops, device=dev, return_tensors="pt"))
             add("torch eager: crop+interpolate+normalize (fp32)", "dev", 4, _timer_cuda,
                 lambda: _torch_eager(image, boxes, sizes))
+
+            def built(make):   # a launcher or graph is built inside add's try: its failure is one failed row
+                return _timer_cuda(make())
+
+            def launcher(dt, **blocks):
+                return _triton_launcher([image], ids, boxes, sizes, resample, dt, **blocks)
+
             for dt, nb in ((torch.float32, 4), (torch.bfloat16, 2)):
-                run = _triton_launcher([image], ids, boxes, sizes, resample, dt)
-                add(f"ours: Triton kernels only ({str(dt)[6:]})", "dev", nb, _timer_cuda, run)
-                add(f"ours: the same, replayed as a CUDA graph ({str(dt)[6:]})", "dev", nb, _timer_cuda,
-                    _cuda_graph(run))
+                add(f"ours: Triton kernels only ({str(dt)[6:]})", "dev", nb, built, lambda dt=dt: launcher(dt))
+                add(f"ours: the same, replayed as a CUDA graph ({str(dt)[6:]})", "dev", nb, built,
+                    lambda dt=dt: _cuda_graph(launcher(dt)))
             add("ours: crop_resize_patchify end-to-end (fp32)", "dev", 4, _timer_cuda,
                 lambda: crop_resize_patchify(image, boxes, sizes, resample))
             if sweep:
                 for cfg in (dict(BP=4, BQ=256), dict(BP=16, BQ=64), dict(BLOCK2=2048), dict(BLOCK2=512),
                             dict(num_warps=8), dict(BP=16, BQ=128, BLOCK2=2048, num_warps=8)):
-                    add(f"  sweep bf16 {cfg}", "dev", 2, _timer_cuda,
-                        _triton_launcher([image], ids, boxes, sizes, resample, torch.bfloat16, **cfg))
+                    add(f"  sweep bf16 {cfg}", "dev", 2, built, lambda cfg=cfg: launcher(torch.bfloat16, **cfg))
         else:
             add("torch eager: crop+interpolate+normalize (fp32)", "cpu", 4, _timer_cpu,
                 lambda: _torch_eager(image_cpu, boxes, sizes))

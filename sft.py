@@ -250,9 +250,11 @@ def init_distributed() -> torch.device:
     backend on one GPU; models are wrapped for data parallelism only from two ranks up); the device."""
     if {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= set(os.environ) and not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("cpu:gloo,cuda:nccl")   # NCCL for the gradients; the step's counts and metrics
-                                                            # are summed on the CPU, which NCCL cannot do
+            local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(local)
+            # NCCL for the gradients (connected now, on this rank's GPU, and used by barrier()); gloo for the step's
+            # counts and metrics, which are CPU tensors that NCCL cannot reduce
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=local)
         else:
             dist.init_process_group("gloo")
     if torch.cuda.is_available():

@@ -9,7 +9,7 @@
 #
 # Steps, each under a time limit and logged to OUT/<step>.txt (OUT: the device tool's $OUT, else ./gpu-session):
 #   crop        python crop_kernels.py --check      the Triton kernels bit for bit against the reference, their table
-#   acceptance  python tests/gpu_acceptance.py      model / cache / zoom loop / SFT / GRPO / 7B memory on CUDA
+#   acceptance  python tests/gpu_acceptance.py      model / cache / zoom loop / 7B memory / SFT / GRPO on CUDA
 #   bench7b     python bench.py model --preset 7b   every row of issue 13's table (rows print as they are measured),
 #                                                    against transformers' default generate (its compiled static-cache
 #                                                    rows, --no_hf_static here, would take minutes to compile; the
@@ -28,16 +28,16 @@ what=${1:-all}
 step() {   # step NAME SECONDS COMMAND...
     local name=$1 limit=$2 t0=$SECONDS
     shift 2
-    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+    timeout -k 15 "$limit" "$@" 2>&1 | tee "$out/$name.txt"   # KILL 15 s after a TERM not obeyed
     echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s (limit $limit s; 124 = cut at the limit)" \
         | tee -a "$out/summary.txt"
 }
 
 if [[ $what == all || $what == checks ]]; then
-    step crop 60 python3 crop_kernels.py --check
-    step acceptance 290 python3 tests/gpu_acceptance.py
+    step crop 75 python3 crop_kernels.py --check
+    step acceptance 285 python3 tests/gpu_acceptance.py --only model,cof,memory7b,sft,grpo   # crop: the step above
 fi
 if [[ $what == all || $what == bench ]]; then
-    step bench7b 220 python3 bench.py model --preset 7b --no_crop --reps 3 --new_tokens 32 --no_hf_static
+    step bench7b 210 python3 bench.py model --preset 7b --no_crop --reps 3 --new_tokens 32 --no_hf_static
 fi
 cat "$out/summary.txt"

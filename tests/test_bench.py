@@ -110,3 +110,7 @@ def test_gpu_session_script_calls_options_that_exist():
     for ln in script.splitlines():
         if ln.strip().startswith("step "):
             assert os.path.exists(os.path.join(os.path.dirname(__file__), "..", shlex.split(ln)[4])), ln
+    from gpu_acceptance import CHECKS, _parse
+    only = [_parse(shlex.split(ln.split("#")[0])[5:]).only for ln in script.splitlines()
+            if ln.strip().startswith("step ") and "gpu_acceptance.py" in ln]
+    assert len(only) == 1 and set(only[0].split(",")) == {name for name, _, _ in CHECKS} - {"crop"}

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 import cof
-import model as M
 
 from cof_fixtures import ScriptedModel, call, img
 from data import tiny

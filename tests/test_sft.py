@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 
-import model as M
 import sft
 from data import tiny
 import tokenizer as T

@@ -169,11 +169,11 @@ def _inference_rows(b: _ModelBench, hf_in, hf_g):
 
 def _static_rows(b: _ModelBench, hf_in, hf_g):
     """Our compiled step against transformers' static cache with its forward compiled, batch 1 and G rows."""
-    for rows, hf_x, name in ((1, hf_in, "decode, batch 1"), (b.G, hf_g, f"one prompt x {b.G} samples: decode")):
+    for rows, hf_x, name in ((1, hf_in, "decode, batch 1: both compiled (transformers: static cache)"),
+                             (b.G, hf_g, f"one prompt x {b.G} samples: decode, both compiled")):
         static = _hf_static(b.ref, hf_x, b.n_new, b.never, b.clock)     # compiles outside the timings
         if static:
-            b.decode_row(f"{name}{': both compiled (transformers: static cache)' if rows == 1 else ', both compiled'}",
-                         rows, hf_x, b.fast, static)
+            b.decode_row(name, rows, hf_x, b.fast, static)
 
 
 class _Clock:
@@ -229,7 +229,7 @@ def _decode(model, ids, pv, grid, n_new, G, clock, step=None):
     (decode.Decoder); returns the seconds of the n_new decode steps."""
     # room for the last step's key bucket: a Decoder never grows this cache mid-run (a CUDA graph recorded on its
     # tensors stays valid, and no timed step pays for a copy)
-    cache = model.new_cache(1, capacity=-(-(ids.shape[1] + n_new + 1) // decode.KEY_BUCKET) * decode.KEY_BUCKET + 1)
+    cache = model.new_cache(1, capacity=decode.key_count(ids.shape[1] + n_new + 1) + 1)
     logits = model.extend(cache, ids, pixel_values=pv, image_grid_thw=grid, last_only=True)[:, 0]    # [1, V]
     cache.repeat_interleave(G)
     logits = logits.repeat_interleave(G, dim=0)                                                     # [G, V]

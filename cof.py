@@ -608,7 +608,7 @@ def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=N
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} images for {len(questions)} questions")
     cfg = with_processor_limits(cfg or CofConfig(), model)
-    env = _Env(tokenizer, cfg)
+    env = _Env(tokenizer, cfg, _device(model))
     step = decode.decoder_for(model, cfg.cuda_graphs) if cfg.compile else None
     with torch.no_grad():
         prompts = _prompts(model, tokenizer, images, questions, messages, cfg)
@@ -696,25 +696,19 @@ class _Row:
 
 class _Env:
     """What the loop needs besides the model: the tokenizer, the config, stop / banned / unusable token ids and the
-    environment's turn template."""
+    environment's turn template. `banned` is a tensor on the model's device (copied there once, not every token)."""
 
-    def __init__(self, tokenizer, cfg):
+    def __init__(self, tokenizer, cfg, device):
         self.tok, self.cfg, self.turns = tokenizer, cfg, _Turns(tokenizer)
         self.stop_ids = {i for i in (tokenizer.im_end_id, getattr(tokenizer, "eos_id", None),
                                      getattr(tokenizer, "pad_id", None)) if i is not None}
-        self.banned = vision_token_ids(tokenizer) if cfg.ban_vision_tokens else []
+        banned = vision_token_ids(tokenizer) if cfg.ban_vision_tokens else []
         if cfg.direct:
             if tokenizer.tool_call_id is None:
                 raise ValueError("CofConfig.direct bans <tool_call>, but this tokenizer has no such token")
-            self.banned = self.banned + [tokenizer.tool_call_id]
+            banned = banned + [tokenizer.tool_call_id]
+        self.banned = torch.tensor(banned, dtype=torch.long, device=device)
         self.unusable = set(vision_token_ids(tokenizer)[:2])   # pads that cannot be fed back (only with the ban off)
-        self._banned = torch.tensor(self.banned, dtype=torch.long)
-
-    def banned_on(self, device):
-        """The banned ids as a tensor on `device`, copied there once rather than once per token."""
-        if self._banned.device != device:
-            self._banned = self._banned.to(device)
-        return self._banned
 
 
 def _prompts(model, tokenizer, images, questions, messages, cfg):
@@ -748,13 +742,13 @@ def _prefill(model, tokenizer, prompts, group_size):
 
 def _next_tokens(raw, rows, live, env, generator, logits_processor):
     """One token per live row from its logits raw [R, V] -> (ids, log p under the sampling policy) as lists."""
-    cfg, banned = env.cfg, env.banned_on(raw.device)
+    cfg = env.cfg
     if logits_processor is not None:
         views = [(r, len(row.turns), row.turn) for r, row in zip(live, rows)]
-        nxt, _ = _pick(logits_processor(views, raw.clone()), cfg, generator, banned)
-        lp = policy_logprobs(raw, nxt, banned, _temperature(cfg))
+        nxt, _ = _pick(logits_processor(views, raw.clone()), cfg, generator, env.banned)
+        lp = policy_logprobs(raw, nxt, env.banned, _temperature(cfg))
     else:
-        nxt, lp = _pick(raw, cfg, generator, banned)                                             # [R], [R]
+        nxt, lp = _pick(raw, cfg, generator, env.banned)                                         # [R], [R]
     return nxt.tolist(), lp.tolist()
 
 

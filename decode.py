@@ -50,6 +50,11 @@ import model as M
 KEY_BUCKET = 64   # the step reads a multiple of 64 cache slots: one key count per 64 decode steps, not one per step
 
 
+def key_count(n_tokens: int) -> int:
+    """The cache slots a step reads once the cache holds n_tokens (this step's token included)."""
+    return -(-n_tokens // KEY_BUCKET) * KEY_BUCKET
+
+
 def sample_next(logits, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, generator=None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]. Greedy, or temperature -> top-k -> top-p (transformers' warper order), then
     inverse-CDF sampling: one uniform draw per row from `generator` (B random numbers, not multinomial's B x V)."""
@@ -172,7 +177,7 @@ class Decoder:
                              f"the cache has {cache.batch_size} rows")
         all_live = live is None
         live = torch.ones_like(tokens, dtype=torch.bool) if all_live else live
-        n_keys = -(-(cache.size + 1) // KEY_BUCKET) * KEY_BUCKET
+        n_keys = key_count(cache.size + 1)
         cache.reserve(n_keys + 1 - cache.size)   # capacity > n_keys: a read never spans the whole cache (which
                                                  # torch would compile as a second graph)
         model = self.model()

@@ -109,8 +109,8 @@ class GRPOConfig(sft.RunConfig):
 # "grpo.py" has the runs behind these values and what they reach.
 TINY_GRPO_PRESET = dict(max_steps=200, prompts_per_step=16, group_size=6, micro_batch=24, lr=1e-4, beta=0.01,
                         max_new_tokens=96, max_len=1024, min_pixels=tiny.TINY_MIN_PIXELS, max_pixels=tiny.TINY_MAX_PIXELS, drop_system=True,
-                        freeze_vision="yes", freeze_merger=True, eval_every=50, eval_n=200, eval_max_new_tokens=96,
-                        eval_batch=50, eval_question_format="train", save_every=50, threads=2, out="runs/grpo-tiny",
+                        freeze_vision="yes", freeze_merger=True, eval_every=100, eval_n=0, eval_max_new_tokens=96,
+                        eval_batch=100, eval_question_format="train", save_every=50, threads=2, out="runs/grpo-tiny",
                         overwrite=True)
 SFT_DEFAULT_OUT = sft.TINY_PRESET["out"]
 
@@ -120,7 +120,8 @@ def tiny_preset(given):
     if given.get("model"):
         return {}
     world = int(os.environ.get("WORLD_SIZE", 1))
-    return dict(TINY_GRPO_PRESET, threads=max(1, TINY_GRPO_PRESET["threads"] // world))
+    return dict(TINY_GRPO_PRESET, threads=max(1, TINY_GRPO_PRESET["threads"] // world),
+                out=tiny.seeded(TINY_GRPO_PRESET["out"], given.get("seed", 0)))
 
 
 def parse_args(argv=None) -> GRPOConfig:
@@ -584,23 +585,26 @@ def prepare_defaults(cfg):
     --data: the synthetic set's rl_train.jsonl (built if missing), with its val split for evaluation."""
     model_path, data_path, eval_path = cfg.model, cfg.data, cfg.eval_data
     if not cfg.data:
-        _, synth_val = sft.synthetic_data()
-        data_path, eval_path = os.path.join(tiny.SYNTH_DIR, "rl_train.jsonl"), eval_path or synth_val
+        _, held_out = sft.synthetic_data(cfg.seed)
+        data_path = os.path.join(tiny.seeded(tiny.SYNTH_DIR, cfg.seed), "rl_train.jsonl")
+        eval_path = eval_path or held_out
     if not cfg.model:
-        model_path = default_sft_checkpoint()
+        model_path = default_sft_checkpoint(cfg.seed)
     return model_path, data_path, eval_path
 
 
-def default_sft_checkpoint():
-    """The finished checkpoint of the default SFT run (runs/sft-tiny/latest), trained first when there is none."""
-    found = _finished(SFT_DEFAULT_OUT)
+def default_sft_checkpoint(seed=0):
+    """The finished checkpoint of the default SFT run of `seed` (runs/sft-tiny/latest for seed 0), trained first when
+    there is none."""
+    out = tiny.seeded(SFT_DEFAULT_OUT, seed)
+    found = _finished(out)
     if found is None:
-        log0(f"no finished SFT checkpoint in {SFT_DEFAULT_OUT}: training it first with sft.py's defaults "
-             f"(`python sft.py`, 17-25 minutes on 2 CPU cores)")
-        sft.train(sft.parse_args(["--resume", "auto"]))
-        found = _finished(SFT_DEFAULT_OUT)
+        log0(f"no finished SFT checkpoint in {out}: training it first with sft.py's defaults "
+             f"(`python sft.py --seed {seed}`, ~15 minutes on 2 CPU cores under torchrun)")
+        sft.train(sft.parse_args(["--resume", "auto", "--seed", str(seed)]))
+        found = _finished(out)
         if found is None:
-            raise RuntimeError(f"sft.py finished but {SFT_DEFAULT_OUT}/latest names no finished checkpoint")
+            raise RuntimeError(f"sft.py finished but {out}/latest names no finished checkpoint")
     log0(f"start model: {found} (the default SFT run)")
     return str(found)
 

@@ -212,18 +212,19 @@ def parse_config(cls, argv=None, preset=None, description=""):
 # of every image is capped at 112 x 112 px (data/agent.py TINY_VIEW_MAX_PIXELS), which is what makes zooming necessary.
 TINY_PRESET = dict(epochs=0.0, max_steps=3000, batch_size=8, grad_accum=4, lr=2e-3, warmup_ratio=0.05,
                    min_lr_ratio=0.05, weight_decay=0.0, clip_grad=1.0, max_len=1024, min_pixels=tiny.TINY_MIN_PIXELS,
-                   max_pixels=tiny.TINY_MAX_PIXELS, drop_system=True, answer_weight=4.0, eval_every=500, eval_n=200,
-                   eval_max_new_tokens=96, eval_batch=50, eval_question_format="train", save_every=500, threads=2,
+                   max_pixels=tiny.TINY_MAX_PIXELS, drop_system=True, answer_weight=4.0, eval_every=1500, eval_n=0,
+                   eval_max_new_tokens=96, eval_batch=100, eval_question_format="train", save_every=500, threads=2,
                    out="runs/sft-tiny", overwrite=True)
 
 
 def tiny_preset(given):
     """TINY_PRESET for a run without --model; under torchrun the accumulation steps and threads are divided among
-    the ranks, so `torchrun --nproc_per_node=N sft.py` makes the same global batch (the same run) as `python sft.py`."""
+    the ranks, so `torchrun --nproc_per_node=N sft.py` makes the same global batch (the same run) as `python sft.py`.
+    Another --seed writes to its own --out (tiny.seeded)."""
     if given.get("model"):
         return {}
     world = int(os.environ.get("WORLD_SIZE", 1))
-    preset = dict(TINY_PRESET)
+    preset = dict(TINY_PRESET, out=tiny.seeded(TINY_PRESET["out"], given.get("seed", 0)))
     if TINY_PRESET["grad_accum"] % world == 0:
         preset["grad_accum"] = TINY_PRESET["grad_accum"] // world
     preset["threads"] = max(1, TINY_PRESET["threads"] // world)
@@ -968,13 +969,14 @@ def finish_run():
 
 # ------------------------------------------------------------------------------------------------ the run
 
-def synthetic_data():
-    """(SFT train file, val records) of the built-in synthetic dataset, built first when missing or stale
-    (data/tiny.py; rank 0 builds, the other ranks wait)."""
+def synthetic_data(seed=0):
+    """(SFT train file, held-out records) of the built-in synthetic dataset of `seed`, built first when missing or
+    stale (data/tiny.py; rank 0 builds, the other ranks wait)."""
+    directory = tiny.seeded(tiny.SYNTH_DIR, seed)
     if dist_info()[0] == 0:
-        tiny.build_synthetic(tiny.SYNTH_DIR, log=log0)
+        tiny.build_synthetic(directory, seed, log=log0)
     barrier()
-    return tiny.synthetic_paths(tiny.SYNTH_DIR)
+    return tiny.synthetic_paths(directory)
 
 
 def prepare_defaults(cfg):
@@ -982,13 +984,13 @@ def prepare_defaults(cfg):
     under runs/, built first when missing or stale."""
     model_path, data_path, eval_path = cfg.model, cfg.data, cfg.eval_data
     if not cfg.data:
-        data_path, synth_eval = synthetic_data()
+        data_path, synth_eval = synthetic_data(cfg.seed)
         eval_path = eval_path or synth_eval
     if not cfg.model:
+        model_path = tiny.seeded(tiny.TINY_MODEL_DIR, cfg.seed)
         if dist_info()[0] == 0:
-            tiny.build_tiny_model(tiny.TINY_MODEL_DIR, data_path, log=log0)
+            tiny.build_tiny_model(model_path, data_path, cfg.seed, log=log0)
         barrier()
-        model_path = tiny.TINY_MODEL_DIR
     return model_path, data_path, eval_path
 
 

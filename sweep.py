@@ -63,6 +63,8 @@ LADDER = (112, 140, 168, 224, 280, 336, 392, 448)   # long side, px (the scene i
 VIEW_MAX_PIXELS = 448 * 448                          # the model processor's cap: no rung is shrunk for the model
 ACUITY = 5.0                                         # finest stripe period (px of a model view) counted as legible
 PERIODS = "easy=20,medium=7.5,hard=5"                # stripe periods (px of the 448 scene) of this setting
+KIND_WEIGHTS = "easy=0.07,edge=0.05,medium=0.42,hard=0.16,relative=0.3"   # the train/val items' kinds
+RL_KIND_WEIGHTS = "easy=2,edge=1,medium=2,hard=2,relative=1"              # the RL prompts' kinds
 MODELS = ("direct", "always-zoom", "cof-sft", "cof-grpo")
 KINDS = synth.QUESTION_KINDS
 
@@ -105,7 +107,8 @@ def build_data(cfg, always_zoom):
     bcfg = build.BuildConfig(out=out, n=cfg.train_items, rl=0 if always_zoom else cfg.rl_items, seed=cfg.seed,
                              val=200, test=0, per_kind=0 if always_zoom else cfg.per_kind,
                              resolutions=",".join(map(str, LADDER)), view_max_pixels=VIEW_MAX_PIXELS,
-                             periods=PERIODS, acuity=ACUITY, always_zoom=always_zoom,
+                             kinds=KIND_WEIGHTS, rl_kinds=RL_KIND_WEIGHTS, periods=PERIODS, acuity=ACUITY,
+                             eyesight="", oracle_share="", always_zoom=always_zoom,
                              table_items=0 if always_zoom else 3)
     card = os.path.join(out, "card.json")
     if tiny._recipe_matches(card, {"config": dataclasses.asdict(bcfg), "version": build.VERSION}):

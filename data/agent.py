@@ -28,9 +28,10 @@ JSON with `bbox_2d`, each crop as a new user turn `<image>` + USER_PROMPT, and a
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -338,6 +339,16 @@ def search(world, tools, max_zooms=3, always_zoom=False):
     return Search(world, steps, path, None, False)
 
 
+def relabel(result, scene):
+    """`result` (a search of a toy-V* scene) as if `scene` (the same item with its options in another order, e.g.
+    synth.rotate_options) had been asked: the same views and readings, the final letter of the new order."""
+    world = copy.copy(result.world)
+    world.question, world.label, world.scene = scene.question, scene.label, scene
+    world.options = dict(zip("ABCD", scene.options))
+    final = result.final and replace(result.final, letter=_letter(world.options, result.final.answer))
+    return replace(result, world=world, final=final)
+
+
 _REL = {"left": "to the left", "right": "to the right", "above": "above", "below": "below"}  # ends on the option word
 
 
@@ -352,9 +363,11 @@ def _where(world, box):
 
 
 def _conclusion(world, look, zoomed):
-    """The last thought: the options restated, then what was read, ending on the option's own words, then the letter.
-    Picking the letter is then a short lookup: the last option words written match one entry of the list a few tokens
-    back, and the letter in front of it is copied."""
+    """The last thought: the options restated, then what was read, ending on the option's own words, with the letter
+    right after them: "... are falling (D), so the answer is D." Picking the letter is then the shortest lookup there
+    is: the word just written matches one entry of the list a few tokens back, and the letter in front of it is
+    copied (the circuit a 2-layer model learns first). With a few words between the reading and the letter, the tiny
+    model often picked a neighbouring option (README "Teaching a tiny model from scratch")."""
     sc, L = world.scene, look.letter
     lead = "In the zoomed view" if zoomed else "At this resolution"
     if sc is None:
@@ -366,7 +379,7 @@ def _conclusion(world, look, zoomed):
         what = f"the small tag of the {sc.name}" if sc.difficulty == "hard" else f"the {sc.name}"
         seen = f"{lead} the stripes on {what} are {look.answer}"
     options = ", ".join(f"({k}) {v}" for k, v in world.options.items())
-    return f"The options are {options}. {seen}, so the answer is {L}."
+    return f"The options are {options}. {seen} ({L}), so the answer is {L}."
 
 
 def _first_thought(world, box):
@@ -428,3 +441,58 @@ def scene_world(scene, image=None, resolution=synth.SCENE, view_max_pixels=TINY_
     image = image if image is not None else synth.render(scene)
     return World(image, scene.question, scene.label, dict(zip("ABCD", scene.options)), resolution, view_max_pixels,
                  scene=scene, target_box=scene.target_box, target_name=scene.name, acuity=acuity)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A picture of the world: one item of each question kind as the model sees it
+
+
+def kinds_figure(path, seed=0, scale=2):
+    """Draw one toy-V* item of each question kind (synth.QUESTION_KINDS) to a PNG, a row each: the 448 px scene
+    with the asked-about box, then what the tiny model sees: the 112 px main view, and the view of each zoom the
+    oracle agent makes (locate, then adjust_box while the reader cannot read the detail), shown `scale` x with
+    nearest-neighbour so the pixels stay pixels. Items the reader reads in the main view get the zoom on the object
+    too (what a zoom there would show). Returns `path`."""
+    from PIL import ImageDraw, ImageFont
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:                            # Pillow without FreeType: the bitmap font
+        font = ImageFont.load_default()
+    tools, cell, pad, rows = OracleTools(), 112 * scale, 12, []
+    for k, kind in enumerate(synth.QUESTION_KINDS):
+        cat, diff = synth.KIND_TARGET[kind]
+        sc = synth.make_scene(synth.scene_rng(seed, "test", 900_000 + k), category=cat, difficulty=diff)
+        world = scene_world(sc)
+        views, box = [("main view", world.main_view())], tools.locate(world)
+        while box is not None and len(views) < 3 and (len(views) == 1 or tools.look(world, views[-1][1]).answer is None):
+            views.append((f"zoom {len(views)}: {list(box)}", world.zoom(tool_call_text(box))))
+            box = tools.adjust_box(world, box)
+        rows.append((kind, sc, world, views))
+    width = pad + (cell + pad) * 4
+    canvas = Image.new("RGB", (width, pad + len(rows) * (cell + 3 * pad + 16)), "white")
+    d = ImageDraw.Draw(canvas)
+    for r, (kind, sc, world, views) in enumerate(rows):
+        y = pad + r * (cell + 3 * pad + 16)
+        d.text((pad, y), f"{kind}: {sc.question.splitlines()[0]}", fill="black", font=font)
+        y += 16 + pad // 2
+        scene = world.main.resize((cell, cell), Image.Resampling.LANCZOS)
+        x0, y0, x1, y1 = (v * cell / world.size[0] for v in world.target_box)
+        ImageDraw.Draw(scene).rectangle([x0, y0, x1, y1], outline=(255, 0, 255), width=2)
+        canvas.paste(scene, (pad, y))
+        d.text((pad, y + cell + 1), "scene (448 px), target box", fill="black", font=font)
+        for j, (name, v) in enumerate(views, 1):
+            im = v.image.resize((v.image.width * scale, v.image.height * scale), Image.Resampling.NEAREST)
+            canvas.paste(im, (pad + j * (cell + pad), y))
+            d.text((pad + j * (cell + pad), y + im.height + 1), f"{name} ({v.image.width} px)", fill="black",
+                   font=font)
+    canvas.save(path)
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Draw one toy-V* item of each question kind as the tiny model sees it.")
+    p.add_argument("png", help="output path, e.g. docs/kinds.png")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    print(kinds_figure(a.png, a.seed))

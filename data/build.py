@@ -16,6 +16,14 @@ Writes under OUT:
   card.json, card.md             counts, zoom histogram, the measured legibility table, a sample trajectory
 Same --seed, same files (byte for byte). Items are drawn per (seed, split, index), so --n only adds items.
 
+What the trajectories teach: each item's kind is drawn with the weights of --kinds. The agent answers from the main
+view where its reader reads the detail there AND the model reads that kind directly (--eyesight, measured: the tool-
+banned accuracy of the default SFT model per kind, at least --eyesight-bar), except for the --oracle-share of a
+kind's items, where it trusts its own reader alone: a teacher with sharper eyes than the model (on "edge" items by
+default, the mistake GRPO's adaptive reward is there to undo). Every search becomes --option-orders rows, its options
+rotated, so that the letter of an answer has to be read off the options (without it the 2-layer model learnt
+letters by heart and picked a neighbouring option on a fifth to a third of held-out answers).
+
 The resolution sweep's setting (sweep.py) is this build with a ladder of --resolutions, a generous
 --view-max-pixels, wider --periods and the agent's --acuity; --always-zoom true writes its always-zoom baseline.
 """
@@ -28,13 +36,21 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields, replace
 
+import numpy as np
+
 import cof
 from data import agent, formats, synth
 
 
 # Bumped whenever the same BuildConfig would write different files (scenes, rendering, trajectory text, formats);
 # card.json records it, and sft.py rebuilds its default dataset when it differs.
-VERSION = 8
+VERSION = 10
+
+
+# The default run's model's eyesight: per question kind, the share of test_by_kind.jsonl its greedy answers get right
+# with the zoom tool banned (`python -m data.eyesight`, README "data/"). The agent answers from the main view only
+# where this is at least --eyesight-bar and its own reader (synth.read_texture) reads the detail there.
+EYESIGHT = "easy=0.97,edge=0.36,medium=0.33,hard=0.17,relative=0.17"
 
 
 @dataclass
@@ -42,22 +58,26 @@ class BuildConfig:
     out: str = "data/synth"
     n: int = 2000                   # train items (SFT rows = the successful searches among them)
     rl: int = 2000                  # RL prompts (rl_train.jsonl), from their own scenes (split "rl")
-    rl_mix: str = "easy=1,medium=1,hard=1"   # difficulty mix of the RL prompts' attribute questions
-    rl_relative: float = 0.25       # share of relative_position RL prompts: with rl_mix, 25% of each kind
     seed: int = 0
     val: int = 200
     test: int = 400
+    kinds: str = "easy=0.25,edge=0.2,medium=0.15,hard=0.25,relative=0.15"   # weights of the train/val/test items' kinds
+    rl_kinds: str = "easy=1,edge=2,medium=1,hard=1.5,relative=1.5"        # weights of the RL prompts' kinds
     resolutions: str = "448"        # comma list; item i uses resolutions[i % len]; e.g. "224,448,...,3840"
     view_max_pixels: int = agent.TINY_VIEW_MAX_PIXELS   # the model processor's cap (7B: agent.QWEN_VIEW_MAX_PIXELS)
-    mix: str = "easy=0.1,medium=0.65,hard=0.25"
-    relative: float = 0.35          # share of relative_position items
     colours: str = ",".join(synth.DEFAULT_COLOURS)   # palette names the scenes draw from ("all": synth.PALETTE)
     max_zooms: int = 3
     periods: str = ""               # stripe periods replacing synth.PERIOD's, e.g. "medium=6,hard=4" (empty: PERIOD)
     acuity: float = 0.0             # finest period (px of a model view) the agent counts as legible (0: ideal reader)
+    eyesight: str = EYESIGHT        # per kind, the model's measured direct accuracy ("": the agent's reader alone)
+    eyesight_bar: float = 0.8       # the main view counts as legible for a kind the model reads at least this well
+    oracle_share: str = "edge=0.6"  # per kind, the share of items whose trajectory trusts the agent's reader alone
+    #                                 (a teacher with sharper eyes than the model's: the mistake GRPO should undo)
     always_zoom: bool = False       # trajectories zoom on every question (the always-zoom baseline's data)
+    option_orders: int = 4          # SFT rows per train search: its options rotated 0..N-1 places, so that no letter
+    #                                 can be learnt from the scene, only from the options (images shared)
     table_items: int = 3            # scenes per kind for the legibility table (0: skip it)
-    per_kind: int = 100             # items of each question kind in test_by_kind.jsonl (0: skip it)
+    per_kind: int = 200             # items of each question kind in test_by_kind.jsonl (0: skip it)
 
     @classmethod
     def from_args(cls, argv=None):
@@ -67,14 +87,20 @@ class BuildConfig:
             p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
         return cls(**vars(p.parse_args(argv)))
 
-    def parsed_mix(self, text=None):
-        mix = {}
-        for part in (text or self.mix).split(","):
+    def parsed_kinds(self, name):
+        """The option `name` ('kind=number,...') as {kind: float} over synth.QUESTION_KINDS; ValueError naming the
+        option otherwise."""
+        text, out = getattr(self, name), {}
+        for part in filter(None, text.split(",")):
             k, _, v = part.partition("=")
-            if k.strip() not in synth.DIFFICULTIES:
-                raise ValueError(f"--mix: unknown difficulty {k!r}; use {', '.join(synth.DIFFICULTIES)}")
-            mix[k.strip()] = float(v)
-        return mix
+            try:
+                out[k.strip()] = float(v)
+            except ValueError:
+                raise ValueError(f"--{name.replace('_', '-')} {text!r}: {part!r} is not kind=number") from None
+            if k.strip() not in synth.QUESTION_KINDS or not 0 <= out[k.strip()] < float("inf"):
+                raise ValueError(f"--{name.replace('_', '-')} {text!r}: each kind one of "
+                                 f"{', '.join(synth.QUESTION_KINDS)}, each number >= 0")
+        return out
 
     def parsed_periods(self):
         out = {}
@@ -94,28 +120,32 @@ class BuildConfig:
         return [int(r) for r in self.resolutions.split(",")]
 
 
-def _items(cfg, split, n, mix=None, relative=None):
-    mix, colours, periods = mix or cfg.parsed_mix(), cfg.parsed_colours(), cfg.parsed_periods()
-    relative = cfg.relative if relative is None else relative
-    out = []
+def _items(cfg, split, n, weights="kinds"):
+    """n items of `split`; item i's kind is drawn with the weights of the option `weights` (kinds / rl_kinds) from
+    the item's own Generator, so the same (seed, split, index) always gives the same item."""
+    w = cfg.parsed_kinds(weights)
+    names = [k for k in synth.QUESTION_KINDS if w.get(k, 0) > 0]
+    if not names:
+        raise ValueError(f"--{weights.replace('_', '-')} {getattr(cfg, weights)!r}: give some kind a weight > 0")
+    p = np.array([w[k] for k in names]) / sum(w[k] for k in names)
+    colours, periods, out = cfg.parsed_colours(), cfg.parsed_periods(), []
     for i in range(n):
         rng = synth.scene_rng(cfg.seed, split, i)
-        cat = "relative_position" if rng.random() < relative else "direct_attributes"
-        out.append(synth.make_scene(rng, uid=f"{split}-{i:06d}", category=cat, mix=mix, colours=colours,
+        cat, diff = synth.KIND_TARGET[names[rng.choice(len(names), p=p)]]
+        out.append(synth.make_scene(rng, uid=f"{split}-{i:06d}", category=cat, difficulty=diff, colours=colours,
                                     periods=periods))
     return out
 
 
 def _items_by_kind(cfg, n):
-    """n items of each question kind (synth.QUESTION_KINDS), from their own seed stream (split "by_kind"); relative
-    items draw their difficulty from the mix like the other splits."""
-    colours, mix, periods, out = cfg.parsed_colours(), cfg.parsed_mix(), cfg.parsed_periods(), []
+    """n items of each question kind (synth.QUESTION_KINDS), from their own seed stream (split "by_kind")."""
+    colours, periods, out = cfg.parsed_colours(), cfg.parsed_periods(), []
     for k, kind in enumerate(synth.QUESTION_KINDS):
-        cat, diff = ("relative_position", None) if kind == "relative" else ("direct_attributes", kind)
+        cat, diff = synth.KIND_TARGET[kind]
         for i in range(n):
             rng = synth.scene_rng(cfg.seed, "by_kind", k * 1_000_000 + i)
             out.append(synth.make_scene(rng, uid=f"by_kind-{kind}-{i:06d}", category=cat, difficulty=diff,
-                                        mix=mix, colours=colours, periods=periods))
+                                        colours=colours, periods=periods))
     return out
 
 
@@ -140,17 +170,31 @@ def vstar_record(scene, image_rel, qid):
             "uid": scene.uid}
 
 
-def trajectories(cfg, scenes, split, tools=None, desc=None):
-    """Run the agent on every scene -> (sft rows, per-item records). Saves main and zoom images."""
+def main_view_allowed(cfg, kind, split, i):
+    """Whether the agent may answer item i of `split` (of question kind `kind`) from the main view (where its reader
+    reads the detail there): the model reads this kind directly at least --eyesight-bar of the time, or the item is
+    one of the --oracle-share whose teacher trusts its own reader (a draw of the item's own, not the scene's)."""
+    if cfg.parsed_kinds("eyesight").get(kind, 1.0) >= cfg.eyesight_bar:
+        return True
+    draw = np.random.default_rng([cfg.seed, synth.SPLIT_IDS[split], i, 1]).random()
+    return bool(draw < cfg.parsed_kinds("oracle_share").get(kind, 0.0))
+
+
+def trajectories(cfg, scenes, split, tools=None, desc=None, orders=1):
+    """Run the agent on every scene -> (sft rows, per-item records). Saves main and zoom images. orders: rows per
+    successful search, its options rotated 0 .. orders - 1 places (the same images and readings, other letters)."""
     tools = tools or agent.OracleTools()
     res = cfg.parsed_resolutions()
     rows, recs = [], []
     for i, sc in enumerate(cof.progress(scenes, desc=desc or f"{split} searches")):
         R = res[i % len(res)]
         world = agent.scene_world(sc, synth.render(sc), R, cfg.view_max_pixels, cfg.acuity)
-        result = agent.search(world, tools, cfg.max_zooms, cfg.always_zoom)
-        rec = {"uid": sc.uid, "category": sc.category, "difficulty": sc.difficulty, "resolution": R,
-               "success": result.success, "zooms": len(result.zooms) if result.success else None}
+        kind = synth.question_kind(sc.category, sc.difficulty)
+        result = agent.search(world, tools, cfg.max_zooms, cfg.always_zoom or not main_view_allowed(cfg, kind, split, i))
+        first = result.steps[0].look
+        rec = {"uid": sc.uid, "category": sc.category, "difficulty": sc.difficulty, "kind": kind, "resolution": R,
+               "success": result.success, "zooms": len(result.zooms) if result.success else None,
+               "reader_direct": first.letter == sc.label}
         recs.append(rec)
         if not result.success:
             continue
@@ -159,7 +203,10 @@ def trajectories(cfg, scenes, split, tools=None, desc=None):
         paths = [_save_image(images[0], os.path.join(cfg.out, "images", split, f"{sc.uid}{IMAGE_EXT}"))]
         paths += [_save_image(im, os.path.join(cfg.out, "images", split, f"{sc.uid}_z{k}{IMAGE_EXT}"))
                   for k, im in enumerate(images[1:], 1)]
-        rows.append({"messages": agent.to_messages(sc.question, sc.label, texts), "images": paths})
+        for k in range(orders):
+            shown = synth.rotate_options(sc, k) if k else sc
+            texts = agent.summarize(agent.relabel(result, shown))[0] if k else texts
+            rows.append({"messages": agent.to_messages(shown.question, shown.label, texts), "images": paths})
     return rows, recs
 
 
@@ -223,13 +270,13 @@ def build(cfg):
     cfg = replace(cfg, out=os.path.abspath(cfg.out))  # image paths are made relative to OUT, not to the cwd
     os.makedirs(cfg.out, exist_ok=True)
     train, val, test = _items(cfg, "train", cfg.n), _items(cfg, "val", cfg.val), _items(cfg, "test", cfg.test)
-    sft_train, rec_train = trajectories(cfg, train, "train")
+    sft_train, rec_train = trajectories(cfg, train, "train", orders=cfg.option_orders)
     sft_val, rec_val = trajectories(cfg, val, "val")
     formats.write_sft(os.path.join(cfg.out, "sft_train.json"), sft_train)
     formats.write_sft(os.path.join(cfg.out, "sft_val.json"), sft_val)
 
     rl, res = [], cfg.parsed_resolutions()
-    rl_items = _items(cfg, "rl", cfg.rl, cfg.parsed_mix(cfg.rl_mix), cfg.rl_relative)
+    rl_items = _items(cfg, "rl", cfg.rl, "rl_kinds")
     for i, sc in enumerate(cof.progress(rl_items, desc="rl images")):
         path = os.path.join(cfg.out, "images", "rl", f"{sc.uid}{IMAGE_EXT}")
         _save_image(agent.scene_world(sc, synth.render(sc), res[i % len(res)]).main, path)
@@ -256,7 +303,8 @@ def build(cfg):
                                               "val_items": len(val), "test_items": len(test),
                                               "test_by_kind_items": len(by_kind)},
             "zooms": zoom_histogram(rec_train), "zooms_by_kind": zoom_by_kind(rec_train),
-            "test_mix": dict(Counter(f"{s.category}/{s.difficulty}" for s in test))}
+            "kinds": kind_summary(cfg, rec_train),
+            "test_mix": dict(Counter(synth.question_kind(s.category, s.difficulty) for s in test))}
     if cfg.table_items:
         card["legibility"] = legibility_table(view_max_pixels=cfg.view_max_pixels, n=cfg.table_items,
                                               acuity=cfg.acuity, periods=cfg.parsed_periods())
@@ -286,11 +334,41 @@ def zoom_by_kind(recs):
             for (a, b, R, z), n in sorted(c.items(), key=str)]
 
 
+def kind_summary(cfg, recs):
+    """Per question kind of the train items: how many, the share whose main view the agent's reader reads (the
+    FFT reader's eyesight), the model's measured direct accuracy (--eyesight), and the share of the trajectories that
+    answer from the main view, with their mean zooms."""
+    eyesight, out = cfg.parsed_kinds("eyesight"), []
+    for kind in synth.QUESTION_KINDS:
+        rs = [r for r in recs if r["kind"] == kind]
+        ok = [r for r in rs if r["success"]]
+        if rs:
+            out.append({"kind": kind, "items": len(rs), "reader_direct": sum(r["reader_direct"] for r in rs) / len(rs),
+                        "eyesight": eyesight.get(kind), "direct": sum(r["zooms"] == 0 for r in ok) / max(len(ok), 1),
+                        "mean_zooms": sum(r["zooms"] for r in ok) / max(len(ok), 1)})
+    return out
+
+
+def kind_markdown(card):
+    bar = card["config"]["eyesight_bar"]
+    s = (f"Per question kind (train items): what the agent's reader (synth.read_texture) reads in the main view, the "
+         f"model's measured direct accuracy (--eyesight; the main view counts as legible where it is >= {bar:g}, "
+         f"or for the --oracle-share {card['config']['oracle_share']!r} of the items), and what the trajectories "
+         f"do.\n\n| kind | items | reader reads the main view | model reads it (measured) | trajectories answering "
+         f"directly | mean zooms |\n|---|---|---|---|---|---|\n")
+    for r in card.get("kinds", []):
+        eye = "-" if r["eyesight"] is None else f"{100 * r['eyesight']:.0f}%"
+        s += (f"| {r['kind']} | {r['items']} | {100 * r['reader_direct']:.0f}% | {eye} | {100 * r['direct']:.0f}% | "
+              f"{r['mean_zooms']:.2f} |\n")
+    return s + "\n"
+
+
 def card_markdown(card):
     z = card["zooms"]
     s = (f"Items: {card['counts']['train_items']} train ({card['counts']['sft_train_rows']} SFT trajectories), "
          f"{card['counts']['val_items']} val, {card['counts']['test_items']} test. "
          f"Trajectories zooming 0 / 1 / 2+ times: {z['0']} / {z['1']} / {z['2+']} (failed searches: {z['failed']}).\n\n")
+    s += kind_markdown(card)
     for key, who in (("legibility", f"a model view of at most {card['config']['view_max_pixels']} px"),
                      ("legibility_qwen", f"Qwen2.5-VL-7B's processor (at most {agent.QWEN_VIEW_MAX_PIXELS} px)")):
         if key in card:

@@ -15,16 +15,20 @@ The scene (grid-aligned on purpose, so that a box is "which cell" and costs a fe
     (easy to find) whose texture is gone (impossible to read).
   * Questions (the answer is always a property of a texture):
       direct_attributes  "What is the direction of the stripes on the red circle?"  horizontal / vertical /
-                         rising diagonal (/) / falling diagonal (\\)
+                         rising (a diagonal like /) / falling (like \\)
       relative_position  "Where is the horizontally striped patch relative to the vertically striped patch on the
                          red circle?"  left / right / above / below (two striped patches on a plain object)
   * Difficulty (the stripe period is in px of the 448 scene; "view" = the tiny model's 112 x 112 view):
-      easy    big object, period 16                -> readable in the view without zooming (4 px there)
+      easy    big object, period 24                -> readable in the view without zooming (6 px there)
       medium  small object, period 4               -> exactly 1 px in the view: every view pixel averages one
                                                       whole period, so the texture is GONE (contrast 0.000), not
                                                       just faint; one zoom on the object shows it at 5.3 px
       hard    big object with a 28 px bordered tag, -> a zoom on the object shows the tag but not its stripes
               period 2.5 on the tag (attributes)      (1.6 px); a second zoom on the tag reads them (6.7 px)
+  * Question kinds (QUESTION_KINDS, what metrics are broken down by): easy / medium / hard stripe directions, and
+    the two relative-position kinds: "relative" (two 22 px patches of period 4 on a small object: gone in the view)
+    and "edge" (two 36 px patches of period 24 on a big object: 6 px stripes in 9 px patches, which the FFT reader
+    reads in the view and the tiny model reads no better than a third of the time: the edge of its eyesight).
   `periods` (make_scene) replaces these periods and nothing else: the same draws give the same scene with other
   stripe widths (the resolution sweep's setting, sweep.py, uses 20 / 7.5 / 5 px).
 Legibility is measured, not assumed: `read_pattern` reads a texture from pixels (2-D FFT peak) and reports its
@@ -35,6 +39,7 @@ Coordinates: boxes are (x0, y0, x1, y1) in pixels, x1/y1 exclusive, in the 448 s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -52,7 +57,7 @@ AMPLITUDE = 50              # stripes are fill +- AMPLITUDE on every channel
 SUPERSAMPLE = 4             # stripes are rendered antialiased (periods need not be whole pixels)
 CATEGORIES = ("direct_attributes", "relative_position")
 DIFFICULTIES = ("easy", "medium", "hard")
-PERIOD = {"easy": 16.0, "medium": 4.0, "hard": 2.5}
+PERIOD = {"easy": 24.0, "medium": 4.0, "hard": 2.5}
 
 # The background is the image processor's normalisation mean (OPENAI_CLIP_MEAN x 255, rounded), so empty space
 # enters the vision tower as (almost exactly) zero and every token's features come from the objects in its cell.
@@ -74,7 +79,7 @@ SHAPES = ("square", "circle")
 TAG_SIZE, TAG_BORDER = 28, 2
 TAG_BORDER_RGB, TAG_LIGHT, TAG_DARK = (25, 25, 25), 215, 45
 # Orientation names (image coordinates, y down). "rising" = '/', constant along x + y; "falling" = '\', along x - y.
-ORIENTATIONS = ("horizontal", "vertical", "rising diagonal", "falling diagonal")
+ORIENTATIONS = ("horizontal", "vertical", "rising", "falling")
 RELATIONS = ("left", "right", "above", "below")
 ROW_WORDS = ("top row", "second row", "third row", "bottom row")
 COL_WORDS = ("first column", "second column", "third column", "fourth column")
@@ -330,15 +335,31 @@ def make_scene(rng, uid="0", category=None, difficulty=None, mix=None, colours=D
                  tuple(target.box), tuple(detail_box), details)
 
 
-DEFAULT_MIX = {"easy": 0.1, "medium": 0.65, "hard": 0.25}
+def rotate_options(scene, k):
+    """The same item with its options rotated by k places ((A) x, (B) y, ... -> (A) y, ...): a new question text and
+    label, the same scene and answer."""
+    k %= len(scene.options)
+    opts = scene.options[k:] + scene.options[:k]
+    letters = "ABCD"[:len(opts)]
+    question = scene.question.split("\n")[0] + "".join(f"\n({L}) {o}" for L, o in zip(letters, opts))
+    return dataclasses.replace(scene, question=question, options=opts, label=letters[opts.index(scene.answer)])
+
+
+DEFAULT_MIX = {"easy": 0.3, "medium": 0.45, "hard": 0.25}
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "by_kind": 3, "rl": 4}
-QUESTION_KINDS = ("easy", "medium", "hard", "relative")
+# What training and evaluation metrics are broken down by, and the (category, difficulty) of each kind's target.
+KIND_TARGET = {"easy": ("direct_attributes", "easy"), "edge": ("relative_position", "easy"),
+               "medium": ("direct_attributes", "medium"), "hard": ("direct_attributes", "hard"),
+               "relative": ("relative_position", "medium")}
+QUESTION_KINDS = tuple(KIND_TARGET)
 
 
 def question_kind(category, difficulty):
-    """What training and evaluation metrics are broken down by: "easy" / "medium" / "hard" for the stripe-direction
-    questions (by difficulty: readable directly / one zoom / two zooms at 448 px), "relative" for relative position."""
-    return "relative" if category == "relative_position" else difficulty
+    """The kind of a (category, difficulty): "easy" / "medium" / "hard" for the stripe-direction questions (coarse
+    stripes on a big object / fine stripes on a small one / a tag), "relative" for the two patches on a small object
+    and "edge" for the two patches on a big object (legible to the FFT reader in the main view, at the edge of the
+    tiny model's eyesight)."""
+    return next(k for k, t in KIND_TARGET.items() if t == (category, difficulty))
 
 
 def scene_rng(seed, split, index):
@@ -366,7 +387,7 @@ def _stripe_fraction(box, orientation, period):
     i, j = np.arange(h)[:, None], np.arange(w)[None, :]
 
     def frac(base, two_d):          # base: [n] integer part of u; two_d: u sums two sample offsets
-        sub = (off[:, None] + (off[None, :] if orientation == "rising diagonal" else -off[None, :])).ravel() \
+        sub = (off[:, None] + (off[None, :] if orientation == "rising" else -off[None, :])).ravel() \
             if two_d else off
         return (np.mod(base[:, None] + sub[None, :], period) < period / 2).mean(axis=1)
 
@@ -374,7 +395,7 @@ def _stripe_fraction(box, orientation, period):
         return np.broadcast_to(frac(y0 + np.arange(h, dtype=float), False)[:, None], (h, w))
     if orientation == "vertical":
         return np.broadcast_to(frac(x0 + np.arange(w, dtype=float), False)[None, :], (h, w))
-    if orientation == "rising diagonal":     # u = x + y
+    if orientation == "rising":     # u = x + y
         return frac(x0 + y0 + np.arange(h + w - 1, dtype=float), True)[i + j]
     k = np.arange(h + w - 1) - (h - 1)       # u = x - y, index j - i + (h - 1)
     return frac(x0 - y0 + k.astype(float), True)[j - i + (h - 1)]
@@ -451,7 +472,7 @@ def read_pattern(img, box):
     theta = math.atan2(fy[k], fx[k]) % math.pi     # direction in which the intensity varies
     cls = int(round(theta / (math.pi / 4))) % 4
     # intensity varying along x -> vertical stripes; along (1, 1) -> constant on x + y -> rising ('/')
-    return ("vertical", "rising diagonal", "horizontal", "falling diagonal")[cls], rms
+    return ("vertical", "rising", "horizontal", "falling")[cls], rms
 
 
 def texture_rms(texture):

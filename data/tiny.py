@@ -41,6 +41,12 @@ SYNTH_DIR = "runs/synth"
 SYNTH_ROWS = 2000
 
 
+def seeded(directory, seed):
+    """Where the default runs of --seed `seed` keep a directory: `directory` itself for seed 0, `directory-seedS`
+    otherwise (each seed has its own dataset, tiny model and checkpoints)."""
+    return directory if int(seed) == 0 else f"{directory}-seed{int(seed)}"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Tiny random models in HF format (tests, benchmarks, the default run)
 
@@ -225,39 +231,41 @@ def _recipe_matches(path, want):
 
 
 def synthetic_paths(directory):
-    """(SFT train file, held-out val records) of the synthetic dataset under `directory`."""
-    return os.path.join(directory, "sft_train.json"), os.path.join(directory, "val.jsonl")
+    """(SFT train file, held-out records the default runs evaluate on) of the synthetic dataset under `directory`:
+    test_by_kind.jsonl (build.BuildConfig.per_kind items of each question kind), so that every kind's rates are
+    read off that many questions."""
+    return os.path.join(directory, "sft_train.json"), os.path.join(directory, "test_by_kind.jsonl")
 
 
-def build_synthetic(directory, log=print):
-    """The toy-V* dataset (data/build.py) under `directory`, rebuilt when it is missing or was built by another
-    recipe (other build options or data.build.VERSION). Returns synthetic_paths(directory)."""
-    cfg = build.BuildConfig(out=os.path.abspath(directory), n=SYNTH_ROWS, seed=0, table_items=0)
-    train, val = synthetic_paths(directory)
+def build_synthetic(directory, seed=0, log=print):
+    """The toy-V* dataset (data/build.py) of `seed` under `directory`, rebuilt when it is missing or was built by
+    another recipe (other build options or data.build.VERSION). Returns synthetic_paths(directory)."""
+    cfg = build.BuildConfig(out=os.path.abspath(directory), n=SYNTH_ROWS, seed=seed, table_items=0)
+    train, held_out = synthetic_paths(directory)
     want = {"config": dataclasses.asdict(cfg), "version": build.VERSION}
     card = os.path.join(directory, "card.json")
-    if not (_recipe_matches(card, want) and os.path.exists(train) and os.path.exists(val)):
+    if not (_recipe_matches(card, want) and os.path.exists(train) and os.path.exists(held_out)):
         if os.path.exists(card):
             log(f"{directory} was built by another recipe: rebuilding it")
             shutil.rmtree(directory)
         t0 = time.time()
         build.build(cfg)
         log(f"built the synthetic dataset in {directory} ({time.time() - t0:.0f} s)")
-    return train, val
+    return train, held_out
 
 
-def build_tiny_model(directory, data_path, log=print):
-    """The tiny model (make_tiny, sizes TINY_MODEL, init "train", view TINY_MIN/MAX_PIXELS) under `directory`,
-    rebuilt when it is missing or was made from other sizes or data; its BPE vocabulary is trained on the text of the
-    training rows so that CoF's long prompts cost few tokens."""
+def build_tiny_model(directory, data_path, seed=0, log=print):
+    """The tiny model (make_tiny, sizes TINY_MODEL, init "train" drawn from `seed`, view TINY_MIN/MAX_PIXELS) under
+    `directory`, rebuilt when it is missing or was made from other sizes, data or seed; its BPE vocabulary is trained
+    on the text of the training rows so that CoF's long prompts cost few tokens."""
     recipe = os.path.join(directory, "tiny_recipe.json")
     want = {"sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_MODEL.items()},
             "data": os.path.abspath(data_path), "data_bytes": os.path.getsize(data_path),
-            "min_pixels": TINY_MIN_PIXELS, "max_pixels": TINY_MAX_PIXELS}
+            "min_pixels": TINY_MIN_PIXELS, "max_pixels": TINY_MAX_PIXELS, "seed": int(seed)}
     if not (os.path.exists(os.path.join(directory, "model.safetensors")) and _recipe_matches(recipe, want)):
         rows, _ = formats.read_sft(data_path)
         corpus = [m["content"].replace("<image>", "") for r in rows[:1000] for m in r["messages"]]
-        make_tiny(directory, corpus=corpus, seed=0, min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS,
+        make_tiny(directory, corpus=corpus, seed=int(seed), min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS,
                   init="train", **TINY_MODEL)
         formats.write_atomic(recipe, json.dumps(want, indent=1))
         log(f"built the tiny model in {directory}")

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -114,7 +115,7 @@ def _stripes_pil(orientation, size=40, period=8):
             d.rectangle([k, 0, k + period // 2 - 1, size], fill=(200, 200, 200))
         else:
             for w in range(period // 2):
-                if orientation == "rising diagonal":      # constant along x + y = k + w
+                if orientation == "rising":      # constant along x + y = k + w
                     d.line([(k + w, 0), (k + w - size, size)], fill=(200, 200, 200))
                 else:                                      # constant along x - y
                     d.line([(k + w, 0), (k + w + size, size)], fill=(200, 200, 200))
@@ -135,12 +136,17 @@ def test_legibility_table_at_the_working_resolution():
     rows = {(r["category"], r["difficulty"]): r for r in build.legibility_table(resolutions=(448,), n=2)}
     easy, med, hard = (rows[("direct_attributes", d)] for d in ("easy", "medium", "hard"))
     # easy: readable in the 112 px main view; medium: gone there, readable after one zoom; hard: after the 2nd
-    assert easy["main_period_px"] == 4.0 and easy["main_legible"] == 1.0
+    assert easy["main_period_px"] == 6.0 and easy["main_legible"] == 1.0
     assert med["main_period_px"] == 1.0 and med["main_contrast"] < 0.005 and med["main_legible"] == 0.0
     assert med["cell_legible"] == 1.0 and med["cell_contrast"] > 0.8 and med["cell_period_px"] > 5
     assert hard["main_legible"] == 0.0 and hard["detail_legible"] == 1.0 and hard["detail_period_px"] > 6
     rel = rows[("relative_position", "medium")]
     assert rel["main_legible"] == 0.0 and rel["cell_legible"] == 1.0
+    # edge (the two patches on a big object): the reader reads them in the main view (6 px stripes), and better after
+    # a zoom on the object (12-16 px)
+    edge = rows[("relative_position", "easy")]
+    assert edge["main_legible"] == 1.0 and edge["main_period_px"] == 6.0
+    assert edge["cell_legible"] == 1.0 and edge["cell_contrast"] > edge["main_contrast"] and edge["cell_period_px"] > 12
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,6 +199,73 @@ def test_zoom_counts_follow_difficulty_at_the_working_resolution():
         counts.setdefault(sc.difficulty, []).append(len(agent.summarize(res)[1]) - 1)
     assert set(counts["easy"]) == {0} and set(counts["medium"]) == {1}
     assert sum(z == 2 for z in counts["hard"]) >= 0.6 * len(counts["hard"]) and min(counts["hard"]) >= 1
+
+
+def test_kind_weights_decide_where_items_are():
+    """--kinds / --rl-kinds: each split draws item kinds with its weights (a weight of 0 never appears), and the
+    by-kind set has exactly --per-kind items of every kind."""
+    cfg = build.BuildConfig(kinds="easy=1,hard=3", rl_kinds="edge=1,relative=1,medium=2", per_kind=2)
+    kinds = lambda items: [synth.question_kind(s.category, s.difficulty) for s in items]  # noqa: E731
+    train = kinds(build._items(cfg, "train", 400))
+    assert set(train) == {"easy", "hard"} and abs(train.count("hard") / 400 - 0.75) < 0.07
+    rl = kinds(build._items(cfg, "rl", 400, "rl_kinds"))
+    assert set(rl) == {"edge", "relative", "medium"} and abs(rl.count("medium") / 400 - 0.5) < 0.08
+    assert kinds(build._items_by_kind(cfg, 2)) == [k for k in synth.QUESTION_KINDS for _ in range(2)]
+    for bad in ("easy=abc", "wide=1", "easy=-1", "easy=nan"):
+        with pytest.raises(ValueError, match="--kinds"):
+            build._items(build.BuildConfig(kinds=bad), "train", 1)
+    with pytest.raises(ValueError, match="--rl-kinds .* weight > 0"):
+        build._items(build.BuildConfig(rl_kinds="easy=0"), "rl", 1, "rl_kinds")
+
+
+def test_trajectories_follow_the_eyesight_rule(tmp_path):
+    """The agent answers from the main view only where the model's measured eyesight for the kind reaches the bar (and
+    its reader reads the detail there), or for the --oracle-share of a kind's items; everything else zooms."""
+    cfg = build.BuildConfig(out=str(tmp_path), seed=2, eyesight="easy=0.9,edge=0.5", eyesight_bar=0.8,
+                            oracle_share="edge=0.6")
+    allowed = [build.main_view_allowed(cfg, "edge", "train", i) for i in range(3000)]
+    assert abs(sum(allowed) / 3000 - 0.6) < 0.03
+    assert all(build.main_view_allowed(cfg, k, "train", i) for k in ("easy", "medium") for i in range(50))  # 1.0 if unlisted
+    assert build.main_view_allowed(cfg, "edge", "train", 7) == build.main_view_allowed(cfg, "edge", "train", 7)
+    scenes = [synth.make_scene(synth.scene_rng(2, "train", i), category=c, difficulty=d)
+              for i in range(12) for c, d in (synth.KIND_TARGET["easy"], synth.KIND_TARGET["edge"])]
+    _, recs = build.trajectories(cfg, scenes, "train")
+    for i, r in enumerate(recs):
+        assert r["success"] and r["reader_direct"]             # the reader reads both kinds in the main view
+        direct = r["kind"] == "easy" or build.main_view_allowed(cfg, "edge", "train", i)
+        assert (r["zooms"] == 0) == direct, r
+    assert {r["zooms"] for r in recs if r["kind"] == "edge"} == {0, 1}
+    summary = {r["kind"]: r for r in build.kind_summary(cfg, recs)}
+    edge = [r for r in recs if r["kind"] == "edge"]
+    assert summary["edge"]["direct"] == sum(r["zooms"] == 0 for r in edge) / len(edge) and summary["easy"]["direct"] == 1
+    # raise the bar above easy's eyesight: easy zooms too; no eyesight table: the reader alone decides
+    _, recs = build.trajectories(replace(cfg, eyesight_bar=0.95, oracle_share=""), scenes[:4], "train")
+    assert all(r["zooms"] == 1 for r in recs)
+    _, recs = build.trajectories(replace(cfg, eyesight="", oracle_share=""), scenes[:4], "train")
+    assert all(r["zooms"] == 0 for r in recs)
+
+
+def test_option_orders_rotate_the_letters_not_the_search(tmp_path):
+    """--option-orders N: each search gives N rows with the options rotated 0..N-1 places: the same images and
+    thoughts up to the last one, whose restated options, letter and <answer> follow the rotated question."""
+    cfg = build.BuildConfig(out=str(tmp_path), seed=4)
+    scenes = synth.make_split(4, "train", 5)
+    rows, recs = build.trajectories(cfg, scenes, "train", orders=3)
+    assert len(rows) == 3 * len(scenes) and all(r["success"] for r in recs)
+    for sc, group in zip(scenes, (rows[i:i + 3] for i in range(0, len(rows), 3))):
+        labels = []
+        for k, row in enumerate(group):
+            shown = synth.rotate_options(sc, k)
+            assert shown.answer == sc.answer and shown.options[:len(sc.options) - k] == sc.options[k:]
+            assert shown.options["ABCD".index(shown.label)] == sc.answer
+            assert row["images"] == group[0]["images"]
+            assert row["messages"][1]["content"] == cof.rl_prompt(shown.question, shown.label)
+            last = row["messages"][-1]["content"]
+            assert last.endswith(f"({shown.label}), so the answer is {shown.label}.</think>\n<answer>{shown.label}</answer>")
+            assert ", ".join(f"({L}) {o}" for L, o in zip("ABCD", shown.options)) in last
+            assert [m["content"] for m in row["messages"][2:-1]] == [m["content"] for m in group[0]["messages"][2:-1]]
+            labels.append(shown.label)
+        assert len(set(labels)) == 3
 
 
 def test_trajectory_text_format(built):
@@ -391,3 +464,23 @@ def test_model_backend_runs_a_real_tiny_model(tmp_path):
         assert torch.equal(pv, ref) and torch.equal(grid, ref_grid) and view.image.size == (112, 112)
     res = agent.search(world, tools, max_zooms=1)    # a random model: the search runs and ends either way
     assert res.steps and res.steps[0].action == "look"
+
+
+def test_kinds_figure_shows_the_models_views(tmp_path):
+    """agent.kinds_figure: a row per question kind; the panel after the scene is the model's 112 px main view, pixel
+    for pixel (x2, nearest), and the next one the view of the zoom on the object."""
+    path = agent.kinds_figure(str(tmp_path / "kinds.png"), seed=0)
+    fig = Image.open(path).convert("RGB")
+    pad, cell = 12, 224
+    assert fig.size == (pad + (cell + pad) * 4, pad + len(synth.QUESTION_KINDS) * (cell + 3 * pad + 16))
+    for k, kind in enumerate(synth.QUESTION_KINDS):
+        cat, diff = synth.KIND_TARGET[kind]
+        world = agent.scene_world(synth.make_scene(synth.scene_rng(0, "test", 900_000 + k), category=cat,
+                                                   difficulty=diff))
+        y = pad + k * (cell + 3 * pad + 16) + 16 + pad // 2
+        views = [world.main_view(), world.zoom(agent.tool_call_text(agent.OracleTools().locate(world)))]
+        for j, v in enumerate(views, 1):
+            want = v.image.resize((2 * v.image.width, 2 * v.image.height), Image.Resampling.NEAREST)
+            x = pad + j * (cell + pad)
+            got = fig.crop((x, y, x + want.width, y + want.height))
+            assert np.array_equal(np.asarray(got), np.asarray(want)), (kind, j)

@@ -13,6 +13,7 @@ import torch
 import cof
 import grpo
 import model as M
+import sft
 from data import build, formats
 from procs import run_script
 from data import tiny
@@ -426,6 +427,10 @@ def test_the_built_in_preset_is_a_valid_config(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert grpo.parse_args([]).threads == grpo.TINY_GRPO_PRESET["threads"] // 2
     assert grpo.parse_args(["--model", "some/ckpt"]).lr == 1e-6        # a real model gets the released recipe
+    # each --seed of the built-in run has its own output (and its own data, tiny model and SFT run: tiny.seeded)
+    assert (cfg.out, grpo.parse_args(["--seed", "1"]).out) == ("runs/grpo-tiny", "runs/grpo-tiny-seed1")
+    assert sft.parse_args(["--seed", "2"]).out == "runs/sft-tiny-seed2" and sft.parse_args([]).out == "runs/sft-tiny"
+    assert grpo.parse_args(["--seed", "1", "--out", "x"]).out == "x"
 
 
 def test_curves_png_draws_every_panel(tmp_path):

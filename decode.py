@@ -125,7 +125,7 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, attention
         checks.number(i, "eos_token_id / pad_token_id", lo=0, hi=model.cfg.text.vocab_size, hi_open=True, whole=True)
     eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
     step = decoder_for(model, cuda_graphs) if compile else None
-    cache = model.new_cache(B, capacity=T + max_new_tokens)
+    cache = model.new_cache(B, capacity=T + min(max_new_tokens, 4096))   # grows past that if the rows go on
     logits = model.extend(cache, input_ids, attention_mask, pixel_values, image_grid_thw, last_only=True)[:, 0]
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out = []

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
+import checks
 import cof
 import crop_kernels as ck
 import model as M
@@ -240,7 +241,7 @@ def score_rollouts(trajs, prompts, tokenizer, cfg, reward_fn=None):
     for g in range(0, len(recs), G):
         grp = recs[g:g + G]
         if reward_fn is not None:
-            rewards = reward_fn(grp)
+            rewards = check_rewards(reward_fn(grp), len(grp))
         elif cfg.reward == "agar" and G > 1:
             rewards = agar([r["correct"] for r in grp], [r["zoomed"] for r in grp], [r["format_ok"] for r in grp])
         else:
@@ -248,6 +249,21 @@ def score_rollouts(trajs, prompts, tokenizer, cfg, reward_fn=None):
         for r, x in zip(grp, rewards):
             r["reward"] = float(x)
     return recs
+
+
+def check_rewards(rewards, n):
+    """The rewards a reward_fn returned for a group of n records, as floats: one finite number per record, in order
+    (a short list would leave records unrewarded, a long one be cut silently, NaN would end in a loss error)."""
+    if isinstance(rewards, torch.Tensor):
+        rewards = rewards.tolist()
+    try:
+        rewards = checks.sequence(rewards, "reward_fn's result", empty=True)
+    except TypeError as e:
+        raise TypeError(f"{e}; reward_fn(records) must return one number per record") from None
+    if len(rewards) != n:
+        raise ValueError(f"reward_fn returned {len(rewards)} rewards for a group of {n} records; it must return one "
+                         f"number per record, in order")
+    return [float(checks.number(r, f"reward_fn's reward {i}")) for i, r in enumerate(rewards)]
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -456,7 +472,11 @@ def step_metrics(recs, stats, kinds, times):
 
 def train(cfg: GRPOConfig, reward_fn=None) -> dict:
     """Run GRPO as configured. reward_fn: optional fn(group records) -> rewards replacing AGAR / the plain score (a
-    record has kind, correct, format_ok, zoomed, n_zooms, n_generated, score, response). Returns a summary dict."""
+    record has kind, correct, format_ok, zoomed, n_zooms, n_generated, score, response; see check_rewards). Returns a
+    summary dict."""
+    checks.kind(cfg, "cfg", GRPOConfig, "a GRPOConfig")
+    if reward_fn is not None and not callable(reward_fn):
+        raise TypeError(f"reward_fn must be a function of a group's records, got {type(reward_fn).__name__}")
     device = sft.start_run(cfg, "GRPOConfig")
     rank, world, _ = dist_info()
     model_path, data_path, eval_path = prepare_defaults(cfg)
@@ -474,7 +494,7 @@ def train(cfg: GRPOConfig, reward_fn=None) -> dict:
     ckpt = sft.resolve_resume(cfg) if cfg.resume else None
     start = 0
     if ckpt is not None:
-        state = json.loads((ckpt / "trainer" / "state.json").read_text())
+        state = sft.read_state(ckpt)
         want = dict(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size, n_rows=len(prompts))
         have = {k: state.get(k) for k in want}
         if have != want:
@@ -609,10 +629,10 @@ def _finished(out):
     latest = Path(out) / "latest"
     if not latest.is_file():
         return None
-    ckpt = Path(out) / latest.read_text().strip()
+    ckpt = Path(out) / latest.read_text(encoding="utf-8", errors="replace").strip()
     try:
-        state = json.loads((ckpt / "trainer" / "state.json").read_text())
-    except (OSError, ValueError):
+        state = sft.read_state(ckpt)
+    except (sft.RunError, OSError):
         return None
     return ckpt if state.get("step") == state.get("total") and (ckpt / "model.safetensors").is_file() else None
 

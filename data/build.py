@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields, replace
 
+import checks
 import cof
 from data import agent, formats, synth
 
@@ -65,15 +66,21 @@ class BuildConfig:
         for f in fields(cls):
             kind = cof.parse_bool if isinstance(f.default, bool) else type(f.default)
             p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-        return cls(**vars(p.parse_args(argv)))
+        try:
+            return cls(**vars(p.parse_args(argv)))
+        except (TypeError, ValueError) as e:      # a value the options' checks refuse: argparse's error, exit 2
+            p.error(str(e))
 
     def parsed_mix(self, text=None):
+        name = "--mix" if text is None else "--rl-mix"
         mix = {}
         for part in (text or self.mix).split(","):
             k, _, v = part.partition("=")
             if k.strip() not in synth.DIFFICULTIES:
-                raise ValueError(f"--mix: unknown difficulty {k!r}; use {', '.join(synth.DIFFICULTIES)}")
-            mix[k.strip()] = float(v)
+                raise ValueError(f"{name}: unknown difficulty {k!r}; use {', '.join(synth.DIFFICULTIES)}")
+            mix[k.strip()] = checks.parse_number(v, f"{name} {k.strip()}", lo=0)
+        if not sum(mix.values()) > 0:
+            raise ValueError(f"{name} {text or self.mix!r}: the weights must not all be 0")
         return mix
 
     def parsed_periods(self):
@@ -91,7 +98,17 @@ class BuildConfig:
         return synth.check_colours(names, what=f"--colours {self.colours!r} ('all' or a comma list):")
 
     def parsed_resolutions(self):
-        return [int(r) for r in self.resolutions.split(",")]
+        return [checks.parse_number(r, "--resolutions", lo=1, whole=True) for r in self.resolutions.split(",")]
+
+    # option -> (lowest, whether allowed[, highest, whether allowed]), checked with the types by checks.options
+    LIMITS = dict(n=(0, True), rl=(0, True), rl_relative=(0, True, 1, True), seed=(0, True, 2**32 - 1, True),
+                  val=(0, True), test=(0, True), view_max_pixels=(1, True), relative=(0, True, 1, True),
+                  max_zooms=(0, True), acuity=(0, True), table_items=(0, True), per_kind=(0, True))
+
+    def __post_init__(self):
+        checks.options(self, label=lambda name: "--" + name.replace("_", "-"))
+        self.parsed_mix(), self.parsed_mix(self.rl_mix), self.parsed_periods(), self.parsed_colours()
+        self.parsed_resolutions()
 
 
 def _items(cfg, split, n, mix=None, relative=None):
@@ -305,7 +322,8 @@ def card_markdown(card):
 
 def main(argv=None):
     cfg = BuildConfig.from_args(argv)
-    card = build(cfg)
+    with checks.one_line_errors("python -m data.build", OSError, formats.DataError):   # e.g. an --out that is a file
+        card = build(cfg)
     print(card_markdown(card))
     print(f"wrote {cfg.out} in {card['seconds']} s")
 

@@ -264,6 +264,9 @@ def check_rl_row(row, path, i, root):
     rm = row.get("reward_model")
     if not isinstance(rm, dict) or "ground_truth" not in rm:
         raise DataError(path, i, "reward_model.ground_truth", "missing; the reward needs the ground truth answer")
+    if not isinstance(rm["ground_truth"], str) or not rm["ground_truth"].strip():
+        raise DataError(path, i, "reward_model.ground_truth", f"must be the answer as a non-empty string (a letter "
+                                                              f"such as \"A\" or a word), got {rm['ground_truth']!r:.80}")
     images = row.get("images")
     if not isinstance(images, list) or not images:
         raise DataError(path, i, "images", "must be a non-empty list of {\"image\": \"file://...\"}")
@@ -274,7 +277,10 @@ def check_rl_row(row, path, i, root):
     extra = row.get("extra_info") or {}
     if not isinstance(extra, dict):
         raise DataError(path, i, "extra_info", f"must be a JSON object, got {type(extra).__name__}")
-    return {"prompt": prompt, "images": full, "ground_truth": str(rm["ground_truth"]),
+    for key in ("question", "kind"):
+        if extra.get(key) is not None and not isinstance(extra[key], str):
+            raise DataError(path, i, f"extra_info.{key}", f"must be a string (or absent), got {extra[key]!r:.80}")
+    return {"prompt": prompt, "images": full, "ground_truth": rm["ground_truth"],
             "question": extra.get("question"), "kind": extra.get("kind"), "data_source": row.get("data_source"),
             "row": row}
 

@@ -91,7 +91,8 @@ QUESTION_FORMATS = {"released": "Question: ", "train": " Question: "}
 def question_text(question, question_format="released"):
     """The user text after the image: `Question: {text}{USER_PROMPT}` (the released eval; text already ends with
     the answer hint), or with question_format="train" the SFT / RL rows' ` Question: {text}{USER_PROMPT}`."""
-    return f"{QUESTION_FORMATS[question_format]}{question}{USER_PROMPT}"
+    checks.one_of(question_format, "question_format", tuple(QUESTION_FORMATS))
+    return f"{QUESTION_FORMATS[question_format]}{checks.string(question, 'question', empty=True)}{USER_PROMPT}"
 
 
 def build_messages(question, system=True, question_format="released"):
@@ -116,7 +117,8 @@ def rl_prompt(question, ground_truth):
     """The released RL user content (prepare_zoomin_data.py): `<image> Question: {q}{hint}{USER_PROMPT}`, with the
     letter hint when the ground truth is one letter A-L and the question lists options as (A)/(B) or A./B.,
     otherwise the single-word-or-phrase hint. `<image>` is the ShareGPT/verl image placeholder."""
-    gt = str(ground_truth)
+    checks.string(question, "question", empty=True)
+    gt = checks.string(ground_truth, "ground_truth")
     letter = (len(gt) == 1 and gt.lower() in "abcdefghijkl"
               and (("(A)" in question and "(B)" in question) or ("A." in question and "B." in question)))
     return "<image>" + " Question: " + question + (LETTER_HINT if letter else PHRASE_HINT) + USER_PROMPT
@@ -155,6 +157,8 @@ def zoom_size(box, scale=SCALEUP, min_pixels=MAIN_MIN_PIXELS, max_pixels=MAIN_MA
     smart_resize (do_crop). Raises (ValueError / ZeroDivisionError) where the released do_crop fails and falls
     back to the uncropped main image: an empty crop or an aspect ratio above 200."""
     x0, y0, x1, y1 = box
+    if x1 < x0 or y1 < y0:        # an empty box raises in released_smart_resize, as upstream (zoom's fallback)
+        raise ValueError(f"zoom_size: box {tuple(box)} is inverted: need x0 <= x1 and y0 <= y1")
     return released_smart_resize((y1 - y0) * scale, (x1 - x0) * scale, ck.FACTOR, min_pixels, max_pixels)
 
 
@@ -875,7 +879,8 @@ def force_prefixes(tokenizer, prefixes, group_size=1):
     """A logits_processor that makes turn k of question q start with the text prefixes[q][k] (then the model goes
     on by itself). For benchmarks and tests on random weights, which never zoom on their own."""
 
-    enc = [[tokenizer.encode(p) for p in ps] for ps in prefixes]
+    enc = [[tokenizer.encode(p) for p in checks.sequence(ps, f"prefixes[{q}]", empty=True)]
+           for q, ps in enumerate(checks.sequence(prefixes, "prefixes"))]
 
     def proc(views, logits):
         for i, (row, k, turn) in enumerate(views):
@@ -932,6 +937,7 @@ def read_vstar(root, categories=None):
     direct_attributes/sa_4690.jpg), `text` (question + options + answer hint), `label` (letter), `category`,
     `question_id`. Returns items dict(id, image (path), question, label, category, options)."""
 
+    checks.kind(root, "root", (str, os.PathLike), "a folder or file path")
     if os.path.isfile(root):
         path, root = root, os.path.dirname(os.path.abspath(root))
     else:
@@ -997,6 +1003,7 @@ def read_hrbench(path, style="vstar"):
     C, D, cycle_category (0-3: the same question with its options rotated), image (base64 JPEG; VLMEvalKit may
     store the index of another row holding the same image instead). Images stay base64 until used."""
 
+    checks.kind(path, "path", (str, os.PathLike), "a file path")
     csv.field_size_limit(sys.maxsize)
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -1034,6 +1041,7 @@ def read_synthetic(path):
     JSON / JSONL file of released CoF-RL input records {question, groundtruth, image_name, category?} (images
     relative to the file's folder; the question gets the RL recipe's hint, the letter hint for multiple choice)."""
 
+    checks.kind(path, "path", (str, os.PathLike), "a folder or file path")
     if os.path.isdir(path):
         test = os.path.join(path, "test.jsonl")
         return read_vstar(test if os.path.exists(test) else path)
@@ -1079,6 +1087,7 @@ def resize_long_side(img_u8, size):
     the image already has, keeps the image."""
     if size is None:
         return img_u8
+    checks.number(size, "size", lo=1, whole=True)
     H, W = img_u8.shape[1:]
     s = size / max(H, W)
     h, w = max(1, round(H * s)), max(1, round(W * s))
@@ -1087,7 +1096,8 @@ def resize_long_side(img_u8, size):
 
 def is_correct(item, answer):
     """Rule-based scoring: letter labels through match_answer, free-form labels by normalised equality."""
-    label = item["label"]
+    label = checks.string(checks.kind(item, "item", dict, "a benchmark item").get("label"), "item['label']",
+                          empty=True)
     if len(label) == 1 and label.isalpha() and label.isupper():
         return match_answer(answer, label, item.get("options"))
     return bool(_norm(answer)) and _norm(answer) == _norm(label)
@@ -1322,6 +1332,7 @@ def draw_trace(traj, path, panel=640, thumb=220, width_chars=110):
     """Draw a Trajectory (run with keep_images=True) to a PNG: the image the model saw with every crop box (numbered,
     one colour per zoom), the crops it got back beside it, and the text of every turn below."""
 
+    checks.kind(traj, "traj", Trajectory, "a Trajectory (what run returns)")
     if not traj.images:
         raise ValueError("draw_trace needs the images: run the loop with CofConfig(keep_images=True)")
     try:

@@ -357,6 +357,8 @@ def resize(image_u8, size, resample="lanczos", backend="auto"):
     tests check the two give the same bits; Pillow is 3-20x faster on large images) and 'torch' otherwise.
     """
     check_image(image_u8, "resize")
+    if not isinstance(size, (list, tuple, torch.Size)) or len(size) != 2:
+        raise ValueError(f"resize: size must be (h, w), got {size!r}")
     h, w = (_as_int(v, "size") for v in size)
     if h <= 0 or w <= 0:
         raise ValueError(f"resize: target size must be positive, got (h, w) = {(h, w)}")
@@ -396,8 +398,10 @@ def patchify(image, patch_size=PATCH_SIZE, temporal_patch_size=TEMPORAL_PATCH_SI
     Returns (pixel_values float32 [h*w/p^2, 3*T*p*p], grid_thw int64 [1, 3] = (1, h/p, w/p)).
     Row order: block-row, block-col, in-block row, in-block col; column order: channel, time copy, py, px.
     """
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"patchify expects [3, h, w], got shape {tuple(image.shape)}")
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"patchify expects a tensor [3, h, w], got {getattr(image, 'shape', type(image).__name__)}")
+    if image.is_floating_point() and not bool(((image >= 0) & (image <= 255)).all()):   # NaN fails both
+        raise ValueError("patchify: a float image must hold pixel values in [0, 255] (no NaN / inf)")
     _, h, w = image.shape
     factor = patch_size * merge_size
     check_size((h, w), factor)
@@ -445,8 +449,7 @@ def processor_resize(image_u8: torch.Tensor, min_pixels: int = PROCESSOR_MIN_PIX
     """uint8 [3, H, W] -> uint8 [3, h, w] at the processor's smart_resize size (the image itself when it is already
     there): the resize half of preprocess_image. A uint8 image is 8x smaller than its float32 patches, so callers that
     keep many images (sft.py's sample cache) keep these and patchify on use."""
-    if image_u8.dim() != 3 or image_u8.shape[0] != 3:
-        raise ValueError(f"expected a uint8 [3, H, W] image, got shape {tuple(image_u8.shape)}")
+    check_image(image_u8, "processor_resize")
     H, W = int(image_u8.shape[1]), int(image_u8.shape[2])
     h, w = smart_resize(H, W, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return image_u8 if (h, w) == (H, W) else resize(image_u8, (h, w), resample=resample)
@@ -474,7 +477,7 @@ def _prepare(image, boxes, sizes, resample, out_dtype):
             raise ValueError(f"all images must be on one device, image {i} is on {im.device} not {images[0].device}")
     if isinstance(boxes, torch.Tensor):
         boxes = boxes.tolist()
-    boxes, sizes = list(boxes), list(sizes)
+    boxes, sizes = checks.sequence(boxes, "boxes", empty=True), checks.sequence(sizes, "sizes", empty=True)
     if len(boxes) != len(sizes) or not boxes:
         raise ValueError(f"need one size per box and at least one box, got {len(boxes)} boxes and {len(sizes)} sizes")
     if out_dtype not in (torch.float32, torch.bfloat16):

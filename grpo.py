@@ -182,7 +182,7 @@ def format_ok(text):
     """The released format rule (zoomin_reward3.format_score) on one response (every turn after the prompt, as
     decoded text): with the user-prompt suffix removed, <think> and </think> occur equally often and at least once,
     <answer> and </answer> likewise, and the last answer is at most 1000 words."""
-    text = text.replace(RESPONSE_PROMPT, "")
+    text = checks.string(text, "text", empty=True).replace(RESPONSE_PROMPT, "")
     think, answer = (text.count("<think>"), text.count("</think>")), (text.count("<answer>"), text.count("</answer>"))
     return (think[0] == think[1] > 0 and answer[0] == answer[1] > 0
             and len(cof.extract_answer(text).split()) <= 1000)
@@ -191,7 +191,7 @@ def format_ok(text):
 def accuracy(text, prompt):
     """1.0 when the LAST <answer> of the response (the RL reward's rule, user-prompt suffix removed) is the ground
     truth by cof.is_correct (option letter, "(B)", option text; free-form: normalised equality), else 0.0."""
-    answer = cof.extract_answer(text.replace(RESPONSE_PROMPT, ""))
+    answer = cof.extract_answer(checks.string(text, "text", empty=True).replace(RESPONSE_PROMPT, ""))
     return float(cof.is_correct(prompt, answer))
 
 
@@ -203,6 +203,9 @@ def agar(correct, zoomed, format_ok):
         only zooms are right:               zoom right 1.0 > zoom wrong 0.5 > direct wrong 0.1|0.0
         nobody is right:                    zoom wrong 0.5 > direct wrong 0.1|0.0
     (direct wrong: 0.1 with good format, 0.0 without, i.e. the base score 0.9 acc + 0.1 format it had)."""
+    if not len(correct) == len(zoomed) == len(format_ok):
+        raise ValueError(f"agar: correct, zoomed and format_ok must have one entry per sample, got lengths "
+                         f"{len(correct)}, {len(zoomed)}, {len(format_ok)}")
     direct_right = any(c and not z for c, z in zip(correct, zoomed))
     out = []
     for c, z, f in zip(correct, zoomed, format_ok):
@@ -217,6 +220,9 @@ def group_advantages(rewards, group_size, eps=1e-6, scale=True):
     """rewards [num_groups * G] (a group's samples adjacent) -> (r - group mean) / (group std + eps) with the unbiased
     std (r - mean when scale=False), same shape. A group of one, or whose rewards are all equal, gets 0 (verl gives
     a group of one its raw score; with nothing to compare it to we give it no signal)."""
+    checks.number(group_size, "group_size", lo=1, whole=True)
+    if rewards.numel() % group_size or not bool(torch.isfinite(rewards).all()):
+        raise ValueError(f"rewards must be finite, whole groups of group_size {group_size}, got {rewards.tolist()!r:.200}")
     r = rewards.float().view(-1, group_size)                                               # [groups, G]
     if group_size == 1:
         return torch.zeros_like(rewards, dtype=torch.float32)

@@ -1019,6 +1019,8 @@ class Qwen25VL(nn.Module):
     # ---- cache API -------------------------------------------------------------------------------------------------
 
     def new_cache(self, batch_size: int, capacity: int = 0) -> KVCache:
+        checks.number(batch_size, "batch_size", lo=0, whole=True)
+        checks.number(capacity, "capacity", lo=0, whole=True)
         t = self.cfg.text
         hd = t.hidden_size // t.num_attention_heads
         return KVCache(t.num_hidden_layers, batch_size, t.num_key_value_heads, hd, t.hidden_size, self.dtype,

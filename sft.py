@@ -385,6 +385,7 @@ def collate(samples, pad_id):
 
 
 def steps_per_epoch(n_rows, global_batch):
+    checks.number(global_batch, "global_batch", lo=1, whole=True)
     if n_rows < global_batch:
         raise ValueError(f"{n_rows} training rows are fewer than one global batch ({global_batch} = batch_size * "
                          f"grad_accum * ranks); lower --batch_size or --grad_accum")

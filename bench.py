@@ -456,7 +456,7 @@ def logprob_gap(a, b):
 
 
 POSITIVE = checks.arg(lo=1, whole=True)
-THREADS = checks.arg(lo=0, hi=4096, whole=True)
+THREADS = checks.arg(lo=0, hi=checks.THREADS_MAX, whole=True)
 DEVICE = checks.arg(lambda text, name: str(checks.device(text, name)))
 
 

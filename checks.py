@@ -25,6 +25,9 @@ import numbers
 
 import torch
 
+SEED_MAX = 2**32 - 1   # the largest seed every generator here takes (numpy's seeds are 32-bit)
+THREADS_MAX = 4096     # the most CPU threads an option may ask torch for
+
 
 def rule(lo=None, hi=None, *, lo_open=False, hi_open=False, whole=False) -> str:
     """What a number must be, in words: `a whole number >= 1`, `a finite number > 0 and <= 1`."""
@@ -34,19 +37,20 @@ def rule(lo=None, hi=None, *, lo_open=False, hi_open=False, whole=False) -> str:
 
 
 def _must(name, what, value):
-    return f"{name} must be {what}, got {value!r}" if name else f"must be {what}, got {value!r}"
+    return f"{name} must be {what}, got {_short(value)}" if name else f"must be {what}, got {_short(value)}"
 
 
 def number(value, name, lo=None, hi=None, *, lo_open=False, hi_open=False, whole=False):
     """`value` when it is a real number (an int for whole=True; bools are not numbers), finite, and within lo..hi
     (ends excluded with lo_open / hi_open). TypeError for a non-number, ValueError otherwise; both name `name`."""
     what = rule(lo, hi, lo_open=lo_open, hi_open=hi_open, whole=whole)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
-        if whole and isinstance(value, numbers.Real) and not isinstance(value, bool):
-            raise ValueError(_must(name, what, value))
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(_must(name, what, value))
-    if not (isinstance(value, numbers.Integral) or math.isfinite(value)) or (lo is not None and (value < lo or (lo_open and value == lo))) \
-            or (hi is not None and (value > hi or (hi_open and value == hi))):
+    integral = isinstance(value, numbers.Integral)
+    finite = integral or math.isfinite(value)          # (math.isfinite of a huge int would overflow)
+    too_low = lo is not None and (value < lo or (lo_open and value == lo))
+    too_high = hi is not None and (value > hi or (hi_open and value == hi))
+    if (whole and not integral) or not finite or too_low or too_high:
         raise ValueError(_must(name, what, value))
     return value
 
@@ -108,8 +112,12 @@ def device(value, name="device"):
 
 
 def _short(value):
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """repr(value), cut to 80 characters (a hostile value can be a megabyte long)."""
+    try:
+        text = repr(value)
+    except ValueError:           # an int past Python's 4300-digit limit for conversion to text
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ---- config dataclasses --------------------------------------------------------------------------------------------

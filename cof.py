@@ -1478,7 +1478,7 @@ def cfg_from_args(pairs, **base):
             else:
                 d[k] = v
         except ValueError as e:
-            raise ValueError(f"--cfg {p}: {e}") from None
+            raise ValueError(f"--cfg {p if len(p) <= 80 else p[:77] + '...'}: {e}") from None
     try:
         return CofConfig.from_dict(d)
     except (TypeError, ValueError) as e:

@@ -1048,7 +1048,7 @@ def _main(argv=None):
                     help="comma list of WxH sources, e.g. 1024x768,7680x4320")
     ap.add_argument("--resample", default="lanczos", choices=("lanczos", "bicubic", "bilinear"))
     ap.add_argument("--sweep", action="store_true", help="also time a few tilings (CUDA)")
-    ap.add_argument("--threads", type=checks.arg(lo=1, hi=4096, whole=True), default=None,
+    ap.add_argument("--threads", type=checks.arg(lo=1, hi=checks.THREADS_MAX, whole=True), default=None,
                     help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args(argv)
     if a.threads:

@@ -54,7 +54,6 @@ import tokenizer as T
 from data import formats, tiny
 
 IGNORE = -100  # label value that the loss skips (PyTorch's cross_entropy default ignore_index)
-SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -128,7 +127,7 @@ class RunConfig:
                   warmup_ratio=(0, True, 1, True), weight_decay=(0, True), beta1=(0, True, 1, False),
                   beta2=(0, True, 1, False), adam_eps=(0, False), clip_grad=(0, True), min_pixels=(1, True),
                   max_pixels=(1, True), lora_rank=(0, True), lora_alpha=(0, True), lora_dropout=(0, True, 1, True),
-                  seed=(0, True, SEED_MAX, True), threads=(0, True, 4096, True), log_every=(1, True),
+                  seed=(0, True, checks.SEED_MAX, True), threads=(0, True, checks.THREADS_MAX, True), log_every=(1, True),
                   eval_every=(0, True), eval_n=(0, True), eval_max_turns=(1, True), eval_max_new_tokens=(1, True),
                   eval_batch=(1, True), save_every=(0, True), keep_last=(0, True))
     CHOICES = dict(freeze_vision=("auto", "yes", "no"), dist=("ddp", "fsdp"), dtype=("auto", "float32", "bfloat16"),

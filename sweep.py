@@ -84,9 +84,9 @@ class SweepConfig:
     parallel: bool = _opt(True, "run stages that do not need each other side by side (two at a time)")
     compile: bool = _opt(True, "decode the evaluation and the rollouts through decode.py's compiled step")
 
-    LIMITS = dict(seed=(0, True, sft.SEED_MAX, True), train_items=(1, True), rl_items=(1, True), per_kind=(1, True),
+    LIMITS = dict(seed=(0, True, checks.SEED_MAX, True), train_items=(1, True), rl_items=(1, True), per_kind=(1, True),
                   sft_steps=(1, True), sft_lr=(0, False), grpo_steps=(1, True), eval_batch=(1, True),
-                  threads=(1, True, 4096, True))
+                  threads=(1, True, checks.THREADS_MAX, True))
 
     def __post_init__(self):
         checks.options(self)

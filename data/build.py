@@ -101,7 +101,7 @@ class BuildConfig:
         return [checks.parse_number(r, "--resolutions", lo=1, whole=True) for r in self.resolutions.split(",")]
 
     # option -> (lowest, whether allowed[, highest, whether allowed]), checked with the types by checks.options
-    LIMITS = dict(n=(0, True), rl=(0, True), rl_relative=(0, True, 1, True), seed=(0, True, 2**32 - 1, True),
+    LIMITS = dict(n=(0, True), rl=(0, True), rl_relative=(0, True, 1, True), seed=(0, True, checks.SEED_MAX, True),
                   val=(0, True), test=(0, True), view_max_pixels=(1, True), relative=(0, True, 1, True),
                   max_zooms=(0, True), acuity=(0, True), table_items=(0, True), per_kind=(0, True))
 

@@ -899,6 +899,13 @@ value_errors("library", {
     "hrbench_style": (lambda env: cof.hrbench_question("q", {}, "x"), "prompt style"),
     "write_sft_no_messages": (lambda env: formats.write_sft(env.path("w.json"), [{"images": []}]), "messages"),
 })
+value_errors("huge", {
+    "seed_past_int_text_limit": (lambda env: sft.TrainConfig(seed=10 ** 5000), "--seed", "an integer of 16610 bits"),
+    "cfg_number_of_5000_digits": (lambda env: cof.cfg_from_args(["max_turns=" + "9" * 5000]), "--cfg max_turns=",
+                                  "whole number"),
+    "megabyte_option_text": (lambda env: cof.cfg_from_args(["invalid=" + "x" * 10 ** 6]), "CofConfig.invalid", "..."),
+    "question_of_a_megabyte": (lambda env: cof.question_text("q" * 10 ** 6, "nope"), "question_format"),
+})
 value_errors("library_types", {
     "format_ok_none": (lambda env: grpo.format_ok(None), "text", "string"),
     "accuracy_none": (lambda env: grpo.accuracy(None, {"label": "A"}), "text"),

@@ -115,6 +115,7 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, attention
     checks.kind(input_ids, "input_ids", torch.Tensor, "a LongTensor [B, T]")
     if input_ids.dim() != 2 or 0 in input_ids.shape:
         raise ValueError(f"input_ids must be [B, T] with B, T >= 1, got shape {tuple(input_ids.shape)}")
+    M.check_token_ids(input_ids, model.cfg.text.vocab_size)       # once: the loop then feeds sampled tokens only
     B, T = input_ids.shape
     dev = model.device
     eos = model.generation_eos if eos_token_id is None else eos_token_id

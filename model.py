@@ -571,6 +571,15 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     return s
 
 
+def check_token_ids(input_ids, vocab_size: int):
+    """ValueError naming input_ids unless every id lies in [0, vocab_size) (one host sync). Out of range, the embedding
+    would fail deep inside: an IndexError on the CPU, a device-side assert that ends the process on a GPU."""
+    outside = (input_ids < 0) | (input_ids >= vocab_size)
+    if bool(outside.any()):
+        raise ValueError(f"input_ids hold token ids outside the vocabulary [0, {vocab_size}): "
+                         f"{input_ids[outside].unique()[:5].tolist()}")
+
+
 def grid_list(image_grid_thw) -> list:
     """image_grid_thw (a [n_images, 3] tensor or nested list of (t, h, w) patch counts, or None) -> a list of int
     tuples; anything else is a ValueError naming image_grid_thw."""
@@ -878,13 +887,8 @@ class Qwen25VL(nn.Module):
         pos = (next_pos[:, None] + mask.long().cumsum(1) - 1).clamp_min(0)[None].expand(3, B, L)  # [3, B, L] as text
         new_next = next_pos + mask.long().sum(1)                                # [B]
         is_img = (ids == c.image_token_id) & mask                              # [B, L]
-        outside = (ids < 0) | (ids >= c.text.vocab_size)                       # [B, L] not a token of this model
-        vision, bad = torch.stack([(is_img | ((ids == c.video_token_id) & mask)).any(), outside.any()]).tolist()
-        if bad:   # the embedding would fail deep inside (an IndexError on the CPU, a device assert on a GPU)
-            raise ValueError(f"input_ids hold token ids outside the vocabulary [0, {c.text.vocab_size}): "
-                             f"{ids[outside].unique()[:5].tolist()}")
-        if not grids and not vision:
-            return pos, new_next  # a plain text chunk (one host sync, which also checked the ids)
+        if not grids and not bool((is_img | ((ids == c.video_token_id) & mask)).any()):
+            return pos, new_next  # a plain text chunk (one host sync)
         if not grids and bool(is_img.any()):
             raise ValueError("input_ids contain <|image_pad|> tokens but no pixel_values/image_grid_thw were given")
         if c.video_token_id is not None and bool(((ids == c.video_token_id) & mask).any()):
@@ -930,7 +934,11 @@ class Qwen25VL(nn.Module):
     def _embed(self, ids, mask, pixel_values, grids):
         """Token embeddings [B, L, D], with the vision tower's merged image features in the <|image_pad|> slots."""
         c = self.cfg
-        h = self.model.embed_tokens(ids)                                      # [B, L, D]
+        try:
+            h = self.model.embed_tokens(ids)                                  # [B, L, D]
+        except IndexError:   # a one-token chunk past the vocabulary (longer chunks are checked before): name it
+            check_token_ids(ids, c.text.vocab_size)
+            raise
         if not grids:
             if pixel_values is not None:
                 raise ValueError("pixel_values given without image_grid_thw")
@@ -988,6 +996,8 @@ class Qwen25VL(nn.Module):
         B, L = input_ids.shape
         if cache is not None and B != cache.batch_size:
             raise ValueError(f"chunk has {B} rows but the cache has {cache.batch_size}")
+        if L > 1 or cache is None:   # a prompt, a turn, a training batch; not a decode step (its tokens were sampled
+            check_token_ids(input_ids, self.cfg.text.vocab_size)   # from this model's logits): no extra sync per token
         padded = mask is not None  # without a mask the chunk has no padding, known without looking at the data
         mask = torch.ones(B, L, dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool()   # [B, L]
         if mask.shape != (B, L):

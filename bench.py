@@ -29,6 +29,7 @@ from dataclasses import replace
 
 import torch
 
+import checks
 import cof
 import crop_kernels as ck
 import decode
@@ -107,7 +108,7 @@ def bench_model(args):
             _static_rows(run, hf_in, hf_g)
     _model_table(args, device, ours.cfg, run.rows, ids, grid, diff, same, run.fast)
     if not args.no_crop:
-        ck.bench(sources=((args.crop_source[0], args.crop_source[1]),))
+        ck.bench(sources=args.crop_source)
     return dict(rows=run.rows, max_logit_diff=diff, greedy_same=same)
 
 
@@ -303,9 +304,10 @@ def _model_pair(args, device):
         ours = tiny.random_model(cfg, device, dtype)
         ours.save_pretrained(d)                                  # replaces make_tiny's weights and config
     else:
-        tiny.make_tiny(d, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
-                       num_kv_heads=max(1, args.hidden // 256), intermediate_size=args.hidden * 11 // 4,
-                       vision_hidden_size=args.hidden, vision_depth=args.layers, vision_heads=args.hidden // 64,
+        heads = args.hidden // 64                               # kv heads divide heads at every --hidden
+        tiny.make_tiny(d, hidden_size=args.hidden, num_layers=args.layers, num_heads=heads,
+                       num_kv_heads=math.gcd(heads, max(1, heads // 4)), intermediate_size=args.hidden * 11 // 4,
+                       vision_hidden_size=args.hidden, vision_depth=args.layers, vision_heads=heads,
                        vision_intermediate_size=args.hidden * 2, fullatt_block_indexes=(args.layers - 1,))
         ours = M.Qwen25VL.from_pretrained(d, dtype=dtype, device=device)
         tok = T.Tokenizer.from_pretrained(d)
@@ -416,7 +418,7 @@ def bench_rollouts(a):
     items = cof.read_synthetic(a.data)[:a.n]
     images = [cof.load_item_image(it) for it in items]
     questions = [it["question"] for it in items]
-    cfg = cof.cfg_from_args(a.cfg, do_sample=True)
+    cfg = a.cof_cfg
     clock = _Clock(model.device)
     modes = [("eager extend", dict(compile=False, cuda_graphs=False)),
              ("compiled decode step", dict(compile=True, cuda_graphs=False))]
@@ -453,6 +455,22 @@ def logprob_gap(a, b):
                 for x, y in zip(a, b) if x.ids == y.ids), default=float("nan"))
 
 
+POSITIVE = checks.arg(lo=1, whole=True)
+THREADS = checks.arg(lo=0, hi=checks.THREADS_MAX, whole=True)
+DEVICE = checks.arg(lambda text, name: str(checks.device(text, name)))
+
+
+def _hidden(text, name):
+    """--hidden: the random models' hidden size, a multiple of 64 (their attention heads are 64 or 16 * k wide)."""
+    h = checks.parse_number(text, name, lo=64, whole=True)
+    if h % 64:
+        raise ValueError(f"must be a multiple of 64, got {h}")
+    return h
+
+
+HIDDEN = checks.arg(_hidden)
+
+
 def parser():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -460,46 +478,58 @@ def parser():
     m.add_argument("--preset", choices=("small", "7b"), default="small",
                    help="small: a random model of --hidden/--layers (the CPU default); 7b: Qwen2.5-VL-7B's shapes, "
                         "random weights, bf16 and a 1008 x 1008 image unless told (a GPU)")
-    m.add_argument("--layers", type=int, default=4)
-    m.add_argument("--hidden", type=int, default=512)
-    m.add_argument("--image", type=int, default=None, help="side of the square test image in pixels (small: 448, "
-                                                           "7b: 1008, the issue's 1296 image tokens)")
-    m.add_argument("--samples", type=int, default=8, help="G: samples of one prompt decoded together")
-    m.add_argument("--new_tokens", type=int, default=64)
-    m.add_argument("--reps", type=int, default=5)
+    m.add_argument("--layers", type=POSITIVE, default=4)
+    m.add_argument("--hidden", type=HIDDEN, default=512, help="hidden size: a multiple of 64 (heads of 64)")
+    m.add_argument("--image", type=checks.arg(lo=28, whole=True), default=None,
+                   help="side of the square test image in pixels (small: 448, 7b: 1008, the issue's 1296 image tokens)")
+    m.add_argument("--samples", type=POSITIVE, default=8, help="G: samples of one prompt decoded together")
+    m.add_argument("--new_tokens", type=POSITIVE, default=64)
+    m.add_argument("--reps", type=POSITIVE, default=5)
     m.add_argument("--no_crop", action="store_true", help="skip the crop kernels' table")
     m.add_argument("--no_hf_static", dest="hf_static", action="store_false",
                    help="skip transformers' compiled static-cache decode rows (the last ones; compiling them takes "
                         "minutes at 7B shapes)")
-    m.add_argument("--crop_source", type=lambda t: tuple(int(v) for v in t.split("x")), default=(7680, 4320),
-                   help="WxH of the source image the crop kernels' table crops from")
-    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    m.add_argument("--crop_source", type=checks.arg(ck.parse_sources), default=[(7680, 4320)],
+                   help="WxH of the source image the crop kernels' table crops from (a comma list: several)")
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=DEVICE)
     m.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="small: float32, 7b: bfloat16")
-    m.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    m.add_argument("--threads", type=THREADS, default=0, help="CPU threads for torch (0 = torch's default)")
     c = sub.add_parser("cof", help="whole CoF conversations: one-cache batched loop vs re-encoding every turn")
     c.add_argument("--model", default=None, help="checkpoint (default: a random model of --hidden/--layers)")
-    c.add_argument("--hidden", type=int, default=256)
-    c.add_argument("--layers", type=int, default=4)
-    c.add_argument("--n", type=int, default=8, help="questions")
-    c.add_argument("--size", type=int, default=448, help="long side of the random images")
-    c.add_argument("--zooms", type=int, default=2)
-    c.add_argument("--new-tokens", type=int, default=32, help="max new tokens per turn")
-    c.add_argument("--device", default=None)
+    c.add_argument("--hidden", type=HIDDEN, default=256, help="hidden size: a multiple of 64 (4 heads of 16 * k)")
+    c.add_argument("--layers", type=POSITIVE, default=4)
+    c.add_argument("--n", type=POSITIVE, default=8, help="questions")
+    c.add_argument("--size", type=checks.arg(lo=28, whole=True), default=448, help="long side of the random images")
+    c.add_argument("--zooms", type=checks.arg(lo=0, whole=True), default=2)
+    c.add_argument("--new-tokens", type=POSITIVE, default=32, help="max new tokens per turn")
+    c.add_argument("--device", default=None, type=DEVICE)
     c.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
-    c.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    c.add_argument("--threads", type=THREADS, default=0, help="CPU threads for torch (0 = torch's default)")
     c.add_argument("--data", default=None, help="with --model and --samples: held-out records to run GRPO-style "
                                                 "sampled rollouts on (e.g. runs/synth/val.jsonl)")
-    c.add_argument("--samples", type=int, default=0, help="G sampled conversations per question (needs --data)")
-    c.add_argument("--reps", type=int, default=1, help="timed repetitions of the sampled rollouts (seeds 0, 1, ...)")
+    c.add_argument("--samples", type=checks.arg(lo=0, whole=True), default=0,
+                   help="G sampled conversations per question (needs --data)")
+    c.add_argument("--reps", type=POSITIVE, default=1, help="timed repetitions of the sampled rollouts (seeds 0, 1, ...)")
     c.add_argument("--cfg", action="append", metavar="KEY=VALUE",
                    help="CofConfig option for the sampled rollouts (repeatable), as in `cof.py eval --cfg`")
     return ap
 
 
 def main(argv=None):
+    """A bad option is argparse's one-line error (exit 2); a file that does not load one line (exit 1)."""
     ap = parser()
     a = ap.parse_args(argv)
+    if a.what == "cof":
+        try:
+            a.cof_cfg = cof.cfg_from_args(a.cfg, do_sample=True)
+        except ValueError as e:
+            ap.error(str(e))
+    with checks.one_line_errors("bench.py", cof.BenchError, FileNotFoundError, M.CheckpointError):
+        return _run(ap, a)
+
+
+def _run(ap, a):
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.what == "model":

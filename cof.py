@@ -31,11 +31,12 @@ import statistics
 import sys
 import textwrap
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import checks
 import crop_kernels as ck
 import decode
 import model as M
@@ -90,7 +91,8 @@ QUESTION_FORMATS = {"released": "Question: ", "train": " Question: "}
 def question_text(question, question_format="released"):
     """The user text after the image: `Question: {text}{USER_PROMPT}` (the released eval; text already ends with
     the answer hint), or with question_format="train" the SFT / RL rows' ` Question: {text}{USER_PROMPT}`."""
-    return f"{QUESTION_FORMATS[question_format]}{question}{USER_PROMPT}"
+    checks.one_of(question_format, "question_format", tuple(QUESTION_FORMATS))
+    return f"{QUESTION_FORMATS[question_format]}{checks.string(question, 'question', empty=True)}{USER_PROMPT}"
 
 
 def build_messages(question, system=True, question_format="released"):
@@ -115,7 +117,8 @@ def rl_prompt(question, ground_truth):
     """The released RL user content (prepare_zoomin_data.py): `<image> Question: {q}{hint}{USER_PROMPT}`, with the
     letter hint when the ground truth is one letter A-L and the question lists options as (A)/(B) or A./B.,
     otherwise the single-word-or-phrase hint. `<image>` is the ShareGPT/verl image placeholder."""
-    gt = str(ground_truth)
+    checks.string(question, "question", empty=True)
+    gt = checks.string(ground_truth, "ground_truth")
     letter = (len(gt) == 1 and gt.lower() in "abcdefghijkl"
               and (("(A)" in question and "(B)" in question) or ("A." in question and "B." in question)))
     return "<image>" + " Question: " + question + (LETTER_HINT if letter else PHRASE_HINT) + USER_PROMPT
@@ -154,6 +157,8 @@ def zoom_size(box, scale=SCALEUP, min_pixels=MAIN_MIN_PIXELS, max_pixels=MAIN_MA
     smart_resize (do_crop). Raises (ValueError / ZeroDivisionError) where the released do_crop fails and falls
     back to the uncropped main image: an empty crop or an aspect ratio above 200."""
     x0, y0, x1, y1 = box
+    if x1 < x0 or y1 < y0:        # an empty box raises in released_smart_resize, as upstream (zoom's fallback)
+        raise ValueError(f"zoom_size: box {tuple(box)} is inverted: need x0 <= x1 and y0 <= y1")
     return released_smart_resize((y1 - y0) * scale, (x1 - x0) * scale, ck.FACTOR, min_pixels, max_pixels)
 
 
@@ -198,6 +203,10 @@ def find_box(text, width, height, enlarge=ENLARGE):
     with arguments.bbox_2d, a bbox that does not unpack into 4 values, nesting too deep) and the released loop sent
     the resized main image as it is. `message` says what was wrong (the RL tool's wording where it has one).
     """
+    checks.string(text, "text", empty=True)
+    checks.number(width, "width", lo=1)
+    checks.number(height, "height", lo=1)
+    checks.number(enlarge, "enlarge", lo=1)      # below 1 would shrink the box, below 0 invert it
     body = first_tool_call(text)
     if body is None:
         return None, "none", "Invalid tool call: no <tool_call>...</tool_call> block found."
@@ -279,7 +288,8 @@ def _answer_spans(text, newline_ok):
 def extract_answer(text):
     r"""The RL reward's answer (zoomin_reward3.extract_answer): the content of the LAST `<answer>...</answer>`
     (newlines allowed), stripped; "" when there is none."""
-    spans = _answer_spans(text or "", newline_ok=True)
+    text = checks.string("" if text is None else text, "text", empty=True)
+    spans = _answer_spans(text, newline_ok=True)
     return text[spans[-1][0]:spans[-1][1]].strip() if spans else ""
 
 
@@ -289,7 +299,7 @@ def judge_answer(text):
     "" when there is none. (The judge also replaces an answer holding `\boxed{` by the box's content before this
     step, which then finds no <answer> and hands its LLM judge an empty string; we have no LLM judge, so we skip
     that step and let match_answer read the box.)"""
-    text = (text or "").replace("<|im_end|>", "")
+    text = checks.string("" if text is None else text, "text", empty=True).replace("<|im_end|>", "")
     spans = _answer_spans(text, newline_ok=False)
     return text[spans[0][0]:spans[0][1]] if spans else ""
 
@@ -310,8 +320,9 @@ def match_answer(pred, label, options=None):
     with "." containing it ("A."), a 3-character answer with parentheses ("(A)"), or "(A) <option text>" inside
     the answer. Then, standing in for the LLM judge, VLMEvalKit's rule-based option inference (what HR-Bench's own
     evaluation uses): infer_option, else infer_option_text; an answer naming several options counts as none."""
-    pred, label = (pred or "").strip(), label.strip()
-    options = options or {}
+    pred = checks.string("" if pred is None else pred, "pred", empty=True).strip()
+    label = checks.string(label, "label").strip()
+    options = checks.kind(options, "options", dict, "a dict of letter -> option text", none=True) or {}
     if len(pred) == 1:
         return pred == label
     if len(pred) == 2 and "." in pred:
@@ -352,6 +363,7 @@ def prepare_main(image, cfg):
     """Load (path / bytes / PIL / uint8 [3,H,W]) and LANCZOS-resize the main image to its smart_resize size."""
 
     img = image if isinstance(image, torch.Tensor) else ck.load_image(image)
+    ck.check_image(img, "image")
     h, w = main_size(img.shape[1], img.shape[2], cfg.min_pixels, cfg.max_pixels)
     return img, ck.resize(img, (h, w), "lanczos")
 
@@ -430,46 +442,25 @@ class CofConfig:
     cuda_graphs: bool = False                    # ... replayed as CUDA graphs (needs compile and a CUDA model)
     direct: bool = False                         # never sample <tool_call>: forced direct answers (no-zoom baseline)
 
+    # field -> (lowest allowed value, whether it may equal it[, highest, whether it may equal it]): checks.options
+    LIMITS = dict(min_pixels=(1, True), max_pixels=(1, True), enlarge=(1, True), scaleup=(0, False),
+                  crop_min_pixels=(1, True), crop_max_pixels=(1, True), processor_min_pixels=(1, True),
+                  processor_max_pixels=(1, True), max_turns=(1, True), max_new_tokens=(1, True),
+                  max_model_len=(1, True), temperature=(0, True), top_p=(0, False, 1, True), top_k=(0, True))
+    CHOICES = dict(invalid=("image", "text"), question_format=tuple(QUESTION_FORMATS))
+
     def __post_init__(self):
-        if self.invalid not in ("image", "text"):
-            raise ValueError(f"CofConfig.invalid must be 'image' or 'text', got {self.invalid!r}")
-        if self.question_format not in QUESTION_FORMATS:
-            raise ValueError(f"CofConfig.question_format must be one of {sorted(QUESTION_FORMATS)}, got "
-                             f"{self.question_format!r}")
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name in self._AT_LEAST and v is not None:
-                lo, inclusive = self._AT_LEAST[f.name]
-                number = isinstance(v, (int, float)) and not isinstance(v, bool)
-                if f.type in ("int", "int | None") and not (number and float(v).is_integer()):
-                    raise ValueError(f"CofConfig.{f.name} must be an integer, got {v!r}")
-                if not number or not math.isfinite(v) or v < lo or (v == lo and not inclusive):
-                    raise ValueError(f"CofConfig.{f.name} must be a finite number {'>=' if inclusive else '>'} {lo}, "
-                                     f"got {v!r}")
-            elif f.type == "bool" and not isinstance(v, bool):
-                raise ValueError(f"CofConfig.{f.name} must be true or false, got {v!r}")
+        checks.options(self, label=lambda name: f"CofConfig.{name}")
         if self.cuda_graphs and not self.compile:
             raise ValueError("CofConfig.cuda_graphs replays the compiled decode step: set compile=true as well")
-        if self.top_p > 1:
-            raise ValueError(f"CofConfig.top_p must be <= 1, got {self.top_p}")
         for lo, hi in (("min_pixels", "max_pixels"), ("crop_min_pixels", "crop_max_pixels"),
                        ("processor_min_pixels", "processor_max_pixels")):
             if getattr(self, lo) is not None and getattr(self, hi) is not None and getattr(self, lo) > getattr(self, hi):
                 raise ValueError(f"CofConfig.{lo} ({getattr(self, lo)}) is larger than {hi} ({getattr(self, hi)})")
 
-    # field -> (smallest allowed value, whether it may equal it)
-    _AT_LEAST = dict(min_pixels=(1, True), max_pixels=(1, True), enlarge=(1, True), scaleup=(0, False),
-                     crop_min_pixels=(1, True), crop_max_pixels=(1, True), processor_min_pixels=(1, True),
-                     processor_max_pixels=(1, True), max_turns=(1, True), max_new_tokens=(1, True),
-                     max_model_len=(1, True), temperature=(0, True), top_p=(0, False), top_k=(0, True))
-
     @classmethod
     def from_dict(cls, d):
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown CofConfig keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**d)
+        return checks.from_dict(cls, d)
 
 
 def with_processor_limits(cfg, model):
@@ -557,7 +548,8 @@ def _pick(logits, cfg, generator, banned=()):
 
     if len(banned):
         logits = logits.index_fill(-1, torch.as_tensor(banned, device=logits.device), float("-inf"))
-    nxt = decode.sample_next(logits, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, generator)      # [R]
+    nxt = decode.sample_next(logits, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, generator,
+                             checked=True)                                                              # [R]
     return nxt, policy_logprobs(logits, nxt, (), _temperature(cfg))                                    # [R], [R]
 
 
@@ -605,14 +597,13 @@ def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=N
     `_compact` (drop finished rows) -> `_feed` the step's chunks (one token, or the last token + the environment's
     turn with its crop) back in one extend.
     """
-    if len(images) != len(questions):
-        raise ValueError(f"got {len(images)} images for {len(questions)} questions")
+    _check_run_args(images, questions, cfg, group_size, generator, messages, on_turn, logits_processor)
     cfg = with_processor_limits(cfg or CofConfig(), model)
     env = _Env(tokenizer, cfg, _device(model))
     step = decode.decoder_for(model, cfg.cuda_graphs) if cfg.compile else None
     with torch.no_grad():
         prompts = _prompts(model, tokenizer, images, questions, messages, cfg)
-        cache, logits = _prefill(model, tokenizer, prompts, group_size)
+        cache, logits = _prefill(model, tokenizer, prompts, group_size, cfg.max_model_len)
         rows = [_Row.start(prompts[r // group_size], r // group_size) for r in range(len(prompts) * group_size)]
         for row in rows:
             if len(row.ids) >= cfg.max_model_len:      # a prompt vLLM would refuse: no generation, empty answer
@@ -637,6 +628,23 @@ def run(model, tokenizer, images, questions, cfg=None, group_size=1, generator=N
             live, chunks = _compact(cache, live, chunks, rows)
             logits = _feed(model, cache, chunks, new_images, tokenizer.pad_id, step)            # [len(live), 1, V]
     return [row.trajectory(questions[row.question]) for row in rows]
+
+
+def _check_run_args(images, questions, cfg, group_size, generator, messages, on_turn, logits_processor):
+    """TypeError / ValueError naming the argument of `run` that cannot be right (checked once per call)."""
+    questions = checks.sequence(questions, "questions")
+    for i, q in enumerate(questions):
+        checks.string(q, f"questions[{i}]", empty=True)
+    if len(checks.sequence(images, "images")) != len(questions):
+        raise ValueError(f"got {len(images)} images for {len(questions)} questions; give one image per question")
+    if messages is not None and len(checks.sequence(messages, "messages")) != len(questions):
+        raise ValueError(f"got {len(messages)} message lists for {len(questions)} questions; give one per question")
+    checks.kind(cfg, "cfg", CofConfig, "a CofConfig", none=True)
+    checks.number(group_size, "group_size", lo=1, whole=True)
+    checks.kind(generator, "generator", torch.Generator, "a torch.Generator", none=True)
+    for name, fn in (("on_turn", on_turn), ("logits_processor", logits_processor)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be a function or None, got {type(fn).__name__}")
 
 
 @dataclass
@@ -726,14 +734,16 @@ def _prompts(model, tokenizer, images, questions, messages, cfg):
     return out
 
 
-def _prefill(model, tokenizer, prompts, group_size):
-    """All prompts through one batched extend; with G > 1 the cache rows are copied G times (prefilled once)."""
+def _prefill(model, tokenizer, prompts, group_size, max_model_len):
+    """All prompts through one batched extend; with G > 1 the cache rows are copied G times (prefilled once). A
+    prompt of max_model_len tokens or more (refused, as vLLM refuses it) is not prefilled: its row is padding."""
     dev = _device(model)
     cache = model.new_cache(len(prompts))
-    chunk, mask = _pad([p.ids for p in prompts], tokenizer.pad_id)
-    logits = model.extend(cache, chunk.to(dev), mask=mask.to(dev),
-                          pixel_values=torch.cat([p.pixel_values for p in prompts]).to(dev),
-                          image_grid_thw=torch.cat([p.grid for p in prompts]).to(dev), last_only=True)   # [B, 1, V]
+    fits = [p for p in prompts if len(p.ids) < max_model_len]
+    chunk, mask = _pad([p.ids if len(p.ids) < max_model_len else [] for p in prompts], tokenizer.pad_id)
+    images = dict(pixel_values=torch.cat([p.pixel_values for p in fits]).to(dev),
+                  image_grid_thw=torch.cat([p.grid for p in fits]).to(dev)) if fits else {}
+    logits = model.extend(cache, chunk.to(dev), mask=mask.to(dev), last_only=True, **images)          # [B, 1, V]
     if group_size > 1:
         cache.repeat_interleave(group_size)
         logits = logits.repeat_interleave(group_size, dim=0)                                    # [B*G, 1, V]
@@ -869,7 +879,8 @@ def force_prefixes(tokenizer, prefixes, group_size=1):
     """A logits_processor that makes turn k of question q start with the text prefixes[q][k] (then the model goes
     on by itself). For benchmarks and tests on random weights, which never zoom on their own."""
 
-    enc = [[tokenizer.encode(p) for p in ps] for ps in prefixes]
+    enc = [[tokenizer.encode(p) for p in checks.sequence(ps, f"prefixes[{q}]", empty=True)]
+           for q, ps in enumerate(checks.sequence(prefixes, "prefixes"))]
 
     def proc(views, logits):
         for i, (row, k, turn) in enumerate(views):
@@ -926,6 +937,7 @@ def read_vstar(root, categories=None):
     direct_attributes/sa_4690.jpg), `text` (question + options + answer hint), `label` (letter), `category`,
     `question_id`. Returns items dict(id, image (path), question, label, category, options)."""
 
+    checks.kind(root, "root", (str, os.PathLike), "a folder or file path")
     if os.path.isfile(root):
         path, root = root, os.path.dirname(os.path.abspath(root))
     else:
@@ -991,6 +1003,7 @@ def read_hrbench(path, style="vstar"):
     C, D, cycle_category (0-3: the same question with its options rotated), image (base64 JPEG; VLMEvalKit may
     store the index of another row holding the same image instead). Images stay base64 until used."""
 
+    checks.kind(path, "path", (str, os.PathLike), "a file path")
     csv.field_size_limit(sys.maxsize)
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -1028,6 +1041,7 @@ def read_synthetic(path):
     JSON / JSONL file of released CoF-RL input records {question, groundtruth, image_name, category?} (images
     relative to the file's folder; the question gets the RL recipe's hint, the letter hint for multiple choice)."""
 
+    checks.kind(path, "path", (str, os.PathLike), "a folder or file path")
     if os.path.isdir(path):
         test = os.path.join(path, "test.jsonl")
         return read_vstar(test if os.path.exists(test) else path)
@@ -1048,7 +1062,11 @@ def read_synthetic(path):
     for n, row in enumerate(rows):
         where = f"{path} record {n}"
         _need(row, ("question", "groundtruth", "image_name"), where)
-        q, gt = row["question"], str(row["groundtruth"]).strip()
+        q, gt = row["question"], row["groundtruth"]
+        if not isinstance(q, str) or not isinstance(gt, str) or not gt.strip():
+            raise BenchError(f"{where}: 'question' and 'groundtruth' must be strings (the answer non-empty), got "
+                             f"{type(q).__name__} and {gt!r:.60}")
+        gt = gt.strip()
         hint = rl_prompt(q, gt)[len("<image> Question: ") + len(q):-len(USER_PROMPT)]
         image = _inside(root, row["image_name"], where)
         items.append(dict(id=str(row.get("id", n)), image=image, question=q + hint, label=gt,
@@ -1069,6 +1087,7 @@ def resize_long_side(img_u8, size):
     the image already has, keeps the image."""
     if size is None:
         return img_u8
+    checks.number(size, "size", lo=1, whole=True)
     H, W = img_u8.shape[1:]
     s = size / max(H, W)
     h, w = max(1, round(H * s)), max(1, round(W * s))
@@ -1077,7 +1096,8 @@ def resize_long_side(img_u8, size):
 
 def is_correct(item, answer):
     """Rule-based scoring: letter labels through match_answer, free-form labels by normalised equality."""
-    label = item["label"]
+    label = checks.string(checks.kind(item, "item", dict, "a benchmark item").get("label"), "item['label']",
+                          empty=True)
     if len(label) == 1 and label.isalpha() and label.isupper():
         return match_answer(answer, label, item.get("options"))
     return bool(_norm(answer)) and _norm(answer) == _norm(label)
@@ -1093,23 +1113,96 @@ def load_results(path):
     out = {}
     if not os.path.exists(path):
         return out
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
                 rec = json.loads(line)
-            except (ValueError, RecursionError):
+            except (ValueError, RecursionError):     # a torn line, junk, bytes that are not UTF-8
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("key"), str):   # a line of something else: skipped
                 out[rec["key"]] = rec
     return out
 
 
+def read_record(path):
+    """The JSON object in the file at `path` (what a built artefact records about how it was made: a dataset's card,
+    a model's recipe, a results file's .source), or None when the file is missing, unreadable, corrupt or holds
+    something else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            have = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+    return have if isinstance(have, dict) else None
+
+
+def matches_record(path, want):
+    """Whether the record at `path` (read_record) holds every key of `want` with the same value."""
+    have = read_record(path)
+    return have is not None and {k: have.get(k) for k in want} == want
+
+
+def checkpoint_source(directory):
+    """What identifies a checkpoint's weights in a results file's .source: its folder, and the size and time of its
+    weight files (a retrained checkpoint in the same folder is another source)."""
+    files = [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")]
+    stats = [os.stat(f) for f in files]
+    return {"checkpoint": os.path.abspath(directory), "bytes": sum(st.st_size for st in stats),
+            "mtime": max((st.st_mtime for st in stats), default=0.0)}
+
+
+def claim_results(out_path, source, restart=False):
+    """Make the results file `out_path` hold results of `source` only (a JSON-ready dict of what produces them: the
+    checkpoint, the loop's options, the benchmark), recorded beside it in `out_path`.source. Results of another
+    source, or of an unknown one (no .source), are deleted when `restart` (saying so on stderr), else refused with
+    a BenchError that says which keys differ and what to do. Returns "new", "resume" or "restart"."""
+    meta = out_path + ".source"
+    has_results = os.path.exists(out_path) and os.path.getsize(out_path) > 0
+    if has_results and matches_record(meta, source):
+        return "resume"
+    what = "new"
+    if has_results:
+        old = read_record(meta)
+        if old is not None:
+            changed = _differences(old, source)
+            why = f"{out_path} holds results of another source ({'; '.join(changed[:6])})"
+        else:
+            why = f"{out_path} holds results whose source is unknown ({meta} is missing or unreadable)"
+        if not restart:
+            raise BenchError(f"{why}; pick another --out, or pass --fresh (evaluate's restart=True) to delete them "
+                             f"and start over")
+        print(f"{why}: deleting them and starting over", file=sys.stderr, flush=True)
+        os.remove(out_path)
+        what = "restart"
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(meta, "w", encoding="utf-8") as f:
+        json.dump(source, f)
+    return what
+
+
+def _differences(old, new, prefix=""):
+    """`key old -> new` for every value that differs between two records (nested dicts key by key)."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} {a!r:.80} -> {b!r:.80}")
+    return out
+
+
 def evaluate(model, tokenizer, items, out_path, cfg=None, resolutions=(None,), batch_size=8, bench="bench",
-             progress=True):
+             progress=True, source=None, restart=False):
     """Run the loop on every (resolution, item), appending one JSON line per question (the whole trajectory) to
-    `out_path`; questions already in the file are skipped (resume). Returns summarize(...) of the whole file."""
+    `out_path`; questions already in the file are skipped (resume). `source`: what produces the results (see
+    claim_results): a file written by another source is refused, or with `restart` started over. Returns
+    summarize(...) of the whole file."""
 
     cfg = cfg or CofConfig()
+    _check_eval_args(items, out_path, cfg, resolutions, batch_size)
+    if source is not None:
+        claim_results(out_path, source, restart)
     done = load_results(out_path)
     todo = [(res, it) for res in resolutions for it in items if _key(res, it) not in done]
     bar = Progress(len(todo), f"{bench}", enabled=progress)
@@ -1148,6 +1241,20 @@ def evaluate(model, tokenizer, items, out_path, cfg=None, resolutions=(None,), b
             f.flush()
             bar.update(len(batch), batch_correct=f"{n_ok}/{len(batch)}")
     return summarize(list(load_results(out_path).values()))
+
+
+def _check_eval_args(items, out_path, cfg, resolutions, batch_size):
+    for i, it in enumerate(checks.sequence(items, "items", empty=True)):
+        if not isinstance(it, dict) or not {"id", "question", "label"} <= set(it):
+            raise TypeError(f"items[{i}] must be a benchmark item (a dict with id, question, label, image: what "
+                            f"read_vstar / read_hrbench / read_synthetic return), got {it!r:.100}")
+    if os.path.isdir(checks.string(out_path, "out_path")):
+        raise ValueError(f"out_path {out_path} is a folder; name the results file (e.g. {out_path}/results.jsonl)")
+    checks.kind(cfg, "cfg", CofConfig, "a CofConfig")
+    for r in checks.sequence(resolutions, "resolutions"):
+        if r is not None:
+            checks.number(r, "resolutions", lo=1, whole=True)
+    checks.number(batch_size, "batch_size", lo=1, whole=True)
 
 
 def _run_items(model, tokenizer, batch, cfg):
@@ -1225,6 +1332,7 @@ def draw_trace(traj, path, panel=640, thumb=220, width_chars=110):
     """Draw a Trajectory (run with keep_images=True) to a PNG: the image the model saw with every crop box (numbered,
     one colour per zoom), the crops it got back beside it, and the text of every turn below."""
 
+    checks.kind(traj, "traj", Trajectory, "a Trajectory (what run returns)")
     if not traj.images:
         raise ValueError("draw_trace needs the images: run the loop with CofConfig(keep_images=True)")
     try:
@@ -1349,104 +1457,120 @@ def parse_bool(text):
 
 
 def cfg_from_args(pairs, **base):
-    """CofConfig from `key=value` strings (typed by the dataclass fields)."""
+    """CofConfig from `key=value` strings (typed by the dataclass fields); ValueError naming `--cfg` and the pair
+    for anything that is not a valid option (a command line turns it into argparse's error)."""
     types = {f.name: f.type for f in fields(CofConfig)}
     d = dict(base)
     for p in pairs or []:
         if "=" not in p:
-            raise SystemExit(f"--cfg expects key=value, got {p!r}")
+            raise ValueError(f"--cfg expects key=value, got {p!r}")
         k, v = p.split("=", 1)
         if k not in types:
-            raise SystemExit(f"unknown --cfg key {k!r}; valid keys: {sorted(types)}")
-        t = types[k]
+            raise ValueError(f"unknown --cfg key {k!r}; valid keys: {sorted(types)}")
+        t = str(types[k])
         try:
-            if t in ("bool", bool):
+            if t == "bool":
                 d[k] = parse_bool(v)
-            elif "int" in str(t):
-                d[k] = None if v.lower() == "none" and "None" in str(t) else int(v)
-            elif "float" in str(t):
-                d[k] = float(v)
+            elif "int" in t:
+                d[k] = None if v.lower() == "none" and "None" in t else checks.parse_number(v, k, whole=True)
+            elif "float" in t:
+                d[k] = checks.parse_number(v, k)
             else:
                 d[k] = v
         except ValueError as e:
-            raise SystemExit(f"--cfg {p}: {e}") from None
+            raise ValueError(f"--cfg {p if len(p) <= 80 else p[:77] + '...'}: {e}") from None
     try:
         return CofConfig.from_dict(d)
-    except ValueError as e:
-        raise SystemExit(f"--cfg: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--cfg: {e}") from None
 
 
 def load(model_path, device=None, dtype=None):
     """(model, tokenizer) of a checkpoint directory or hub id, on `device` (default CUDA if present) in `dtype`
     ("bf16" | "fp16" | "fp32"; default the checkpoint's)."""
+    checks.one_of(dtype, "dtype", ("bf16", "fp16", "fp32", None))
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = checks.device(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     return M.Qwen25VL.from_pretrained(model_path, dtype=dt, device=dev).eval(), T.Tokenizer.from_pretrained(model_path)
-
-
-def _positive_int(text):
-    """argparse type: an integer >= 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
-    return v
 
 
 def _mean(xs):
     return sum(xs) / max(1, len(xs))
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _common_options():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    common.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    common.add_argument("--device", default=None, type=checks.arg(lambda t, n: str(checks.device(t, n))),
+                        help="cuda / cpu (default: cuda when available)")
     common.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
     common.add_argument("--cfg", action="append", metavar="KEY=VALUE",
                         help="loop option, e.g. max_turns=6, invalid=text, max_pixels=1003520 (see CofConfig)")
-    if argv[:1] == ["bench"]:
-        raise SystemExit("`python cof.py bench` moved: run `python bench.py cof` (same options)")
-    if argv[:1] == ["eval"]:
-        p = argparse.ArgumentParser(prog="cof.py eval", parents=[common],
-                                    description="Evaluate the CoF loop on a benchmark (JSONL per question + summary).")
-        p.add_argument("--bench", required=True, choices=["vstar", "hrbench", "synthetic"])
-        p.add_argument("--data", required=True, help="V* folder / HR-Bench .tsv / synthetic folder or RL JSON")
-        p.add_argument("--out", required=True, help="results JSONL (appended; an existing file resumes)")
-        p.add_argument("--resolutions", default=None,
-                       help="comma-separated long sides to resize to before the loop ('orig' = as is)")
-        p.add_argument("--sweep", action="store_true", help=f"the 8-size sweep {','.join(map(str, SWEEP))}")
-        p.add_argument("--batch-size", type=_positive_int, default=8)
-        p.add_argument("--limit", type=_positive_int, default=None, help="first N questions only")
-        p.add_argument("--hr-prompt", default="vstar", choices=["vstar", "vlmeval"])
-        a = p.parse_args(argv[1:])
-        try:
-            res = list(SWEEP) if a.sweep else [None if r.strip() == "orig" else _positive_int(r)
-                                                 for r in (a.resolutions or "orig").split(",")]
-        except argparse.ArgumentTypeError as e:
-            p.error(f"--resolutions {a.resolutions}: {e}")
-        items = {"vstar": read_vstar, "synthetic": read_synthetic,
-                 "hrbench": lambda d: read_hrbench(d, a.hr_prompt)}[a.bench](a.data)[:a.limit]
-        model, tok = load(a.model, a.device, a.dtype)
-        rows = evaluate(model, tok, items, a.out, cfg_from_args(a.cfg), res, a.batch_size, a.bench)
-        table = format_table(rows)
-        recs = list(load_results(a.out).values())
-        if len(res) == 1 and any(r.get("kind") for r in recs):      # our synthetic sets: how each kind is answered
-            table += "\n\n" + format_table(kind_table(recs))
-        print(table)
-        with open(a.out.rsplit(".", 1)[0] + "_summary.md", "w") as f:
-            f.write(table + "\n")
-        return rows
-    p = argparse.ArgumentParser(prog="cof.py", parents=[common],
+    return common
+
+
+def _parse(p, argv, **base):
+    """Options and the CofConfig of `--cfg` (with `base`); a bad one is argparse's one-line error (exit 2)."""
+    a = p.parse_args(argv)
+    try:
+        return a, cfg_from_args(a.cfg, **base)
+    except ValueError as e:
+        p.error(str(e))
+
+
+def eval_main(argv):
+    """`cof.py eval`: a benchmark through the loop, one JSON line per question in --out (resumed when it was written
+    by the same model, options and data; another source is refused unless --fresh), a summary table beside it."""
+    p = argparse.ArgumentParser(prog="cof.py eval", parents=[_common_options()],
+                                description="Evaluate the CoF loop on a benchmark (JSONL per question + summary).")
+    p.add_argument("--bench", required=True, choices=["vstar", "hrbench", "synthetic"])
+    p.add_argument("--data", required=True, help="V* folder / HR-Bench .tsv / synthetic folder or RL JSON")
+    p.add_argument("--out", required=True, help="results JSONL (appended; an existing file of the same model, "
+                                                "options and data resumes; its source is kept in OUT.source)")
+    p.add_argument("--fresh", action="store_true", help="delete results in --out written by another source and "
+                                                        "start over (without it such an --out is refused)")
+    p.add_argument("--resolutions", default=None, type=checks.arg(_resolutions),
+                   help="comma-separated long sides to resize to before the loop ('orig' = as is)")
+    p.add_argument("--sweep", action="store_true", help=f"the 8-size sweep {','.join(map(str, SWEEP))}")
+    p.add_argument("--batch-size", type=checks.arg(lo=1, whole=True), default=8)
+    p.add_argument("--limit", type=checks.arg(lo=1, whole=True), default=None, help="first N questions only")
+    p.add_argument("--hr-prompt", default="vstar", choices=["vstar", "vlmeval"])
+    a, cfg = _parse(p, argv)
+    if os.path.isdir(a.out):
+        p.error(f"--out {a.out} is a folder; name the results file, e.g. {os.path.join(a.out, 'results.jsonl')}")
+    res = list(SWEEP) if a.sweep else (a.resolutions or [None])
+    items = {"vstar": read_vstar, "synthetic": read_synthetic,
+             "hrbench": lambda d: read_hrbench(d, a.hr_prompt)}[a.bench](a.data)[:a.limit]
+    model, tok = load(a.model, a.device, a.dtype)
+    source = dict(model=checkpoint_source(model.source_dir), dtype=a.dtype, cfg=asdict(cfg), bench=a.bench,
+                  data=os.path.abspath(a.data), hr_prompt=a.hr_prompt)
+    rows = evaluate(model, tok, items, a.out, cfg, res, a.batch_size, a.bench, source=source, restart=a.fresh)
+    table = format_table(rows)
+    recs = list(load_results(a.out).values())
+    if len(res) == 1 and any(r.get("kind") for r in recs):      # our synthetic sets: how each kind is answered
+        table += "\n\n" + format_table(kind_table(recs))
+    print(table)
+    with open(os.path.splitext(a.out)[0] + "_summary.md", "w") as f:     # beside --out, whatever dots its folders hold
+        f.write(table + "\n")
+    return rows
+
+
+def _resolutions(text, name):
+    """--resolutions: long sides (whole numbers >= 1) or 'orig', comma-separated."""
+    return [None if r.strip() == "orig" else checks.parse_number(r.strip(), name, lo=1, whole=True)
+            for r in text.split(",")]
+
+
+def one_main(argv):
+    """`cof.py --model M --image I --question Q`: the loop on one image, each turn printed (and a trace PNG)."""
+    p = argparse.ArgumentParser(prog="cof.py", parents=[_common_options()],
                                 description="Chain-of-Focus on one image: prints each turn; `cof.py eval -h` for benchmarks.")
     p.add_argument("--image", required=True)
     p.add_argument("--question", required=True)
     p.add_argument("--trace", default=None, help="write the chain as a PNG here")
-    a = p.parse_args(argv)
+    a, cfg = _parse(p, argv)
+    cfg = replace(cfg, keep_images=True) if a.trace else cfg
     model, tok = load(a.model, a.device, a.dtype)
-    cfg = cfg_from_args(a.cfg, keep_images=a.trace is not None)
 
     def show(row, t):
         print(f"--- turn {len(shown) + 1} ({t['n_tokens']} tokens, stop: {t['stop']})\n{t['text']}")
@@ -1464,8 +1588,16 @@ def main(argv=None):
     return traj
 
 
+def main(argv=None):
+    """`cof.py eval ...` or `cof.py --model ... --image ... --question ...`. A bad option is argparse's one-line error
+    (exit 2); a file that does not load (benchmark, image, checkpoint) one line `cof.py: error: ...` (exit 1)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        raise SystemExit("`python cof.py bench` moved: run `python bench.py cof` (same options)")
+    with checks.one_line_errors("cof.py", BenchError, FileNotFoundError, M.CheckpointError, ck.ImageError,
+                                ck.ImageTooLargeError):
+        return eval_main(argv[1:]) if argv[:1] == ["eval"] else one_main(argv)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (BenchError, FileNotFoundError, M.CheckpointError) as e:   # bad files: one line, no traceback
-        raise SystemExit(f"cof.py: error: {e}") from None
+    main()

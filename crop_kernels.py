@@ -30,6 +30,8 @@ import warnings
 import numpy as np
 import torch
 
+import checks
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning threshold (Image.MAX_IMAGE_PIXELS)
@@ -64,8 +66,7 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=56 * 56, max_pixels=28
     """
     for name, v in (("height", height), ("width", width), ("factor", factor), ("min_pixels", min_pixels),
                     ("max_pixels", max_pixels)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"smart_resize: {name} must be a finite number > 0, got {v!r}")
+        checks.number(v, f"smart_resize: {name}", lo=0, lo_open=True)
     if min_pixels > max_pixels:
         raise ValueError(f"smart_resize: min_pixels {min_pixels} is larger than max_pixels {max_pixels}")
     if max(height, width) / min(height, width) > 200:
@@ -104,7 +105,7 @@ def to_pil(image_u8):
     """uint8 [3, H, W] tensor -> PIL RGB image."""
     from PIL import Image
 
-    _check_image(image_u8, "to_pil")
+    check_image(image_u8, "to_pil")
     return Image.fromarray(image_u8.cpu().permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 
 
@@ -178,10 +179,14 @@ def _check_pixel_limit(size, max_pixels, name):
 # Validation
 
 
-def _check_image(image, where):
+def check_image(image, where):
+    """ValueError naming `where` unless `image` is a uint8 RGB tensor [3, H, W] with at least one pixel."""
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
         desc = f"{image.dtype} tensor of shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image)
         raise ValueError(f"{where}: expected a uint8 RGB tensor [3, H, W], got {desc} (use load_image / from_pil)")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"{where}: the image is empty ({image.shape[2]}x{image.shape[1]} pixels); it needs at least "
+                         f"one pixel")
 
 
 def _as_int(v, what):
@@ -228,7 +233,7 @@ def crop(image_u8, box):
     Raises ValueError for non-integer, empty, inverted or out-of-image boxes (PIL would silently pad with black).
     Returns a view; call .contiguous() if you need one.
     """
-    _check_image(image_u8, "crop")
+    check_image(image_u8, "crop")
     x0, y0, x1, y1 = check_box(box, image_u8.shape[1], image_u8.shape[2])
     return image_u8[:, y0:y1, x0:x1]
 
@@ -351,7 +356,9 @@ def resize(image_u8, size, resample="lanczos", backend="auto"):
     'pillow' calls Pillow's C code; 'auto' (default) is 'pillow' when the installed Pillow is the pinned 13.0.0 (the
     tests check the two give the same bits; Pillow is 3-20x faster on large images) and 'torch' otherwise.
     """
-    _check_image(image_u8, "resize")
+    check_image(image_u8, "resize")
+    if not isinstance(size, (list, tuple, torch.Size)) or len(size) != 2:
+        raise ValueError(f"resize: size must be (h, w), got {size!r}")
     h, w = (_as_int(v, "size") for v in size)
     if h <= 0 or w <= 0:
         raise ValueError(f"resize: target size must be positive, got (h, w) = {(h, w)}")
@@ -391,8 +398,10 @@ def patchify(image, patch_size=PATCH_SIZE, temporal_patch_size=TEMPORAL_PATCH_SI
     Returns (pixel_values float32 [h*w/p^2, 3*T*p*p], grid_thw int64 [1, 3] = (1, h/p, w/p)).
     Row order: block-row, block-col, in-block row, in-block col; column order: channel, time copy, py, px.
     """
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"patchify expects [3, h, w], got shape {tuple(image.shape)}")
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"patchify expects a tensor [3, h, w], got {getattr(image, 'shape', type(image).__name__)}")
+    if image.is_floating_point() and not bool(((image >= 0) & (image <= 255)).all()):   # NaN fails both
+        raise ValueError("patchify: a float image must hold pixel values in [0, 255] (no NaN / inf)")
     _, h, w = image.shape
     factor = patch_size * merge_size
     check_size((h, w), factor)
@@ -420,12 +429,14 @@ def read_image_limits(directory: str) -> tuple[int, int]:
     path = os.path.join(directory, "preprocessor_config.json")
     if not os.path.exists(path):
         return PROCESSOR_MIN_PIXELS, PROCESSOR_MAX_PIXELS
-    with open(path) as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             pp = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    size = pp.get("size") or {}
+    except (ValueError, RecursionError) as e:     # not JSON, not UTF-8 (UnicodeDecodeError is a ValueError)
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(pp, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(pp).__name__}")
+    size = pp.get("size") if isinstance(pp.get("size"), dict) else {}
     lo = pp.get("min_pixels", size.get("shortest_edge", PROCESSOR_MIN_PIXELS))
     hi = pp.get("max_pixels", size.get("longest_edge", PROCESSOR_MAX_PIXELS))
     if not (isinstance(lo, int) and isinstance(hi, int) and 0 < lo <= hi):
@@ -438,8 +449,7 @@ def processor_resize(image_u8: torch.Tensor, min_pixels: int = PROCESSOR_MIN_PIX
     """uint8 [3, H, W] -> uint8 [3, h, w] at the processor's smart_resize size (the image itself when it is already
     there): the resize half of preprocess_image. A uint8 image is 8x smaller than its float32 patches, so callers that
     keep many images (sft.py's sample cache) keep these and patchify on use."""
-    if image_u8.dim() != 3 or image_u8.shape[0] != 3:
-        raise ValueError(f"expected a uint8 [3, H, W] image, got shape {tuple(image_u8.shape)}")
+    check_image(image_u8, "processor_resize")
     H, W = int(image_u8.shape[1]), int(image_u8.shape[2])
     h, w = smart_resize(H, W, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return image_u8 if (h, w) == (H, W) else resize(image_u8, (h, w), resample=resample)
@@ -462,12 +472,12 @@ def _prepare(image, boxes, sizes, resample, out_dtype):
     """Validate the batch; return (list of [3,H,W] images, per-crop image index, boxes, sizes, filter name)."""
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     for i, im in enumerate(images):
-        _check_image(im, f"crop_resize_patchify image {i}")
+        check_image(im, f"crop_resize_patchify image {i}")
         if im.device != images[0].device:
             raise ValueError(f"all images must be on one device, image {i} is on {im.device} not {images[0].device}")
     if isinstance(boxes, torch.Tensor):
         boxes = boxes.tolist()
-    boxes, sizes = list(boxes), list(sizes)
+    boxes, sizes = checks.sequence(boxes, "boxes", empty=True), checks.sequence(sizes, "sizes", empty=True)
     if len(boxes) != len(sizes) or not boxes:
         raise ValueError(f"need one size per box and at least one box, got {len(boxes)} boxes and {len(sizes)} sizes")
     if out_dtype not in (torch.float32, torch.bfloat16):
@@ -1016,20 +1026,34 @@ def gpu_check(seed=0):
     return fails
 
 
+def parse_sources(text, name="sources"):
+    """`1024x768,7680x4320` -> [(1024, 768), (7680, 4320)]: image sizes W x H of at least one pixel each."""
+    out = []
+    for part in str(text).split(","):
+        w, x, h = part.strip().partition("x")
+        if not x:
+            raise ValueError(f"{name} must be a comma list of WxH sizes such as 1024x768, got {text!r}")
+        out.append((checks.parse_number(w, f"{name} width", lo=1, whole=True),
+                    checks.parse_number(h, f"{name} height", lo=1, whole=True)))
+    return out
+
+
 def _main(argv=None):
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bench", action="store_true", help="print the benchmark table")
     ap.add_argument("--check", action="store_true", help="GPU acceptance: bit-exactness on CUDA, then the benchmark")
-    ap.add_argument("--sources", default=None, help="comma list of WxH sources, e.g. 1024x768,7680x4320")
-    ap.add_argument("--resample", default="lanczos")
+    ap.add_argument("--sources", default=BENCH_SOURCES, type=checks.arg(parse_sources),
+                    help="comma list of WxH sources, e.g. 1024x768,7680x4320")
+    ap.add_argument("--resample", default="lanczos", choices=("lanczos", "bicubic", "bilinear"))
     ap.add_argument("--sweep", action="store_true", help="also time a few tilings (CUDA)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=checks.arg(lo=1, hi=checks.THREADS_MAX, whole=True), default=None,
+                    help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    sources = BENCH_SOURCES if not a.sources else [tuple(int(v) for v in s.split("x")) for s in a.sources.split(",")]
+    sources = a.sources
     fails = 0
     if a.check:
         import triton

@@ -45,6 +45,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+import checks
 import model as M
 
 KEY_BUCKET = 64   # the step reads a multiple of 64 cache slots: one key count per 64 decode steps, not one per step
@@ -55,9 +56,28 @@ def key_count(n_tokens: int) -> int:
     return -(-n_tokens // KEY_BUCKET) * KEY_BUCKET
 
 
-def sample_next(logits, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, generator=None) -> torch.Tensor:
+def check_sampling(do_sample, temperature, top_p, top_k, generator=None):
+    """The sampling arguments of sample_next / generate: do_sample a bool, temperature >= 0 (0: greedy), top_p in
+    (0, 1], top_k a whole number >= 0 (0: off), generator a torch.Generator or None. TypeError / ValueError naming
+    the argument (a negative temperature would sample the inverted distribution, NaN one token forever)."""
+    checks.kind(do_sample, "do_sample", bool, "True or False")
+    checks.number(temperature, "temperature", lo=0)
+    checks.number(top_p, "top_p", lo=0, hi=1, lo_open=True)
+    checks.number(top_k, "top_k", lo=0, whole=True)
+    checks.kind(generator, "generator", torch.Generator, "a torch.Generator", none=True)
+
+
+def sample_next(logits, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, generator=None,
+                checked=False) -> torch.Tensor:
     """logits [B, V] -> token ids [B]. Greedy, or temperature -> top-k -> top-p (transformers' warper order), then
-    inverse-CDF sampling: one uniform draw per row from `generator` (B random numbers, not multinomial's B x V)."""
+    inverse-CDF sampling: one uniform draw per row from `generator` (B random numbers, not multinomial's B x V).
+    The arguments are checked (check_sampling) unless `checked`: the decode loops check them once per call, not once
+    per token."""
+    if not checked:
+        check_sampling(do_sample, temperature, top_p, top_k, generator)
+        checks.kind(logits, "logits", torch.Tensor, "a float tensor [B, V]")
+        if logits.dim() != 2 or not logits.is_floating_point() or logits.shape[1] == 0:
+            raise ValueError(f"logits must be a float tensor [B, V], got {logits.dtype} of shape {tuple(logits.shape)}")
     if not do_sample or temperature == 0:
         return logits.argmax(-1)
     x = logits.float() / temperature
@@ -90,20 +110,28 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, attention
     through the compiled `Decoder` (default: `model.extend`); cuda_graphs: replay it as CUDA graphs (with compile)."""
     if cuda_graphs and not compile:
         raise ValueError("generate(cuda_graphs=True) replays the compiled decode step: pass compile=True as well")
+    check_sampling(do_sample, temperature, top_p, top_k, generator)
+    checks.number(max_new_tokens, "max_new_tokens", lo=1, whole=True)
+    checks.kind(input_ids, "input_ids", torch.Tensor, "a LongTensor [B, T]")
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids must be [B, T] with B, T >= 1, got shape {tuple(input_ids.shape)}")
+    M.check_token_ids(input_ids, model.cfg.text.vocab_size)       # once: the loop then feeds sampled tokens only
     B, T = input_ids.shape
     dev = model.device
     eos = model.generation_eos if eos_token_id is None else eos_token_id
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else checks.sequence(eos, "eos_token_id", empty=True))
     pad = pad_token_id if pad_token_id is not None else (
         model.generation_pad if model.generation_pad is not None else (eos[0] if eos else 0))
+    for i in eos + [pad]:   # ids the loop compares sampled tokens with, or writes
+        checks.number(i, "eos_token_id / pad_token_id", lo=0, hi=model.cfg.text.vocab_size, hi_open=True, whole=True)
     eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
     step = decoder_for(model, cuda_graphs) if compile else None
-    cache = model.new_cache(B, capacity=T + max_new_tokens)
+    cache = model.new_cache(B, capacity=T + min(max_new_tokens, 4096))   # grows past that if the rows go on
     logits = model.extend(cache, input_ids, attention_mask, pixel_values, image_grid_thw, last_only=True)[:, 0]
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out = []
     for i in range(max_new_tokens):
-        nxt = sample_next(logits, do_sample, temperature, top_p, top_k, generator)  # [B]
+        nxt = sample_next(logits, do_sample, temperature, top_p, top_k, generator, checked=True)  # [B]
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out.append(nxt)
         done = done | torch.isin(nxt, eos_t)

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
+import checks
 import cof
 import crop_kernels as ck
 import model as M
@@ -182,7 +183,7 @@ def format_ok(text):
     """The released format rule (zoomin_reward3.format_score) on one response (every turn after the prompt, as
     decoded text): with the user-prompt suffix removed, <think> and </think> occur equally often and at least once,
     <answer> and </answer> likewise, and the last answer is at most 1000 words."""
-    text = text.replace(RESPONSE_PROMPT, "")
+    text = checks.string(text, "text", empty=True).replace(RESPONSE_PROMPT, "")
     think, answer = (text.count("<think>"), text.count("</think>")), (text.count("<answer>"), text.count("</answer>"))
     return (think[0] == think[1] > 0 and answer[0] == answer[1] > 0
             and len(cof.extract_answer(text).split()) <= 1000)
@@ -191,7 +192,7 @@ def format_ok(text):
 def accuracy(text, prompt):
     """1.0 when the LAST <answer> of the response (the RL reward's rule, user-prompt suffix removed) is the ground
     truth by cof.is_correct (option letter, "(B)", option text; free-form: normalised equality), else 0.0."""
-    answer = cof.extract_answer(text.replace(RESPONSE_PROMPT, ""))
+    answer = cof.extract_answer(checks.string(text, "text", empty=True).replace(RESPONSE_PROMPT, ""))
     return float(cof.is_correct(prompt, answer))
 
 
@@ -203,6 +204,9 @@ def agar(correct, zoomed, format_ok):
         only zooms are right:               zoom right 1.0 > zoom wrong 0.5 > direct wrong 0.1|0.0
         nobody is right:                    zoom wrong 0.5 > direct wrong 0.1|0.0
     (direct wrong: 0.1 with good format, 0.0 without, i.e. the base score 0.9 acc + 0.1 format it had)."""
+    if not len(correct) == len(zoomed) == len(format_ok):
+        raise ValueError(f"agar: correct, zoomed and format_ok must have one entry per sample, got lengths "
+                         f"{len(correct)}, {len(zoomed)}, {len(format_ok)}")
     direct_right = any(c and not z for c, z in zip(correct, zoomed))
     out = []
     for c, z, f in zip(correct, zoomed, format_ok):
@@ -217,6 +221,9 @@ def group_advantages(rewards, group_size, eps=1e-6, scale=True):
     """rewards [num_groups * G] (a group's samples adjacent) -> (r - group mean) / (group std + eps) with the unbiased
     std (r - mean when scale=False), same shape. A group of one, or whose rewards are all equal, gets 0 (verl gives
     a group of one its raw score; with nothing to compare it to we give it no signal)."""
+    checks.number(group_size, "group_size", lo=1, whole=True)
+    if rewards.numel() % group_size or not bool(torch.isfinite(rewards).all()):
+        raise ValueError(f"rewards must be finite, whole groups of group_size {group_size}, got {rewards.tolist()!r:.200}")
     r = rewards.float().view(-1, group_size)                                               # [groups, G]
     if group_size == 1:
         return torch.zeros_like(rewards, dtype=torch.float32)
@@ -241,7 +248,7 @@ def score_rollouts(trajs, prompts, tokenizer, cfg, reward_fn=None):
     for g in range(0, len(recs), G):
         grp = recs[g:g + G]
         if reward_fn is not None:
-            rewards = reward_fn(grp)
+            rewards = check_rewards(reward_fn(grp), len(grp))
         elif cfg.reward == "agar" and G > 1:
             rewards = agar([r["correct"] for r in grp], [r["zoomed"] for r in grp], [r["format_ok"] for r in grp])
         else:
@@ -249,6 +256,21 @@ def score_rollouts(trajs, prompts, tokenizer, cfg, reward_fn=None):
         for r, x in zip(grp, rewards):
             r["reward"] = float(x)
     return recs
+
+
+def check_rewards(rewards, n):
+    """The rewards a reward_fn returned for a group of n records, as floats: one finite number per record, in order
+    (a short list would leave records unrewarded, a long one be cut silently, NaN would end in a loss error)."""
+    if isinstance(rewards, torch.Tensor):
+        rewards = rewards.tolist()
+    try:
+        rewards = checks.sequence(rewards, "reward_fn's result", empty=True)
+    except TypeError as e:
+        raise TypeError(f"{e}; reward_fn(records) must return one number per record") from None
+    if len(rewards) != n:
+        raise ValueError(f"reward_fn returned {len(rewards)} rewards for a group of {n} records; it must return one "
+                         f"number per record, in order")
+    return [float(checks.number(r, f"reward_fn's reward {i}")) for i, r in enumerate(rewards)]
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -457,7 +479,11 @@ def step_metrics(recs, stats, kinds, times):
 
 def train(cfg: GRPOConfig, reward_fn=None) -> dict:
     """Run GRPO as configured. reward_fn: optional fn(group records) -> rewards replacing AGAR / the plain score (a
-    record has kind, correct, format_ok, zoomed, n_zooms, n_generated, score, response). Returns a summary dict."""
+    record has kind, correct, format_ok, zoomed, n_zooms, n_generated, score, response; see check_rewards). Returns a
+    summary dict."""
+    checks.kind(cfg, "cfg", GRPOConfig, "a GRPOConfig")
+    if reward_fn is not None and not callable(reward_fn):
+        raise TypeError(f"reward_fn must be a function of a group's records, got {type(reward_fn).__name__}")
     device = sft.start_run(cfg, "GRPOConfig")
     rank, world, _ = dist_info()
     model_path, data_path, eval_path = prepare_defaults(cfg)
@@ -475,7 +501,7 @@ def train(cfg: GRPOConfig, reward_fn=None) -> dict:
     ckpt = sft.resolve_resume(cfg) if cfg.resume else None
     start = 0
     if ckpt is not None:
-        state = json.loads((ckpt / "trainer" / "state.json").read_text())
+        state = sft.read_state(ckpt)
         want = dict(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size, n_rows=len(prompts))
         have = {k: state.get(k) for k in want}
         if have != want:
@@ -613,10 +639,10 @@ def _finished(out):
     latest = Path(out) / "latest"
     if not latest.is_file():
         return None
-    ckpt = Path(out) / latest.read_text().strip()
+    ckpt = Path(out) / latest.read_text(encoding="utf-8", errors="replace").strip()
     try:
-        state = json.loads((ckpt / "trainer" / "state.json").read_text())
-    except (OSError, ValueError):
+        state = sft.read_state(ckpt)
+    except (sft.RunError, OSError):
         return None
     return ckpt if state.get("step") == state.get("total") and (ckpt / "model.safetensors").is_file() else None
 

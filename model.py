@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import functools
 import json
-import math
 import os
 import shutil
 import warnings
@@ -37,6 +36,7 @@ from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import checks
 import crop_kernels as ck
 
 # ---- Config --------------------------------------------------------------------------------------------------------
@@ -60,13 +60,10 @@ def _check_sizes(cfg, where, floats=()):
     """Every int field of a config dataclass is a whole number >= 1 and every name in `floats` a finite number > 0
     (a config.json with NaN, 0 heads, 3.5 layers or a string fails here, naming the field)."""
     for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
         if f.name in floats:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{where}: {f.name} must be a finite number > 0, got {v!r}")
+            checks.number(getattr(cfg, f.name), f"{where}: {f.name}", lo=0, lo_open=True)
         elif f.type in ("int", int):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{where}: {f.name} must be a whole number >= 1, got {v!r}")
+            checks.number(getattr(cfg, f.name), f"{where}: {f.name}", lo=1, whole=True)
 
 
 @dataclass
@@ -574,6 +571,31 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     return s
 
 
+def check_token_ids(input_ids, vocab_size: int):
+    """ValueError naming input_ids unless every id lies in [0, vocab_size) (one host sync). Out of range, the embedding
+    would fail deep inside: an IndexError on the CPU, a device-side assert that ends the process on a GPU."""
+    outside = (input_ids < 0) | (input_ids >= vocab_size)
+    if bool(outside.any()):
+        raise ValueError(f"input_ids hold token ids outside the vocabulary [0, {vocab_size}): "
+                         f"{input_ids[outside].unique()[:5].tolist()}")
+
+
+def grid_list(image_grid_thw) -> list:
+    """image_grid_thw (a [n_images, 3] tensor or nested list of (t, h, w) patch counts, or None) -> a list of int
+    tuples; anything else is a ValueError naming image_grid_thw."""
+    if image_grid_thw is None:
+        return []
+    try:
+        grid = torch.as_tensor(image_grid_thw)
+    except (TypeError, ValueError, RuntimeError):
+        grid = None
+    if grid is None or grid.dim() != 2 or grid.shape[1] != 3 or grid.is_floating_point() or \
+            (grid.numel() and int(grid.min()) < 1):
+        raise ValueError(f"image_grid_thw must be [n_images, 3] whole numbers >= 1 (t, h, w patch counts), got "
+                         f"{image_grid_thw!r:.200}")
+    return [tuple(g) for g in grid.tolist()]
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory that does not hold a loadable Qwen2.5-VL (message names the file and tensor)."""
 
@@ -594,7 +616,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.js
 
 def resolve_checkpoint(path_or_id: str) -> str:
     """A local directory as is; otherwise a hub id fetched (config, safetensors, tokenizer files) via huggingface_hub."""
-    path_or_id = os.fspath(path_or_id)
+    path_or_id = os.fspath(checks.kind(path_or_id, "path_or_id", (str, os.PathLike), "a checkpoint directory or hub id"))
     if os.path.isdir(path_or_id):
         return path_or_id
     if os.path.exists(path_or_id) or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
@@ -636,7 +658,31 @@ def _read_config(directory: str) -> ModelConfig:
     try:
         return ModelConfig.from_hf(raw, source=path)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}" if path not in str(e) else str(e)) from e
+        # a size that disagrees with the weights breaks a derived check first (head_dim vs mrope_section): say so
+        hint = _sizes_vs_weights(directory, raw)
+        raise CheckpointError(hint or (f"{path}: {e}" if path not in str(e) else str(e))) from e
+
+
+def _sizes_vs_weights(directory: str, raw) -> str | None:
+    """A message naming config.json's hidden_size / vocab_size when they disagree with the checkpoint's embedding
+    tensor (model.embed_tokens.weight [vocab_size, hidden_size]); None when they agree or cannot be compared."""
+    text = (raw.get("text_config") or raw) if isinstance(raw, dict) else {}
+    try:
+        files = _checkpoint_files(directory)
+        stored = next(k for k in files if _disk_name(k) == "model.embed_tokens.weight")
+        with safe_open(files[stored], framework="pt") as f:
+            shape = dict(zip(("vocab_size", "hidden_size"), f.get_slice(stored).get_shape()))
+    except (StopIteration, OSError, ValueError, SafetensorError):   # no readable embedding: nothing to compare
+        return None
+    if not isinstance(text, dict):
+        return None
+    wrong = [f"{k} {text[k]!r}" for k in shape if k in text and text[k] != shape[k]]
+    if not wrong:
+        return None
+    return (f"{os.path.join(directory, 'config.json')}: {' and '.join(wrong)} "
+            f"{'disagree' if len(wrong) > 1 else 'disagrees'} with the weights "
+            f"(model.embed_tokens.weight is {list(shape.values())} = [vocab_size, hidden_size]); config.json and "
+            f"model.safetensors must come from the same model")
 
 
 def _read_generation_config(directory: str, cfg: ModelConfig):
@@ -690,13 +736,13 @@ def _load_weights(model: nn.Module, directory: str):
         if disk == "lm_head.weight" and model.cfg.tie_word_embeddings:
             continue  # tied: transformers ignores a stored lm_head too
         if disk not in expected:
-            raise ValueError(f"{directory}: unexpected tensor {stored!r} (not part of a Qwen2.5-VL model with this "
-                             f"config.json; wrong config or a different architecture?)")
+            raise CheckpointError(f"{directory}: unexpected tensor {stored!r} (not part of a Qwen2.5-VL model with "
+                                  f"this config.json; wrong config or a different architecture?)")
         by_disk[disk] = stored
     missing = [k for k in expected if k not in by_disk]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(f"{directory}: missing tensor(s) {missing[:5]}{more} in the checkpoint")
+        raise CheckpointError(f"{directory}: missing tensor(s) {missing[:5]}{more} in the checkpoint")
     per_file: dict[str, list[str]] = {}
     for disk, stored in by_disk.items():
         per_file.setdefault(files[stored], []).append(disk)
@@ -747,6 +793,8 @@ class Qwen25VL(nn.Module):
         """Load a Qwen2.5-VL checkpoint (local directory or hub id) tensor by tensor into `dtype` (default: the
         checkpoint's `torch_dtype`) on `device` (default CPU). No full fp32 copy is ever built: the module is created
         on the meta device, then each tensor is read (memory-mapped) and converted straight into place."""
+        checks.kind(dtype, "dtype", torch.dtype, "a torch dtype such as torch.bfloat16, or None", none=True)
+        device = checks.device(device) if device is not None else None
         directory = resolve_checkpoint(path_or_id)
         cfg = _read_config(directory)
         if dtype is None:
@@ -756,7 +804,10 @@ class Qwen25VL(nn.Module):
             model = cls(cfg)
         model = model.to(dtype).to_empty(device=torch.device(device or "cpu"))
         model.source_dir = directory
-        model.image_min_pixels, model.image_max_pixels = ck.read_image_limits(directory)
+        try:
+            model.image_min_pixels, model.image_max_pixels = ck.read_image_limits(directory)
+        except ValueError as e:      # a preprocessor_config.json that does not parse: a checkpoint problem
+            raise CheckpointError(str(e)) from None
         model.generation_eos, model.generation_pad = _read_generation_config(directory, cfg)
         _load_weights(model, directory)
         return model.eval()
@@ -883,7 +934,11 @@ class Qwen25VL(nn.Module):
     def _embed(self, ids, mask, pixel_values, grids):
         """Token embeddings [B, L, D], with the vision tower's merged image features in the <|image_pad|> slots."""
         c = self.cfg
-        h = self.model.embed_tokens(ids)                                      # [B, L, D]
+        try:
+            h = self.model.embed_tokens(ids)                                  # [B, L, D]
+        except IndexError:   # a one-token chunk past the vocabulary (longer chunks are checked before): name it
+            check_token_ids(ids, c.text.vocab_size)
+            raise
         if not grids:
             if pixel_values is not None:
                 raise ValueError("pixel_values given without image_grid_thw")
@@ -933,13 +988,21 @@ class Qwen25VL(nn.Module):
         padding) or None (no padding). Without a cache a full forward from position 0; with one, each row continues
         from its cached tokens and the chunk is appended to the cache."""
         dev = self.device
+        checks.kind(input_ids, "input_ids", torch.Tensor, "a tensor [B, L] of token ids")
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+            raise TypeError(f"input_ids must be an integer tensor [B, L] of token ids, got {input_ids.dtype} of "
+                            f"shape {tuple(input_ids.shape)}")
         input_ids = input_ids.to(dev)
         B, L = input_ids.shape
+        if cache is not None and B != cache.batch_size:
+            raise ValueError(f"chunk has {B} rows but the cache has {cache.batch_size}")
+        if L > 1 or cache is None:   # a prompt, a turn, a training batch; not a decode step (its tokens were sampled
+            check_token_ids(input_ids, self.cfg.text.vocab_size)   # from this model's logits): no extra sync per token
         padded = mask is not None  # without a mask the chunk has no padding, known without looking at the data
         mask = torch.ones(B, L, dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool()   # [B, L]
         if mask.shape != (B, L):
             raise ValueError(f"mask/attention_mask has shape {tuple(mask.shape)}, expected {(B, L)}")
-        grids = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in torch.as_tensor(image_grid_thw).tolist()]
+        grids = grid_list(image_grid_thw)
         next_pos = torch.zeros(B, dtype=torch.long, device=dev) if cache is None else cache.next_pos
         pos, new_next = self._positions(input_ids, mask, next_pos, grids)    # [3, B, L], [B]
         h = self._embed(input_ids, mask, pixel_values, grids)                 # [B, L, D]
@@ -966,6 +1029,8 @@ class Qwen25VL(nn.Module):
     # ---- cache API -------------------------------------------------------------------------------------------------
 
     def new_cache(self, batch_size: int, capacity: int = 0) -> KVCache:
+        checks.number(batch_size, "batch_size", lo=0, whole=True)
+        checks.number(capacity, "capacity", lo=0, whole=True)
         t = self.cfg.text
         hd = t.hidden_size // t.num_attention_heads
         return KVCache(t.num_hidden_layers, batch_size, t.num_key_value_heads, hd, t.hidden_size, self.dtype,
@@ -977,7 +1042,5 @@ class Qwen25VL(nn.Module):
         kept, positions do not advance). Images of the chunk: pixel_values/image_grid_thw in order of their
         <|image_pad|> runs, row-major. For real tokens the result equals a full forward over each row's concatenated
         real tokens. Runs under the caller's grad mode: wrap in torch.no_grad() for rollouts."""
-        if input_ids.shape[0] != cache.batch_size:
-            raise ValueError(f"chunk has {input_ids.shape[0]} rows but the cache has {cache.batch_size}")
         h = self._run(input_ids, mask, pixel_values, image_grid_thw, cache)  # [B, L, D]
         return self._lm_head(cache.last_hidden[:, None] if last_only else h)  # [B, 1, V] or [B, L, V]

@@ -42,9 +42,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
+import checks
 import cof
 import crop_kernels as ck
 import model as M
@@ -58,26 +60,6 @@ IGNORE = -100  # label value that the loss skips (PyTorch's cross_entropy defaul
 
 def _opt(default, help):
     return field(default=default, metadata={"help": help})
-
-
-def check_options(cfg):
-    """ValueError naming the option unless every field of the dataclass `cfg` has its declared type (a finite number
-    for floats), lies within cfg.LIMITS[name] = (lowest, whether the lowest is allowed) and is one of
-    cfg.CHOICES[name], where the class has them."""
-    limits, choices = getattr(cfg, "LIMITS", {}), getattr(cfg, "CHOICES", {})
-    for f in dataclasses.fields(cfg):
-        v, kind = getattr(cfg, f.name), f.type if isinstance(f.type, str) else f.type.__name__
-        want = {"int": int, "float": (int, float), "str": str, "bool": bool}[kind]
-        if not isinstance(v, want) or (kind in ("int", "float") and isinstance(v, bool)):
-            raise ValueError(f"--{f.name} must be {kind}, got {v!r}")
-        if kind == "float" and not math.isfinite(v):
-            raise ValueError(f"--{f.name} must be a finite number, got {v!r}")
-        if f.name in limits:
-            lo, inclusive = limits[f.name]
-            if v < lo or (v == lo and not inclusive):
-                raise ValueError(f"--{f.name} must be {'>=' if inclusive else '>'} {lo}, got {v!r}")
-        if f.name in choices and v not in choices[f.name]:
-            raise ValueError(f"--{f.name} must be one of {', '.join(choices[f.name])}, got {v!r}")
 
 
 @dataclass
@@ -139,31 +121,26 @@ class RunConfig:
                                   "them (without it such a run stops with an error)")
     progress: bool = _opt(True, "show the progress bar (rank 0)")
 
-    # option -> (smallest allowed value, whether it may equal it); every float must also be finite
-    LIMITS = dict(max_steps=(0, True), lr=(0, False), vision_lr_scale=(0, True), min_lr_ratio=(0, True),
-                  warmup_ratio=(0, True), weight_decay=(0, True), beta1=(0, True), beta2=(0, True), adam_eps=(0, False),
-                  clip_grad=(0, True), min_pixels=(1, True), max_pixels=(1, True), lora_rank=(0, True),
-                  lora_alpha=(0, True), lora_dropout=(0, True), threads=(0, True), log_every=(1, True),
+    # option -> (lowest allowed value, whether it may equal it[, highest, whether it may equal it]), checked by
+    # checks.options with each field's type (every float must also be finite)
+    LIMITS = dict(max_steps=(0, True), lr=(0, False), vision_lr_scale=(0, True), min_lr_ratio=(0, True, 1, True),
+                  warmup_ratio=(0, True, 1, True), weight_decay=(0, True), beta1=(0, True, 1, False),
+                  beta2=(0, True, 1, False), adam_eps=(0, False), clip_grad=(0, True), min_pixels=(1, True),
+                  max_pixels=(1, True), lora_rank=(0, True), lora_alpha=(0, True), lora_dropout=(0, True, 1, True),
+                  seed=(0, True, checks.SEED_MAX, True), threads=(0, True, checks.THREADS_MAX, True), log_every=(1, True),
                   eval_every=(0, True), eval_n=(0, True), eval_max_turns=(1, True), eval_max_new_tokens=(1, True),
                   eval_batch=(1, True), save_every=(0, True), keep_last=(0, True))
     CHOICES = dict(freeze_vision=("auto", "yes", "no"), dist=("ddp", "fsdp"), dtype=("auto", "float32", "bfloat16"),
                    eval_question_format=("released", "train"))
 
     def __post_init__(self):
-        check_options(self)
-        for k in ("beta1", "beta2", "min_lr_ratio", "warmup_ratio", "lora_dropout"):
-            if getattr(self, k) > 1 or (k.startswith("beta") and getattr(self, k) == 1):
-                raise ValueError(f"--{k} must be {'< 1' if k.startswith('beta') else '<= 1'}, got {getattr(self, k)!r}")
+        checks.options(self)
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"--min_pixels {self.min_pixels} is larger than --max_pixels {self.max_pixels}")
 
     @classmethod
     def from_dict(cls, d: dict):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**d)
+        return checks.from_dict(cls, d)
 
 
 @dataclass
@@ -203,7 +180,7 @@ def parse_config(cls, argv=None, preset=None, description=""):
     given = vars(p.parse_args(argv))
     try:
         return cls.from_dict({**(preset(given) if preset else {}), **given})
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         p.error(str(e))
 
 
@@ -408,6 +385,7 @@ def collate(samples, pad_id):
 
 
 def steps_per_epoch(n_rows, global_batch):
+    checks.number(global_batch, "global_batch", lo=1, whole=True)
     if n_rows < global_batch:
         raise ValueError(f"{n_rows} training rows are fewer than one global batch ({global_batch} = batch_size * "
                          f"grad_accum * ranks); lower --batch_size or --grad_accum")
@@ -674,17 +652,42 @@ def set_rng_state(s):
         torch.cuda.set_rng_state(s["cuda"])
 
 
+# what to do when a checkpoint's trainer files do not load
+RESUME_HELP = ("resume from an earlier checkpoint (--resume OUT/ckpt-NNNNNN) or start fresh (--overwrite, or another "
+               "--out)")
+
+
 def load_trainer_file(path):
     """torch.load with weights_only=True: tensors, numbers, strings, lists, tuples and dicts only. A checkpoint file
-    that would unpickle anything else (which can run code) is refused with an error naming it."""
+    that would unpickle anything else (which can run code) is refused, and a truncated or damaged one named, with
+    RunError saying what to do."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; the checkpoint is incomplete (resume from another one)") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: refusing to load it: it is not a plain tensor file written by this trainer "
-                         f"(only tensors, numbers, strings, lists and dicts are read back; a file from an older "
-                         f"version or another program cannot be resumed): {str(e).splitlines()[0]}") from None
+        raise FileNotFoundError(f"{path}: missing; the checkpoint is incomplete: {RESUME_HELP}") from None
+    except pickle.UnpicklingError as e:
+        raise RunError(f"{path}: refusing to load it: it is not a plain tensor file written by this trainer "
+                       f"(only tensors, numbers, strings, lists and dicts are read back; a file from an older "
+                       f"version or another program cannot be resumed): {str(e).splitlines()[0]}; "
+                       f"{RESUME_HELP}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise RunError(f"{path}: cannot load it, the file is truncated or damaged ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0]}); {RESUME_HELP}") from None
+
+
+def read_state(ckpt):
+    """A checkpoint's trainer/state.json: a JSON object with the whole-number `step` it was saved at (and the run's
+    sizes); RunError naming the file and saying what to do otherwise."""
+    path = Path(ckpt) / "trainer" / "state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise RunError(f"{path}: cannot read it ({type(e).__name__}: {e}); {RESUME_HELP}") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise RunError(f"{path}: not a trainer state (a JSON object with the step it was saved at, got "
+                       f"{str(state)[:80]}); {RESUME_HELP}")
+    return state
 
 
 def export_hf(raw, directory):
@@ -795,7 +798,7 @@ def resolve_resume(cfg):
         latest = Path(cfg.out) / "latest"
         if not latest.exists():
             return None
-        ckpt = Path(cfg.out) / latest.read_text().strip()
+        ckpt = Path(cfg.out) / latest.read_text(encoding="utf-8", errors="replace").strip()
     if not (ckpt / "trainer" / "state.json").is_file():
         raise FileNotFoundError(f"--resume {cfg.resume}: {ckpt} is not a checkpoint of this trainer (no "
                                 f"trainer/state.json); name a ckpt-NNNNNN directory, or `auto` for OUT/latest")
@@ -804,7 +807,14 @@ def resolve_resume(cfg):
 
 def load_trainable(raw, ckpt):
     """Copy trainable.safetensors into the (unwrapped, not yet sharded) model; every trainable param must be there."""
-    sd = load_file(str(Path(ckpt) / "trainer" / "trainable.safetensors"))
+    path = Path(ckpt) / "trainer" / "trainable.safetensors"
+    try:
+        sd = load_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; the checkpoint is incomplete: {RESUME_HELP}") from None
+    except (SafetensorError, OSError) as e:
+        raise RunError(f"{path}: cannot load it, the file is truncated or damaged ({type(e).__name__}: {e}); "
+                       f"{RESUME_HELP}") from None
     params = dict(raw.named_parameters())
     want = {n for n, p in params.items() if p.requires_grad}
     if set(sd) != want:
@@ -820,20 +830,33 @@ def load_trainable(raw, ckpt):
 
 def load_optimizer(raw, optimizer, ckpt):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    sd = load_trainer_file(Path(ckpt) / "trainer" / "optimizer.pt")
-    set_optimizer_state_dict(raw, optimizer, sd, options=StateDictOptions(full_state_dict=True))
+    path = Path(ckpt) / "trainer" / "optimizer.pt"
+    sd = load_trainer_file(path)
+    if not isinstance(sd, dict) or not {"state", "param_groups"} <= set(sd):
+        raise RunError(f"{path}: not an optimizer state (a dict with state and param_groups, got {str(sd)[:80]}); "
+                       f"{RESUME_HELP}")
+    try:
+        set_optimizer_state_dict(raw, optimizer, sd, options=StateDictOptions(full_state_dict=True))
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise RunError(f"{path}: not this run's optimizer state ({type(e).__name__}: {e}); {RESUME_HELP}") from None
 
 
 def load_rng(ckpt):
-    rank = dist_info()[0]
-    set_rng_state(load_trainer_file(Path(ckpt) / "trainer" / f"rng-rank{rank}.pt"))
+    path = Path(ckpt) / "trainer" / f"rng-rank{dist_info()[0]}.pt"
+    state = load_trainer_file(path)
+    try:
+        set_rng_state(state)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise RunError(f"{path}: not the RNG state this trainer writes ({type(e).__name__}: {e}); "
+                       f"{RESUME_HELP}") from None
 
 
 # ------------------------------------------------------------------------------------------------ progress, metrics
 
 class Metrics:
     """Appends one JSON object per line to OUT/metrics.jsonl (rank 0). A fresh run (start 0) starts a fresh file; a
-    resumed run first drops the lines of steps after its checkpoint, so no step appears twice."""
+    resumed run first drops the lines of steps after its checkpoint, so no step appears twice, and any line that is
+    not a JSON object (the torn last line of an interrupted run, bytes that are not UTF-8)."""
 
     def __init__(self, path, start=0):
         self.path = path if dist_info()[0] == 0 else None
@@ -841,8 +864,8 @@ class Metrics:
             if start == 0:
                 os.remove(path)
             else:
-                with open(path) as f:
-                    keep = [line for line in f if _step_of(line) <= start]
+                with open(path, "rb") as f:
+                    keep = [line.decode().rstrip("\n") + "\n" for line in f if _step_of(line) <= start]
                 formats.write_atomic(path, "".join(keep))
 
     def log(self, **m):
@@ -851,11 +874,11 @@ class Metrics:
                 f.write(json.dumps(m) + "\n")
 
 
-def _step_of(line):
+def _step_of(line: bytes):
     try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError, TypeError):
-        return float("inf")   # a torn last line of an interrupted run
+        return int(json.loads(line.decode()).get("step", 0))
+    except (ValueError, AttributeError, TypeError, RecursionError, OverflowError):   # UnicodeDecodeError is a ValueError
+        return float("inf")   # a torn last line of an interrupted run, or junk: dropped
 
 
 # ------------------------------------------------------------------------------------------------ setup shared with grpo.py
@@ -1062,6 +1085,7 @@ def log_eval(tag, step, ev):
 
 def train(cfg: TrainConfig) -> dict:
     """Run SFT as configured. Returns {"losses": [...], "checkpoint": path, "eval": {...}, ...} (rank 0 values)."""
+    checks.kind(cfg, "cfg", TrainConfig, "a TrainConfig (sft.parse_args or TrainConfig(...))")
     device = start_run(cfg, "TrainConfig")
     rank, world, _ = dist_info()
     model_path, data_path, eval_path = prepare_defaults(cfg)
@@ -1077,7 +1101,7 @@ def train(cfg: TrainConfig) -> dict:
     ckpt = resolve_resume(cfg) if cfg.resume else None
     start = 0
     if ckpt is not None:
-        state = json.loads((ckpt / "trainer" / "state.json").read_text())
+        state = read_state(ckpt)
         if state.get("global_batch") != global_batch or state.get("n_rows") != len(rows):
             raise RunError(f"{ckpt}: written with global batch {state.get('global_batch')} over "
                              f"{state.get('n_rows')} rows; this run has {global_batch} over {len(rows)}. Resume with "
@@ -1162,9 +1186,9 @@ def run_cli(train_fn, cfg, prog):
     """Run a trainer from its command line: a problem with the inputs (a bad row, a missing or broken checkpoint, a
     resume that does not fit) ends with one line naming it and exit status 1, not a traceback."""
     try:
-        return train_fn(cfg)
-    except (formats.DataError, BadRow, RunError, M.CheckpointError, FileNotFoundError, cof.BenchError) as e:
-        raise SystemExit(f"{prog}: error: {e}") from None
+        with checks.one_line_errors(prog, formats.DataError, BadRow, RunError, M.CheckpointError, FileNotFoundError,
+                                    cof.BenchError, NotADirectoryError, FileExistsError):
+            return train_fn(cfg)
     finally:
         finish_run()
 

@@ -53,6 +53,7 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
+import checks
 import cof
 import grpo
 import sft
@@ -85,13 +86,20 @@ class SweepConfig:
     parallel: bool = _opt(True, "run stages that do not need each other side by side (two at a time)")
     compile: bool = _opt(True, "decode the evaluation and the rollouts through decode.py's compiled step")
 
-    LIMITS = dict(train_items=(1, True), rl_items=(1, True), per_kind=(1, True), sft_steps=(1, True),
-                  sft_lr=(0, False), grpo_steps=(1, True), eval_batch=(1, True), threads=(1, True))
+    LIMITS = dict(seed=(0, True, checks.SEED_MAX, True), train_items=(1, True), rl_items=(1, True), per_kind=(1, True),
+                  sft_steps=(1, True), sft_lr=(0, False), grpo_steps=(1, True), eval_batch=(1, True),
+                  threads=(1, True, checks.THREADS_MAX, True))
 
     def __post_init__(self):
-        sft.check_options(self)
+        checks.options(self)
+        has = [os.path.isfile(os.path.join(self.base, f)) for f in ("config.json", "model.safetensors",
+                                                                     "model.safetensors.index.json")]
+        if self.base and not (has[0] and (has[1] or has[2])):
+            raise ValueError(f"--base {self.base}: not a checkpoint directory (config.json and model.safetensors); "
+                             f"name a ckpt-NNNNNN directory an SFT run wrote, or leave --base empty for the default "
+                             f"run's")
 
-    from_dict = classmethod(sft.RunConfig.from_dict.__func__)
+    from_dict = classmethod(checks.from_dict)
 
 
 def log(msg):
@@ -111,7 +119,7 @@ def build_data(cfg, always_zoom):
                              eyesight="", oracle_share="", always_zoom=always_zoom,
                              table_items=0 if always_zoom else 3)
     card = os.path.join(out, "card.json")
-    if tiny._recipe_matches(card, {"config": dataclasses.asdict(bcfg), "version": build.VERSION}):
+    if cof.matches_record(card, {"config": dataclasses.asdict(bcfg), "version": build.VERSION}):
         log(f"reusing {out}")
     else:
         log(f"building {out}")
@@ -213,20 +221,13 @@ def evaluate(cfg, name, ckpt, items):
     """Every test item at every rung through the CoF loop (greedy); trajectories in OUT/eval/<name>.jsonl, resumed
     question by question. A file left by another checkpoint is started over."""
     path = os.path.join(cfg.out, "eval", f"{name}.jsonl")
-    meta = path + ".source"
-    weights = os.stat(os.path.join(ckpt, "model.safetensors"))
-    source = {"checkpoint": os.path.abspath(ckpt), "bytes": weights.st_size, "mtime": weights.st_mtime}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if not tiny._recipe_matches(meta, source) and os.path.exists(path):
-        os.remove(path)
-    with open(meta, "w") as f:
-        json.dump(source, f)
     model, tok = cof.load(ckpt, device="cpu", dtype="fp32")
     ccfg = cof.CofConfig(processor_min_pixels=tiny.TINY_MIN_PIXELS, processor_max_pixels=VIEW_MAX_PIXELS,
                          max_turns=6, max_new_tokens=96, system=False, question_format="train",
                          compile=cfg.compile, direct=name == "direct")
     log(f"evaluating {name} ({ckpt}): {len(items)} questions x {len(LADDER)} rungs")
-    cof.evaluate(model, tok, items, path, ccfg, resolutions=LADDER, batch_size=cfg.eval_batch, bench=name)
+    cof.evaluate(model, tok, items, path, ccfg, resolutions=LADDER, batch_size=cfg.eval_batch, bench=name,
+                 source=cof.checkpoint_source(ckpt), restart=True)
     return list(cof.load_results(path).values())
 
 
@@ -312,8 +313,6 @@ def run(cfg):
 
     try:
         base = cfg.base or os.path.join(sft.TINY_PRESET["out"], f"ckpt-{sft.TINY_PRESET['max_steps']:06d}")
-        if cfg.base and not os.path.isdir(base):
-            raise FileNotFoundError(f"--base {base}: no such checkpoint directory")
         data, data_always = build_data(cfg, False), build_data(cfg, True)
         running.append(Job(cfg, "sft-default", ["sft.py"], base))   # alone: the default run's 2 threads
         running[-1].wait()

@@ -14,7 +14,8 @@ import os
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
-from model import CheckpointError, resolve_checkpoint
+import checks
+from model import CheckpointError, grid_list, resolve_checkpoint
 
 # Qwen2's tokenizer pipeline (transformers' Qwen2Tokenizer rebuilds exactly this around vocab + merges).
 QWEN_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -97,12 +98,18 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return self.tok.encode(checks.string(text, "text", empty=True), add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens=False) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of token ids (a list or a 1-D tensor). Ids past the tokenizer's vocabulary (a model's padded embedding
+        rows, which an untrained model may sample) decode to nothing, as in transformers; a negative or non-integer
+        id is a ValueError naming it."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        ids = checks.sequence(ids, "ids", empty=True)
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < 2**32]
+        if bad:
+            raise ValueError(f"ids must be token ids (whole numbers >= 0), got {bad[:5]!r:.200}")
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def tokenize_chat(tokenizer: Tokenizer, messages: list[dict], image_grid_thw=None, add_generation_prompt=False,
@@ -114,10 +121,11 @@ def tokenize_chat(tokenizer: Tokenizer, messages: list[dict], image_grid_thw=Non
     t*h*w/merge_size**2 x <|image_pad|> + <|vision_end|>.
     Returns (ids, assistant_mask) where assistant_mask marks assistant content tokens and their closing <|im_end|>.
     """
-    grids = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in torch.as_tensor(image_grid_thw).tolist()]
+    grids = grid_list(image_grid_thw)
     parts: list[tuple[str, bool]] = []  # (text, is_assistant_content)
     n_img = 0
-    for i, msg in enumerate(messages):
+    for i, msg in enumerate(checks.sequence(messages, "messages")):
+        checks.kind(msg, f"messages[{i}]", dict, "a {role, content} dict")
         role, content = msg.get("role"), msg.get("content")
         if role not in ("system", "user", "assistant", "tool"):
             raise ValueError(f"message {i}: unknown role {role!r}")
@@ -141,7 +149,7 @@ def tokenize_chat(tokenizer: Tokenizer, messages: list[dict], image_grid_thw=Non
                 elif item.get("type") == "video" or "video" in item:
                     raise NotImplementedError("video content is not supported")
                 elif "text" in item:
-                    body.append(item["text"])
+                    body.append(checks.string(item["text"], f"messages[{i}] text", empty=True))
         else:
             raise ValueError(f"message {i}: content must be a string or a list, got {type(content).__name__}")
         texts = [content] if isinstance(content, str) else [str(item.get("text", "")) for item in content]

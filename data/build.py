@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
+import checks
 import cof
 from data import agent, formats, synth
 
@@ -85,21 +86,20 @@ class BuildConfig:
         for f in fields(cls):
             kind = cof.parse_bool if isinstance(f.default, bool) else type(f.default)
             p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-        return cls(**vars(p.parse_args(argv)))
+        try:
+            return cls(**vars(p.parse_args(argv)))
+        except (TypeError, ValueError) as e:      # a value the options' checks refuse: argparse's error, exit 2
+            p.error(str(e))
 
     def parsed_kinds(self, name):
         """The option `name` ('kind=number,...') as {kind: float} over synth.QUESTION_KINDS; ValueError naming the
         option otherwise."""
-        text, out = getattr(self, name), {}
-        for part in filter(None, text.split(",")):
+        text, label, out = getattr(self, name), "--" + name.replace("_", "-"), {}
+        for part in filter(None, checks.string(text, label, empty=True).split(",")):
             k, _, v = part.partition("=")
-            try:
-                out[k.strip()] = float(v)
-            except ValueError:
-                raise ValueError(f"--{name.replace('_', '-')} {text!r}: {part!r} is not kind=number") from None
-            if k.strip() not in synth.QUESTION_KINDS or not 0 <= out[k.strip()] < float("inf"):
-                raise ValueError(f"--{name.replace('_', '-')} {text!r}: each kind one of "
-                                 f"{', '.join(synth.QUESTION_KINDS)}, each number >= 0")
+            if k.strip() not in synth.QUESTION_KINDS:
+                raise ValueError(f"{label} {text!r}: unknown kind {k.strip()!r}; use {', '.join(synth.QUESTION_KINDS)}")
+            out[k.strip()] = checks.parse_number(v, f"{label} {k.strip()}", lo=0)
         return out
 
     def parsed_periods(self):
@@ -117,16 +117,29 @@ class BuildConfig:
         return synth.check_colours(names, what=f"--colours {self.colours!r} ('all' or a comma list):")
 
     def parsed_resolutions(self):
-        return [int(r) for r in self.resolutions.split(",")]
+        return [checks.parse_number(r, "--resolutions", lo=1, whole=True) for r in self.resolutions.split(",")]
+
+    # option -> (lowest, whether allowed[, highest, whether allowed]), checked with the types by checks.options
+    LIMITS = dict(n=(0, True), rl=(0, True), seed=(0, True, checks.SEED_MAX, True), val=(0, True), test=(0, True),
+                  view_max_pixels=(1, True), max_zooms=(0, True), acuity=(0, True), eyesight_bar=(0, True, 1, True),
+                  option_orders=(1, True), table_items=(0, True), per_kind=(0, True))
+
+    def __post_init__(self):
+        checks.options(self, label=lambda name: "--" + name.replace("_", "-"))
+        for name in ("kinds", "rl_kinds"):
+            if not any(v > 0 for v in self.parsed_kinds(name).values()):
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: give some kind a weight > 0")
+        for name in ("eyesight", "oracle_share"):
+            for k, v in self.parsed_kinds(name).items():
+                checks.number(v, f"--{name.replace('_', '-')} {k}", 0, 1)
+        self.parsed_periods(), self.parsed_colours(), self.parsed_resolutions()
 
 
 def _items(cfg, split, n, weights="kinds"):
     """n items of `split`; item i's kind is drawn with the weights of the option `weights` (kinds / rl_kinds) from
     the item's own Generator, so the same (seed, split, index) always gives the same item."""
     w = cfg.parsed_kinds(weights)
-    names = [k for k in synth.QUESTION_KINDS if w.get(k, 0) > 0]
-    if not names:
-        raise ValueError(f"--{weights.replace('_', '-')} {getattr(cfg, weights)!r}: give some kind a weight > 0")
+    names = [k for k in synth.QUESTION_KINDS if w.get(k, 0) > 0]     # BuildConfig checked that there is one
     p = np.array([w[k] for k in names]) / sum(w[k] for k in names)
     colours, periods, out = cfg.parsed_colours(), cfg.parsed_periods(), []
     for i in range(n):
@@ -383,7 +396,8 @@ def card_markdown(card):
 
 def main(argv=None):
     cfg = BuildConfig.from_args(argv)
-    card = build(cfg)
+    with checks.one_line_errors("python -m data.build", OSError, formats.DataError):   # e.g. an --out that is a file
+        card = build(cfg)
     print(card_markdown(card))
     print(f"wrote {cfg.out} in {card['seconds']} s")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 
+import checks
 from tokenizer import VISION_TOKENS_TEXT   # special tokens only the processor writes: a row holding them is refused
 
 ROLES = ("system", "user", "assistant")
@@ -186,6 +187,7 @@ def read_sft(path, skip_bad=False, root=None):
     """Read a released-format SFT file (.json list or .jsonl) -> (rows, n_bad). Each row: {"messages": [{"role",
     "content"}], "images": [absolute paths]}, `<image>` placeholders kept in the text. root: the folder image paths
     are relative to (default: the file's folder). skip_bad: skip and count bad rows instead of raising DataError."""
+    checks.kind(path, "path", (str, os.PathLike), "a file path")
     root = root if root is not None else os.path.dirname(os.path.abspath(path))
     return _read(path, lambda r, i: check_sft_row(r, path, i, root), skip_bad)
 
@@ -197,7 +199,7 @@ def write_sft(path, rows, root=None):
     out = []
     for i, r in enumerate(rows):
         rel = {**r, "images": [relative_image(p if os.path.isabs(p) else os.path.join(root, p), root)
-                               for p in r["images"]]}
+                               for p in r.get("images", [])]}
         check_sft_row(rel, path, i, root)
         out.append({"messages": rel["messages"], "images": rel["images"],
                     **{k: v for k, v in r.items() if k not in ("messages", "images")}})
@@ -208,7 +210,7 @@ def to_chat(messages):
     """Released ShareGPT messages -> tokenizer.tokenize_chat messages: `<image>` placeholders split into
     {"type": "image"} items, text kept byte for byte around them."""
     chat = []
-    for m in messages:
+    for m in checks.sequence(messages, "messages", empty=True):
         if IMAGE not in m["content"]:
             chat.append({"role": m["role"], "content": m["content"]})
             continue
@@ -264,6 +266,9 @@ def check_rl_row(row, path, i, root):
     rm = row.get("reward_model")
     if not isinstance(rm, dict) or "ground_truth" not in rm:
         raise DataError(path, i, "reward_model.ground_truth", "missing; the reward needs the ground truth answer")
+    if not isinstance(rm["ground_truth"], str) or not rm["ground_truth"].strip():
+        raise DataError(path, i, "reward_model.ground_truth", f"must be the answer as a non-empty string (a letter "
+                                                              f"such as \"A\" or a word), got {rm['ground_truth']!r:.80}")
     images = row.get("images")
     if not isinstance(images, list) or not images:
         raise DataError(path, i, "images", "must be a non-empty list of {\"image\": \"file://...\"}")
@@ -274,13 +279,17 @@ def check_rl_row(row, path, i, root):
     extra = row.get("extra_info") or {}
     if not isinstance(extra, dict):
         raise DataError(path, i, "extra_info", f"must be a JSON object, got {type(extra).__name__}")
-    return {"prompt": prompt, "images": full, "ground_truth": str(rm["ground_truth"]),
+    for key in ("question", "kind"):
+        if extra.get(key) is not None and not isinstance(extra[key], str):
+            raise DataError(path, i, f"extra_info.{key}", f"must be a string (or absent), got {extra[key]!r:.80}")
+    return {"prompt": prompt, "images": full, "ground_truth": rm["ground_truth"],
             "question": extra.get("question"), "kind": extra.get("kind"), "data_source": row.get("data_source"),
             "row": row}
 
 
 def read_rl(path, skip_bad=False, root=None):
     """Read RL prompt records (.jsonl, .json list, or .parquet with pandas) -> (rows, n_bad); see check_rl_row."""
+    checks.kind(path, "path", (str, os.PathLike), "a file path")
     root = root if root is not None else os.path.dirname(os.path.abspath(path))
     return _read(path, lambda r, i: check_rl_row(r, path, i, root), skip_bad)
 

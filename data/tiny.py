@@ -219,17 +219,6 @@ def _write_processor_files(directory, tok, vision, min_pixels, max_pixels):
 # --------------------------------------------------------------------------------------------------------------------
 # The built-in default run's dataset and model (rebuilt when their recipe changes)
 
-def _recipe_matches(path, want):
-    """Whether the JSON file at `path` exists and holds every key of `want` with the same value (what a built
-    artefact records about its recipe)."""
-    try:
-        with open(path) as f:
-            have = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return {k: have.get(k) for k in want} == want
-
-
 def synthetic_paths(directory):
     """(SFT train file, held-out records the default runs evaluate on) of the synthetic dataset under `directory`:
     test_by_kind.jsonl (build.BuildConfig.per_kind items of each question kind), so that every kind's rates are
@@ -244,7 +233,7 @@ def build_synthetic(directory, seed=0, log=print):
     train, held_out = synthetic_paths(directory)
     want = {"config": dataclasses.asdict(cfg), "version": build.VERSION}
     card = os.path.join(directory, "card.json")
-    if not (_recipe_matches(card, want) and os.path.exists(train) and os.path.exists(held_out)):
+    if not (cof.matches_record(card, want) and os.path.exists(train) and os.path.exists(held_out)):
         if os.path.exists(card):
             log(f"{directory} was built by another recipe: rebuilding it")
             shutil.rmtree(directory)
@@ -262,7 +251,7 @@ def build_tiny_model(directory, data_path, seed=0, log=print):
     want = {"sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_MODEL.items()},
             "data": os.path.abspath(data_path), "data_bytes": os.path.getsize(data_path),
             "min_pixels": TINY_MIN_PIXELS, "max_pixels": TINY_MAX_PIXELS, "seed": int(seed)}
-    if not (os.path.exists(os.path.join(directory, "model.safetensors")) and _recipe_matches(recipe, want)):
+    if not (os.path.exists(os.path.join(directory, "model.safetensors")) and cof.matches_record(recipe, want)):
         rows, _ = formats.read_sft(data_path)
         corpus = [m["content"].replace("<image>", "") for r in rows[:1000] for m in r["messages"]]
         make_tiny(directory, corpus=corpus, seed=int(seed), min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS,

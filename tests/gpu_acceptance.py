@@ -46,11 +46,19 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _threads(text):
+    """--threads: a whole number >= 0, 0 = torch's choice (checks.arg would import torch, which must wait for
+    CUDA_VISIBLE_DEVICES)."""
+    if not text.strip().isdigit() or int(text) > 4096:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0 and <= 4096, got {text!r}")
+    return int(text)
+
+
 def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--only", default="", help="comma-separated check names (default: all)")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=_threads, default=None,
                     help="torch CPU threads; default 1 with --device cpu (tiny models gain nothing from more, and on a "
                          "busy machine multi-threaded tiny ops run ~30x slower), torch's choice with --device cuda")
     return ap.parse_args(argv)

@@ -287,5 +287,6 @@ def test_cli_single_and_eval(tiny_dir, vstar_dir, tmp_path, capsys):
     assert [r["resolution"] for r in rows] == ["orig", 112]
     assert cof.summarize(list(cof.load_results(str(res)).values())) == rows
     assert (tmp_path / "ev_summary.md").read_text() == cof.format_table(rows) + "\n"
-    with pytest.raises(SystemExit, match="unknown --cfg key 'max_turn'"):
+    with pytest.raises(SystemExit) as e:
         cof.main(["--model", tiny_dir, "--image", str(png), "--question", "q", "--cfg", "max_turn=3"])
+    assert e.value.code == 2 and "unknown --cfg key 'max_turn'" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cof
+import hostile_corpus as corpus
 import model as M
 import sft
 from data.tiny import make_tiny
@@ -192,9 +193,12 @@ def test_metrics_of_a_resumed_run_have_no_duplicate_steps(tmp_path):
 
 @pytest.mark.parametrize("argv, words", [
     (["--lr", "inf"], "--lr must be a finite number"), (["--lr", "nan"], "--lr must be a finite number"),
-    (["--min_lr_ratio", "nan"], "--min_lr_ratio must be a finite number"), (["--max_steps", "-5"], "--max_steps must be >= 0"),
-    (["--log_every", "0"], "--log_every must be >= 1"), (["--max_pixels", "0"], "--max_pixels must be >= 1"),
-    (["--batch_size", "-1"], "--batch_size must be >= 1"), (["--beta2", "1"], "--beta2 must be < 1"),
+    (["--min_lr_ratio", "nan"], "--min_lr_ratio must be a finite number"),
+    (["--max_steps", "-5"], "--max_steps must be a whole number >= 0, got -5"),
+    (["--log_every", "0"], "--log_every must be a whole number >= 1"), (["--max_pixels", "0"], "--max_pixels must be a whole number >= 1"),
+    (["--batch_size", "-1"], "--batch_size must be a whole number >= 1"),
+    (["--beta2", "1"], "--beta2 must be a finite number >= 0 and < 1, got 1.0"),
+    (["--seed", "-1"], "--seed must be a whole number >= 0 and <= 4294967295, got -1"),
     (["--dist", "zero"], "--dist must be one of ddp, fsdp"),
 ])
 def test_bad_numbers_in_the_trainer_options(argv, words, capsys):
@@ -429,3 +433,45 @@ def test_kill_9_during_resaves_never_leaves_latest_broken(tmp_path):
         assert json.loads((ckpt / "trainer" / "state.json").read_text())["step"] in (2, 3)
         sft.load_trainer_file(ckpt / "trainer" / "optimizer.pt")
         M.Qwen25VL.from_pretrained(str(ckpt))
+
+
+# ---- the hostile corpus (tests/hostile_corpus.py): every public function and command line, each case asserting the
+# error type and the words of its message, or the documented fallback ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus_env():
+    env = corpus.Env()
+    yield env
+    env.close()
+
+
+@pytest.mark.parametrize("name", list(corpus.CASES))
+def test_corpus(corpus_env, name):
+    problem, _ = corpus.run_case(name, corpus_env)
+    assert problem is None, f"{name}: {problem}"
+
+
+# issue 29's categories -> the corpus's case prefixes for them, and the fewest cases each must have
+CATEGORIES = {
+    "sampling arguments (sample_next, generate, CofConfig, cof.run / rollouts)":
+        (("sample_next", "generate", "CofConfig", "cof.run"), 40),
+    "reward functions returning too many / too few / None / NaN rewards": (("reward_fn",), 8),
+    "RL rows and records with a label or question that is not a string": (("rl_row", "rl_records"), 10),
+    "evaluation output: its source recorded, a rerun refused or restarted, the summary's folder":
+        (("eval_source", "eval_out", "cof.evaluate", "cof.load_results"), 10),
+    "trainer files that fail to load (rng, optimizer, trainable, state.json, metrics.jsonl, latest)": (("resume",), 25),
+    "command-line numbers and choices of every main": (("sft.py", "grpo.py", "sweep.py", "data.build", "bench.py",
+                                                        "crop_kernels/sources", "crop_kernels/threads", "cof.py"), 80),
+    "raw errors from deep inside (parse_zoom, tokenize_chat, token ids, resize, config vs weights)":
+        (("parse_zoom", "extract_answer", "tokenize_chat", "tokenizer", "model", "config", "crop_kernels"), 50),
+    "files: truncated, corrupt, not UTF-8": (("files", "checkpoint"), 30),
+    "the rest of the public functions: bad types and numbers": (("library",), 25),
+}
+
+
+def test_corpus_covers_every_category_of_issue_29():
+    for category, (prefixes, fewest) in CATEGORIES.items():
+        n = sum(any(name.split("/")[0].startswith(p) or name.startswith(p) for p in prefixes) for name in corpus.CASES)
+        assert n >= fewest, f"{category}: {n} cases, want at least {fewest}"
+    kinds = {type(expect).__name__ for _, expect in corpus.CASES.values()}
+    assert kinds == {"Raises", "Exits", "Returns"}

@@ -1,0 +1,180 @@
+"""One way of checking input: what every public function and command line here uses on the values it is given.
+
+A failed check raises TypeError (a value of the wrong kind) or ValueError (the right kind, a wrong value), and the
+message names the argument or option, shows the bad value and says what is allowed:
+
+    --lr must be a finite number > 0, got nan
+    temperature must be a finite number >= 0, got -1.0
+    questions must be a non-empty list, got []
+
+Library functions call `number`, `string`, `one_of`, `sequence`, `kind` and `device` on their arguments once per
+call (never per token); config dataclasses declare LIMITS and CHOICES tables and call `options`; command lines give
+argparse `arg(...)` as an option's type (argparse then prints its one-line error naming the option, exit status 2)
+and turn a config's TypeError / ValueError into the same `parser.error`. Files that fail to load are named by their
+readers (data/formats.py, cof.read_*, model.CheckpointError, sft's trainer files), which say what to do.
+
+This is the lowest file: every other file may import it, it imports none of them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import numbers
+
+import torch
+
+SEED_MAX = 2**32 - 1   # the largest seed every generator here takes (numpy's seeds are 32-bit)
+THREADS_MAX = 4096     # the most CPU threads an option may ask torch for
+
+
+def rule(lo=None, hi=None, *, lo_open=False, hi_open=False, whole=False) -> str:
+    """What a number must be, in words: `a whole number >= 1`, `a finite number > 0 and <= 1`."""
+    bounds = [f"{'>' if lo_open else '>='} {lo}" if lo is not None else "",
+              f"{'<' if hi_open else '<='} {hi}" if hi is not None else ""]
+    return " ".join(["a whole number" if whole else "a finite number", " and ".join(b for b in bounds if b)]).strip()
+
+
+def _must(name, what, value):
+    return f"{name} must be {what}, got {_short(value)}" if name else f"must be {what}, got {_short(value)}"
+
+
+def number(value, name, lo=None, hi=None, *, lo_open=False, hi_open=False, whole=False):
+    """`value` when it is a real number (an int for whole=True; bools are not numbers), finite, and within lo..hi
+    (ends excluded with lo_open / hi_open). TypeError for a non-number, ValueError otherwise; both name `name`."""
+    what = rule(lo, hi, lo_open=lo_open, hi_open=hi_open, whole=whole)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(_must(name, what, value))
+    integral = isinstance(value, numbers.Integral)
+    finite = integral or math.isfinite(value)          # (math.isfinite of a huge int would overflow)
+    too_low = lo is not None and (value < lo or (lo_open and value == lo))
+    too_high = hi is not None and (value > hi or (hi_open and value == hi))
+    if (whole and not integral) or not finite or too_low or too_high:
+        raise ValueError(_must(name, what, value))
+    return value
+
+
+def parse_number(text, name, lo=None, hi=None, *, lo_open=False, hi_open=False, whole=False):
+    """A number written as text (a command-line value, `key=value` pairs), converted (int for whole numbers, else
+    float) and checked by `number`; text that is no number is a ValueError naming `name`."""
+    try:
+        value = int(text) if whole else float(text)
+    except (TypeError, ValueError):
+        raise ValueError(_must(name, rule(lo, hi, lo_open=lo_open, hi_open=hi_open, whole=whole), text)) from None
+    return number(value, name, lo, hi, lo_open=lo_open, hi_open=hi_open, whole=whole)
+
+
+def string(value, name, *, empty=False):
+    """`value` when it is a str (a non-empty one unless empty=True)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__} {_short(value)}")
+    if not empty and not value:
+        raise ValueError(f"{name} must be a non-empty string, got ''")
+    return value
+
+
+def one_of(value, name, choices):
+    """`value` when it is one of `choices`."""
+    if not isinstance(value, (str, int, float, bool, type(None))) or value not in choices:
+        raise ValueError(_must(name, "one of " + ", ".join(map(str, choices)), value))
+    return value
+
+
+def sequence(value, name, *, empty=False):
+    """`value` as a list when it is a list or tuple (a non-empty one unless empty=True); a string, a dict or a
+    tensor is not a sequence of items here."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list, got {type(value).__name__} {_short(value)}")
+    if not empty and not value:
+        raise ValueError(f"{name} must be a non-empty list, got {value!r}")
+    return list(value)
+
+
+def kind(value, name, types, what, *, none=False):
+    """`value` when it is an instance of `types` (or None with none=True); `what` says so in words."""
+    if (value is None and none) or isinstance(value, types):
+        return value
+    raise TypeError(f"{name} must be {what}, got {type(value).__name__} {_short(value)}")
+
+
+def device(value, name="device"):
+    """A torch.device from a device or its text (`cpu`, `cuda`, `cuda:1`) that this machine has."""
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(_must(name, "a torch device such as cpu, cuda or cuda:1", value)) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} {value!r}: torch sees no CUDA device on this machine; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{name} {value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _short(value):
+    """repr(value), cut to 80 characters (a hostile value can be a megabyte long)."""
+    try:
+        text = repr(value)
+    except ValueError:           # an int past Python's 4300-digit limit for conversion to text
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---- config dataclasses --------------------------------------------------------------------------------------------
+
+def options(cfg, label=lambda name: f"--{name}"):
+    """Check every field of the dataclass `cfg` against its declared type (int, float, str, bool, `int | None`; a
+    float must be finite), cfg.LIMITS[name] = (lowest, whether the lowest is allowed[, highest, whether the highest
+    is allowed]) and cfg.CHOICES[name] (allowed values), where the class has them. `label` turns a field name into
+    the name the user wrote (`--lr` on a command line, `CofConfig.max_turns` in code)."""
+    limits, choices = getattr(cfg, "LIMITS", {}), getattr(cfg, "CHOICES", {})
+    for f in dataclasses.fields(cfg):
+        v, name = getattr(cfg, f.name), label(f.name)
+        typ = f.type if isinstance(f.type, str) else f.type.__name__
+        if typ.endswith(" | None"):
+            if v is None:
+                continue
+            typ = typ[:-len(" | None")]
+        if typ in ("int", "float"):
+            lo, lo_ok, hi, hi_ok = (tuple(limits.get(f.name, ())) + (None, True, None, True))[:4]
+            number(v, name, lo, hi, lo_open=not lo_ok, hi_open=not hi_ok, whole=typ == "int")
+        elif typ == "bool" and not isinstance(v, bool):
+            raise TypeError(_must(name, "true or false", v))
+        elif typ == "str":
+            string(v, name, empty=True)
+        if f.name in choices:
+            one_of(v, name, choices[f.name])
+
+
+def from_dict(cls, d):
+    """cls(**d) for a config dataclass, refusing keys it does not have (a typo must not be silently dropped)."""
+    kind(d, f"{cls.__name__} options", dict, "a dict of option -> value")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names, key=str)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(names)}")
+    return cls(**d)
+
+
+# ---- command lines -------------------------------------------------------------------------------------------------
+
+def arg(check=parse_number, **kw):
+    """An argparse `type=`: check(text, "", **kw) (default: a number, e.g. arg(lo=1, whole=True)). A TypeError /
+    ValueError becomes argparse's error `argument --reps: must be a whole number >= 1, got '0'` (exit status 2)."""
+    def convert(text):
+        try:
+            return check(text, "", **kw)
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = getattr(check, "__name__", "value")
+    return convert
+
+
+@contextlib.contextmanager
+def one_line_errors(prog, *errors):
+    """Run a command line's work so that an exception of the types `errors` (the user's: a file that does not load,
+    an input that does not fit) ends it with the one line `prog: error: ...` and exit status 1, not a traceback."""
+    try:
+        yield
+    except errors as e:
+        raise SystemExit(f"{prog}: error: {e}") from None

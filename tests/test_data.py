@@ -271,7 +271,7 @@ def test_option_orders_rotate_the_letters_not_the_search(tmp_path):
 def test_trajectory_text_format(built):
     out, _ = built
     rows, bad = formats.read_sft(os.path.join(out, "sft_train.json"))
-    assert bad == 0 and len(rows) == 24
+    assert bad == 0 and len(rows) == 24 * build.BuildConfig.option_orders     # every search, its options rotated
     call = re.compile(r'^<think>[^<]+</think>\n<tool_call>\n\{"name": "image_zoom_in_tool", "arguments": '
                       r'\{"bbox_2d": \[\d+, \d+, \d+, \d+\]\}\}\n</tool_call>$')
     final = re.compile(r"^<think>[^<]+</think>\n<answer>[A-D]</answer>$")
@@ -336,7 +336,7 @@ def test_sft_rows_round_trip_through_the_released_format(built, tmp_path):
 def test_rl_and_vstar_records(built):
     out, _ = built
     rows, bad = formats.read_rl(os.path.join(out, "rl_train.jsonl"))
-    assert bad == 0 and len(rows) == 24
+    assert bad == 0 and len(rows) == 24 * build.BuildConfig.option_orders     # every search, its options rotated
     r = rows[0]["row"]
     assert set(r) == {"data_source", "agent_name", "prompt", "images", "ability", "reward_model", "extra_info"}
     q = r["extra_info"]["question"]

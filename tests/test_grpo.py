@@ -39,6 +39,12 @@ def setup(tmp_path_factory):
                 model=model_dir)
 
 
+# The tests that compare two updates' weights use Adam's eps 1e-6: with the default 1e-8, a gradient entry at float-noise
+# level (1e-10, from another summation order) is divided by its own size and becomes a step of up to lr, so two correct
+# updates differ by a few 1e-5 on a handful of weights. At 1e-6 that noise moves a weight by at most lr * 1e-4.
+ADAM_EPS = 1e-6
+
+
 def _cfg(setup, out, **kw):
     base = dict(model=setup["model"], data=setup["data"], eval_data="", out=str(setup["root"] / out), max_steps=4,
                 prompts_per_step=4, group_size=3, micro_batch=4, lr=1e-3, beta=0.01, max_new_tokens=12, max_turns=3,
@@ -242,7 +248,7 @@ def test_old_logprobs_from_the_trainer_leave_the_samplers_numbers_to_the_metric(
 
     def update(ts, mode):
         m = copy.deepcopy(net).train()
-        c = dataclasses_replace(cfg, old_logprobs=mode, ppo_epochs=2, beta=0.0)
+        c = dataclasses_replace(cfg, old_logprobs=mode, ppo_epochs=2, beta=0.0, adam_eps=ADAM_EPS)
         params = [p for p in m.parameters() if p.requires_grad]
         stats = grpo.update(m, sft.make_optimizer(m, c), params, ts, recs, None, tok, c, 0, 10, torch.device("cpu"))
         return stats, m.state_dict()
@@ -356,7 +362,7 @@ def test_torchrun_two_ranks_equal_one_process(setup):
                                        max_steps=3, prompts_per_step=4, group_size=3, micro_batch=2, rollout_batch=1,
                                        lr=1e-3, beta=0.01, max_new_tokens=12, max_turns=3, max_len=1024,
                                        drop_system=True, freeze_vision="no", save_every=0, progress=False, threads=1,
-                                       eval_start=False, **VIEW))
+                                       eval_start=False, adam_eps=ADAM_EPS, **VIEW))
     _run([conf("one")])
     _run([conf("two")], nproc=2)
     a, b = _losses(str(setup["root"] / "one")), _losses(str(setup["root"] / "two"))

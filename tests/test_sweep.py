@@ -142,13 +142,13 @@ def test_direct_equals_banning_the_logit_in_the_model(tiny_model):
 
 
 def _records():
-    """Two models x two rungs, 4 questions each (one per kind), with known outcomes."""
+    """Two models x two rungs, one question of each kind (easy, edge, medium, hard, relative), with known outcomes."""
     out = {}
-    for name, zooms in (("always-zoom", [1, 1, 2, 1]), ("cof-sft", [0, 1, 2, 0])):
+    for name, zooms in (("always-zoom", [1, 1, 1, 2, 1]), ("cof-sft", [0, 0, 1, 2, 0])):
         recs = []
         for R in (112, 448):
             for k, kind in enumerate(sweep.KINDS):
-                recs.append(dict(resolution=R, kind=kind, category="x", correct=(k < 3 if R == 448 else k == 0),
+                recs.append(dict(resolution=R, kind=kind, category="x", correct=(k < 4 if R == 448 else k == 0),
                                  n_zooms=zooms[k], n_generated=40 + 30 * zooms[k], seconds=0.5, error=None))
         out[name] = recs
     return out
@@ -157,15 +157,15 @@ def _records():
 def test_result_rows_markdown_and_plot(tmp_path):
     rows = sweep.result_rows(_records())
     by = {(r["model"], r["resolution"]): r for r in rows}
-    assert len(rows) == 4 and by[("cof-sft", 448)]["accuracy"] == 75.0 and by[("cof-sft", 112)]["accuracy"] == 25.0
+    assert len(rows) == 4 and by[("cof-sft", 448)]["accuracy"] == 80.0 and by[("cof-sft", 112)]["accuracy"] == 20.0
     r = by[("cof-sft", 448)]
-    assert (r["acc_easy"], r["acc_relative"], r["n"]) == (100.0, 0.0, 4)
-    assert r["mean_zooms"] == 0.75 and r["direct_share"] == 50.0 and r["gen_tokens"] == 62.5 and r["s_per_q"] == 0.5
-    assert by[("always-zoom", 448)]["direct_share"] == 0.0 and by[("always-zoom", 448)]["gen_tokens"] == 77.5
+    assert (r["acc_easy"], r["acc_edge"], r["acc_relative"], r["n"]) == (100.0, 100.0, 0.0, 5)
+    assert r["mean_zooms"] == 0.6 and r["direct_share"] == 60.0 and r["gen_tokens"] == 58.0 and r["s_per_q"] == 0.5
+    assert by[("always-zoom", 448)]["direct_share"] == 0.0 and by[("always-zoom", 448)]["gen_tokens"] == 76.0
     md = sweep.markdown(rows)
-    assert "| 448 | cof-sft | 75.0 | 100 | 100 | 100 | 0 | 0.75 | 50% | 62 | 0.500 |" in md
-    assert "| long side | always-zoom | cof-sft |\n|---|---|---|\n| 112 | 25.0 | 25.0 |" in md
-    assert "| 448 | 1.25 | 0.75 |" in md                                # mean zooms pivot
+    assert "| 448 | cof-sft | 80.0 | 100 | 100 | 100 | 100 | 0 | 0.60 | 60% | 58 | 0.500 |" in md
+    assert "| long side | always-zoom | cof-sft |\n|---|---|---|\n| 112 | 20.0 | 20.0 |" in md
+    assert "| 448 | 1.20 | 0.60 |" in md                                 # mean zooms pivot
     png = sweep.plot(rows, str(tmp_path / "p.png"))
     im = Image.open(png)
     assert im.size == (3 * 560, 300) and len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 3      # lines drawn in the models' colours

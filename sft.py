@@ -336,22 +336,32 @@ def load_rows(path, tokenizer, cfg):
 
 class SFTData(torch.utils.data.Dataset):
     """Rows -> encoded samples: token ids, labels, loss weights, and every image (main + crops) as patches.
-    With cache=True the token ids and the processor-sized uint8 images are kept after the first read (patchify runs on
-    every read: it is cheap, and uint8 images take 8x less memory than float32 patches)."""
+    With cache=True the token ids of each row and the processor-sized uint8 image of each file are kept after the
+    first read (rows that share images, such as a search's option rotations, share them; patchify runs on every
+    read: it is cheap, and uint8 images take 8x less memory than float32 patches)."""
 
     def __init__(self, rows, tokenizer, cfg, cache=False):
         self.rows, self.tok, self.cfg = rows, tokenizer, cfg
-        self.cache = {} if cache else None
+        self.cache = {} if cache else None           # row index -> (encoded sample, its images)
+        self.images = {} if cache else None          # image path -> processor-sized uint8 image
 
     def __len__(self):
         return len(self.rows)
+
+    def _image(self, path):
+        if self.images is not None and path in self.images:
+            return self.images[path]
+        im = ck.processor_resize(ck.load_image(path), self.cfg.min_pixels, self.cfg.max_pixels)
+        if self.images is not None:
+            self.images[path] = im
+        return im
 
     def __getitem__(self, i):
         if self.cache is not None and i in self.cache:
             s, images = self.cache[i]
             return dict(s, pixel_values=torch.cat([ck.patchify(im)[0] for im in images]) if images else None)
         row = self.rows[i]
-        images = [ck.processor_resize(ck.load_image(p), self.cfg.min_pixels, self.cfg.max_pixels) for p in row["images"]]
+        images = [self._image(p) for p in row["images"]]
         patches = [ck.patchify(im) for im in images]                       # each ([h*w/196, 1176], grid [1, 3])
         grid = torch.cat([g for _, g in patches]) if patches else torch.zeros(0, 3, dtype=torch.long)
         done = row.get("tokens")
@@ -397,10 +407,13 @@ class StepSampler(torch.utils.data.Sampler):
 
     Step s of epoch e takes rows perm_e[k*G:(k+1)*G] (G = global batch, k = s mod steps_per_epoch, perm_e a
     permutation seeded by (seed, e); the last partial batch of an epoch is dropped). Those G rows are cut into
-    ranks*grad_accum micro-batches; micro-batch j goes to rank j % ranks. One process with grad_accum=N and N ranks
-    with grad_accum=1 therefore see the same rows in every step, and a resumed run sees exactly the rows it would have.
-    With `lengths` (token count per row) the G rows are first sorted by length (stable), so each micro-batch holds
-    rows of similar length and pads little; the step's rows, and so its loss, do not change.
+    ranks*grad_accum micro-batches, dealt to the ranks in rounds of `ranks`, in order in even rounds and in reverse in
+    odd ones (rank 0 of 2 takes micro-batches 0 and 3, rank 1 takes 1 and 2). One process with grad_accum=N and N
+    ranks with grad_accum=1 therefore see the same rows in every step, and a resumed run sees exactly the rows it
+    would have. With `lengths` (token count per row) the G rows are first sorted by length (stable), so each
+    micro-batch holds rows of similar length and pads little; the step's rows, and so its loss, do not change, and
+    the reversed rounds give every rank a share of the long micro-batches (dealt in order, the last rank would get
+    the longest of every round and the others would wait for it at each all-reduce).
     """
 
     def __init__(self, n_rows, cfg, start, end, rank, world, lengths=None):
@@ -422,9 +435,9 @@ class StepSampler(torch.utils.data.Sampler):
             rows = perm[k * self.G:(k + 1) * self.G]                                      # [G]
             if self.lengths is not None:
                 rows = rows[torch.argsort(self.lengths[rows], stable=True)]
-            micro = rows.view(self.world * self.cfg.grad_accum, self.cfg.batch_size)      # [ranks*accum, batch]
-            for j in range(self.rank, len(micro), self.world):
-                yield micro[j].tolist()
+            micro = rows.view(self.cfg.grad_accum, self.world, self.cfg.batch_size)      # [accum, ranks, batch]
+            for t in range(self.cfg.grad_accum):
+                yield micro[t, self.rank if t % 2 == 0 else self.world - 1 - self.rank].tolist()
 
 
 # ------------------------------------------------------------------------------------------------ model: LoRA, freezing

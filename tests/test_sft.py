@@ -136,6 +136,13 @@ def test_step_sampler_same_rows_for_any_split_and_resume():
     for s in range(6):
         flat = [lengths[i] for mb in grouped[s * 4:(s + 1) * 4] for i in mb]
         assert flat == sorted(flat)
+    # two ranks: the step's micro-batches are dealt 0 1 | 1 0, so rank 0 gets the shortest and the longest
+    cfg = sft.TrainConfig(batch_size=2, grad_accum=2, seed=3)
+    ranks = [list(sft.StepSampler(50, cfg, 0, 6, r, 2, lengths)) for r in range(2)]
+    for s in range(6):
+        flat = [lengths[i] for mb in grouped[s * 4:(s + 1) * 4] for i in mb]        # the step's rows, sorted
+        (a0, a1), (b0, b1) = ranks[0][2 * s:2 * s + 2], ranks[1][2 * s:2 * s + 2]
+        assert [lengths[i] for mb in (a0, b0, b1, a1) for i in mb] == flat
     with pytest.raises(ValueError, match="fewer than one global batch"):
         sft.StepSampler(5, sft.TrainConfig(batch_size=4, grad_accum=2), 0, 1, 0, 1)
 

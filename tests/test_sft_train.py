@@ -153,6 +153,8 @@ def test_cached_samples_equal_fresh_ones_and_the_processor(setup):
         assert torch.equal(a["image_grid_thw"], torch.cat([g for _, g in want]))
         assert a["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4]]
     assert set(cached.cache) == {0, 1} and all(im.dtype == torch.uint8 for _, ims in cached.cache.values() for im in ims)
+    assert set(cached.images) == {p for i in (0, 1) for p in rows[i]["images"]}       # one entry per file
+    assert all(im is cached.images[p] for i in (0, 1) for im, p in zip(cached.cache[i][1], rows[i]["images"]))
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):

@@ -226,8 +226,7 @@ def trajectories(cfg, scenes, split, tools=None, desc=None, orders=1):
 # ----------------------------------------------------------------------------------------------------------------
 # The legibility table: how big the detail is, and whether it survives, per resolution (measured)
 
-KINDS = (("direct_attributes", "easy"), ("direct_attributes", "medium"), ("direct_attributes", "hard"),
-         ("relative_position", "easy"), ("relative_position", "medium"))
+KINDS = tuple(synth.KIND_TARGET.values())      # (category, difficulty) of each question kind, in its order
 
 
 def legibility_table(resolutions=cof.SWEEP, view_max_pixels=agent.TINY_VIEW_MAX_PIXELS, n=12, seed=12345, acuity=0.0,
@@ -270,7 +269,7 @@ def table_markdown(rows):
     for r in rows:
         cells = [f"{r[f'{v}_period_px']:.1f} px / {r[f'{v}_contrast']:.2f} / {100 * r[f'{v}_legible']:.0f}%"
                  for v in ("main", "cell", "detail")]
-        body += (f"| {r['resolution']} | {r['main_px']} | {r['category'].split('_')[0]} {r['difficulty']} | "
+        body += (f"| {r['resolution']} | {r['main_px']} | {synth.question_kind(r['category'], r['difficulty'])} | "
                  f"{r['period_image_px']:.1f} px | " + " | ".join(cells) + " |\n")
     return head + body
 

@@ -396,6 +396,48 @@ class VisionTower(nn.Module):
 
 # ---- Language model ------------------------------------------------------------------------------------------------
 
+def causal_attention(q, k, v, prefix: int, scale):
+    """q [B, H, n, hd] over k, v [B, KV, prefix + n, hd] (GQA: query head h reads KV head h // G), query l seeing
+    keys [0, prefix + l] -> [B, H, n, hd].
+
+    What SDPA does (torch 2.5+, aten/src/ATen/native/transformers): a bool mask is first copied into an additive
+    float mask of its own shape; on the CPU the flash kernel takes masks (broadcast over batch and heads) and GQA; on
+    CUDA the flash kernel takes GQA but no mask, and the memory-efficient kernel a mask but not GQA, so a mask with
+    enable_gqa runs the math kernel there (K/V repeated per query head, [B, H, n, s] scores). Hence: prefix 0 is
+    is_causal with enable_gqa (flash on both), and a prefix (a cache append) puts each KV head's G query heads on
+    the head axis against K/V expanded to them (a view, not a copy) under one [n, s] mask that broadcasts over
+    everything (CPU: flash; CUDA: memory-efficient)."""
+    if prefix == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    B, H, n, hd = q.shape
+    KV, s = k.shape[1], k.shape[2]
+    mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(prefix)                 # [n, s]
+    kg, vg = (t.reshape(B * KV, 1, s, hd).expand(-1, H // KV, -1, -1) for t in (k, v))      # [B*KV, G, s, hd]
+    o = F.scaled_dot_product_attention(q.reshape(B * KV, H // KV, n, hd), kg, vg, attn_mask=mask, scale=scale)
+    return o.reshape(B, H, n, hd)                                                           # from [B*KV, G, n, hd]
+
+
+def attend(q, k, v, how, scale):
+    """Attention of q [B, H, L, hd] over k, v [B, KV, S, hd] -> [B, H, L, hd], in the form `Qwen25VL._attention_mask`
+    chose for the chunk; K/V are never copied per query head and no mask is larger than one row's [L, S]:
+    - an int P: every row alike, causal with a prefix (causal_attention; P = 0: a prefill, P = S - L: an append);
+    - [(row, queries, keys, P)]: a ragged chunk, one causal_attention per row over its own real queries and keys (a
+      slice, or an index where they are not contiguous): no padding computed; padding queries get 0;
+    - a bool [B, 1, 1, S] (True = attend) or None: one token per row (a decode step). The G query heads of a KV head
+      become G query rows of it, and the mask broadcasts over them."""
+    if isinstance(how, list):                                                 # ragged: row by row
+        o = q.new_zeros(q.shape)                                              # [B, H, L, hd]
+        for b, qi, ki, prefix in how:
+            qb, kb, vb = q[b, :, qi][None], k[b, :, ki][None], v[b, :, ki][None]   # [1, H, n, hd], [1, KV, s, hd]
+            o[b, :, qi] = causal_attention(qb, kb, vb, prefix, scale)[0]
+        return o
+    if isinstance(how, int):                                                  # every row alike
+        return causal_attention(q, k, v, how, scale)
+    B, H, L, hd = q.shape                                                     # one token per row (L == 1)
+    o = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, hd), k, v, attn_mask=how, scale=scale)
+    return o.reshape(B, H, L, hd)                                             # [B, KV, G, hd] -> [B, H, 1, hd]
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, c: TextConfig):
         super().__init__()
@@ -433,12 +475,8 @@ class DecoderLayer(nn.Module):
                 kc[rows, heads, slots[:, None, :]] = k.to(kc.dtype)                 # [B, KV, L] slots <- [.., hd]
                 vc[rows, heads, slots[:, None, :]] = v.to(vc.dtype)                 # (bf16 under autocast)
             k, v = kc[:, :, :S], vc[:, :, :S]                                  # [B, KV, S, hd]
-        if isinstance(mask, str):  # "causal": a dense prefill from position 0, the flash-attention path
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.hd ** -0.5, enable_gqa=True)
-        else:  # GQA without copying K/V: the G query heads of one KV head become G*L query rows of that head
-            q = q.reshape(B, self.kv_heads, -1, self.hd)                       # [B, KV, G*L, hd]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.hd ** -0.5)  # [B, KV, G*L, hd]
-        o = o.reshape(B, self.heads, L, self.hd).transpose(1, 2).reshape(B, L, D)        # [B, L, D]
+        o = attend(q, k, v, mask, self.hd ** -0.5)                             # [B, H, L, hd]
+        o = o.transpose(1, 2).reshape(B, L, D)                                 # [B, L, D]
         x = x + a.o_proj(o)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -899,34 +937,36 @@ class Qwen25VL(nn.Module):
         return h.masked_scatter(img[..., None].expand_as(h), feats.to(h.dtype))  # [B, L, D]
 
     def _attention_mask(self, mask, padded: bool, cache: KVCache | None, slots, S: int):
-        """The attention mask of a chunk (mask [B, L]: its real tokens; padded: it came with a mask; slots, S: where
-        KVCache.place put it and the key slots its queries read), in the one form every DecoderLayer takes.
-        "causal": no padding anywhere and the chunk starts at position 0 (a prefill: SDPA's is_causal, the flash
-        path). None: no padding anywhere, one token (a decode step sees every key). Otherwise a bool tensor, True =
-        attend: [B, 1, G*L, S] (row g*L + l is query l of head g of a KV group: GQA without copying) or [B, 1, 1, S]
-        for one token. A real query sees its row's keys up to itself; a padding query sees slot 0 (no all-False row;
-        cache slots start zeroed), never used."""
+        """How the queries of a chunk see the keys (mask [B, L]: its real tokens; padded: it came with a mask; slots,
+        S: where KVCache.place put it and the key slots its queries read), in a form `attend` takes. A real query sees
+        its row's real keys up to itself; no mask is ever [B, 1, G*L, S] or [B, 1, L, S]:
+        - an int, the cached keys before the chunk (0: none): no padding in the chunk or before it (a prefill, an
+          aligned cache append, a training batch padded on the right only, whose real queries never see a pad).
+        - None / bool [B, 1, 1, S]: one token per row, no padding / some (a decode step, as decode.step_graph).
+        - [(row, queries, keys, cached keys before)]: anything else of more than one token (left padding, ragged
+          turns, a cache with padding before), each row over its own real tokens; rows with none are left out.
+        """
         B, L = mask.shape
-        dev = mask.device
-        keys = torch.arange(S, device=dev)                                    # [S]
-        if cache is not None:   # keys packed per row (KVCache.place): a real query sees its row up to its own slot
-            if isinstance(slots, int):  # aligned, no padding: the same slots in every row
-                if slots == 0:
-                    return "causal"
-                if L == 1:
-                    return None
-                slots = slots + torch.arange(L, device=dev)[None, :]          # [1, L]
-            attn = keys < torch.where(mask, slots + 1, 1)[..., None]          # [B, L, S]
-        else:   # keys = the chunk itself: causal over real keys; right padding only (training) is still causal
+        keys = torch.arange(S, device=mask.device)                            # [S]
+        if cache is None:   # keys = the chunk itself
             lengths = mask.long().sum(1)
             if not padded or bool((mask == (keys[None, :] < lengths[:, None])).all()):
-                return "causal"   # real rows never see a pad under causal attention: the flash path's result
-            attn = mask[:, None, :] & (keys[None, :] <= keys[:, None])[None]  # [B, L, S]
-            attn[:, keys, keys] = True                                        # padding queries: themselves
+                return 0
+        elif isinstance(slots, int):   # aligned, no padding: the same slots in every row
+            return None if L == 1 else slots
         if L == 1:
-            return attn[:, None]                                              # [B, 1, 1, S]
-        G = self.cfg.text.num_attention_heads // self.cfg.text.num_key_value_heads
-        return attn[:, None, None].expand(B, 1, G, L, S).reshape(B, 1, G * L, S)  # [B, 1, G*L, S]
+            return (keys < torch.where(mask, slots + 1, 1))[:, None, None]    # [B, 1, 1, S] (pad: slot 0, unused)
+        rows = []
+        before = [0] * B if cache is None else cache.length.tolist()          # each row's cached tokens
+        for b, real in enumerate(mask.cpu()):
+            cols = torch.nonzero(real).flatten()                              # [n] the row's real tokens
+            n = len(cols)
+            if n == 0:
+                continue
+            q = slice(int(cols[0]), int(cols[-1]) + 1) if int(cols[-1] - cols[0]) == n - 1 else cols.to(mask.device)
+            k = q if cache is None else slice(0, before[b] + n)   # cached: KVCache.place packed them after its own
+            rows.append((b, q, k, before[b]))
+        return rows
 
     def _run(self, input_ids, mask, pixel_values, image_grid_thw, cache: KVCache | None):
         """One chunk through the decoder: input_ids [B, L] -> final-norm hidden states [B, L, D]. mask [B, L] (False =

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import model as M
@@ -385,3 +386,36 @@ def test_image_limits_from_preprocessor_config(tmp_path):
     pp_path.write_text(json.dumps(pp))
     with pytest.raises(ValueError, match="min_pixels/max_pixels"):
         ck.read_image_limits(d)
+
+
+def test_ragged_chunks_build_no_head_group_mask(monkeypatch):
+    """A left-padded prefill and a ragged cached append (a crop turn) hand SDPA no mask for rows that start at slot
+    0 and at most one row's [n, s] mask otherwise, never [B, 1, G*L, S] or [B, 1, L, S]; logits as a full forward."""
+    m = ours(tiny_dir())
+    G = m.cfg.text.num_attention_heads // m.cfg.text.num_key_value_heads
+    assert G > 1
+    masks, real = [], F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None:
+            masks.append(attn_mask.numel())
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    grids = [(1, 8, 8)]
+    prompts = [seq(m.cfg, grids), [5, 6, 7], seq(m.cfg, [], text=tuple(range(5, 25)))]
+    turns = [[40, 41], [30, 31, 32, 33, 34, 35, 36], [50, 51, 52, 53]]
+    ids, mask = left_pad(prompts, m.cfg.pad_token_id)
+    cache = m.new_cache(3)
+    with torch.no_grad():
+        m.extend(cache, ids, mask.bool(), *pixels(grids))
+        assert masks == []                                     # every row from slot 0: is_causal, no mask
+        L = max(len(t) for t in turns)
+        chunk = torch.tensor([t + [0] * (L - len(t)) for t in turns])
+        got = m.extend(cache, chunk, torch.tensor([[1] * len(t) + [0] * (L - len(t)) for t in turns]).bool())
+        for r in range(3):
+            full = m(torch.tensor([prompts[r] + turns[r]]), *(pixels(grids) if r == 0 else (None, None)))[0]
+            assert (got[r, :len(turns[r])] - full[-len(turns[r]):]).abs().max() <= TOL
+    rows = [len(t) * (len(p) + len(t)) for p, t in zip(prompts, turns)]   # one row's [n, s]
+    assert max(masks) == max(rows) < L * (max(len(p) for p in prompts) + L)   # < even one [L, S]
+

@@ -263,13 +263,27 @@ def _inv_freq(dim: int, theta: float, device) -> torch.Tensor:
 
 # ---- Vision tower --------------------------------------------------------------------------------------------------
 
+# Segments (windows) per SDPA call in the vision tower. CUDA's attention kernels put the batch on one axis of their
+# launch grid (flash: y, memory-efficient: z), which holds at most 65,535 blocks; 1,024 windows make one 12.8 M pixel
+# image, so only a batch of very many images reaches this, and is then split into calls of this many windows.
+WINDOWS_PER_CALL = 32768
+
+
+def _segment_attention(q, k, v, scale):
+    """Unmasked SDPA over q, k, v [n, H, len, d] (one segment per batch row), WINDOWS_PER_CALL segments a call."""
+    calls = [F.scaled_dot_product_attention(q[i:i + WINDOWS_PER_CALL], k[i:i + WINDOWS_PER_CALL],
+                                            v[i:i + WINDOWS_PER_CALL], scale=scale)        # [<= W, H, len, d]
+             for i in range(0, q.shape[0], WINDOWS_PER_CALL)]
+    return calls[0] if len(calls) == 1 else torch.cat(calls)                                # [n, H, len, d]
+
+
 class _Segments:
     """Contiguous segments of a packed sequence (cu_seqlens) attended to separately, batched by length.
 
-    Segments of equal length are gathered into one [n, H, len, d] batch and go through one unmasked SDPA call, so a
-    layer makes one call per distinct window size (1 to ~4 per image size), never one per window. Each segment sees
-    exactly the kernel transformers' per-window calls see, so results match it bit for bit where the kernel is
-    batch-invariant (CPU: checked in bf16 too).
+    Segments of equal length are gathered into one [n, H, len, d] batch and go through one unmasked SDPA call (more
+    past WINDOWS_PER_CALL segments), so a layer makes one call per distinct window size (1 to ~4 per image size),
+    never one per window. Each segment sees exactly the kernel transformers' per-window calls see, so results match
+    it bit for bit where the kernel is batch-invariant (CPU: checked in bf16 too).
     """
 
     def __init__(self, cu: list[int], device):
@@ -292,12 +306,12 @@ class _Segments:
         N, H, d = q.shape
         if self.groups is None:
             q, k, v = (t.view(self.n, self.lmax, H, d).transpose(1, 2) for t in (q, k, v))  # [S, H, len, d]
-            o = F.scaled_dot_product_attention(q, k, v, scale=scale)                      # [S, H, len, d]
+            o = _segment_attention(q, k, v, scale)                                         # [S, H, len, d]
             return o.transpose(1, 2).reshape(N, H, d)
         outs = []
         for n, idx in self.groups:
             qg, kg, vg = (t[idx].transpose(1, 2) for t in (q, k, v))                      # [S_n, H, n, d]
-            o = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)                   # [S_n, H, n, d]
+            o = _segment_attention(qg, kg, vg, scale)                                      # [S_n, H, n, d]
             outs.append(o.transpose(1, 2).reshape(-1, H, d))
         return torch.cat(outs)[self.inverse]                                               # [N, H, d]
 

@@ -419,3 +419,17 @@ def test_ragged_chunks_build_no_head_group_mask(monkeypatch):
     rows = [len(t) * (len(p) + len(t)) for p, t in zip(prompts, turns)]   # one row's [n, s]
     assert max(masks) == max(rows) < L * (max(len(p) for p in prompts) + L)   # < even one [L, S]
 
+
+def test_vision_windows_split_past_the_call_limit(monkeypatch):
+    """More than WINDOWS_PER_CALL windows of one size go through several SDPA calls: the same features, bit for bit."""
+    m = ours(tiny_dir())
+    pv, g = pixels([(1, 16, 24)])                              # 2 x 3 windows of 8 x 8 patches
+    with torch.no_grad():
+        one = m.visual(pv, g)
+    calls, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
+    monkeypatch.setattr(M, "WINDOWS_PER_CALL", 2)
+    with torch.no_grad():
+        split = m.visual(pv, g)
+    assert calls == [2, 2, 2, 1]                               # block 0: 6 windows in three calls; block 1: the image
+    assert torch.equal(one, split)

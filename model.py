@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -771,6 +772,52 @@ def _load_weights(model: nn.Module, directory: str):
                                   f"truncated or corrupt, download it again") from e
 
 
+# ---- Log-probs of chosen tokens -----------------------------------------------------------------------------------
+# Training scores a few tokens per position (the next token: GRPO's log-probs, SFT's cross-entropy) out of a
+# 152,064-word vocabulary. The [B, T, V] logits of a batch are ~10 GB in fp32 at 4 x 4k tokens, and the log-softmax,
+# its gradient and the copies on the way several times that. Here only the positions that are scored go through the
+# head, LOGPROB_CHUNK at a time, each chunk checkpointed: its [chunk, V] logits live while it runs in the forward
+# and again while its backward runs (recomputed), never all at once. verl and TRL chunk their log-probs the same way;
+# Liger-Kernel fuses the head and the loss in one kernel, which GRPO's non-linear loss of the log-probs does not allow
+# (the gradient of a log-prob is known only after the whole loss is).
+
+LOGPROB_CHUNK = 1024   # scored positions per chunk: [1024, 152,064] fp32 logits are 0.6 GB
+
+
+def policy_log_softmax(logits, banned=(), temperature=1.0):
+    """The sampling policy's log-distribution: logits [..., V] with the `banned` ids at -inf, divided by the
+    temperature, log-softmax in float32 -> [..., V] (cof.py samples from it; token_logprobs scores with it)."""
+    x = logits.float()
+    if len(banned):
+        x = x.index_fill(-1, torch.as_tensor(banned, device=x.device), float("-inf"))
+    return torch.log_softmax(x / temperature, dim=-1)                                      # [..., V]
+
+
+def _chunk_logprobs(h, weight, targets, banned, temperature, entropy: bool):
+    """token_logprobs of one chunk: h [c, D] -> (log p(targets) [c], the entropy [c] without gradient, or None)."""
+    lp = policy_log_softmax(F.linear(h, weight), banned, temperature)                      # [c, V]
+    logp = lp.gather(-1, targets[:, None])[:, 0]                                           # [c]
+    if not entropy:
+        return logp, None
+    with torch.no_grad():
+        return logp, -(lp.exp() * lp.nan_to_num(0.0)).sum(-1)                              # [c] (banned ids add 0)
+
+
+def token_logprobs(h, weight, targets, banned=(), temperature=1.0, entropy=False, chunk=None):
+    """log p(targets) [N] under policy_log_softmax(h @ weight.T, banned, temperature), for hidden states h [N, D] and
+    the head weight [V, D], `chunk` positions at a time (default LOGPROB_CHUNK; see above); with `entropy`, also the
+    distribution's entropy at each position [N] (no gradient), else None. Values and gradients are the dense
+    computation's (tests/test_model.py)."""
+    chunk = chunk or LOGPROB_CHUNK
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    parts = []
+    for i in range(0, max(1, h.shape[0]), chunk):   # no position: one empty chunk (the graph stays connected)
+        args = (h[i:i + chunk], weight, targets[i:i + chunk], banned, temperature, entropy)
+        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
+    logp, ent = zip(*parts)
+    return torch.cat(logp), (torch.cat(ent) if entropy else None)                          # [N], [N]
+
+
 # ---- The model -----------------------------------------------------------------------------------------------------
 
 class Qwen25VL(nn.Module):
@@ -856,9 +903,13 @@ class Qwen25VL(nn.Module):
     def device(self):
         return self.model.embed_tokens.weight.device
 
+    @property
+    def head_weight(self):
+        """The output head's weight [V, D]: lm_head's, or the embedding's when tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def _lm_head(self, h):
-        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w)
+        return F.linear(h, self.head_weight)
 
     def text_inv_freq(self, device=None) -> torch.Tensor:
         """The text rotary frequencies [hd/2], fp32, on `device` (default: the model's); cached."""
@@ -1011,11 +1062,22 @@ class Qwen25VL(nn.Module):
             cache.append(mask, padded, S, new_next, last)
         return h
 
-    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None):
+    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, targets=None,
+                banned=(), temperature=1.0, entropy=False):
         """Full forward without cache. input_ids [B, T] (any padding, marked by attention_mask [B, T]);
         pixel_values [N, 1176] + image_grid_thw [n_img, 3] for the images in order of their <|image_pad|> runs,
-        row-major over the batch. Returns logits [B, T, V] (padding positions hold garbage)."""
-        return self._lm_head(self._run(input_ids, attention_mask, pixel_values, image_grid_thw, None))  # [B, T, V]
+        row-major over the batch. Returns logits [B, T, V] (padding positions hold garbage).
+        With targets [B, T] (the token position t is scored on, usually input_ids[:, t + 1]; negative: none), no
+        logits: (logp [B, T], the log-probs of the targets under policy_log_softmax(logits, banned, temperature), 0
+        where no target; entropy [B, T] without gradient, or None), by token_logprobs: only the scored positions go
+        through the head, in chunks. Training calls this through the model (so DDP / FSDP see the head's use)."""
+        h = self._run(input_ids, attention_mask, pixel_values, image_grid_thw, None)       # [B, T, D]
+        if targets is None:
+            return self._lm_head(h)                                                        # [B, T, V]
+        sel = targets.to(h.device) >= 0                                                    # [B, T]
+        lp, ent = token_logprobs(h[sel], self.head_weight, targets.to(h.device)[sel], banned, temperature, entropy)
+        logp = torch.zeros(sel.shape, device=h.device).masked_scatter(sel, lp)             # [B, T]
+        return logp, (None if ent is None else torch.zeros(sel.shape, device=h.device).masked_scatter(sel, ent))
 
     # ---- cache API -------------------------------------------------------------------------------------------------
 

@@ -388,6 +388,59 @@ def test_image_limits_from_preprocessor_config(tmp_path):
         ck.read_image_limits(d)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+@pytest.mark.parametrize("case", ["grpo", "sft"])
+def test_token_logprobs_equal_the_dense_computation(case, chunk, monkeypatch):
+    """forward(targets=...) puts only the scored positions through the head, `chunk` at a time (7 divides neither T
+    nor their count): the log-probs (and GRPO's entropies) of policy_log_softmax over the full logits, the same
+    gradient of every weight, and no tensor with more than `chunk` rows of V columns, forward or backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    m = M.Qwen25VL.from_pretrained(tiny_dir())
+    V = m.cfg.text.vocab_size
+    grids = [(1, 8, 12)]
+    rows = [seq(m.cfg, grids, text=tuple(range(5, 20))), list(range(5, 30))]
+    ids, mask = left_pad(rows, m.cfg.pad_token_id)                                     # left padding: ragged rows
+    pv, g = pixels(grids)
+    banned = [m.cfg.image_token_id, m.cfg.vision_start_token_id]                        # never a GRPO target
+    scored = mask.bool() & (torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.8)
+    scored &= ~torch.isin(ids.roll(-1, 1), torch.tensor(banned))
+    scored[:, -1] = False
+    targets = torch.where(scored, ids.roll(-1, 1), -100)                               # [B, T]
+    n = int(scored.sum())
+    assert n % 7 and ids.shape[1] % 7 and n > 20
+    kw = dict(banned=banned, temperature=0.7) if case == "grpo" else {}
+    lp_all = M.policy_log_softmax(m(ids, pv, g, attention_mask=mask), **kw)            # [B, T, V] the dense way
+    ref = lp_all[scored].gather(-1, targets[scored][:, None])[:, 0]                    # [n]
+    ref_ent = -(lp_all.exp() * lp_all.nan_to_num(0.0)).sum(-1)[scored]
+    weight = torch.randn(n, generator=torch.Generator().manual_seed(2))                # a loss of the log-probs
+    (ref * weight).sum().backward()
+    dense = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+
+    class Widest(TorchDispatchMode):   # the most rows of V columns an op makes (views, e.g. of the head, aside)
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == V and not func.is_view:
+                    Widest.rows = max(Widest.rows, t.numel() // V)
+            return out
+
+    monkeypatch.setattr(M, "LOGPROB_CHUNK", chunk)
+    with Widest():
+        logp, ent = m(ids, pv, g, attention_mask=mask, targets=targets, entropy=case == "grpo", **kw)
+        (logp[scored] * weight).sum().backward()
+    assert Widest.rows == min(chunk, n)
+    assert torch.all(logp[~scored] == 0) and (logp[scored] - ref).abs().max() <= 1e-5
+    if case == "grpo":
+        assert (ent[scored] - ref_ent).abs().max() <= 1e-5 and not ent.requires_grad
+    for k, p in m.named_parameters():
+        scale = max(1.0, dense[k].abs().max().item())
+        assert (p.grad - dense[k]).abs().max() <= 1e-5 * scale, k
+
+
 def test_ragged_chunks_build_no_head_group_mask(monkeypatch):
     """A left-padded prefill and a ragged cached append (a crop turn) hand SDPA no mask for rows that start at slot
     0 and at most one row's [n, s] mask otherwise, never [B, 1, G*L, S] or [B, 1, L, S]; logits as a full forward."""

@@ -419,9 +419,10 @@ def causal_attention(q, k, v, prefix: int, scale):
     float mask of its own shape; on the CPU the flash kernel takes masks (broadcast over batch and heads) and GQA; on
     CUDA the flash kernel takes GQA but no mask, and the memory-efficient kernel a mask but not GQA, so a mask with
     enable_gqa runs the math kernel there (K/V repeated per query head, [B, H, n, s] scores). Hence: prefix 0 is
-    is_causal with enable_gqa (flash on both), and a prefix (a cache append) puts each KV head's G query heads on
-    the head axis against K/V expanded to them (a view, not a copy) under one [n, s] mask that broadcasts over
-    everything (CPU: flash; CUDA: memory-efficient)."""
+    is_causal with enable_gqa (flash on the CPU, and on CUDA in bf16/fp16; CUDA's fp32 has no flash kernel and runs
+    it in the math kernel), and a prefix (a cache append) puts each KV head's G query heads on the head axis against
+    K/V expanded to them (a view, not a copy) under one [n, s] mask that broadcasts over everything (CPU: flash;
+    CUDA: memory-efficient)."""
     if prefix == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     B, H, n, hd = q.shape
@@ -436,16 +437,14 @@ def attend(q, k, v, how, scale):
     """Attention of q [B, H, L, hd] over k, v [B, KV, S, hd] -> [B, H, L, hd], in the form `Qwen25VL._attention_mask`
     chose for the chunk; K/V are never copied per query head and no mask is larger than one row's [L, S]:
     - an int P: every row alike, causal with a prefix (causal_attention; P = 0: a prefill, P = S - L: an append);
-    - [(row, queries, keys, P)]: a ragged chunk, one causal_attention per row over its own real queries and keys (a
-      slice, or an index where they are not contiguous): no padding computed; padding queries get 0;
+    - [(queries, key row, keys, P)]: a ragged chunk packed into one row of real tokens (B = 1), one causal_attention
+      per row of the batch over its segment of queries and its own keys: no padding computed or masked;
     - a bool [B, 1, 1, S] (True = attend) or None: one token per row (a decode step). The G query heads of a KV head
       become G query rows of it, and the mask broadcasts over them."""
-    if isinstance(how, list):                                                 # ragged: row by row
-        o = q.new_zeros(q.shape)                                              # [B, H, L, hd]
-        for b, qi, ki, prefix in how:
-            qb, kb, vb = q[b, :, qi][None], k[b, :, ki][None], v[b, :, ki][None]   # [1, H, n, hd], [1, KV, s, hd]
-            o[b, :, qi] = causal_attention(qb, kb, vb, prefix, scale)[0]
-        return o
+    if isinstance(how, list):   # a packed ragged chunk (q: one row): each row's segment over its own keys
+        parts = [causal_attention(q[:, :, seg], k[r:r + 1, :, keys], v[r:r + 1, :, keys], prefix, scale)
+                 for seg, r, keys, prefix in how]                             # [1, H, n, hd] each
+        return torch.cat(parts, 2) if parts else q                            # [1, H, N, hd]
     if isinstance(how, int):                                                  # every row alike
         return causal_attention(q, k, v, how, scale)
     B, H, L, hd = q.shape                                                     # one token per row (L == 1)
@@ -469,8 +468,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv: tuple | None):
         """x [B, L, D]; cos/sin [B, 1, L, hd]; kv = (k_cache, v_cache, slots, S): write this chunk's keys/values at
-        `slots` (int: [slots, slots + L) of every row; [B, L]: per row, see KVCache.place), attend to the first S
-        slots; or None (no cache). mask: as `Qwen25VL._attention_mask` documents."""
+        `slots` (int: [slots, slots + L) of every row; [B, L]: per row, see KVCache.place; (rows, slots) [L] each: a
+        packed chunk, B = 1), attend to the first S slots; or None (no cache). mask: as `Qwen25VL._attention_mask`
+        documents."""
         B, L, D = x.shape
         a = self.self_attn
         h = self.input_layernorm(x)
@@ -484,6 +484,11 @@ class DecoderLayer(nn.Module):
             if isinstance(slots, int):  # every row appends at the same slots
                 kc[:, :, slots:slots + L] = k
                 vc[:, :, slots:slots + L] = v
+            elif isinstance(slots, tuple):   # a packed chunk (one row): token i to cache row rows[i], slot at[i]
+                rows, at = slots                                                     # [N], [N]
+                heads = torch.arange(self.kv_heads, device=x.device)[:, None]       # [KV, 1]
+                kc[rows, heads, at] = k[0].to(kc.dtype)                              # [KV, N] <- [KV, N, hd]
+                vc[rows, heads, at] = v[0].to(vc.dtype)
             else:                       # each row at its own slots (index_put_: compiled, it writes in place)
                 rows = torch.arange(B, device=x.device)[:, None, None]                # [B, 1, 1]
                 heads = torch.arange(self.kv_heads, device=x.device)[None, :, None]  # [1, KV, 1]
@@ -536,7 +541,8 @@ class KVCache:
     def place(self, mask, padded: bool):
         """Where a chunk's keys/values go, as (slots, S): S is the number of slots its queries read. Aligned and
         without padding: slots is the int `size` (the same slots of every row). Otherwise slots [B, L]: row b's real
-        tokens at length[b], length[b] + 1, ... and its padding tokens after them (written, never read as keys)."""
+        tokens at length[b], length[b] + 1, ... and its padding tokens after them (never read as keys; a chunk of
+        several tokens is packed and does not write them)."""
         L = mask.shape[1]
         self.reserve(L)
         if self.aligned and not padded:
@@ -781,7 +787,7 @@ def _load_weights(model: nn.Module, directory: str):
 # Liger-Kernel fuses the head and the loss in one kernel, which GRPO's non-linear loss of the log-probs does not allow
 # (the gradient of a log-prob is known only after the whole loss is).
 
-LOGPROB_CHUNK = 1024   # scored positions per chunk: [1024, 152,064] fp32 logits are 0.6 GB
+LOGPROB_CHUNK = 512   # scored positions per chunk: [512, 152,064] fp32 logits are 0.3 GB
 
 
 def policy_log_softmax(logits, banned=(), temperature=1.0):
@@ -1006,31 +1012,28 @@ class Qwen25VL(nn.Module):
         S: where KVCache.place put it and the key slots its queries read), in a form `attend` takes. A real query sees
         its row's real keys up to itself; no mask is ever [B, 1, G*L, S] or [B, 1, L, S]:
         - an int, the cached keys before the chunk (0: none): no padding in the chunk or before it (a prefill, an
-          aligned cache append, a training batch padded on the right only, whose real queries never see a pad).
+          aligned cache append, a training batch of equal rows).
         - None / bool [B, 1, 1, S]: one token per row, no padding / some (a decode step, as decode.step_graph).
-        - [(row, queries, keys, cached keys before)]: anything else of more than one token (left padding, ragged
-          turns, a cache with padding before), each row over its own real tokens; rows with none are left out.
+        - [(queries, key row, keys, cached keys before)]: anything else of more than one token (padding, ragged turns,
+          a cache with padding before). `_run` then packs the real tokens of all rows into one row (row-major)
+          and computes nothing for padding: row b's tokens are the segment `queries` of it, its keys that segment
+          (no cache) or slots [0, before + n) of cache row b. Rows without real tokens are left out.
         """
         B, L = mask.shape
-        keys = torch.arange(S, device=mask.device)                            # [S]
-        if cache is None:   # keys = the chunk itself
-            lengths = mask.long().sum(1)
-            if not padded or bool((mask == (keys[None, :] < lengths[:, None])).all()):
-                return 0
-        elif isinstance(slots, int):   # aligned, no padding: the same slots in every row
+        if cache is None and (not padded or L == 1 or bool(mask.all())):     # keys = the chunk itself
+            return 0
+        if isinstance(slots, int):     # aligned, no padding: the same slots in every row
             return None if L == 1 else slots
         if L == 1:
+            keys = torch.arange(S, device=mask.device)                        # [S]
             return (keys < torch.where(mask, slots + 1, 1))[:, None, None]    # [B, 1, 1, S] (pad: slot 0, unused)
-        rows = []
+        rows, end = [], 0
         before = [0] * B if cache is None else cache.length.tolist()          # each row's cached tokens
-        for b, real in enumerate(mask.cpu()):
-            cols = torch.nonzero(real).flatten()                              # [n] the row's real tokens
-            n = len(cols)
-            if n == 0:
-                continue
-            q = slice(int(cols[0]), int(cols[-1]) + 1) if int(cols[-1] - cols[0]) == n - 1 else cols.to(mask.device)
-            k = q if cache is None else slice(0, before[b] + n)   # cached: KVCache.place packed them after its own
-            rows.append((b, q, k, before[b]))
+        for b, n in enumerate(mask.long().sum(1).tolist()):                   # n: the row's real tokens
+            seg = slice(end, end + n)                                         # row b's part of the packed row
+            if n:   # cached: KVCache.place put them right after the row's own
+                rows.append((seg, 0, seg, 0) if cache is None else (seg, b, slice(0, before[b] + n), before[b]))
+            end += n
         return rows
 
     def _run(self, input_ids, mask, pixel_values, image_grid_thw, cache: KVCache | None):
@@ -1047,13 +1050,22 @@ class Qwen25VL(nn.Module):
         grids = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in torch.as_tensor(image_grid_thw).tolist()]
         next_pos = torch.zeros(B, dtype=torch.long, device=dev) if cache is None else cache.next_pos
         pos, new_next = self._positions(input_ids, mask, next_pos, grids)    # [3, B, L], [B]
-        h = self._embed(input_ids, mask, pixel_values, grids)                 # [B, L, D]
-        cos, sin = self._text_rope(pos, h.dtype)                              # [B, 1, L, hd]
         slots, S = (None, L) if cache is None else cache.place(mask, padded)   # where K/V go, keys to read
         attn = self._attention_mask(mask, padded, cache, slots, S)
+        ids, on = input_ids, mask
+        if isinstance(attn, list):   # ragged: the real tokens packed into one row, padding never computed
+            real = mask.flatten().nonzero()[:, 0]                             # [N] row-major
+            ids, pos = input_ids.flatten()[real][None], pos.flatten(1)[:, real][:, None]   # [1, N], [3, 1, N]
+            on = torch.ones_like(ids, dtype=torch.bool)                       # [1, N]
+            if cache is not None:
+                slots = (real // L, slots.flatten()[real])                    # [N], [N]: each token's row and slot
+        h = self._embed(ids, on, pixel_values, grids)                         # [B, L, D] (packed: [1, N, D])
+        cos, sin = self._text_rope(pos, h.dtype)                              # [B, 1, L, hd]
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, attn, None if cache is None else (cache.k[i], cache.v[i], slots, S))
         h = self.model.norm(h)                                                # [B, L, D]
+        if isinstance(attn, list):   # unpacked: [B, L, D], 0 at padding
+            h = h.new_zeros(B * L, h.shape[-1]).index_copy(0, real, h[0]).view(B, L, -1)
         if cache is not None:
             if padded:  # the last True of each mask row (a row with none: slot L - 1, which append ignores)
                 last = h[torch.arange(B, device=dev), L - 1 - mask.flip(1).long().argmax(1)]  # [B, D]

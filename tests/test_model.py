@@ -122,7 +122,7 @@ def test_padded_batch_matches_transformers():
         with torch.no_grad():
             single = m(torch.tensor([row]), pr, gg)
         assert (a[r][real[r]] - single[0]).abs().max() <= TOL
-    # right padding (sft.py's batches) takes the causal flash path: the real rows still match transformers
+    # right padding (sft.py's batches): the real rows still match transformers
     L = max(len(r) for r in rows)
     ids = torch.tensor([r + [m.cfg.pad_token_id] * (L - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])
@@ -480,7 +480,8 @@ def test_vision_windows_split_past_the_call_limit(monkeypatch):
     with torch.no_grad():
         one = m.visual(pv, g)
     calls, real = [], F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
     monkeypatch.setattr(M, "WINDOWS_PER_CALL", 2)
     with torch.no_grad():
         split = m.visual(pv, g)

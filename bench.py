@@ -19,6 +19,8 @@ the released loop's cost model (`Reencode`) is a baseline, not a way to run CoF.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import math
 import os
 import shutil
@@ -28,6 +30,7 @@ import time
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 import checks
 import cof
@@ -460,15 +463,246 @@ THREADS = checks.arg(lo=0, hi=checks.THREADS_MAX, whole=True)
 DEVICE = checks.arg(lambda text, name: str(checks.device(text, name)))
 
 
-def _hidden(text, name):
-    """--hidden: the random models' hidden size, a multiple of 64 (their attention heads are 64 or 16 * k wide)."""
-    h = checks.parse_number(text, name, lo=64, whole=True)
-    if h % 64:
-        raise ValueError(f"must be a multiple of 64, got {h}")
+def _hidden(text, name, step=64):
+    """--hidden: the random models' hidden size, a multiple of `step` (64: their attention heads are 64 or 16 * k
+    wide; 128 for memory's 7B head dim)."""
+    h = checks.parse_number(text, name, lo=step, whole=True)
+    if h % step:
+        raise ValueError(f"must be a multiple of {step}, got {h}")
     return h
 
 
+def _parts(text, name):
+    """--parts: a comma list of attention / logprobs."""
+    parts = [checks.one_of(p.strip(), name, ("attention", "logprobs")) for p in text.split(",")]
+    return parts
+
+
+def _lengths(text, name):
+    """--lengths: a comma list of prompt lengths, each a whole number >= 8 and a multiple of 8 (4 prompts: L/8 ...)."""
+    out = [checks.parse_number(v, name, lo=8, whole=True) for v in text.split(",")]
+    if any(v % 8 for v in out):
+        raise ValueError(f"each length must be a multiple of 8, got {text!r}")
+    return out
+
+
+def _batches(text, name):
+    """--batches: a comma list of ROWSxTOKENS, e.g. 2x2048,4x4096."""
+    out = []
+    for b in text.split(","):
+        rows, x, tokens = b.strip().partition("x")
+        if not x:
+            raise ValueError(f"each batch is ROWSxTOKENS such as 2x2048, got {b!r}")
+        out.append((checks.parse_number(rows, name, lo=1, whole=True), checks.parse_number(tokens, name, lo=2, whole=True)))
+    return out
+
+
 HIDDEN = checks.arg(_hidden)
+# --------------------------------------------------------------------------------------------------------------------
+# python bench.py memory
+
+class _Peak:
+    """Peak memory of a call above what was in use before it, and its seconds. CUDA: torch.cuda.max_memory_allocated;
+    CPU: the process's resident peak (VmHWM of /proc/self/status, reset by writing 5 to /proc/self/clear_refs)."""
+
+    def __init__(self, device):
+        self.device = device
+        if device.type == "cpu" and not os.access("/proc/self/clear_refs", os.W_OK):
+            raise SystemExit("bench.py memory measures a CPU peak through /proc/self/clear_refs (Linux >= 4.0), which "
+                             "this system does not let it write; run it on Linux, or with --device cuda")
+
+    @staticmethod
+    def _kib(path, field):
+        with open(path) as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    def free_gib(self):
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0] / 2**30
+        return self._kib("/proc/meminfo", "MemAvailable") / 2**20
+
+    def __call__(self, fn):
+        """(peak GiB above the memory in use before fn(), seconds); fn's result is dropped."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")                                                    # VmHWM := VmRSS
+            before = 1024 * self._kib("/proc/self/status", "VmRSS")
+        t0 = time.perf_counter()
+        fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            top = torch.cuda.max_memory_allocated(self.device)
+        else:
+            top = 1024 * self._kib("/proc/self/status", "VmHWM")
+        return (top - before) / 2**30, time.perf_counter() - t0
+
+
+def _ragged(lengths, left, generator, device):
+    """Random text ids [B, max(lengths)] and their mask: row b has lengths[b] real tokens, padded left or right."""
+    L = max(lengths)
+    ids = torch.randint(5, 500, (len(lengths), L), generator=generator)
+    real = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]                        # [B, L] right-padded
+    return ids.to(device), (real.flip(1) if left else real).to(device)
+
+
+def _memory_attention(a, device, peak):
+    """(a) Ragged batches through one decoder layer at Qwen2.5-VL-7B's attention shapes (28 query heads, 4 KV heads,
+    head dim 128; the MLP and the vocabulary cut to sizes attention memory does not depend on): for each L of
+    --lengths, 4 left-padded prompts of L/8, L/4, L/2 and L tokens (prefill), then one crop turn of --turn, 3/4, 1/2
+    and 1/4 of it appended to the cache (ragged); ours (extend) and transformers' Qwen2.5-VL on one checkpoint."""
+    from transformers import Qwen2_5_VLForConditionalGeneration  # benchmark-only dependency
+
+    d = tempfile.mkdtemp(prefix="bench_memory_")
+    tiny.make_tiny(d, hidden_size=3584, num_layers=1, num_heads=28, num_kv_heads=4, intermediate_size=a.mlp,
+                   vision_hidden_size=32, vision_depth=1, vision_heads=2, vision_intermediate_size=64,
+                   fullatt_block_indexes=(0,))
+    ours = M.Qwen25VL.from_pretrained(d, dtype=a.dtype, device=device)
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=a.dtype).to(device).eval()
+    shutil.rmtree(d)
+    gen, rows = torch.Generator().manual_seed(0), []
+    for L in a.lengths:
+        lens, turns = [L // 8, L // 4, L // 2, L], [a.turn * k // 4 for k in (4, 3, 2, 1)]
+        prompt, pmask = _ragged(lens, True, gen, device)                                     # [4, L]
+        turn, tmask = _ragged(turns, False, gen, device)                                     # [4, turn]
+        hf, held = {}, {}   # the caches: made inside the measured call, as transformers' grows inside its own
+        with torch.no_grad():
+            prefill = peak(lambda: ours.extend(held.setdefault("cache", ours.new_cache(4, capacity=L + a.turn)),
+                                               prompt, pmask, last_only=True))
+            append = peak(lambda: ours.extend(held["cache"], turn, tmask, last_only=True))
+            del held["cache"]
+            hf_prefill = peak(lambda: hf.update(out=ref(input_ids=prompt, attention_mask=pmask, logits_to_keep=1)))
+            hf_append = peak(lambda: ref(input_ids=turn, attention_mask=torch.cat([pmask, tmask], 1),
+                                         past_key_values=hf.pop("out").past_key_values, logits_to_keep=1))
+        rows += [_mem_row(f"(a) prefill, 4 prompts of {'/'.join(map(_k, lens))} tokens", prefill, None, hf_prefill),
+                 _mem_row(f"(a) then a crop turn of {'/'.join(map(str, turns))} tokens", append, None, hf_append)]
+        print(f"measured: {rows[-2]}\nmeasured: {rows[-1]}", flush=True)
+    return rows
+
+
+def _k(n):
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _mem_row(case, ours, dense, hf):
+    """A table row from (GiB, seconds) of ours and of each baseline (None: not measured; said where decided)."""
+    row = dict(case=case, ours_GiB=ours[0])
+    for name, m in (("dense", dense), ("transformers", hf)):
+        row[f"{name}_GiB"] = "-" if m is None else m[0]
+        row[f"ours/{name}"] = "-" if m is None else f"{ours[0] / m[0]:.2f}x"
+    row.update(ours_s=ours[1], dense_s="-" if dense is None else dense[1], transformers_s="-" if hf is None else hf[1])
+    return row
+
+
+_GRPO, _REF, _SFT = ("GRPO log-probs + entropy, forward + backward", "reference log-probs, no gradient",
+                     "SFT loss, forward + backward")
+
+
+def _our_logprob_cases(net, ids, targets, banned):
+    """(b) ours: Qwen25VL.forward(targets=...), as grpo.token_logprobs and sft.sft_step call it."""
+    return {_GRPO: lambda: net(ids, targets=targets, banned=banned, entropy=True)[0].sum().backward(),
+            _REF: lambda: _no_grad(lambda: net(ids, targets=targets, banned=banned)),
+            _SFT: lambda: (-net(ids, targets=targets)[0].sum()).backward()}
+
+
+def _dense_logprob_cases(logits, targets, banned):
+    """(b) the dense computation from the full logits() [B, T, V]: grpo.token_logprobs and sft.sft_loss before
+    model.token_logprobs (the policy log-softmax, or cross-entropy, of the scored rows)."""
+    sel = targets >= 0                                                                       # [B, T]
+
+    def lp(entropy):
+        x = M.policy_log_softmax(logits()[sel], banned)                                      # [N, V]
+        with torch.no_grad():
+            ent = -(x.exp() * x.nan_to_num(0.0)).sum(-1) if entropy else None                # [N]
+        return x.gather(-1, targets[sel][:, None])[:, 0], ent                                # [N]
+
+    return {_GRPO: lambda: lp(True)[0].sum().backward(),
+            _REF: lambda: _no_grad(lambda: lp(False)),
+            _SFT: lambda: F.cross_entropy(logits()[sel].float(), targets[sel], reduction="sum").backward()}
+
+
+def _no_grad(fn):
+    with torch.no_grad():
+        fn()
+
+
+def _memory_logprobs(a, device, peak):
+    """(b) GRPO's policy log-probs (forward + backward, with the entropy), the reference's (no gradient) and SFT's loss
+    (forward + backward) for the B x T text tokens of --batches, every position scored (the next token), vocabulary
+    --vocab (152,064) and hidden --hidden (3,584, Qwen2.5-VL-7B's; the head's time grows with it, the memory of its
+    logits does not) in one decoder layer (head dim 128, GQA 7:1; the MLP cut to --mlp): ours,
+    the dense computation (full logits), and transformers' Qwen2.5-VL (its logits; SFT: its own loss from labels).
+    Embedding and head are frozen, as under the released LoRA recipe: a trained head's [V, D] gradient (2 GiB in
+    fp32) is the same for every method. A baseline that would not fit in the free memory (~5x the fp32 logits) is
+    skipped, saying so."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # benchmark-only dependency
+
+    d = tempfile.mkdtemp(prefix="bench_memory_")
+    tok = T.Tokenizer.from_pretrained(tiny.make_tiny(d))
+    shutil.rmtree(d)
+    cfg = tiny.qwen25vl_7b_config(tok)
+    heads = a.hidden // 128                                   # head dim 128, GQA 7:1 as at 7B (28 / 4 at 3,584)
+    cfg = replace(cfg, torch_dtype="float32", text=replace(cfg.text, num_hidden_layers=1, intermediate_size=a.mlp,
+                                                           vocab_size=a.vocab, hidden_size=a.hidden,
+                                                           num_attention_heads=heads,
+                                                           num_key_value_heads=max(1, heads // 7)),
+                  vision=replace(cfg.vision, depth=1, hidden_size=32, num_heads=2, intermediate_size=64,
+                                 fullatt_block_indexes=(0,)))
+    banned, results = cof.vision_token_ids(tok), {}
+
+    def measure(which, cases, B, Tn):
+        for case, fn in cases.items():
+            need = 5 * B * Tn * cfg.text.vocab_size * 4 / 2**30
+            if which != "ours" and need > 0.9 * peak.free_gib():
+                print(f"{which}, {case}, {B} x {Tn}: not run (needs ~{need:.0f} GiB, {peak.free_gib():.0f} GiB free)")
+                continue
+            results.setdefault((B, Tn, case), {})[which] = peak(fn)
+            print(f"measured: {which}, {case}, {B} x {Tn}: {results[(B, Tn, case)][which]}", flush=True)
+
+    net = tiny.random_model(cfg, device, a.dtype).train()
+    net.model.embed_tokens.requires_grad_(False)
+    net.lm_head.requires_grad_(False)
+    for B, Tn in a.batches:
+        ids = torch.randint(5, 500, (B, Tn), generator=torch.Generator().manual_seed(B * Tn)).to(device)
+        targets = F.pad(ids[:, 1:], (0, 1), value=-100)                                     # [B, T] all but the last
+        measure("ours", _our_logprob_cases(net, ids, targets, banned), B, Tn)
+        measure("dense", _dense_logprob_cases(lambda: net(ids), targets, banned), B, Tn)
+    del net
+    ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(cfg.to_hf())).to(device, a.dtype).train()
+    ref.get_input_embeddings().requires_grad_(False)
+    ref.lm_head.requires_grad_(False)
+    for B, Tn in a.batches:
+        ids = torch.randint(5, 500, (B, Tn), generator=torch.Generator().manual_seed(B * Tn)).to(device)
+        targets = F.pad(ids[:, 1:], (0, 1), value=-100)
+        cases = _dense_logprob_cases(lambda: ref(input_ids=ids).logits, targets, banned)
+        cases[_SFT] = lambda: ref(input_ids=ids, labels=ids).loss.backward()         # it shifts the labels itself
+        measure("transformers", cases, B, Tn)
+    return [_mem_row(f"(b) {case}, {B} x {_k(Tn)} tokens", r["ours"], r.get("dense"), r.get("transformers"))
+            for (B, Tn, case), r in results.items()]
+
+
+def bench_memory(a):
+    """`python bench.py memory`: the peak memory of (a) ragged attention and (b) log-probs and loss at 7B shapes,
+    ours against the dense computation and transformers, as a table with ratios (lower is better)."""
+    import transformers
+
+    device = torch.device(a.device)
+    peak = _Peak(device)
+    if device.type == "cpu":   # glibc to map every block of 64 KiB or more on its own (M_MMAP_THRESHOLD), so that a
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)   # freed tensor leaves the resident set: by default it keeps
+        # blocks up to 32 MiB for reuse, which a peak would count or not by chance. For this process: not in tests.
+    rows = (_memory_attention(a, device, peak) if "attention" in a.parts else []) + \
+        (_memory_logprobs(a, device, peak) if "logprobs" in a.parts else [])
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "resident peak, VmHWM"
+    print(f"peak memory above the model ({how}) on {where}, {a.dtype}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}")
+    print(cof.format_table(rows))
+    return rows
 
 
 def parser():
@@ -513,6 +747,25 @@ def parser():
     c.add_argument("--reps", type=POSITIVE, default=1, help="timed repetitions of the sampled rollouts (seeds 0, 1, ...)")
     c.add_argument("--cfg", action="append", metavar="KEY=VALUE",
                    help="CofConfig option for the sampled rollouts (repeatable), as in `cof.py eval --cfg`")
+    m = sub.add_parser("memory", help="peak memory: ragged attention, log-probs and loss at 7B shapes")
+    m.add_argument("--parts", type=checks.arg(_parts), default=["attention", "logprobs"],
+                   help="attention (a): ragged prefill + crop turn; logprobs (b): GRPO / reference / SFT")
+    m.add_argument("--lengths", type=checks.arg(_lengths), default=[2048, 4096, 8192, 16384],
+                   help="(a) longest prompt of each batch (4 prompts: L/8, L/4, L/2, L), a multiple of 8")
+    m.add_argument("--turn", type=checks.arg(lo=4, whole=True), default=1024,
+                   help="(a) longest crop turn appended (4 rows: 1, 3/4, 1/2, 1/4)")
+    m.add_argument("--batches", type=checks.arg(_batches), default=[(2, 2048), (4, 4096)],
+                   help="(b) rows x tokens, e.g. 2x2048,4x4096")
+    m.add_argument("--mlp", type=POSITIVE, default=1024, help="MLP width of the one layer (memory of attention and of "
+                                                              "the head does not depend on it)")
+    m.add_argument("--vocab", type=POSITIVE, default=152064, help="(b) vocabulary (Qwen2.5-VL's: 152,064)")
+    m.add_argument("--hidden", type=checks.arg(_hidden, step=128), default=3584,
+                   help="(b) hidden size, a multiple of 128 (7B: 3,584); the logits' memory does not depend on it, "
+                        "the time does")
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=DEVICE)
+    m.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="default: float32 on the CPU, bfloat16 on CUDA (its flash kernel's, and 7B's, dtype)")
+    m.add_argument("--threads", type=THREADS, default=0, help="CPU threads for torch (0 = torch's default)")
     return ap
 
 
@@ -532,6 +785,9 @@ def main(argv=None):
 def _run(ap, a):
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.what == "memory":
+        a.dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
+        return bench_memory(a)
     if a.what == "model":
         seven = a.preset == "7b"
         a.image = a.image or (1008 if seven else 448)

@@ -524,21 +524,11 @@ def _temperature(cfg):
     return cfg.temperature if cfg.do_sample and cfg.temperature > 0 else 1.0
 
 
-def policy_log_softmax(logits, banned=(), temperature=1.0):
-    """The sampling policy's log-distribution: logits [..., V] with the `banned` ids at -inf, divided by the
-    temperature, log-softmax in float32 -> [..., V]."""
-
-    x = logits.float()
-    if len(banned):
-        x = x.index_fill(-1, torch.as_tensor(banned, device=x.device), float("-inf"))
-    return torch.log_softmax(x / temperature, dim=-1)                                      # [..., V]
-
-
 def policy_logprobs(logits, tokens, banned=(), temperature=1.0):
-    """log p(tokens) under the sampling policy (policy_log_softmax); tokens [...] -> [...]. The zoom loop records
-    these at sampling time and grpo.py recomputes them in its training forward, so the two agree when the weights
-    have not changed."""
-    x = policy_log_softmax(logits, banned, temperature)                                    # [..., V]
+    """log p(tokens) under the sampling policy (model.policy_log_softmax); tokens [...] -> [...]. The zoom loop
+    records these at sampling time and grpo.py recomputes them in its training forward (model.token_logprobs), so
+    the two agree when the weights have not changed."""
+    x = M.policy_log_softmax(logits, banned, temperature)                                  # [..., V]
     return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)                                  # [...]
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import checks
@@ -277,9 +278,10 @@ def check_rewards(rewards, n):
 
 def token_logprobs(model, trajs, tokenizer, cfg, device, with_entropy=False):
     """One teacher-forced forward over a micro-batch of trajectories (right-padded, every image of every turn) ->
-    log p of each token under the policy the sampler used (cof.policy_logprobs: banned vision tokens, temperature),
-    as [B, T] with 0 where there is no generated token; the generated-token mask [B, T]; and the policy's entropy
-    at the generated tokens (no gradient) when asked. Position t holds the log-prob of token t (predicted at t-1)."""
+    log p of each token under the policy the sampler used (model.policy_log_softmax: banned vision tokens,
+    temperature), as [B, T] with 0 where there is no generated token; the generated-token mask [B, T]; and the
+    policy's entropy at the generated tokens [N] (no gradient) when asked. Position t holds the log-prob of token t
+    (predicted at t-1). Only the generated tokens go through the head, in chunks (model.token_logprobs)."""
     B, T = len(trajs), max(len(t.ids) for t in trajs)
     ids = torch.full((B, T), tokenizer.pad_id, dtype=torch.long)
     attn = torch.zeros(B, T, dtype=torch.long)
@@ -288,18 +290,14 @@ def token_logprobs(model, trajs, tokenizer, cfg, device, with_entropy=False):
         ids[b, :len(t.ids)], attn[b, :len(t.ids)] = torch.tensor(t.ids), 1
         gen[b, :len(t.ids)] = torch.tensor(t.gen_mask)
     ids, attn, gen = ids.to(device), attn.to(device), gen.to(device)
+    targets = F.pad(torch.where(gen[:, 1:], ids[:, 1:], -1), (0, 1), value=-1)   # [B, T] position t scores token t+1
     with sft.autocast(device):
-        logits = model(ids, pixel_values=torch.cat([t.pixel_values for t in trajs]).to(device),
-                       image_grid_thw=torch.cat([t.image_grid_thw for t in trajs]), attention_mask=attn)  # [B, T, V]
-    sel = gen[:, 1:]                                                         # [B, T-1] targets that were generated
-    lp = cof.policy_log_softmax(logits[:, :-1][sel], cof.vision_token_ids(tokenizer), cfg.temperature)  # [N, V]
-    logp = torch.zeros(B, T, device=device)
-    logp[:, 1:][sel] = lp.gather(-1, ids[:, 1:][sel].unsqueeze(-1)).squeeze(-1)            # [B, T]
-    ent = None
-    if with_entropy:
-        with torch.no_grad():
-            ent = -(lp.exp() * lp.nan_to_num(0.0)).sum(-1)                   # [N] (banned ids add 0)
-    return logp, gen, ent
+        lp, ent = model(ids, pixel_values=torch.cat([t.pixel_values for t in trajs]).to(device),
+                        image_grid_thw=torch.cat([t.image_grid_thw for t in trajs]), attention_mask=attn,
+                        targets=targets, banned=cof.vision_token_ids(tokenizer), temperature=cfg.temperature,
+                        entropy=with_entropy)                                    # [B, T] at the predicting position
+    logp = F.pad(lp[:, :-1], (1, 0))                                             # [B, T] at the token
+    return logp, gen, None if ent is None else ent[:, :-1][gen[:, 1:]]           # [N]
 
 
 def grpo_loss(logp, old_logp, ref_logp, adv, weight, cfg):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -260,13 +261,27 @@ def _inv_freq(dim: int, theta: float, device) -> torch.Tensor:
 
 # ---- Vision tower --------------------------------------------------------------------------------------------------
 
+# Segments (windows) per SDPA call in the vision tower. CUDA's attention kernels put the batch on one axis of their
+# launch grid (flash: y, memory-efficient: z), which holds at most 65,535 blocks; 1,024 windows make one 12.8 M pixel
+# image, so only a batch of very many images reaches this, and is then split into calls of this many windows.
+WINDOWS_PER_CALL = 32768
+
+
+def _segment_attention(q, k, v, scale):
+    """Unmasked SDPA over q, k, v [n, H, len, d] (one segment per batch row), WINDOWS_PER_CALL segments a call."""
+    calls = [F.scaled_dot_product_attention(q[i:i + WINDOWS_PER_CALL], k[i:i + WINDOWS_PER_CALL],
+                                            v[i:i + WINDOWS_PER_CALL], scale=scale)        # [<= W, H, len, d]
+             for i in range(0, q.shape[0], WINDOWS_PER_CALL)]
+    return calls[0] if len(calls) == 1 else torch.cat(calls)                                # [n, H, len, d]
+
+
 class _Segments:
     """Contiguous segments of a packed sequence (cu_seqlens) attended to separately, batched by length.
 
-    Segments of equal length are gathered into one [n, H, len, d] batch and go through one unmasked SDPA call, so a
-    layer makes one call per distinct window size (1 to ~4 per image size), never one per window. Each segment sees
-    exactly the kernel transformers' per-window calls see, so results match it bit for bit where the kernel is
-    batch-invariant (CPU: checked in bf16 too).
+    Segments of equal length are gathered into one [n, H, len, d] batch and go through one unmasked SDPA call (more
+    past WINDOWS_PER_CALL segments), so a layer makes one call per distinct window size (1 to ~4 per image size),
+    never one per window. Each segment sees exactly the kernel transformers' per-window calls see, so results match
+    it bit for bit where the kernel is batch-invariant (CPU: checked in bf16 too).
     """
 
     def __init__(self, cu: list[int], device):
@@ -289,12 +304,12 @@ class _Segments:
         N, H, d = q.shape
         if self.groups is None:
             q, k, v = (t.view(self.n, self.lmax, H, d).transpose(1, 2) for t in (q, k, v))  # [S, H, len, d]
-            o = F.scaled_dot_product_attention(q, k, v, scale=scale)                      # [S, H, len, d]
+            o = _segment_attention(q, k, v, scale)                                         # [S, H, len, d]
             return o.transpose(1, 2).reshape(N, H, d)
         outs = []
         for n, idx in self.groups:
             qg, kg, vg = (t[idx].transpose(1, 2) for t in (q, k, v))                      # [S_n, H, n, d]
-            o = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)                   # [S_n, H, n, d]
+            o = _segment_attention(qg, kg, vg, scale)                                      # [S_n, H, n, d]
             outs.append(o.transpose(1, 2).reshape(-1, H, d))
         return torch.cat(outs)[self.inverse]                                               # [N, H, d]
 
@@ -393,6 +408,47 @@ class VisionTower(nn.Module):
 
 # ---- Language model ------------------------------------------------------------------------------------------------
 
+def causal_attention(q, k, v, prefix: int, scale):
+    """q [B, H, n, hd] over k, v [B, KV, prefix + n, hd] (GQA: query head h reads KV head h // G), query l seeing
+    keys [0, prefix + l] -> [B, H, n, hd].
+
+    What SDPA does (torch 2.5+, aten/src/ATen/native/transformers): a bool mask is first copied into an additive
+    float mask of its own shape; on the CPU the flash kernel takes masks (broadcast over batch and heads) and GQA; on
+    CUDA the flash kernel takes GQA but no mask, and the memory-efficient kernel a mask but not GQA, so a mask with
+    enable_gqa runs the math kernel there (K/V repeated per query head, [B, H, n, s] scores). Hence: prefix 0 is
+    is_causal with enable_gqa (flash on the CPU, and on CUDA in bf16/fp16; CUDA's fp32 has no flash kernel and runs
+    it in the math kernel), and a prefix (a cache append) puts each KV head's G query heads on the head axis against
+    K/V expanded to them (a view, not a copy) under one [n, s] mask that broadcasts over everything (CPU: flash;
+    CUDA: memory-efficient)."""
+    if prefix == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    B, H, n, hd = q.shape
+    KV, s = k.shape[1], k.shape[2]
+    mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(prefix)                 # [n, s]
+    kg, vg = (t.reshape(B * KV, 1, s, hd).expand(-1, H // KV, -1, -1) for t in (k, v))      # [B*KV, G, s, hd]
+    o = F.scaled_dot_product_attention(q.reshape(B * KV, H // KV, n, hd), kg, vg, attn_mask=mask, scale=scale)
+    return o.reshape(B, H, n, hd)                                                           # from [B*KV, G, n, hd]
+
+
+def attend(q, k, v, how, scale):
+    """Attention of q [B, H, L, hd] over k, v [B, KV, S, hd] -> [B, H, L, hd], in the form `Qwen25VL._attention_mask`
+    chose for the chunk; K/V are never copied per query head and no mask is larger than one row's [L, S]:
+    - an int P: every row alike, causal with a prefix (causal_attention; P = 0: a prefill, P = S - L: an append);
+    - [(queries, key row, keys, P)]: a ragged chunk packed into one row of real tokens (B = 1), one causal_attention
+      per row of the batch over its segment of queries and its own keys: no padding computed or masked;
+    - a bool [B, 1, 1, S] (True = attend) or None: one token per row (a decode step). The G query heads of a KV head
+      become G query rows of it, and the mask broadcasts over them."""
+    if isinstance(how, list):   # a packed ragged chunk (q: one row): each row's segment over its own keys
+        parts = [causal_attention(q[:, :, seg], k[r:r + 1, :, keys], v[r:r + 1, :, keys], prefix, scale)
+                 for seg, r, keys, prefix in how]                             # [1, H, n, hd] each
+        return torch.cat(parts, 2) if parts else q                            # [1, H, N, hd]
+    if isinstance(how, int):                                                  # every row alike
+        return causal_attention(q, k, v, how, scale)
+    B, H, L, hd = q.shape                                                     # one token per row (L == 1)
+    o = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, hd), k, v, attn_mask=how, scale=scale)
+    return o.reshape(B, H, L, hd)                                             # [B, KV, G, hd] -> [B, H, 1, hd]
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, c: TextConfig):
         super().__init__()
@@ -409,8 +465,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv: tuple | None):
         """x [B, L, D]; cos/sin [B, 1, L, hd]; kv = (k_cache, v_cache, slots, S): write this chunk's keys/values at
-        `slots` (int: [slots, slots + L) of every row; [B, L]: per row, see KVCache.place), attend to the first S
-        slots; or None (no cache). mask: as `Qwen25VL._attention_mask` documents."""
+        `slots` (int: [slots, slots + L) of every row; [B, L]: per row, see KVCache.place; (rows, slots) [L] each: a
+        packed chunk, B = 1), attend to the first S slots; or None (no cache). mask: as `Qwen25VL._attention_mask`
+        documents."""
         B, L, D = x.shape
         a = self.self_attn
         h = self.input_layernorm(x)
@@ -424,18 +481,19 @@ class DecoderLayer(nn.Module):
             if isinstance(slots, int):  # every row appends at the same slots
                 kc[:, :, slots:slots + L] = k
                 vc[:, :, slots:slots + L] = v
+            elif isinstance(slots, tuple):   # a packed chunk (one row): token i to cache row rows[i], slot at[i]
+                rows, at = slots                                                     # [N], [N]
+                heads = torch.arange(self.kv_heads, device=x.device)[:, None]       # [KV, 1]
+                kc[rows, heads, at] = k[0].to(kc.dtype)                              # [KV, N] <- [KV, N, hd]
+                vc[rows, heads, at] = v[0].to(vc.dtype)
             else:                       # each row at its own slots (index_put_: compiled, it writes in place)
                 rows = torch.arange(B, device=x.device)[:, None, None]                # [B, 1, 1]
                 heads = torch.arange(self.kv_heads, device=x.device)[None, :, None]  # [1, KV, 1]
                 kc[rows, heads, slots[:, None, :]] = k.to(kc.dtype)                 # [B, KV, L] slots <- [.., hd]
                 vc[rows, heads, slots[:, None, :]] = v.to(vc.dtype)                 # (bf16 under autocast)
             k, v = kc[:, :, :S], vc[:, :, :S]                                  # [B, KV, S, hd]
-        if isinstance(mask, str):  # "causal": a dense prefill from position 0, the flash-attention path
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.hd ** -0.5, enable_gqa=True)
-        else:  # GQA without copying K/V: the G query heads of one KV head become G*L query rows of that head
-            q = q.reshape(B, self.kv_heads, -1, self.hd)                       # [B, KV, G*L, hd]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.hd ** -0.5)  # [B, KV, G*L, hd]
-        o = o.reshape(B, self.heads, L, self.hd).transpose(1, 2).reshape(B, L, D)        # [B, L, D]
+        o = attend(q, k, v, mask, self.hd ** -0.5)                             # [B, H, L, hd]
+        o = o.transpose(1, 2).reshape(B, L, D)                                 # [B, L, D]
         x = x + a.o_proj(o)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -480,7 +538,8 @@ class KVCache:
     def place(self, mask, padded: bool):
         """Where a chunk's keys/values go, as (slots, S): S is the number of slots its queries read. Aligned and
         without padding: slots is the int `size` (the same slots of every row). Otherwise slots [B, L]: row b's real
-        tokens at length[b], length[b] + 1, ... and its padding tokens after them (written, never read as keys)."""
+        tokens at length[b], length[b] + 1, ... and its padding tokens after them (never read as keys; a chunk of
+        several tokens is packed and does not write them)."""
         L = mask.shape[1]
         self.reserve(L)
         if self.aligned and not padded:
@@ -765,6 +824,52 @@ def _load_weights(model: nn.Module, directory: str):
                                   f"truncated or corrupt, download it again") from e
 
 
+# ---- Log-probs of chosen tokens -----------------------------------------------------------------------------------
+# Training scores a few tokens per position (the next token: GRPO's log-probs, SFT's cross-entropy) out of a
+# 152,064-word vocabulary. The [B, T, V] logits of a batch are ~10 GB in fp32 at 4 x 4k tokens, and the log-softmax,
+# its gradient and the copies on the way several times that. Here only the positions that are scored go through the
+# head, LOGPROB_CHUNK at a time, each chunk checkpointed: its [chunk, V] logits live while it runs in the forward
+# and again while its backward runs (recomputed), never all at once. verl and TRL chunk their log-probs the same way;
+# Liger-Kernel fuses the head and the loss in one kernel, which GRPO's non-linear loss of the log-probs does not allow
+# (the gradient of a log-prob is known only after the whole loss is).
+
+LOGPROB_CHUNK = 512   # scored positions per chunk: [512, 152,064] fp32 logits are 0.3 GB
+
+
+def policy_log_softmax(logits, banned=(), temperature=1.0):
+    """The sampling policy's log-distribution: logits [..., V] with the `banned` ids at -inf, divided by the
+    temperature, log-softmax in float32 -> [..., V] (cof.py samples from it; token_logprobs scores with it)."""
+    x = logits.float()
+    if len(banned):
+        x = x.index_fill(-1, torch.as_tensor(banned, device=x.device), float("-inf"))
+    return torch.log_softmax(x / temperature, dim=-1)                                      # [..., V]
+
+
+def _chunk_logprobs(h, weight, targets, banned, temperature, entropy: bool):
+    """token_logprobs of one chunk: h [c, D] -> (log p(targets) [c], the entropy [c] without gradient, or None)."""
+    lp = policy_log_softmax(F.linear(h, weight), banned, temperature)                      # [c, V]
+    logp = lp.gather(-1, targets[:, None])[:, 0]                                           # [c]
+    if not entropy:
+        return logp, None
+    with torch.no_grad():
+        return logp, -(lp.exp() * lp.nan_to_num(0.0)).sum(-1)                              # [c] (banned ids add 0)
+
+
+def token_logprobs(h, weight, targets, banned=(), temperature=1.0, entropy=False, chunk=None):
+    """log p(targets) [N] under policy_log_softmax(h @ weight.T, banned, temperature), for hidden states h [N, D] and
+    the head weight [V, D], `chunk` positions at a time (default LOGPROB_CHUNK; see above); with `entropy`, also the
+    distribution's entropy at each position [N] (no gradient), else None. Values and gradients are the dense
+    computation's (tests/test_model.py)."""
+    chunk = chunk or LOGPROB_CHUNK
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    parts = []
+    for i in range(0, max(1, h.shape[0]), chunk):   # no position: one empty chunk (the graph stays connected)
+        args = (h[i:i + chunk], weight, targets[i:i + chunk], banned, temperature, entropy)
+        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
+    logp, ent = zip(*parts)
+    return torch.cat(logp), (torch.cat(ent) if entropy else None)                          # [N], [N]
+
+
 # ---- The model -----------------------------------------------------------------------------------------------------
 
 class Qwen25VL(nn.Module):
@@ -855,9 +960,13 @@ class Qwen25VL(nn.Module):
     def device(self):
         return self.model.embed_tokens.weight.device
 
+    @property
+    def head_weight(self):
+        """The output head's weight [V, D]: lm_head's, or the embedding's when tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def _lm_head(self, h):
-        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w)
+        return F.linear(h, self.head_weight)
 
     def text_inv_freq(self, device=None) -> torch.Tensor:
         """The text rotary frequencies [hd/2], fp32, on `device` (default: the model's); cached."""
@@ -954,34 +1063,33 @@ class Qwen25VL(nn.Module):
         return h.masked_scatter(img[..., None].expand_as(h), feats.to(h.dtype))  # [B, L, D]
 
     def _attention_mask(self, mask, padded: bool, cache: KVCache | None, slots, S: int):
-        """The attention mask of a chunk (mask [B, L]: its real tokens; padded: it came with a mask; slots, S: where
-        KVCache.place put it and the key slots its queries read), in the one form every DecoderLayer takes.
-        "causal": no padding anywhere and the chunk starts at position 0 (a prefill: SDPA's is_causal, the flash
-        path). None: no padding anywhere, one token (a decode step sees every key). Otherwise a bool tensor, True =
-        attend: [B, 1, G*L, S] (row g*L + l is query l of head g of a KV group: GQA without copying) or [B, 1, 1, S]
-        for one token. A real query sees its row's keys up to itself; a padding query sees slot 0 (no all-False row;
-        cache slots start zeroed), never used."""
+        """How the queries of a chunk see the keys (mask [B, L]: its real tokens; padded: it came with a mask; slots,
+        S: where KVCache.place put it and the key slots its queries read), in a form `attend` takes. A real query sees
+        its row's real keys up to itself; no mask is ever [B, 1, G*L, S] or [B, 1, L, S]:
+        - an int, the cached keys before the chunk (0: none): no padding in the chunk or before it (a prefill, an
+          aligned cache append, a training batch of equal rows).
+        - None / bool [B, 1, 1, S]: one token per row, no padding / some (a decode step, as decode.step_graph).
+        - [(queries, key row, keys, cached keys before)]: anything else of more than one token (padding, ragged turns,
+          a cache with padding before). `_run` then packs the real tokens of all rows into one row (row-major)
+          and computes nothing for padding: row b's tokens are the segment `queries` of it, its keys that segment
+          (no cache) or slots [0, before + n) of cache row b. Rows without real tokens are left out.
+        """
         B, L = mask.shape
-        dev = mask.device
-        keys = torch.arange(S, device=dev)                                    # [S]
-        if cache is not None:   # keys packed per row (KVCache.place): a real query sees its row up to its own slot
-            if isinstance(slots, int):  # aligned, no padding: the same slots in every row
-                if slots == 0:
-                    return "causal"
-                if L == 1:
-                    return None
-                slots = slots + torch.arange(L, device=dev)[None, :]          # [1, L]
-            attn = keys < torch.where(mask, slots + 1, 1)[..., None]          # [B, L, S]
-        else:   # keys = the chunk itself: causal over real keys; right padding only (training) is still causal
-            lengths = mask.long().sum(1)
-            if not padded or bool((mask == (keys[None, :] < lengths[:, None])).all()):
-                return "causal"   # real rows never see a pad under causal attention: the flash path's result
-            attn = mask[:, None, :] & (keys[None, :] <= keys[:, None])[None]  # [B, L, S]
-            attn[:, keys, keys] = True                                        # padding queries: themselves
+        if cache is None and (not padded or L == 1 or bool(mask.all())):     # keys = the chunk itself
+            return 0
+        if isinstance(slots, int):     # aligned, no padding: the same slots in every row
+            return None if L == 1 else slots
         if L == 1:
-            return attn[:, None]                                              # [B, 1, 1, S]
-        G = self.cfg.text.num_attention_heads // self.cfg.text.num_key_value_heads
-        return attn[:, None, None].expand(B, 1, G, L, S).reshape(B, 1, G * L, S)  # [B, 1, G*L, S]
+            keys = torch.arange(S, device=mask.device)                        # [S]
+            return (keys < torch.where(mask, slots + 1, 1))[:, None, None]    # [B, 1, 1, S] (pad: slot 0, unused)
+        rows, end = [], 0
+        before = [0] * B if cache is None else cache.length.tolist()          # each row's cached tokens
+        for b, n in enumerate(mask.long().sum(1).tolist()):                   # n: the row's real tokens
+            seg = slice(end, end + n)                                         # row b's part of the packed row
+            if n:   # cached: KVCache.place put them right after the row's own
+                rows.append((seg, 0, seg, 0) if cache is None else (seg, b, slice(0, before[b] + n), before[b]))
+            end += n
+        return rows
 
     def _run(self, input_ids, mask, pixel_values, image_grid_thw, cache: KVCache | None):
         """One chunk through the decoder: input_ids [B, L] -> final-norm hidden states [B, L, D]. mask [B, L] (False =
@@ -1005,13 +1113,22 @@ class Qwen25VL(nn.Module):
         grids = grid_list(image_grid_thw)
         next_pos = torch.zeros(B, dtype=torch.long, device=dev) if cache is None else cache.next_pos
         pos, new_next = self._positions(input_ids, mask, next_pos, grids)    # [3, B, L], [B]
-        h = self._embed(input_ids, mask, pixel_values, grids)                 # [B, L, D]
-        cos, sin = self._text_rope(pos, h.dtype)                              # [B, 1, L, hd]
         slots, S = (None, L) if cache is None else cache.place(mask, padded)   # where K/V go, keys to read
         attn = self._attention_mask(mask, padded, cache, slots, S)
+        ids, on = input_ids, mask
+        if isinstance(attn, list):   # ragged: the real tokens packed into one row, padding never computed
+            real = mask.flatten().nonzero()[:, 0]                             # [N] row-major
+            ids, pos = input_ids.flatten()[real][None], pos.flatten(1)[:, real][:, None]   # [1, N], [3, 1, N]
+            on = torch.ones_like(ids, dtype=torch.bool)                       # [1, N]
+            if cache is not None:
+                slots = (real // L, slots.flatten()[real])                    # [N], [N]: each token's row and slot
+        h = self._embed(ids, on, pixel_values, grids)                         # [B, L, D] (packed: [1, N, D])
+        cos, sin = self._text_rope(pos, h.dtype)                              # [B, 1, L, hd]
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, attn, None if cache is None else (cache.k[i], cache.v[i], slots, S))
         h = self.model.norm(h)                                                # [B, L, D]
+        if isinstance(attn, list):   # unpacked: [B, L, D], 0 at padding
+            h = h.new_zeros(B * L, h.shape[-1]).index_copy(0, real, h[0]).view(B, L, -1)
         if cache is not None:
             if padded:  # the last True of each mask row (a row with none: slot L - 1, which append ignores)
                 last = h[torch.arange(B, device=dev), L - 1 - mask.flip(1).long().argmax(1)]  # [B, D]
@@ -1020,11 +1137,22 @@ class Qwen25VL(nn.Module):
             cache.append(mask, padded, S, new_next, last)
         return h
 
-    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None):
+    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, targets=None,
+                banned=(), temperature=1.0, entropy=False):
         """Full forward without cache. input_ids [B, T] (any padding, marked by attention_mask [B, T]);
         pixel_values [N, 1176] + image_grid_thw [n_img, 3] for the images in order of their <|image_pad|> runs,
-        row-major over the batch. Returns logits [B, T, V] (padding positions hold garbage)."""
-        return self._lm_head(self._run(input_ids, attention_mask, pixel_values, image_grid_thw, None))  # [B, T, V]
+        row-major over the batch. Returns logits [B, T, V] (padding positions hold garbage).
+        With targets [B, T] (the token position t is scored on, usually input_ids[:, t + 1]; negative: none), no
+        logits: (logp [B, T], the log-probs of the targets under policy_log_softmax(logits, banned, temperature), 0
+        where no target; entropy [B, T] without gradient, or None), by token_logprobs: only the scored positions go
+        through the head, in chunks. Training calls this through the model (so DDP / FSDP see the head's use)."""
+        h = self._run(input_ids, attention_mask, pixel_values, image_grid_thw, None)       # [B, T, D]
+        if targets is None:
+            return self._lm_head(h)                                                        # [B, T, V]
+        sel = targets.to(h.device) >= 0                                                    # [B, T]
+        lp, ent = token_logprobs(h[sel], self.head_weight, targets.to(h.device)[sel], banned, temperature, entropy)
+        logp = torch.zeros(sel.shape, device=h.device).masked_scatter(sel, lp)             # [B, T]
+        return logp, (None if ent is None else torch.zeros(sel.shape, device=h.device).masked_scatter(sel, ent))
 
     # ---- cache API -------------------------------------------------------------------------------------------------
 

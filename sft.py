@@ -570,18 +570,21 @@ def add_activation_checkpointing(model):
 
 # ------------------------------------------------------------------------------------------------ loss, schedule
 
-def sft_loss(logits, labels, weights, n_global):
+def sft_targets(labels):
+    """The targets Qwen25VL.forward scores for SFT: position t on labels[:, t + 1] (IGNORE, negative: not scored)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)                                     # [B, T]
+
+
+def sft_loss(logp, labels, weights, n_global):
     """Weighted token cross-entropy of next-token prediction, summed, divided by the global label count.
 
-    logits [B, T, V] (any dtype; the selected rows are cast to float32), labels/weights [B, T] (labels IGNORE where
+    logp [B, T]: log p(labels[:, t + 1]) at position t, as Qwen25VL.forward(..., targets=sft_targets(labels))
+    returns it (float32, only the labelled positions through the head); labels/weights [B, T] (labels IGNORE where
     no loss), n_global = sum of `weights` over every micro-batch of this optimizer step on every rank. Summing the
     returned value over micro-batches and ranks gives the mean loss per label token of the global batch.
     """
-    targets = labels[:, 1:]                                      # [B, T-1], position t predicts token t+1
-    sel = targets != IGNORE                                      # [B, T-1]
-    logits = logits[:, :-1][sel].float()                         # [N, V] only the positions that carry a label
-    ce = F.cross_entropy(logits, targets[sel], reduction="none")  # [N]
-    return (ce * weights[:, 1:][sel]).sum() / n_global
+    sel = labels[:, 1:] != IGNORE                                # [B, T-1], position t predicts token t+1
+    return -(logp[:, :-1][sel] * weights[:, 1:][sel]).sum() / n_global
 
 
 def lr_at(step, total, cfg):
@@ -1181,9 +1184,11 @@ def sft_step(model, optimizer, params, micro, cfg, step, total, device):
     loss_sum = torch.zeros((), dtype=torch.float64)
     for j, b in enumerate(micro):
         with grad_sync(model, j == len(micro) - 1), autocast(device):
-            logits = model(b["input_ids"].to(device), pixel_values=_to(b["pixel_values"], device),
-                           image_grid_thw=b["image_grid_thw"], attention_mask=b["attention_mask"].to(device))
-            loss = sft_loss(logits, b["labels"].to(device), b["weights"].to(device), n_global)
+            labels = b["labels"].to(device)
+            logp, _ = model(b["input_ids"].to(device), pixel_values=_to(b["pixel_values"], device),
+                            image_grid_thw=b["image_grid_thw"], attention_mask=b["attention_mask"].to(device),
+                            targets=sft_targets(labels))                          # [B, T]
+            loss = sft_loss(logp, labels, b["weights"].to(device), n_global)
         (loss * world).backward()   # DDP / FSDP average gradients over ranks; the loss is already a global mean
         loss_sum += loss.detach().double().cpu()
     loss_val = float(all_reduce_sum(loss_sum))

@@ -709,6 +709,15 @@ argv_error(bench.main, "bench.py", {
     "cof_cfg_temperature": (["cof", "--cfg", "temperature=-1"], "--cfg", "CofConfig.temperature"),
     "cof_cfg_unknown": (["cof", "--cfg", "bogus=1"], "--cfg", "bogus"),
     "cof_samples_without_data": (["cof", "--samples", "4"], "--model, --data and --samples"),
+    "memory_parts_unknown": (["memory", "--parts", "attention,foo"], "--parts", "one of"),
+    "memory_lengths_text": (["memory", "--lengths", "2k"], "--lengths"),
+    "memory_lengths_odd": (["memory", "--lengths", "100"], "--lengths", "multiple of 8"),
+    "memory_batches_text": (["memory", "--batches", "2y3"], "--batches", "ROWSxTOKENS"),
+    "memory_batches_zero": (["memory", "--batches", "0x2048"], "--batches", ">= 1"),
+    "memory_turn_zero": (["memory", "--turn", "0"], "--turn"),
+    "memory_vocab_zero": (["memory", "--vocab", "0"], "--vocab"),
+    "memory_hidden_100": (["memory", "--hidden", "100"], "--hidden"),
+    "memory_device_unknown": (["memory", "--device", "tpu9"], "--device", "torch device"),
 })
 argv_error(ck._main, "crop_kernels", {
     "sources_text": (["--bench", "--sources", "abc"], "--sources", "WxH"),

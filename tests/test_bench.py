@@ -114,3 +114,25 @@ def test_gpu_session_script_calls_options_that_exist():
     only = [_parse(shlex.split(ln.split("#")[0])[5:]).only for ln in script.splitlines()
             if ln.strip().startswith("step ") and "gpu_acceptance.py" in ln]
     assert len(only) == 1 and set(only[0].split(",")) == {name for name, _, _ in CHECKS} - {"crop"}
+
+
+def test_bench_memory_reads_a_known_peak_and_measures_every_case():
+    """`python bench.py memory`: the instrument reads a known allocation (256 MiB) as its size, and a small run (its
+    own process: it sets glibc's mmap threshold) measures every case of (a) and (b), ours and both baselines."""
+    import torch
+
+    from procs import run_script
+
+    gib, _ = bench._Peak(torch.device("cpu"))(lambda: torch.ones(64 * 2**20).sum())
+    assert abs(gib - 0.25) < 0.02
+    _, out, _ = run_script("bench.py", ["memory", "--lengths", "128", "--turn", "32", "--batches", "1x64",
+                                        "--vocab", "1024", "--mlp", "64"], timeout=600)
+    rows = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| (")]
+    assert [r[0] for r in rows] == [
+        "(a) prefill, 4 prompts of 16/32/64/128 tokens", "(a) then a crop turn of 32/24/16/8 tokens",
+        "(b) GRPO log-probs + entropy, forward + backward, 1 x 64 tokens",
+        "(b) reference log-probs, no gradient, 1 x 64 tokens", "(b) SFT loss, forward + backward, 1 x 64 tokens"]
+    for r in rows:   # columns: case, GiB ours, dense, ratio, transformers, ratio, seconds ours, dense, transformers
+        b = r[0].startswith("(b)")                                       # (a) has no dense baseline
+        assert all(0 <= float(r[i]) < 8 for i in [1, 4] + [2] * b), r
+        assert all(float(r[i]) > 0 for i in [6, 8] + [7] * b), r

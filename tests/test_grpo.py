@@ -268,9 +268,9 @@ def test_environment_tokens_get_no_gradient(trajectories):
 
     def keep(module, args, out):      # returns None: the output is not replaced
         out.retain_grad()
-        seen["logits"] = out
+        seen["hidden"] = out
 
-    hook = net.register_forward_hook(keep)
+    hook = net.model.norm.register_forward_hook(keep)   # the final hidden states, the head's input
     try:
         logp, gen, _ = grpo.token_logprobs(net, trajs[:3], tok, cfg, torch.device("cpu"))
         w = grpo.token_weights(gen, cfg, n_tokens=float(gen.sum()), n_seqs=3)
@@ -279,7 +279,7 @@ def test_environment_tokens_get_no_gradient(trajectories):
     finally:
         hook.remove()
         net.zero_grad(set_to_none=True)
-    g = seen["logits"].grad.abs().sum(-1)                          # [B, T]: position t predicts token t + 1
+    g = seen["hidden"].grad.abs().sum(-1)                          # [B, T]: position t predicts token t + 1
     predicts_generated = gen[:, 1:]
     assert torch.all(g[:, :-1][~predicts_generated] == 0)          # prompt, crop tokens, USER_PROMPT, error turns
     assert torch.all(g[:, :-1][predicts_generated] > 0)

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import model as M
@@ -121,7 +122,7 @@ def test_padded_batch_matches_transformers():
         with torch.no_grad():
             single = m(torch.tensor([row]), pr, gg)
         assert (a[r][real[r]] - single[0]).abs().max() <= TOL
-    # right padding (sft.py's batches) takes the causal flash path: the real rows still match transformers
+    # right padding (sft.py's batches): the real rows still match transformers
     L = max(len(r) for r in rows)
     ids = torch.tensor([r + [m.cfg.pad_token_id] * (L - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])
@@ -385,3 +386,104 @@ def test_image_limits_from_preprocessor_config(tmp_path):
     pp_path.write_text(json.dumps(pp))
     with pytest.raises(ValueError, match="min_pixels/max_pixels"):
         ck.read_image_limits(d)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+@pytest.mark.parametrize("case", ["grpo", "sft"])
+def test_token_logprobs_equal_the_dense_computation(case, chunk, monkeypatch):
+    """forward(targets=...) puts only the scored positions through the head, `chunk` at a time (7 divides neither T
+    nor their count): the log-probs (and GRPO's entropies) of policy_log_softmax over the full logits, the same
+    gradient of every weight, and no tensor with more than `chunk` rows of V columns, forward or backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    m = M.Qwen25VL.from_pretrained(tiny_dir())
+    V = m.cfg.text.vocab_size
+    grids = [(1, 8, 12)]
+    rows = [seq(m.cfg, grids, text=tuple(range(5, 20))), list(range(5, 30))]
+    ids, mask = left_pad(rows, m.cfg.pad_token_id)                                     # left padding: ragged rows
+    pv, g = pixels(grids)
+    banned = [m.cfg.image_token_id, m.cfg.vision_start_token_id]                        # never a GRPO target
+    scored = mask.bool() & (torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.8)
+    scored &= ~torch.isin(ids.roll(-1, 1), torch.tensor(banned))
+    scored[:, -1] = False
+    targets = torch.where(scored, ids.roll(-1, 1), -100)                               # [B, T]
+    n = int(scored.sum())
+    assert n % 7 and ids.shape[1] % 7 and n > 20
+    kw = dict(banned=banned, temperature=0.7) if case == "grpo" else {}
+    lp_all = M.policy_log_softmax(m(ids, pv, g, attention_mask=mask), **kw)            # [B, T, V] the dense way
+    ref = lp_all[scored].gather(-1, targets[scored][:, None])[:, 0]                    # [n]
+    ref_ent = -(lp_all.exp() * lp_all.nan_to_num(0.0)).sum(-1)[scored]
+    weight = torch.randn(n, generator=torch.Generator().manual_seed(2))                # a loss of the log-probs
+    (ref * weight).sum().backward()
+    dense = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+
+    class Widest(TorchDispatchMode):   # the most rows of V columns an op makes (views, e.g. of the head, aside)
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == V and not func.is_view:
+                    Widest.rows = max(Widest.rows, t.numel() // V)
+            return out
+
+    monkeypatch.setattr(M, "LOGPROB_CHUNK", chunk)
+    with Widest():
+        logp, ent = m(ids, pv, g, attention_mask=mask, targets=targets, entropy=case == "grpo", **kw)
+        (logp[scored] * weight).sum().backward()
+    assert Widest.rows == min(chunk, n)
+    assert torch.all(logp[~scored] == 0) and (logp[scored] - ref).abs().max() <= 1e-5
+    if case == "grpo":
+        assert (ent[scored] - ref_ent).abs().max() <= 1e-5 and not ent.requires_grad
+    for k, p in m.named_parameters():
+        scale = max(1.0, dense[k].abs().max().item())
+        assert (p.grad - dense[k]).abs().max() <= 1e-5 * scale, k
+
+
+def test_ragged_chunks_build_no_head_group_mask(monkeypatch):
+    """A left-padded prefill and a ragged cached append (a crop turn) hand SDPA no mask for rows that start at slot
+    0 and at most one row's [n, s] mask otherwise, never [B, 1, G*L, S] or [B, 1, L, S]; logits as a full forward."""
+    m = ours(tiny_dir())
+    G = m.cfg.text.num_attention_heads // m.cfg.text.num_key_value_heads
+    assert G > 1
+    masks, real = [], F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None:
+            masks.append(attn_mask.numel())
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    grids = [(1, 8, 8)]
+    prompts = [seq(m.cfg, grids), [5, 6, 7], seq(m.cfg, [], text=tuple(range(5, 25)))]
+    turns = [[40, 41], [30, 31, 32, 33, 34, 35, 36], [50, 51, 52, 53]]
+    ids, mask = left_pad(prompts, m.cfg.pad_token_id)
+    cache = m.new_cache(3)
+    with torch.no_grad():
+        m.extend(cache, ids, mask.bool(), *pixels(grids))
+        assert masks == []                                     # every row from slot 0: is_causal, no mask
+        L = max(len(t) for t in turns)
+        chunk = torch.tensor([t + [0] * (L - len(t)) for t in turns])
+        got = m.extend(cache, chunk, torch.tensor([[1] * len(t) + [0] * (L - len(t)) for t in turns]).bool())
+        for r in range(3):
+            full = m(torch.tensor([prompts[r] + turns[r]]), *(pixels(grids) if r == 0 else (None, None)))[0]
+            assert (got[r, :len(turns[r])] - full[-len(turns[r]):]).abs().max() <= TOL
+    rows = [len(t) * (len(p) + len(t)) for p, t in zip(prompts, turns)]   # one row's [n, s]
+    assert max(masks) == max(rows) < L * (max(len(p) for p in prompts) + L)   # < even one [L, S]
+
+
+def test_vision_windows_split_past_the_call_limit(monkeypatch):
+    """More than WINDOWS_PER_CALL windows of one size go through several SDPA calls: the same features, bit for bit."""
+    m = ours(tiny_dir())
+    pv, g = pixels([(1, 16, 24)])                              # 2 x 3 windows of 8 x 8 patches
+    with torch.no_grad():
+        one = m.visual(pv, g)
+    calls, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
+    monkeypatch.setattr(M, "WINDOWS_PER_CALL", 2)
+    with torch.no_grad():
+        split = m.visual(pv, g)
+    assert calls == [2, 2, 2, 1]                               # block 0: 6 windows in three calls; block 1: the image
+    assert torch.equal(one, split)

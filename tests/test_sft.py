@@ -76,7 +76,13 @@ def test_sft_loss_is_global_token_mean():
     # a second micro-batch with 2 more label tokens: the normaliser is the count over both
     logits2, labels2 = torch.randn(1, 3, V), torch.tensor([[-100, 5, 0]])
     n = 5 + 2
-    got = sft.sft_loss(logits, labels, weights, n) + sft.sft_loss(logits2, labels2, (labels2 != -100).float(), n)
+
+    def logp(lg, lb):   # what Qwen25VL.forward(targets=sft_targets(labels)) returns: 0 where nothing is scored
+        t = sft.sft_targets(lb)
+        return torch.log_softmax(lg, -1).gather(-1, t.clamp_min(0)[..., None])[..., 0] * (t >= 0)
+
+    got = (sft.sft_loss(logp(logits, labels), labels, weights, n)
+           + sft.sft_loss(logp(logits2, labels2), labels2, (labels2 != -100).float(), n))
     terms = []
     for lg, lb in ((logits, labels), (logits2, labels2)):
         for b in range(lb.shape[0]):

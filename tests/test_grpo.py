@@ -279,7 +279,11 @@ def test_environment_tokens_get_no_gradient(trajectories):
     finally:
         hook.remove()
         net.zero_grad(set_to_none=True)
-    g = seen["hidden"].grad.abs().sum(-1)                          # [B, T]: position t predicts token t + 1
+    lens = torch.tensor([len(t.ids) for t in trajs[:3]])
+    real = torch.arange(gen.shape[1]) < lens[:, None]               # [B, T]: the right-padded batch's real tokens
+    packed = seen["hidden"].grad.abs().sum(-1)                      # [1, real tokens]: the batch runs as one packed row
+    assert packed.shape == (1, int(real.sum()))
+    g = torch.zeros(real.shape).masked_scatter(real, packed[0])     # [B, T]: position t predicts token t + 1
     predicts_generated = gen[:, 1:]
     assert torch.all(g[:, :-1][~predicts_generated] == 0)          # prompt, crop tokens, USER_PROMPT, error turns
     assert torch.all(g[:, :-1][predicts_generated] > 0)

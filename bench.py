@@ -474,8 +474,7 @@ def _hidden(text, name, step=64):
 
 def _parts(text, name):
     """--parts: a comma list of attention / logprobs."""
-    parts = [checks.one_of(p.strip(), name, ("attention", "logprobs")) for p in text.split(",")]
-    return parts
+    return [checks.one_of(p.strip(), name, ("attention", "logprobs")) for p in text.split(",")]
 
 
 def _lengths(text, name):

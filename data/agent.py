@@ -364,10 +364,10 @@ def _where(world, box):
 
 def _conclusion(world, look, zoomed):
     """The last thought: the options restated, then what was read, ending on the option's own words, with the letter
-    right after them: "... are falling (D), so the answer is D." Picking the letter is then the shortest lookup there
-    is: the word just written matches one entry of the list a few tokens back, and the letter in front of it is
-    copied (the circuit a 2-layer model learns first). With a few words between the reading and the letter, the tiny
-    model often picked a neighbouring option (README "Teaching a tiny model from scratch")."""
+    right after them: "... are falling (D), so the answer is D." Picking the letter is then a short lookup: the word
+    just written matches one entry of the list a few tokens back, and the letter two tokens in front of it is copied.
+    With a few words between the reading and the letter the tiny model often picked a neighbouring option; even so it
+    learns this lookup late, and at the default 3,000 SFT steps not reliably (README "The built-in run")."""
     sc, L = world.scene, look.letter
     lead = "In the zoomed view" if zoomed else "At this resolution"
     if sc is None:

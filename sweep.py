@@ -63,7 +63,7 @@ from sft import _opt
 LADDER = (112, 140, 168, 224, 280, 336, 392, 448)   # long side, px (the scene is 448)
 VIEW_MAX_PIXELS = 448 * 448                          # the model processor's cap: no rung is shrunk for the model
 ACUITY = 5.0                                         # finest stripe period (px of a model view) counted as legible
-PERIODS = "easy=20,medium=7.5,hard=5"                # stripe periods (px of the 448 scene) of this setting
+PERIODS = "easy=20,edge=20,medium=7.5,hard=5"               # stripe periods (px of the 448 scene) of this setting
 KIND_WEIGHTS = "easy=0.07,edge=0.05,medium=0.42,hard=0.16,relative=0.3"   # the train/val items' kinds
 RL_KIND_WEIGHTS = "easy=2,edge=1,medium=2,hard=2,relative=1"              # the RL prompts' kinds
 MODELS = ("direct", "always-zoom", "cof-sft", "cof-grpo")

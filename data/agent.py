@@ -82,11 +82,14 @@ class World:
     acuity: the finest stripe period, in px of a model view, that the model is taken to read (0: whatever survives
     in the pixels, the ideal reader). A view can hold a texture that a small-patch model does not make out until it
     is magnified: that, not lost pixels, is why zooming helps Qwen2.5-VL-7B on an image it sees at full size.
+    restate_options: the trajectory's last thought restates the options before the letter (_conclusion).
     """
 
     def __init__(self, image, question, label=None, options=None, resolution=None, view_max_pixels=TINY_VIEW_MAX_PIXELS,
-                 view_min_pixels=VIEW_MIN_PIXELS, scene=None, target_box=None, target_name=None, acuity=0.0):
+                 view_min_pixels=VIEW_MIN_PIXELS, scene=None, target_box=None, target_name=None, acuity=0.0,
+                 restate_options=True):
         self.question, self.label, self.scene, self.acuity = question, label, scene, acuity
+        self.restate_options = restate_options
         self.options = options if options is not None else cof.parse_options(question)
         self.view_max_pixels, self.view_min_pixels = view_max_pixels, view_min_pixels
         src_w, src_h = image.size
@@ -363,11 +366,11 @@ def _where(world, box):
 
 
 def _conclusion(world, look, zoomed):
-    """The last thought: the options restated, then what was read, ending on the option's own words, with the letter
-    right after them: "... are falling (D), so the answer is D." Picking the letter is then a short lookup: the word
-    just written matches one entry of the list a few tokens back, and the letter two tokens in front of it is copied.
-    With a few words between the reading and the letter the tiny model often picked a neighbouring option; even so it
-    learns this lookup late, and at the default 3,000 SFT steps not reliably (README "The built-in run")."""
+    """The last thought: what was read, ending on the option's own words, then the letter: "... are falling (D), so the
+    answer is D." Where the options come in a shuffled order (world.restate_options) it first restates them, so that
+    picking the letter is a short lookup: the word just written matches one entry of the list a few tokens back. The
+    tiny model learns that lookup late, at the default 3,000 SFT steps not reliably; the built-in world therefore
+    keeps one option order per question (synth.make_scene's shuffle_options)."""
     sc, L = world.scene, look.letter
     lead = "In the zoomed view" if zoomed else "At this resolution"
     if sc is None:
@@ -379,7 +382,8 @@ def _conclusion(world, look, zoomed):
         what = f"the small tag of the {sc.name}" if sc.difficulty == "hard" else f"the {sc.name}"
         seen = f"{lead} the stripes on {what} are {look.answer}"
     options = ", ".join(f"({k}) {v}" for k, v in world.options.items())
-    return f"The options are {options}. {seen} ({L}), so the answer is {L}."
+    restated = f"The options are {options}. " if world.restate_options else ""
+    return f"{restated}{seen} ({L}), so the answer is {L}."
 
 
 def _first_thought(world, box):
@@ -436,11 +440,14 @@ def to_messages(question_with_options, label, assistant_texts):
     return msgs
 
 
-def scene_world(scene, image=None, resolution=synth.SCENE, view_max_pixels=TINY_VIEW_MAX_PIXELS, acuity=0.0):
-    """A World for a toy-V* scene (rendered when `image` is None)."""
+def scene_world(scene, image=None, resolution=synth.SCENE, view_max_pixels=TINY_VIEW_MAX_PIXELS, acuity=0.0,
+                restate_options=True):
+    """A World for a toy-V* scene (rendered when `image` is None); restate_options: the trajectory's last thought
+    restates the options before the letter (for shuffled options)."""
     image = image if image is not None else synth.render(scene)
     return World(image, scene.question, scene.label, dict(zip("ABCD", scene.options)), resolution, view_max_pixels,
-                 scene=scene, target_box=scene.target_box, target_name=scene.name, acuity=acuity)
+                 scene=scene, target_box=scene.target_box, target_name=scene.name, acuity=acuity,
+                 restate_options=restate_options)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Build the toy-V* dataset: images, CoF SFT trajectories, CoF-RL prompts, V*-format val/test splits, data card.
 
-    python -m data.build --out data/synth --n 2000 --seed 0
+    python -m data.build --out data/synth --n 2000 --seed 0     # searches and images in one process per CPU core
 
 Writes under OUT:
   images/{split}/{uid}.webp      the main image of each item (the smart-resized image at its resolution)
@@ -20,9 +20,11 @@ What the trajectories teach: each item's kind is drawn with the weights of --kin
 view where its reader reads the detail there AND the model reads that kind directly (--eyesight, measured: the tool-
 banned accuracy of the default SFT model per kind, at least --eyesight-bar), except for the --oracle-share of a
 kind's items, where it trusts its own reader alone: a teacher with sharper eyes than the model (on "edge" items by
-default, the mistake GRPO's adaptive reward is there to undo). Every search becomes --option-orders rows, its options
-rotated, so that the letter of an answer has to be read off the options (without it the 2-layer model learnt
-letters by heart and picked a neighbouring option on a fifth to a third of held-out answers).
+default, the mistake GRPO's adaptive reward is there to undo). Each question's options come in one fixed order
+(--shuffle-options false), so that the letter follows from what was read: with V*'s shuffled options the 2-layer
+model has to look the letter up (the last thought restates the options; --option-orders N writes every search N
+times with its options rotated, so the letters cannot be learnt by heart), and at 3,000 SFT steps it did not learn
+that lookup reliably (README "The built-in run").
 
 The resolution sweep's setting (sweep.py) is this build with a ladder of --resolutions, a generous
 --view-max-pixels, wider --periods and the agent's --acuity; --always-zoom true writes its always-zoom baseline.
@@ -30,10 +32,15 @@ The resolution sweep's setting (sweep.py) is this build with a ladder of --resol
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import multiprocessing
 import os
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -45,7 +52,7 @@ from data import agent, formats, synth
 
 # Bumped whenever the same BuildConfig would write different files (scenes, rendering, trajectory text, formats);
 # card.json records it, and sft.py rebuilds its default dataset when it differs.
-VERSION = 10
+VERSION = 11
 
 
 # The default run's model's eyesight: per question kind, the share of test_by_kind.jsonl its greedy answers get right
@@ -75,7 +82,9 @@ class BuildConfig:
     oracle_share: str = "edge=0.6"  # per kind, the share of items whose trajectory trusts the agent's reader alone
     #                                 (a teacher with sharper eyes than the model's: the mistake GRPO should undo)
     always_zoom: bool = False       # trajectories zoom on every question (the always-zoom baseline's data)
-    option_orders: int = 4          # SFT rows per train search: its options rotated 0..N-1 places, so that no letter
+    shuffle_options: bool = False   # V*'s shuffled options (False: one order per question, the letter follows from
+    #                                 the answer; True: the last thought restates them and the letter is looked up)
+    option_orders: int = 1          # SFT rows per train search: its options rotated 0..N-1 places, so that no letter
     #                                 can be learnt from the scene, only from the options (images shared)
     table_items: int = 3            # scenes per kind for the legibility table (0: skip it)
     per_kind: int = 200             # items of each question kind in test_by_kind.jsonl (0: skip it)
@@ -146,7 +155,7 @@ def _items(cfg, split, n, weights="kinds"):
         rng = synth.scene_rng(cfg.seed, split, i)
         cat, diff = synth.KIND_TARGET[names[rng.choice(len(names), p=p)]]
         out.append(synth.make_scene(rng, uid=f"{split}-{i:06d}", category=cat, difficulty=diff, colours=colours,
-                                    periods=periods))
+                                    periods=periods, shuffle_options=cfg.shuffle_options))
     return out
 
 
@@ -158,7 +167,7 @@ def _items_by_kind(cfg, n):
         for i in range(n):
             rng = synth.scene_rng(cfg.seed, "by_kind", k * 1_000_000 + i)
             out.append(synth.make_scene(rng, uid=f"by_kind-{kind}-{i:06d}", category=cat, difficulty=diff,
-                                        colours=colours, periods=periods))
+                                        colours=colours, periods=periods, shuffle_options=cfg.shuffle_options))
     return out
 
 
@@ -193,34 +202,88 @@ def main_view_allowed(cfg, kind, split, i):
     return bool(draw < cfg.parsed_kinds("oracle_share").get(kind, 0.0))
 
 
-def trajectories(cfg, scenes, split, tools=None, desc=None, orders=1):
+# Below this many items a build runs in this process: starting worker processes (each imports torch) costs seconds.
+POOL_MIN_JOBS = 200
+
+
+def _pool(workers, n_jobs):
+    """A pool of `workers` spawned processes (they inherit nothing of the caller's state: a process group, threads),
+    or None (this process) for one worker or fewer than POOL_MIN_JOBS jobs."""
+    if workers <= 1 or n_jobs < POOL_MIN_JOBS:
+        return contextlib.nullcontext()
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _map(fn, jobs, pool, desc):
+    """[fn(job) for job in jobs], in order, in `pool` (None: this process), with a progress bar."""
+    if pool is not None:
+        try:
+            chunk = max(1, min(32, len(jobs) // (4 * pool._max_workers)))
+            return list(cof.progress(pool.map(fn, jobs, chunksize=chunk), desc=desc, total=len(jobs)))
+        except BrokenProcessPool as e:  # a worker died (out of memory; a __main__ that cannot be re-imported: stdin)
+            print(f"{desc}: worker processes failed ({e}); doing them in this process")
+    return [fn(job) for job in cof.progress(jobs, desc=desc)]
+
+
+def trajectories(cfg, scenes, split, tools=None, desc=None, orders=1, pool=None):
     """Run the agent on every scene -> (sft rows, per-item records). Saves main and zoom images. orders: rows per
-    successful search, its options rotated 0 .. orders - 1 places (the same images and readings, other letters)."""
-    tools = tools or agent.OracleTools()
-    res = cfg.parsed_resolutions()
+    successful search, its options rotated 0 .. orders - 1 places (the same images and readings, other letters).
+    pool: worker processes for the oracle's searches (a model backend `tools` stays in this process)."""
+    pool = pool if tools is None else None
+    search = functools.partial(_search, cfg, split, tools or agent.OracleTools(), orders)
     rows, recs = [], []
-    for i, sc in enumerate(cof.progress(scenes, desc=desc or f"{split} searches")):
-        R = res[i % len(res)]
-        world = agent.scene_world(sc, synth.render(sc), R, cfg.view_max_pixels, cfg.acuity)
-        kind = synth.question_kind(sc.category, sc.difficulty)
-        result = agent.search(world, tools, cfg.max_zooms, cfg.always_zoom or not main_view_allowed(cfg, kind, split, i))
-        first = result.steps[0].look
-        rec = {"uid": sc.uid, "category": sc.category, "difficulty": sc.difficulty, "kind": kind, "resolution": R,
-               "success": result.success, "zooms": len(result.zooms) if result.success else None,
-               "reader_direct": first.letter == sc.label}
+    for item_rows, rec in _map(search, list(enumerate(scenes)), pool, desc or f"{split} searches"):
+        rows += item_rows
         recs.append(rec)
-        if not result.success:
-            continue
-        texts, images = agent.summarize(result)
-        rec["zooms"] = len(images) - 1
-        paths = [_save_image(images[0], os.path.join(cfg.out, "images", split, f"{sc.uid}{IMAGE_EXT}"))]
-        paths += [_save_image(im, os.path.join(cfg.out, "images", split, f"{sc.uid}_z{k}{IMAGE_EXT}"))
-                  for k, im in enumerate(images[1:], 1)]
-        for k in range(orders):
-            shown = synth.rotate_options(sc, k) if k else sc
-            texts = agent.summarize(agent.relabel(result, shown))[0] if k else texts
-            rows.append({"messages": agent.to_messages(shown.question, shown.label, texts), "images": paths})
     return rows, recs
+
+
+def _search(cfg, split, tools, orders, job):
+    """Item (i, scene) of `split`: the agent's search -> (its SFT rows, its record); saves its images."""
+    i, sc = job
+    res = cfg.parsed_resolutions()
+    R = res[i % len(res)]
+    world = agent.scene_world(sc, synth.render(sc), R, cfg.view_max_pixels, cfg.acuity,
+                              restate_options=cfg.shuffle_options)
+    kind = synth.question_kind(sc.category, sc.difficulty)
+    result = agent.search(world, tools, cfg.max_zooms, cfg.always_zoom or not main_view_allowed(cfg, kind, split, i))
+    first = result.steps[0].look
+    rec = {"uid": sc.uid, "category": sc.category, "difficulty": sc.difficulty, "kind": kind, "resolution": R,
+           "success": result.success, "zooms": len(result.zooms) if result.success else None,
+           "reader_direct": first.letter == sc.label}
+    if not result.success:
+        return [], rec
+    texts, images = agent.summarize(result)
+    rec["zooms"] = len(images) - 1
+    paths = [_save_image(images[0], os.path.join(cfg.out, "images", split, f"{sc.uid}{IMAGE_EXT}"))]
+    paths += [_save_image(im, os.path.join(cfg.out, "images", split, f"{sc.uid}_z{k}{IMAGE_EXT}"))
+              for k, im in enumerate(images[1:], 1)]
+    rows = []
+    for k in range(orders):
+        shown = synth.rotate_options(sc, k) if k else sc
+        texts = agent.summarize(agent.relabel(result, shown))[0] if k else texts
+        rows.append({"messages": agent.to_messages(shown.question, shown.label, texts), "images": paths})
+    return rows, rec
+
+
+def _rl_prompt(cfg, job):
+    """RL prompt i: its main image (saved) -> its rl_train.jsonl record."""
+    i, sc = job
+    res = cfg.parsed_resolutions()
+    path = os.path.join(cfg.out, "images", "rl", f"{sc.uid}{IMAGE_EXT}")
+    _save_image(agent.scene_world(sc, synth.render(sc), res[i % len(res)]).main, path)
+    return formats.rl_record(cof.SYSTEM_PROMPT, cof.rl_prompt(sc.question, sc.label),
+                             formats.relative_image(path, cfg.out), sc.label, sc.question, i, "train",
+                             extra={"kind": synth.question_kind(sc.category, sc.difficulty)})
+
+
+def _held_out(cfg, split, job):
+    """Held-out item i of `split`: its image (saved unless a search saved it) -> its V*-layout record."""
+    i, sc = job
+    path = os.path.join(cfg.out, "images", split, f"{sc.uid}{IMAGE_EXT}")
+    if not os.path.exists(path):
+        _save_image(synth.render(sc), path)
+    return vstar_record(sc, formats.relative_image(path, cfg.out), i)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,38 +340,30 @@ def table_markdown(rows):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build(cfg):
+def build(cfg, workers=None):
+    """Write the dataset of `cfg` (module docstring); workers: processes for the searches and images (default: one
+    per CPU core; the files are the same for any number)."""
     t0 = time.time()
     cfg = replace(cfg, out=os.path.abspath(cfg.out))  # image paths are made relative to OUT, not to the cwd
     os.makedirs(cfg.out, exist_ok=True)
-    train, val, test = _items(cfg, "train", cfg.n), _items(cfg, "val", cfg.val), _items(cfg, "test", cfg.test)
-    sft_train, rec_train = trajectories(cfg, train, "train", orders=cfg.option_orders)
-    sft_val, rec_val = trajectories(cfg, val, "val")
-    formats.write_sft(os.path.join(cfg.out, "sft_train.json"), sft_train)
-    formats.write_sft(os.path.join(cfg.out, "sft_val.json"), sft_val)
+    n_jobs = 2 * cfg.n + cfg.rl + 2 * cfg.val + cfg.test + len(synth.QUESTION_KINDS) * cfg.per_kind
+    with _pool(workers or os.cpu_count() or 1, n_jobs) as pool:
+        train, val, test = _items(cfg, "train", cfg.n), _items(cfg, "val", cfg.val), _items(cfg, "test", cfg.test)
+        sft_train, rec_train = trajectories(cfg, train, "train", orders=cfg.option_orders, pool=pool)
+        sft_val, rec_val = trajectories(cfg, val, "val", pool=pool)
+        formats.write_sft(os.path.join(cfg.out, "sft_train.json"), sft_train)
+        formats.write_sft(os.path.join(cfg.out, "sft_val.json"), sft_val)
 
-    rl, res = [], cfg.parsed_resolutions()
-    rl_items = _items(cfg, "rl", cfg.rl, "rl_kinds")
-    for i, sc in enumerate(cof.progress(rl_items, desc="rl images")):
-        path = os.path.join(cfg.out, "images", "rl", f"{sc.uid}{IMAGE_EXT}")
-        _save_image(agent.scene_world(sc, synth.render(sc), res[i % len(res)]).main, path)
-        rel = formats.relative_image(path, cfg.out)
-        rl.append(formats.rl_record(cof.SYSTEM_PROMPT, cof.rl_prompt(sc.question, sc.label), rel, sc.label,
-                                    sc.question, i, "train",
-                                    extra={"kind": synth.question_kind(sc.category, sc.difficulty)}))
-    formats.write_rl(os.path.join(cfg.out, "rl_train.jsonl"), rl)
+        rl_items = _items(cfg, "rl", cfg.rl, "rl_kinds")
+        rl = _map(functools.partial(_rl_prompt, cfg), list(enumerate(rl_items)), pool, "rl images")
+        formats.write_rl(os.path.join(cfg.out, "rl_train.jsonl"), rl)
 
-    names = {"val": "val.jsonl", "test": "test_questions.jsonl", "by_kind": "test_by_kind.jsonl"}
-    by_kind = _items_by_kind(cfg, cfg.per_kind) if cfg.per_kind else []
-    for split, scenes in (("val", val), ("test", test), ("by_kind", by_kind)):
-        recs = []
-        for i, sc in enumerate(cof.progress(scenes, desc=f"{split} images")):
-            path = os.path.join(cfg.out, "images", split, f"{sc.uid}{IMAGE_EXT}")
-            if not os.path.exists(path):
-                _save_image(synth.render(sc), path)
-            recs.append(vstar_record(sc, formats.relative_image(path, cfg.out), i))
-        if scenes:
-            formats.write_jsonl(os.path.join(cfg.out, names[split]), recs)
+        names = {"val": "val.jsonl", "test": "test_questions.jsonl", "by_kind": "test_by_kind.jsonl"}
+        by_kind = _items_by_kind(cfg, cfg.per_kind) if cfg.per_kind else []
+        for split, scenes in (("val", val), ("test", test), ("by_kind", by_kind)):
+            recs = _map(functools.partial(_held_out, cfg, split), list(enumerate(scenes)), pool, f"{split} images")
+            if scenes:
+                formats.write_jsonl(os.path.join(cfg.out, names[split]), recs)
 
     card = {"config": asdict(cfg), "version": VERSION, "counts": {"train_items": len(train), "sft_train_rows": len(sft_train),
                                               "sft_val_rows": len(sft_val), "rl_rows": len(rl),

@@ -2,8 +2,8 @@
 
 V* Bench (penghao-wu/vstar) asks multiple-choice questions about small objects in large images, in two categories,
 `direct_attributes` and `relative_position`. This module makes a synthetic stand-in that a tiny Qwen2.5-VL can learn
-on a CPU, deterministic from a seed, with the same question text style ("(A) ..." lines, options shuffled,
-"Answer with the option's letter from the given choices directly.").
+on a CPU, deterministic from a seed, with the same question text style ("(A) ..." lines, options shuffled or in one
+fixed order, "Answer with the option's letter from the given choices directly.").
 
 The scene (grid-aligned on purpose, so that a box is "which cell" and costs a few tokens):
   * 448 x 448 px, a 4 x 4 grid of 112 px cells, at most one object per cell (8..16 objects), each a square or a
@@ -27,8 +27,8 @@ The scene (grid-aligned on purpose, so that a box is "which cell" and costs a fe
               period 2.5 on the tag (attributes)      (1.6 px); a second zoom on the tag reads them (6.7 px)
   * Question kinds (QUESTION_KINDS, what metrics are broken down by): easy / medium / hard stripe directions, and
     the two relative-position kinds: "relative" (two 22 px patches of period 4 on a small object: gone in the view)
-    and "edge" (two 36 px patches of period 24 on a big object: 6 px stripes in 9 px patches, which the FFT reader
-    reads in the view and the tiny model reads no better than a third of the time: the edge of its eyesight).
+    and "edge" (two 36 px patches of period 12 on a big object: 3 px stripes in 9 px patches, which the FFT reader
+    reads in the view and the tiny model does not: the edge of its eyesight; one zoom shows them at ~8 px).
   `periods` (make_scene) replaces these periods and nothing else: the same draws give the same scene with other
   stripe widths (the resolution sweep's setting, sweep.py, uses 20 / 7.5 / 5 px).
 Legibility is measured, not assumed: `read_pattern` reads a texture from pixels (2-D FFT peak) and reports its
@@ -57,7 +57,7 @@ AMPLITUDE = 50              # stripes are fill +- AMPLITUDE on every channel
 SUPERSAMPLE = 4             # stripes are rendered antialiased (periods need not be whole pixels)
 CATEGORIES = ("direct_attributes", "relative_position")
 DIFFICULTIES = ("easy", "medium", "hard")
-PERIOD = {"easy": 24.0, "medium": 4.0, "hard": 2.5}
+PERIOD = {"easy": 24.0, "edge": 12.0, "medium": 4.0, "hard": 2.5}   # "edge": the two patches of the edge kind
 
 # The background is the image processor's normalisation mean (OPENAI_CLIP_MEAN x 255, rounded), so empty space
 # enters the vision tower as (almost exactly) zero and every token's features come from the objects in its cell.
@@ -243,7 +243,8 @@ def _distractor(rng, r, c, colour, periods):
                      "x" if rng.random() < 0.5 else "y", bool(rng.random() < 0.5))
 
 
-# What the target is, per (category, difficulty): kind and size (its stripe period is periods[difficulty]).
+# What the target is, per (category, difficulty): kind and size (its stripe period is periods[difficulty], the edge
+# kind's periods["edge"]).
 TARGETS = {("direct_attributes", "easy"): ("stripes", "big"),
            ("direct_attributes", "medium"): ("stripes", "small"),
            ("direct_attributes", "hard"): ("tag", "big"),
@@ -275,11 +276,15 @@ def check_periods(periods):
     return out
 
 
-def make_scene(rng, uid="0", category=None, difficulty=None, mix=None, colours=DEFAULT_COLOURS, periods=None):
+def make_scene(rng, uid="0", category=None, difficulty=None, mix=None, colours=DEFAULT_COLOURS, periods=None,
+               shuffle_options=True):
     """One random item. `rng`: numpy Generator. category/difficulty: fixed, or drawn (difficulty from `mix`, a dict
     difficulty -> weight; hard is attributes-only, relative_position items draw from easy/medium). `colours`: the
     PALETTE names to draw from (at least 2: the target's colour is unique in the scene). `periods`: stripe periods
-    per difficulty replacing PERIOD's (the same draws, so the same scene with other stripe widths)."""
+    per difficulty replacing PERIOD's (the same draws, so the same scene with other stripe widths; the edge kind's
+    patches use periods["edge"]). shuffle_options: V*'s options in a random order; False: in ORIENTATIONS / RELATIONS
+    order, so that an option's letter is a function of the answer (the built-in run's world: the tiny model then
+    spends its steps on seeing, not on looking up letters, README "The built-in run")."""
     check_colours(colours)
     periods = check_periods(periods)
     category = category or CATEGORIES[int(rng.random() < 0.35)]
@@ -302,7 +307,7 @@ def make_scene(rng, uid="0", category=None, difficulty=None, mix=None, colours=D
 
     r, c = cells[0]
     kind, size = TARGETS[(category, difficulty)]
-    period = periods[difficulty]
+    period = periods["edge" if (category, difficulty) == KIND_TARGET["edge"] else difficulty]
     ori = ORIENTATIONS[rng.integers(4)]
     axis, h_first = ("x" if rng.random() < 0.5 else "y"), bool(rng.random() < 0.5)
     target = _make_obj(rng, r, c, tcolour, kind, size, period, ori, axis, h_first)
@@ -327,7 +332,7 @@ def make_scene(rng, uid="0", category=None, difficulty=None, mix=None, colours=D
     order = [int(i) for i in rng.permutation(len(objects))]
     objects = [objects[i] for i in order]
     tindex = order.index(0)
-    opts = [choices[int(i)] for i in rng.permutation(len(choices))]
+    opts = [choices[int(i)] for i in rng.permutation(len(choices))] if shuffle_options else choices
     letters = "ABCD"[:len(opts)]
     question = q + "".join(f"\n({L}) {o}" for L, o in zip(letters, opts))
     label = letters[opts.index(answer)]

@@ -69,7 +69,7 @@ class BuildConfig:
     seed: int = 0
     val: int = 200
     test: int = 400
-    kinds: str = "easy=0.25,edge=0.2,medium=0.15,hard=0.25,relative=0.15"   # weights of the train/val/test items' kinds
+    kinds: str = "easy=0.25,edge=0.25,medium=0.15,hard=0.2,relative=0.15"   # weights of the train/val/test items' kinds
     rl_kinds: str = "easy=1,edge=2,medium=1,hard=1.5,relative=1.5"        # weights of the RL prompts' kinds
     resolutions: str = "448"        # comma list; item i uses resolutions[i % len]; e.g. "224,448,...,3840"
     view_max_pixels: int = agent.TINY_VIEW_MAX_PIXELS   # the model processor's cap (7B: agent.QWEN_VIEW_MAX_PIXELS)

@@ -27,8 +27,9 @@ The scene (grid-aligned on purpose, so that a box is "which cell" and costs a fe
               period 2.5 on the tag (attributes)      (1.6 px); a second zoom on the tag reads them (6.7 px)
   * Question kinds (QUESTION_KINDS, what metrics are broken down by): easy / medium / hard stripe directions, and
     the two relative-position kinds: "relative" (two 22 px patches of period 4 on a small object: gone in the view)
-    and "edge" (two 36 px patches of period 12 on a big object: 3 px stripes in 9 px patches, which the FFT reader
-    reads in the view and the tiny model does not: the edge of its eyesight; one zoom shows them at ~8 px).
+    and "edge" (two 36 px patches of period 8 on a big object: 2 px stripes in 9 px patches, which the FFT reader
+    reads in the view and the tiny model does not: the edge of its eyesight; one zoom shows them at 5.2 px, the
+    scale at which it reads the relative kind's patches).
   `periods` (make_scene) replaces these periods and nothing else: the same draws give the same scene with other
   stripe widths (the resolution sweep's setting, sweep.py, uses 20 / 7.5 / 5 px).
 Legibility is measured, not assumed: `read_pattern` reads a texture from pixels (2-D FFT peak) and reports its
@@ -57,7 +58,7 @@ AMPLITUDE = 50              # stripes are fill +- AMPLITUDE on every channel
 SUPERSAMPLE = 4             # stripes are rendered antialiased (periods need not be whole pixels)
 CATEGORIES = ("direct_attributes", "relative_position")
 DIFFICULTIES = ("easy", "medium", "hard")
-PERIOD = {"easy": 24.0, "edge": 12.0, "medium": 4.0, "hard": 2.5}   # "edge": the two patches of the edge kind
+PERIOD = {"easy": 24.0, "edge": 8.0, "medium": 4.0, "hard": 2.5}   # "edge": the two patches of the edge kind
 
 # The background is the image processor's normalisation mean (OPENAI_CLIP_MEAN x 255, rounded), so empty space
 # enters the vision tower as (almost exactly) zero and every token's features come from the objects in its cell.

@@ -41,7 +41,9 @@ def _tree(root):
 def test_same_seed_same_dataset(built, tmp_path, monkeypatch):
     out, _ = built
     monkeypatch.chdir(tmp_path)  # a relative --out works (paths are stored relative to OUT, not to the cwd)
-    build.build(build.BuildConfig(out="again", n=24, rl=24, val=6, test=8, per_kind=3, seed=3, table_items=0))
+    monkeypatch.setattr(build, "POOL_MIN_JOBS", 0)     # `built` ran in this process; this one in 2 worker processes
+    build.build(build.BuildConfig(out="again", n=24, rl=24, val=6, test=8, per_kind=3, seed=3, table_items=0),
+                workers=2)
     again = str(tmp_path / "again")
     assert formats.read_sft(os.path.join(again, "sft_train.json"))[1] == 0
     assert len(cof.read_synthetic(os.path.join(again, "val.jsonl"))) == 6
@@ -75,6 +77,21 @@ def test_question_text_and_answer_match_the_scene():
     # options are shuffled: every letter is the answer sometimes
     labels = {sc.label for sc in synth.make_split(7, "train", 40)}
     assert labels == set("ABCD")
+
+
+def test_fixed_option_order_changes_only_the_options():
+    """shuffle_options=False: the same scene and answer with the options in ORIENTATIONS / RELATIONS order, so that a
+    letter always means the same answer (the built-in world); each kind's detail has its kind's stripe period."""
+    for i in range(40):
+        a = synth.make_scene(synth.scene_rng(7, "train", i))
+        b = synth.make_scene(synth.scene_rng(7, "train", i), shuffle_options=False)
+        canon = list(synth.ORIENTATIONS if a.category == "direct_attributes" else synth.RELATIONS)
+        assert b.options == canon and b.options[" ABCD".index(b.label) - 1] == b.answer == a.answer
+        assert (a.objects, a.target_box, a.question.split("\n")[0]) == (b.objects, b.target_box, b.question.split("\n")[0])
+        assert cof.parse_options(b.text) == dict(zip("ABCD", canon))
+    for kind, (cat, diff) in synth.KIND_TARGET.items():
+        sc = synth.make_scene(synth.scene_rng(7, "test", 0), category=cat, difficulty=diff)
+        assert {t.period for t in sc.details} == {synth.PERIOD["edge" if kind == "edge" else diff]}
 
 
 def test_colours_option_and_background():
@@ -142,11 +159,11 @@ def test_legibility_table_at_the_working_resolution():
     assert hard["main_legible"] == 0.0 and hard["detail_legible"] == 1.0 and hard["detail_period_px"] > 6
     rel = rows[("relative_position", "medium")]
     assert rel["main_legible"] == 0.0 and rel["cell_legible"] == 1.0
-    # edge (the two patches on a big object): the reader reads them in the main view (6 px stripes), and better after
-    # a zoom on the object (12-16 px)
+    # edge (the two patches on a big object): the reader reads them in the main view (2 px stripes), and better after
+    # a zoom on the object (5.2 px, where the model reads the relative kind's patches)
     edge = rows[("relative_position", "easy")]
-    assert edge["main_legible"] == 1.0 and edge["main_period_px"] == 6.0
-    assert edge["cell_legible"] == 1.0 and edge["cell_contrast"] > edge["main_contrast"] and edge["cell_period_px"] > 12
+    assert edge["main_legible"] == 1.0 and edge["main_period_px"] == 2.0
+    assert edge["cell_legible"] == 1.0 and edge["cell_contrast"] > edge["main_contrast"] and edge["cell_period_px"] > 5
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,7 +265,7 @@ def test_trajectories_follow_the_eyesight_rule(tmp_path):
 def test_option_orders_rotate_the_letters_not_the_search(tmp_path):
     """--option-orders N: each search gives N rows with the options rotated 0..N-1 places: the same images and
     thoughts up to the last one, whose restated options, letter and <answer> follow the rotated question."""
-    cfg = build.BuildConfig(out=str(tmp_path), seed=4)
+    cfg = build.BuildConfig(out=str(tmp_path), seed=4, shuffle_options=True)
     scenes = synth.make_split(4, "train", 5)
     rows, recs = build.trajectories(cfg, scenes, "train", orders=3)
     assert len(rows) == 3 * len(scenes) and all(r["success"] for r in recs)
@@ -285,6 +302,8 @@ def test_trajectory_text_format(built):
         assert all(x["content"] == "<image>" + cof.USER_PROMPT for x in m[3::2])
         q = m[1]["content"][len("<image> Question: "):-len(cof.LETTER_HINT + cof.USER_PROMPT)]
         assert cof.extract_answer(asst[-1]) in cof.parse_options(q)
+        opts = list(cof.parse_options(q).values())      # one option order per question; the letter follows the reading
+        assert opts in (list(synth.ORIENTATIONS), list(synth.RELATIONS)) and "The options are" not in asst[-1]
         # the image files hold exactly what cof.py sends back: each zoom image is the crop rule applied to the main
         # image read back from disk (the files are lossless)
         main = crop_kernels.load_image(r["images"][0])

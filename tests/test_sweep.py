@@ -23,7 +23,7 @@ PERIODS = build.BuildConfig(periods=sweep.PERIODS).parsed_periods()
 def test_periods_change_only_the_stripes():
     plain = synth.make_split(3, "train", 30)
     wide = synth.make_split(3, "train", 30, periods=PERIODS)
-    assert PERIODS == {"easy": 20.0, "medium": 7.5, "hard": 5.0}
+    assert PERIODS == {"easy": 20.0, "edge": 20.0, "medium": 7.5, "hard": 5.0}
     for a, b in zip(plain, wide):
         assert (a.question, a.label, a.target_box, a.detail_box) == (b.question, b.label, b.target_box, b.detail_box)
         assert [(o.cell, o.colour, o.shape, o.box, o.tag) for o in a.objects] == \

@@ -58,7 +58,7 @@ VERSION = 11
 # The default run's model's eyesight: per question kind, the share of test_by_kind.jsonl its greedy answers get right
 # with the zoom tool banned (sft.py's end-of-run `eval_no_zoom` per kind, README "data/"). The agent answers from the
 # main view only where this is at least --eyesight-bar and its own reader (synth.read_texture) reads the detail there.
-EYESIGHT = "easy=0.97,edge=0.36,medium=0.33,hard=0.17,relative=0.17"
+EYESIGHT = "easy=0.865,edge=0.335,medium=0.02,hard=0.035,relative=0.1"
 
 
 @dataclass

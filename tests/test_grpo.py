@@ -264,6 +264,9 @@ def test_old_logprobs_from_the_trainer_leave_the_samplers_numbers_to_the_metric(
 
 def test_environment_tokens_get_no_gradient(trajectories):
     net, tok, cfg, _, trajs = trajectories
+    trajs = sorted(trajs, key=lambda t: len(t.ids))
+    trajs = [trajs[0], trajs[len(trajs) // 2], trajs[-1]]              # a right-padded batch: unequal lengths
+    assert len(trajs[0].ids) < len(trajs[-1].ids), [len(t.ids) for t in trajs]
     seen = {}
 
     def keep(module, args, out):      # returns None: the output is not replaced

@@ -624,7 +624,7 @@ def default_sft_checkpoint(seed=0):
     found = _finished(out)
     if found is None:
         log0(f"no finished SFT checkpoint in {out}: training it first with sft.py's defaults "
-             f"(`python sft.py --seed {seed}`, ~19 minutes on 2 CPU cores under torchrun)")
+             f"(`python sft.py --seed {seed}`, ~16 minutes on 2 CPU cores under torchrun)")
         sft.train(sft.parse_args(["--resume", "auto", "--seed", str(seed)]))
         found = _finished(out)
         if found is None:

@@ -218,8 +218,7 @@ def _map(fn, jobs, pool, desc):
     """[fn(job) for job in jobs], in order, in `pool` (None: this process), with a progress bar."""
     if pool is not None:
         try:
-            chunk = max(1, min(32, len(jobs) // (4 * pool._max_workers)))
-            return list(cof.progress(pool.map(fn, jobs, chunksize=chunk), desc=desc, total=len(jobs)))
+            return list(cof.progress(pool.map(fn, jobs, chunksize=16), desc=desc, total=len(jobs)))
         except BrokenProcessPool as e:  # a worker died (out of memory; a __main__ that cannot be re-imported: stdin)
             print(f"{desc}: worker processes failed ({e}); doing them in this process")
     return [fn(job) for job in cof.progress(jobs, desc=desc)]

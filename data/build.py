@@ -70,7 +70,7 @@ class BuildConfig:
     val: int = 200
     test: int = 400
     kinds: str = "easy=0.25,edge=0.25,medium=0.15,hard=0.2,relative=0.15"   # weights of the train/val/test items' kinds
-    rl_kinds: str = "easy=1,edge=2,medium=1,hard=1.5,relative=1.5"        # weights of the RL prompts' kinds
+    rl_kinds: str = "easy=2,edge=2,medium=1.5,hard=1,relative=1"        # weights of the RL prompts' kinds
     resolutions: str = "448"        # comma list; item i uses resolutions[i % len]; e.g. "224,448,...,3840"
     view_max_pixels: int = agent.TINY_VIEW_MAX_PIXELS   # the model processor's cap (7B: agent.QWEN_VIEW_MAX_PIXELS)
     colours: str = ",".join(synth.DEFAULT_COLOURS)   # palette names the scenes draw from ("all": synth.PALETTE)

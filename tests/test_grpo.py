@@ -435,7 +435,7 @@ def test_train_question_format_is_the_rl_and_sft_prompt(setup):
 
 def test_the_built_in_preset_is_a_valid_config(monkeypatch):
     cfg = grpo.parse_args([])
-    assert (cfg.max_steps, cfg.group_size, cfg.reward, cfg.freeze_vision) == (200, 6, "agar", "yes")
+    assert (cfg.max_steps, cfg.group_size, cfg.reward, cfg.freeze_vision) == (150, 6, "agar", "yes")
     assert cfg.threads == grpo.TINY_GRPO_PRESET["threads"]
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert grpo.parse_args([]).threads == grpo.TINY_GRPO_PRESET["threads"] // 2

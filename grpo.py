@@ -44,56 +44,57 @@ import crop_kernels as ck
 import model as M
 import sft
 import tokenizer as T
+import trainer
 from data import formats, tiny
-from sft import _opt, dist_info, log0
+from trainer import dist_info, log0, option
 
 
 # ------------------------------------------------------------------------------------------------ config
 
 @dataclass
-class GRPOConfig(sft.RunConfig):
+class GRPOConfig(trainer.RunConfig):
     """grpo.py's options: RunConfig plus rollouts, rewards and the loss (defaults = the released RL recipe)."""
-    model: str = _opt("", "the SFT checkpoint to start from (HF format); empty = the built-in default, the checkpoint "
+    model: str = option("", "the SFT checkpoint to start from (HF format); empty = the built-in default, the checkpoint "
                           "`python sft.py` writes (trained first if it is missing)")
-    data: str = _opt("", "CoF-RL rows (.jsonl / .json / .parquet, CoF-RL-Data's layout); empty = the synthetic set's "
+    data: str = option("", "CoF-RL rows (.jsonl / .json / .parquet, CoF-RL-Data's layout); empty = the synthetic set's "
                          "rl_train.jsonl")
-    out: str = _opt("runs/grpo", "output dir: checkpoints ckpt-NNNNNN/, `latest`, metrics.jsonl, eval/")
-    epochs: float = _opt(15.0, "passes over the prompts (released: 15); ignored when --max_steps > 0")
-    max_steps: int = _opt(0, "optimizer steps (one rollout batch each); 0 = derive from --epochs")
-    prompts_per_step: int = _opt(64, "prompts per step over all ranks (released train_batch_size 64)")
-    group_size: int = _opt(6, "samples per prompt, G (released: 6)")
-    rollout_batch: int = _opt(0, "prompts decoded together per rollout call on a rank; 0 = all of the rank's")
-    micro_batch: int = _opt(1, "trajectories per training forward (gradient accumulation over the rest)")
-    ppo_epochs: int = _opt(1, "updates per rollout batch (> 1 reuses it; the ratio stays to the sampling policy)")
-    old_logprobs: str = _opt("auto", "what the PPO ratio divides by: sampler (the log-probs recorded while sampling) | "
+    out: str = option("runs/grpo", "output dir: checkpoints ckpt-NNNNNN/, `latest`, metrics.jsonl, eval/")
+    epochs: float = option(15.0, "passes over the prompts (released: 15); ignored when --max_steps > 0")
+    max_steps: int = option(0, "optimizer steps (one rollout batch each); 0 = derive from --epochs")
+    prompts_per_step: int = option(64, "prompts per step over all ranks (released train_batch_size 64)")
+    group_size: int = option(6, "samples per prompt, G (released: 6)")
+    rollout_batch: int = option(0, "prompts decoded together per rollout call on a rank; 0 = all of the rank's")
+    micro_batch: int = option(1, "trajectories per training forward (gradient accumulation over the rest)")
+    ppo_epochs: int = option(1, "updates per rollout batch (> 1 reuses it; the ratio stays to the sampling policy)")
+    old_logprobs: str = option("auto", "what the PPO ratio divides by: sampler (the log-probs recorded while sampling) | "
                                      "trainer (the update's first forward, before any change: verl's recomputed "
                                      "old_log_prob) | auto: trainer on CUDA, whose training forward runs in bf16 "
                                      "autocast and its rollouts do not; sampler on the CPU (both fp32, equal to 1e-5)")
-    lr: float = _opt(1e-6, "learning rate (released: 1e-6)")
-    warmup_ratio: float = _opt(0.0, "fraction of the steps with linear warmup (released: none)")
-    min_lr_ratio: float = _opt(1.0, "final lr as a fraction of --lr (1.0 = constant, as released)")
-    beta: float = _opt(0.001, "k3 KL coefficient to the frozen start model (released 0.001); 0 = no reference model")
-    clip_low: float = _opt(0.2, "PPO clip epsilon below 1")
-    clip_high: float = _opt(0.2, "PPO clip epsilon above 1 (0.28 = DAPO's clip-higher)")
-    clip_dual: float = _opt(3.0, "dual clip for negative advantages: the loss never exceeds -A x this (verl's "
+    lr: float = option(1e-6, "learning rate (released: 1e-6)")
+    warmup_ratio: float = option(0.0, "fraction of the steps with linear warmup (released: none)")
+    min_lr_ratio: float = option(1.0, "final lr as a fraction of --lr (1.0 = constant, as released)")
+    beta: float = option(0.001, "k3 KL coefficient to the frozen start model (released 0.001); 0 = no reference model")
+    clip_low: float = option(0.2, "PPO clip epsilon below 1")
+    clip_high: float = option(0.2, "PPO clip epsilon above 1 (0.28 = DAPO's clip-higher)")
+    clip_dual: float = option(3.0, "dual clip for negative advantages: the loss never exceeds -A x this (verl's "
                                  "clip_ratio_c); 0 = off")
-    loss: str = _opt("token_mean", "token_mean: sum over all generated tokens / their global count (released) | "
+    loss: str = option("token_mean", "token_mean: sum over all generated tokens / their global count (released) | "
                                    "seq_mean: mean per trajectory, then over trajectories (original GRPO)")
-    scale_rewards: str = _opt("group", "group: divide by the group std (GRPO) | none: only subtract the mean (Dr. GRPO)")
-    reward: str = _opt("agar", "agar: the released adaptive group-aware shaping | plain: 0.9 acc + 0.1 format")
-    temperature: float = _opt(1.0, "sampling temperature of the rollouts (released: 1.0)")
-    max_turns: int = _opt(4, "assistant turns per rollout (released max_assistant_turns: 4)")
-    max_new_tokens: int = _opt(512, "new tokens per turn")
-    max_len: int = _opt(32768, "longest conversation in tokens (images included); longer rollouts stop there")
-    eval_start: bool = _opt(True, "evaluate the start model before the first step (the 'before' of the final table)")
-    compile: bool = _opt(True, "decode rollouts through decode.py's compiled step (same tokens as eager, ~2x faster "
+    scale_rewards: str = option("group", "group: divide by the group std (GRPO) | none: only subtract the mean (Dr. GRPO)")
+    reward: str = option("agar", "agar: the released adaptive group-aware shaping | plain: 0.9 acc + 0.1 format")
+    temperature: float = option(1.0, "sampling temperature of the rollouts (released: 1.0)")
+    max_turns: int = option(4, "assistant turns per rollout (released max_assistant_turns: 4)")
+    max_new_tokens: int = option(512, "new tokens per turn")
+    max_len: int = option(32768, "longest conversation in tokens (images included); longer rollouts stop there")
+    eval_start: bool = option(True, "evaluate the start model before the first step (the 'before' of the final table)")
+    compile: bool = option(True, "decode rollouts through decode.py's compiled step (same tokens as eager, ~2x faster "
                                "on the CPU default; eager where torch.compile is unavailable or the model is FSDP)")
 
-    LIMITS = dict(sft.RunConfig.LIMITS, epochs=(0, True), prompts_per_step=(1, True), group_size=(1, True),
+    LIMITS = dict(trainer.RunConfig.LIMITS, epochs=(0, True), prompts_per_step=(1, True), group_size=(1, True),
                   rollout_batch=(0, True), micro_batch=(1, True), ppo_epochs=(1, True), beta=(0, True),
                   clip_low=(0, True), clip_high=(0, True), clip_dual=(0, True), temperature=(0, False),
                   max_turns=(1, True), max_new_tokens=(1, True), max_len=(1, True))
-    CHOICES = dict(sft.RunConfig.CHOICES, loss=("token_mean", "seq_mean"), scale_rewards=("group", "none"),
+    CHOICES = dict(trainer.RunConfig.CHOICES, loss=("token_mean", "seq_mean"), scale_rewards=("group", "none"),
                    reward=("agar", "plain"), old_logprobs=("auto", "sampler", "trainer"))
 
     def __post_init__(self):
@@ -128,7 +129,7 @@ def tiny_preset(given):
 
 
 def parse_args(argv=None) -> GRPOConfig:
-    return sft.parse_config(GRPOConfig, argv, tiny_preset, __doc__.split("\n\n")[0])
+    return trainer.parse_config(GRPOConfig, argv, tiny_preset, __doc__.split("\n\n")[0])
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -292,7 +293,7 @@ def token_logprobs(model, trajs, tokenizer, cfg, device, with_entropy=False):
         gen[b, :len(t.ids)] = torch.tensor(t.gen_mask)
     ids, attn, gen = ids.to(device), attn.to(device), gen.to(device)
     targets = F.pad(torch.where(gen[:, 1:], ids[:, 1:], -1), (0, 1), value=-1)   # [B, T] position t scores token t+1
-    with sft.autocast(device):
+    with trainer.autocast(device):
         lp, ent = model(ids, pixel_values=torch.cat([t.pixel_values for t in trajs]).to(device),
                         image_grid_thw=torch.cat([t.image_grid_thw for t in trajs]), attention_mask=attn,
                         targets=targets, banned=cof.vision_token_ids(tokenizer), temperature=cfg.temperature,
@@ -349,7 +350,7 @@ def rollout(raw, tokenizer, prompts, idx, cfg, step, device):
     """G sampled trajectories for each of this rank's prompts `idx` (question-major), through the CoF loop, in calls
     of --rollout_batch prompts. Each call samples from its own generator seeded by (seed, step, its first prompt's
     row), so a resumed run samples the same tokens, and with --rollout_batch 1 so does any number of ranks."""
-    was_training, unshard = raw.training, sft._is_fsdp(raw)
+    was_training, unshard = raw.training, trainer.is_fsdp(raw)
     ccfg = cof.CofConfig(do_sample=True, temperature=cfg.temperature, max_turns=cfg.max_turns,
                          max_new_tokens=cfg.max_new_tokens, max_model_len=cfg.max_len, invalid="text",
                          processor_min_pixels=cfg.min_pixels, processor_max_pixels=cfg.max_pixels,
@@ -381,7 +382,7 @@ def reference_logprobs(ref, raw, trajs, tokenizer, cfg, device):
     if cfg.beta == 0:
         return None
     out = []
-    with torch.no_grad(), (sft.lora_off(raw) if ref is None else contextlib.nullcontext()):
+    with torch.no_grad(), (trainer.lora_off(raw) if ref is None else contextlib.nullcontext()):
         net = raw if ref is None else ref
         for i in range(0, len(trajs), cfg.micro_batch):
             out.append(token_logprobs(net, trajs[i:i + cfg.micro_batch], tokenizer, cfg, device)[0])
@@ -393,9 +394,9 @@ def update(model, optimizer, params, trajs, recs, ref_lp, tokenizer, cfg, step, 
     by the global token (or trajectory) count. Returns the step's loss statistics."""
     world = dist_info()[1]
     adv = torch.tensor([r["adv"] for r in recs], dtype=torch.float32)
-    counts = sft.all_reduce_sum(torch.tensor([sum(t.n_generated for t in trajs), len(trajs)], dtype=torch.float64))
+    counts = trainer.all_reduce_sum(torch.tensor([sum(t.n_generated for t in trajs), len(trajs)], dtype=torch.float64))
     n_tokens, n_seqs = counts.tolist()
-    lr = sft.set_lr(optimizer, step, total, cfg)
+    lr = trainer.set_lr(optimizer, step, total, cfg)
     stats = dict(loss=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, tokens=0.0, entropy=0.0, mismatch=0.0, grad_norm=0.0)
     trainer_old = cfg.old_logprobs == "trainer" or (cfg.old_logprobs == "auto" and device.type == "cuda")
     first = []                                   # epoch 0's log-probs per micro-batch: the policy before this update
@@ -404,7 +405,7 @@ def update(model, optimizer, params, trajs, recs, ref_lp, tokenizer, cfg, step, 
         loss_sum = torch.zeros((), dtype=torch.float64)
         for j, i in enumerate(chunks):
             mb = trajs[i:i + cfg.micro_batch]
-            with sft.grad_sync(model, j == len(chunks) - 1):
+            with trainer.grad_sync(model, j == len(chunks) - 1):
                 logp, gen, ent = token_logprobs(model, mb, tokenizer, cfg, device, with_entropy=epoch == 0)
                 sampled = _padded([t.logprobs for t in mb], logp.shape, device)                  # [B, T]
                 if epoch == 0:
@@ -425,8 +426,8 @@ def update(model, optimizer, params, trajs, recs, ref_lp, tokenizer, cfg, step, 
             if epoch == cfg.ppo_epochs - 1:      # clipping only bites after an update (ppo_epochs > 1)
                 stats["clip_low"] += st["clip_low"]
                 stats["clip_high"] += st["clip_high"]
-        loss_val = float(sft.all_reduce_sum(loss_sum))
-        stats["grad_norm"] = sft.optimizer_step(params, optimizer, cfg, step, loss_val)
+        loss_val = float(trainer.all_reduce_sum(loss_sum))
+        stats["grad_norm"] = trainer.optimizer_step(params, optimizer, cfg, step, loss_val)
         stats["loss"] = loss_val if epoch == 0 else stats["loss"]
     stats["lr"] = lr
     return stats
@@ -454,7 +455,7 @@ def step_metrics(recs, stats, kinds, times):
     for key in ("zero_var", "groups", "clip_low", "clip_high", "kl", "entropy", "tokens"):
         sums[key] = stats[key]
     keys = list(sums)                       # the same keys in the same order on every rank
-    sums = dict(zip(keys, sft.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
+    sums = dict(zip(keys, trainer.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
     mismatch = torch.tensor([stats["mismatch"]])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(mismatch, op=dist.ReduceOp.MAX)
@@ -483,10 +484,10 @@ def train(cfg: GRPOConfig, reward_fn=None) -> dict:
     checks.kind(cfg, "cfg", GRPOConfig, "a GRPOConfig")
     if reward_fn is not None and not callable(reward_fn):
         raise TypeError(f"reward_fn must be a function of a group's records, got {type(reward_fn).__name__}")
-    device = sft.start_run(cfg, "GRPOConfig")
+    device = trainer.start_run(cfg, "GRPOConfig")
     rank, world, _ = dist_info()
     model_path, data_path, eval_path = prepare_defaults(cfg)
-    sft.seed_all(cfg.seed)
+    trainer.seed_all(cfg.seed)
     tokenizer = T.Tokenizer.from_pretrained(model_path)
     prompts, n_bad = load_prompts(data_path, cfg)
     per_kind = Counter(p["kind"] for p in prompts)
@@ -494,39 +495,30 @@ def train(cfg: GRPOConfig, reward_fn=None) -> dict:
     log0(f"data: {len(prompts)} prompts from {data_path}" + (f", {n_bad} bad rows skipped" if n_bad else "")
          + " (" + ", ".join(f"{k} {per_kind[k]}" for k in kinds) + ")")
     if cfg.prompts_per_step % world or cfg.prompts_per_step > len(prompts):
-        raise sft.RunError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {world} rank(s) and at "
+        raise trainer.RunError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {world} rank(s) and at "
                          f"most the {len(prompts)} prompts")
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * (len(prompts) // cfg.prompts_per_step)))
-    ckpt = sft.resolve_resume(cfg) if cfg.resume else None
-    start = 0
-    if ckpt is not None:
-        state = sft.read_state(ckpt)
-        want = dict(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size, n_rows=len(prompts))
-        have = {k: state.get(k) for k in want}
-        if have != want:
-            raise sft.RunError(f"{ckpt}: written by a run with {have}; this run has {want}. Resume with the same data, "
-                             f"--prompts_per_step and --group_size, or start a new --out")
-        start = state["step"]
-        log0(f"resuming from {ckpt} at step {start}")
-    raw = sft.build_policy(cfg, model_path, device, pretrained=bool(cfg.model), ckpt=ckpt)
+    ckpt, start = trainer.resume_point(cfg, dict(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
+                                                     n_rows=len(prompts)))
+    raw = trainer.build_policy(cfg, model_path, device, pretrained=bool(cfg.model), ckpt=ckpt)
     ref = None
     if cfg.beta > 0 and cfg.lora_rank == 0:     # the frozen start model (with LoRA: the policy without adapters)
         ref = M.Qwen25VL.from_pretrained(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                          device=device).eval()
         ref.requires_grad_(False)
-    model = sft.distribute(raw, cfg, device)
-    optimizer = sft.make_optimizer(raw, cfg)
+    model = trainer.distribute(raw, cfg, device)
+    optimizer = trainer.make_optimizer(raw, cfg)
     if ckpt is not None:
-        sft.load_optimizer(raw, optimizer, ckpt)
-        sft.load_rng(ckpt)
+        trainer.load_optimizer(raw, optimizer, ckpt)
+        trainer.load_rng(ckpt)
     os.makedirs(cfg.out, exist_ok=True)
-    metrics = sft.Metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
+    metrics = trainer.Metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
     params = [p for p in raw.parameters() if p.requires_grad]
     extra = dict(prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size, n_rows=len(prompts), total=total,
                  model=model_path, data=data_path)
     evals, last_ckpt, history = {}, None, []
     if eval_path and cfg.eval_start and start == 0:
-        evals[0] = run_eval(raw, tokenizer, eval_path, cfg, 0, metrics)
+        evals[0] = trainer.run_eval(raw, tokenizer, eval_path, cfg, 0, metrics)
     bar = cof.Progress(total, "grpo", start=start, enabled=cfg.progress and rank == 0)
     t_run = time.time()
     for step in range(start, total):
@@ -541,9 +533,9 @@ def train(cfg: GRPOConfig, reward_fn=None) -> dict:
         done = step + 1 == total
         if eval_path and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
             bar.close()
-            evals[step + 1] = run_eval(raw, tokenizer, eval_path, cfg, step + 1, metrics)
+            evals[step + 1] = trainer.run_eval(raw, tokenizer, eval_path, cfg, step + 1, metrics)
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done:
-            last_ckpt = sft.save_checkpoint(raw, optimizer, step + 1, cfg, extra)
+            last_ckpt = trainer.save_checkpoint(raw, optimizer, step + 1, cfg, extra)
     bar.close()
     if 0 in evals and total in evals and rank == 0:
         table = before_after(evals[0], evals[total], model_path, last_ckpt)
@@ -581,13 +573,6 @@ def grpo_step(model, raw, ref, optimizer, params, tokenizer, prompts, kinds, cfg
     return step_metrics(recs, stats, kinds, dict(rollout=t1 - t0, reference=t2 - t1, update=time.time() - t2))
 
 
-def run_eval(raw, tokenizer, eval_path, cfg, step, metrics):
-    ev = sft.evaluate(raw, tokenizer, eval_path, cfg, step)
-    metrics.log(step=step, **sft.eval_metrics("eval", ev))
-    sft.log_eval("eval", step, ev)
-    return ev
-
-
 def before_after(before, after, start_path, end_path):
     """Markdown table: the start model and the trained one on the same held-out questions, per question kind."""
     cols = [("accuracy", "accuracy %", "{:.1f}"), ("zoom_rate", "zoom rate %", "{:.1f}"),
@@ -610,7 +595,7 @@ def prepare_defaults(cfg):
     --data: the synthetic set's rl_train.jsonl (built if missing), with its val split for evaluation."""
     model_path, data_path, eval_path = cfg.model, cfg.data, cfg.eval_data
     if not cfg.data:
-        _, held_out = sft.synthetic_data(cfg.seed)
+        _, held_out = trainer.synthetic_data(cfg.seed)
         data_path = os.path.join(tiny.seeded(tiny.SYNTH_DIR, cfg.seed), "rl_train.jsonl")
         eval_path = eval_path or held_out
     if not cfg.model:
@@ -640,8 +625,8 @@ def _finished(out):
         return None
     ckpt = Path(out) / latest.read_text(encoding="utf-8", errors="replace").strip()
     try:
-        state = sft.read_state(ckpt)
-    except (sft.RunError, OSError):
+        state = trainer.read_state(ckpt)
+    except (trainer.RunError, OSError):
         return None
     return ckpt if state.get("step") == state.get("total") and (ckpt / "model.safetensors").is_file() else None
 
@@ -710,7 +695,7 @@ def plot_metrics(path, png, smooth=10):
 
 
 def main(argv=None):
-    sft.run_cli(train, parse_args(argv), "grpo.py")
+    trainer.run_cli(train, parse_args(argv), "grpo.py", errors=(sft.BadRow,))
 
 
 if __name__ == "__main__":

@@ -57,8 +57,9 @@ import checks
 import cof
 import grpo
 import sft
+import trainer
 from data import build, synth, tiny
-from sft import _opt
+from trainer import option
 
 LADDER = (112, 140, 168, 224, 280, 336, 392, 448)   # long side, px (the scene is 448)
 VIEW_MAX_PIXELS = 448 * 448                          # the model processor's cap: no rung is shrunk for the model
@@ -72,19 +73,19 @@ KINDS = synth.QUESTION_KINDS
 
 @dataclasses.dataclass
 class SweepConfig:
-    out: str = _opt("runs/sweep", "output directory (every stage's files; reused and resumed on a second run)")
-    seed: int = _opt(0, "seed of the data, the trainings and the sampling")
-    base: str = _opt("", "checkpoint both SFT runs start from; empty = the default run's (`python sft.py`)")
-    train_items: int = _opt(2000, "training scenes (SFT rows = the successful searches among them)")
-    rl_items: int = _opt(2000, "RL prompts")
-    per_kind: int = _opt(50, "test items of each question kind; each is asked at every rung")
-    sft_steps: int = _opt(1000, "optimizer steps of each SFT fine-tune (batch 32)")
-    sft_lr: float = _opt(1e-3, "peak learning rate of the SFT fine-tunes")
-    grpo_steps: int = _opt(200, "GRPO steps (16 prompts x 6 samples each)")
-    eval_batch: int = _opt(50, "questions decoded together in the evaluation")
-    threads: int = _opt(1, "torch CPU threads of each job (fixed, so that the numbers do not depend on `parallel`)")
-    parallel: bool = _opt(True, "run stages that do not need each other side by side (two at a time)")
-    compile: bool = _opt(True, "decode the evaluation and the rollouts through decode.py's compiled step")
+    out: str = option("runs/sweep", "output directory (every stage's files; reused and resumed on a second run)")
+    seed: int = option(0, "seed of the data, the trainings and the sampling")
+    base: str = option("", "checkpoint both SFT runs start from; empty = the default run's (`python sft.py`)")
+    train_items: int = option(2000, "training scenes (SFT rows = the successful searches among them)")
+    rl_items: int = option(2000, "RL prompts")
+    per_kind: int = option(50, "test items of each question kind; each is asked at every rung")
+    sft_steps: int = option(1000, "optimizer steps of each SFT fine-tune (batch 32)")
+    sft_lr: float = option(1e-3, "peak learning rate of the SFT fine-tunes")
+    grpo_steps: int = option(200, "GRPO steps (16 prompts x 6 samples each)")
+    eval_batch: int = option(50, "questions decoded together in the evaluation")
+    threads: int = option(1, "torch CPU threads of each job (fixed, so that the numbers do not depend on `parallel`)")
+    parallel: bool = option(True, "run stages that do not need each other side by side (two at a time)")
+    compile: bool = option(True, "decode the evaluation and the rollouts through decode.py's compiled step")
 
     LIMITS = dict(seed=(0, True, checks.SEED_MAX, True), train_items=(1, True), rl_items=(1, True), per_kind=(1, True),
                   sft_steps=(1, True), sft_lr=(0, False), grpo_steps=(1, True), eval_batch=(1, True),
@@ -349,7 +350,7 @@ def run(cfg):
 
 
 def main(argv=None):
-    cfg = sft.parse_config(SweepConfig, argv, None, __doc__.split("\n\n")[0])
+    cfg = trainer.parse_config(SweepConfig, argv, None, __doc__.split("\n\n")[0])
     try:
         run(cfg)
     except (subprocess.CalledProcessError, RuntimeError, ValueError, FileNotFoundError) as e:

@@ -6,7 +6,7 @@ import json
 import sys
 
 import grpo
-import sft
+import trainer
 
 
 def length_reward(records):
@@ -18,4 +18,4 @@ def length_reward(records):
 if __name__ == "__main__":
     cfg = grpo.GRPOConfig.from_dict(json.loads(sys.argv[1]))
     grpo.train(cfg, reward_fn=length_reward)
-    sft.finish_run()
+    trainer.finish_run()

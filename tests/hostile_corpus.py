@@ -38,6 +38,7 @@ import model as M  # noqa: E402
 import sft  # noqa: E402
 import sweep  # noqa: E402
 import tokenizer as T  # noqa: E402
+import trainer  # noqa: E402
 from data import build, formats, tiny  # noqa: E402
 
 NAN, INF = float("nan"), float("inf")
@@ -197,7 +198,7 @@ class Env:
         def make():
             raw = M.Qwen25VL.from_pretrained(self.model)
             cfg = sft.TrainConfig(out=self.path("run"), keep_last=5)
-            return str(sft.save_checkpoint(raw, sft.make_optimizer(raw, cfg), 1, cfg, {}))
+            return str(trainer.save_checkpoint(raw, trainer.make_optimizer(raw, cfg), 1, cfg, {}))
         return self._once("ckpt", make)
 
     def fresh_ckpt(self, name):
@@ -544,50 +545,50 @@ def _raw(env):
 
 RESUME = "resume from an earlier checkpoint"
 for _name, _data in (("truncated", 2000), ("empty", 0), ("junk", b"\x00\xff" * 64)):
-    add(f"resume/rng_{_name}", lambda env, n=_name, d=_data: sft.load_rng(_damage(env, f"rng_{n}", "rng-rank0.pt", d)),
-        Raises(sft.RunError, "rng-rank0.pt", RESUME))
-    add(f"resume/optimizer_{_name}", lambda env, n=_name, d=_data: sft.load_optimizer(
-            _raw(env), sft.make_optimizer(_raw(env), sft.TrainConfig()), _damage(env, f"opt_{n}", "optimizer.pt", d)),
-        Raises(sft.RunError, "optimizer.pt", RESUME))
-    add(f"resume/trainable_{_name}", lambda env, n=_name, d=_data: sft.load_trainable(
+    add(f"resume/rng_{_name}", lambda env, n=_name, d=_data: trainer.load_rng(_damage(env, f"rng_{n}", "rng-rank0.pt", d)),
+        Raises(trainer.RunError, "rng-rank0.pt", RESUME))
+    add(f"resume/optimizer_{_name}", lambda env, n=_name, d=_data: trainer.load_optimizer(
+            _raw(env), trainer.make_optimizer(_raw(env), sft.TrainConfig()), _damage(env, f"opt_{n}", "optimizer.pt", d)),
+        Raises(trainer.RunError, "optimizer.pt", RESUME))
+    add(f"resume/trainable_{_name}", lambda env, n=_name, d=_data: trainer.load_trainable(
             _raw(env), _damage(env, f"tr_{n}", "trainable.safetensors", d)),
-        Raises(sft.RunError, "trainable.safetensors", RESUME))
+        Raises(trainer.RunError, "trainable.safetensors", RESUME))
 
 
 def _partial_rng(env, state):
     ckpt = env.fresh_ckpt("rng_partial")
     torch.save(state, os.path.join(ckpt, "trainer", "rng-rank0.pt"))
-    return sft.load_rng(ckpt)
+    return trainer.load_rng(ckpt)
 
 
 add("resume/rng_partial", lambda env: _partial_rng(env, {"torch": torch.get_rng_state()}),
-    Raises(sft.RunError, "rng-rank0.pt", "not the RNG state", RESUME))
+    Raises(trainer.RunError, "rng-rank0.pt", "not the RNG state", RESUME))
 add("resume/rng_wrong_types", lambda env: _partial_rng(env, {"torch": [1, 2], "numpy": 5, "python": "x"}),
-    Raises(sft.RunError, "rng-rank0.pt", RESUME))
-add("resume/rng_a_list", lambda env: _partial_rng(env, [1, 2, 3]), Raises(sft.RunError, "rng-rank0.pt", RESUME))
+    Raises(trainer.RunError, "rng-rank0.pt", RESUME))
+add("resume/rng_a_list", lambda env: _partial_rng(env, [1, 2, 3]), Raises(trainer.RunError, "rng-rank0.pt", RESUME))
 
 
 def _optimizer_of(env, state):
     ckpt = env.fresh_ckpt("opt_other")
     torch.save(state, os.path.join(ckpt, "trainer", "optimizer.pt"))
     raw = _raw(env)
-    return sft.load_optimizer(raw, sft.make_optimizer(raw, sft.TrainConfig()), ckpt)
+    return trainer.load_optimizer(raw, trainer.make_optimizer(raw, sft.TrainConfig()), ckpt)
 
 
-add("resume/optimizer_partial", lambda env: _optimizer_of(env, {"state": {}}), Raises(sft.RunError, "optimizer.pt", RESUME))
-add("resume/optimizer_a_list", lambda env: _optimizer_of(env, [1]), Raises(sft.RunError, "optimizer.pt", RESUME))
+add("resume/optimizer_partial", lambda env: _optimizer_of(env, {"state": {}}), Raises(trainer.RunError, "optimizer.pt", RESUME))
+add("resume/optimizer_a_list", lambda env: _optimizer_of(env, [1]), Raises(trainer.RunError, "optimizer.pt", RESUME))
 for _name, _data in (("junk", b"{not json"), ("a_list", b"[1, 2]"), ("no_step", b'{"world": 1}'),
                      ("step_negative", b'{"step": -3}'), ("step_text", b'{"step": "3"}'), ("latin1", "{\"step\": 1, \"é\": 1}".encode("latin-1")),
                      ("empty", b""), ("deep", b"[" * 100000)):
-    add(f"resume/state_{_name}", lambda env, n=_name, d=_data: sft.read_state(_damage(env, f"st_{n}", "state.json", d)),
-        Raises(sft.RunError, "state.json", RESUME))
+    add(f"resume/state_{_name}", lambda env, n=_name, d=_data: trainer.read_state(_damage(env, f"st_{n}", "state.json", d)),
+        Raises(trainer.RunError, "state.json", RESUME))
 
 
 def _metrics(env, blob, start):
     path = env.path("metrics.jsonl")
     with open(path, "wb") as f:
         f.write(blob)
-    sft.Metrics(path, start=start).log(step=start + 1, loss=0.5)
+    trainer.Metrics(path, start=start).log(step=start + 1, loss=0.5)
     return [json.loads(line)["step"] for line in open(path, encoding="utf-8")]
 
 
@@ -604,7 +605,7 @@ def _latest(env, data):
     out = os.path.dirname(env.fresh_ckpt("latest_junk"))
     with open(os.path.join(out, "latest"), "wb") as f:
         f.write(data)
-    return sft.resolve_resume(sft.TrainConfig(out=out, resume="auto"))
+    return trainer.resolve_resume(sft.TrainConfig(out=out, resume="auto"))
 
 
 add("resume/latest_not_utf8", lambda env: _latest(env, b"\xff\xfe\n"),

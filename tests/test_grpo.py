@@ -14,6 +14,7 @@ import cof
 import grpo
 import model as M
 import sft
+import trainer
 from data import build, formats
 from procs import run_script
 from data import tiny
@@ -240,8 +241,6 @@ def test_old_logprobs_from_the_trainer_leave_the_samplers_numbers_to_the_metric(
     logp_mismatch_max; sampler (auto on the CPU) divides by them, and off ones change the update."""
     import copy
 
-    import sft
-
     net, tok, cfg, _, trajs = trajectories
     recs = [dict(adv=a) for a in (1.0, -0.5, 0.3, -1.0, 0.7, -0.2)]
     off = [dataclasses_replace(t, logprobs=[x + 0.5 for x in t.logprobs]) for t in trajs]
@@ -250,7 +249,7 @@ def test_old_logprobs_from_the_trainer_leave_the_samplers_numbers_to_the_metric(
         m = copy.deepcopy(net).train()
         c = dataclasses_replace(cfg, old_logprobs=mode, ppo_epochs=2, beta=0.0, adam_eps=ADAM_EPS)
         params = [p for p in m.parameters() if p.requires_grad]
-        stats = grpo.update(m, sft.make_optimizer(m, c), params, ts, recs, None, tok, c, 0, 10, torch.device("cpu"))
+        stats = grpo.update(m, trainer.make_optimizer(m, c), params, ts, recs, None, tok, c, 0, 10, torch.device("cpu"))
         return stats, m.state_dict()
 
     (st_a, a), (st_b, b), (_, c), (_, d), (_, e) = (update(trajs, "trainer"), update(off, "trainer"),

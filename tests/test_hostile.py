@@ -13,6 +13,7 @@ import cof
 import hostile_corpus as corpus
 import model as M
 import sft
+import trainer
 from data.tiny import make_tiny
 from cof_fixtures import boost, img
 from procs import ROOT
@@ -143,13 +144,13 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     bad = tmp_path / "optimizer.pt"
     torch.save({"state": {}, "param_groups": [], "x": _Evil(str(marker))}, bad)
     with pytest.raises(ValueError, match="refusing to load it"):
-        sft.load_trainer_file(bad)
+        trainer.load_trainer_file(bad)
     assert not marker.exists()
     good = tmp_path / "rng.pt"
-    torch.save(sft.rng_state(), good)
-    state = sft.load_trainer_file(good)          # what the trainer writes loads with weights_only=True
+    torch.save(trainer.rng_state(), good)
+    state = trainer.load_trainer_file(good)          # what the trainer writes loads with weights_only=True
     before = (torch.rand(3), random.random())
-    sft.set_rng_state(state)
+    trainer.set_rng_state(state)
     assert torch.equal(torch.rand(3), before[0]) and random.random() == before[1]
 
 
@@ -161,8 +162,8 @@ def test_a_crash_while_resaving_a_step_leaves_latest_whole(tmp_path, monkeypatch
                     vision_intermediate_size=32, fullatt_block_indexes=(0,), bpe_vocab_size=300)
     raw = M.Qwen25VL.from_pretrained(d)
     cfg = sft.TrainConfig(out=str(tmp_path / "out"), keep_last=5)
-    opt = sft.make_optimizer(raw, cfg)
-    sft.save_checkpoint(raw, opt, 2, cfg, {})
+    opt = trainer.make_optimizer(raw, cfg)
+    trainer.save_checkpoint(raw, opt, 2, cfg, {})
     real = os.replace
 
     def crash(src, dst):
@@ -172,12 +173,12 @@ def test_a_crash_while_resaving_a_step_leaves_latest_whole(tmp_path, monkeypatch
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        sft.save_checkpoint(raw, opt, 2, cfg, {})
+        trainer.save_checkpoint(raw, opt, 2, cfg, {})
     monkeypatch.setattr(os, "replace", real)
-    ckpt = sft.resolve_resume(sft.TrainConfig(out=cfg.out, resume="auto"))
+    ckpt = trainer.resolve_resume(sft.TrainConfig(out=cfg.out, resume="auto"))
     assert (ckpt / "trainer" / "state.json").is_file() and json.loads((ckpt / "trainer" / "state.json").read_text())["step"] == 2
     M.Qwen25VL.from_pretrained(str(ckpt))
-    sft.save_checkpoint(raw, opt, 2, cfg, {})        # the next save cleans up and points `latest` back
+    trainer.save_checkpoint(raw, opt, 2, cfg, {})        # the next save cleans up and points `latest` back
     assert (tmp_path / "out" / "latest").read_text().strip() == "ckpt-000002"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ckpt-000002", "latest"]
 
@@ -185,7 +186,7 @@ def test_a_crash_while_resaving_a_step_leaves_latest_whole(tmp_path, monkeypatch
 def test_metrics_of_a_resumed_run_have_no_duplicate_steps(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
-    m = sft.Metrics(str(path), start=4)
+    m = trainer.Metrics(str(path), start=4)
     m.log(step=5, loss=0.0)
     steps = [json.loads(l)["step"] for l in path.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
@@ -396,11 +397,11 @@ import model as M, sft
 d, out = sys.argv[1], sys.argv[2]
 raw = M.Qwen25VL.from_pretrained(d)
 cfg = sft.TrainConfig(out=out, keep_last=5)
-opt = sft.make_optimizer(raw, cfg)
+opt = trainer.make_optimizer(raw, cfg)
 step = 0
 while True:                        # re-save step 2 over and over (what a run resumed from step 1 does), and step 3
     step += 1
-    sft.save_checkpoint(raw, opt, 2 if step % 3 else 3, cfg, {})
+    trainer.save_checkpoint(raw, opt, 2 if step % 3 else 3, cfg, {})
     print("saved", flush=True)
 """
 
@@ -429,9 +430,9 @@ def test_kill_9_during_resaves_never_leaves_latest_broken(tmp_path):
         p.send_signal(signal.SIGKILL)
         p.wait()
         p.stdout.close()
-        ckpt = sft.resolve_resume(sft.TrainConfig(out=str(out), resume="auto"))
+        ckpt = trainer.resolve_resume(sft.TrainConfig(out=str(out), resume="auto"))
         assert json.loads((ckpt / "trainer" / "state.json").read_text())["step"] in (2, 3)
-        sft.load_trainer_file(ckpt / "trainer" / "optimizer.pt")
+        trainer.load_trainer_file(ckpt / "trainer" / "optimizer.pt")
         M.Qwen25VL.from_pretrained(str(ckpt))
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sft
+import trainer
 from data import tiny
 import tokenizer as T
 
@@ -95,10 +96,10 @@ def test_sft_loss_is_global_token_mean():
 
 def test_lr_schedule_warmup_then_cosine():
     cfg = sft.TrainConfig(lr=1.0, warmup_ratio=0.1, min_lr_ratio=0.1)
-    lrs = [sft.lr_at(s, 100, cfg) for s in range(100)]
+    lrs = [trainer.lr_at(s, 100, cfg) for s in range(100)]
     assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])       # ceil(0.1 * 100) = 10 warmup steps
     assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
-    assert sft.lr_at(50, 100, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 40 / 89)))
+    assert trainer.lr_at(50, 100, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 40 / 89)))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
@@ -156,7 +157,7 @@ def test_step_sampler_same_rows_for_any_split_and_resume():
 def test_lora_merge_equals_lora_forward():
     torch.manual_seed(0)
     base = torch.nn.Linear(6, 5)
-    lora = sft.LoRALinear(base, rank=2, alpha=4.0, dropout=0.0)
+    lora = trainer.LoRALinear(base, rank=2, alpha=4.0, dropout=0.0)
     torch.nn.init.normal_(lora.lora_B)
     x = torch.randn(3, 6)
     torch.testing.assert_close(lora.merged()(x), lora(x), rtol=1e-5, atol=1e-5)
@@ -171,11 +172,11 @@ def test_fresh_run_in_a_used_out_dir(tmp_path):
     (out / "latest").write_text("ckpt-000500\n")
     (out / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(SystemExit, match="ckpt-000500.*--resume auto.*--overwrite"):
-        sft.clear_earlier_run(sft.TrainConfig(out=str(out)))
+        trainer.clear_earlier_run(sft.TrainConfig(out=str(out)))
     assert (out / "ckpt-000500").is_dir()
-    sft.clear_earlier_run(sft.TrainConfig(out=str(out), resume="auto"))   # resuming: left alone
+    trainer.clear_earlier_run(sft.TrainConfig(out=str(out), resume="auto"))   # resuming: left alone
     assert (out / "ckpt-000500").is_dir()
-    sft.clear_earlier_run(sft.TrainConfig(out=str(out), overwrite=True))
+    trainer.clear_earlier_run(sft.TrainConfig(out=str(out), overwrite=True))
     assert sorted(os.listdir(out)) == []
-    sft.clear_earlier_run(sft.TrainConfig(out=str(tmp_path / "new")))   # nothing there: nothing to do
+    trainer.clear_earlier_run(sft.TrainConfig(out=str(tmp_path / "new")))   # nothing there: nothing to do
     assert sft.parse_args([]).overwrite and not sft.parse_args(["--model", "m", "--data", "d"]).overwrite

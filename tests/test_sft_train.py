@@ -16,6 +16,7 @@ from PIL import Image
 
 import model as M
 import sft
+import trainer
 from data.formats import DataError
 from procs import run_script
 from data import tiny
@@ -128,9 +129,9 @@ def test_checkpoint_loads_in_transformers_with_identical_logits(setup, lora_run)
     assert (a[real] - h[real]).abs().max() <= 1e-4
     # the merged checkpoint is the trained LoRA model: rebuild it unmerged from the base + trainable params
     run = M.Qwen25VL.from_pretrained(setup["model"])
-    sft.add_lora(run, sft.TrainConfig(lora_rank=4, lora_targets="q_proj,v_proj,down_proj"))
-    sft.set_trainable(run, sft.TrainConfig(lora_rank=4, freeze_vision="no"), pretrained=False)
-    sft.load_trainable(run, ckpt)
+    trainer.add_lora(run, sft.TrainConfig(lora_rank=4, lora_targets="q_proj,v_proj,down_proj"))
+    trainer.set_trainable(run, sft.TrainConfig(lora_rank=4, freeze_vision="no"), pretrained=False)
+    trainer.load_trainable(run, ckpt)
     run.eval()
     with torch.no_grad():
         u = run(b["input_ids"], b["pixel_values"], b["image_grid_thw"], b["attention_mask"])
@@ -159,7 +160,7 @@ def test_cached_samples_equal_fresh_ones_and_the_processor(setup):
 
 def test_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
     calls = []
-    real_fsync = sft._fsync_tree
+    real_fsync = trainer._fsync_tree
 
     def crashing(path):
         calls.append(path)
@@ -167,14 +168,14 @@ def test_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
             raise OSError("simulated crash while writing the checkpoint")
         real_fsync(path)
 
-    monkeypatch.setattr(sft, "_fsync_tree", crashing)
+    monkeypatch.setattr(trainer, "_fsync_tree", crashing)
     with pytest.raises(OSError, match="simulated crash"):
         sft.train(_cfg(setup, "crash", max_steps=4, save_every=2, grad_accum=1))
     out = setup["root"] / "crash"
     assert (out / "latest").read_text().strip() == "ckpt-000002"
     assert not (out / "ckpt-000004").exists()
     M.Qwen25VL.from_pretrained(str(out / "ckpt-000002"))                         # whole and loadable
-    monkeypatch.setattr(sft, "_fsync_tree", real_fsync)
+    monkeypatch.setattr(trainer, "_fsync_tree", real_fsync)
     res = sft.train(_cfg(setup, "crash", max_steps=4, save_every=2, grad_accum=1, resume="auto"))
     assert res["start"] == 2 and (out / "latest").read_text().strip() == "ckpt-000004"
 

@@ -29,17 +29,16 @@ import os
 import re
 import statistics
 import sys
-import textwrap
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 import checks
 import crop_kernels as ck
 import decode
 import model as M
+import report
 import tokenizer as T
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1195,7 +1194,7 @@ def evaluate(model, tokenizer, items, out_path, cfg=None, resolutions=(None,), b
         claim_results(out_path, source, restart)
     done = load_results(out_path)
     todo = [(res, it) for res in resolutions for it in items if _key(res, it) not in done]
-    bar = Progress(len(todo), f"{bench}", enabled=progress)
+    bar = report.Progress(len(todo), f"{bench}", enabled=progress)
     if os.path.exists(out_path) and os.path.getsize(out_path):
         with open(out_path, "rb") as f:
             f.seek(-1, os.SEEK_END)
@@ -1310,129 +1309,6 @@ def format_table(rows):
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Trace: the chain drawn on one PNG
-
-_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230)]
-
-
-def draw_trace(traj, path, panel=640, thumb=220, width_chars=110):
-    """Draw a Trajectory (run with keep_images=True) to a PNG: the image the model saw with every crop box (numbered,
-    one colour per zoom), the crops it got back beside it, and the text of every turn below."""
-
-    checks.kind(traj, "traj", Trajectory, "a Trajectory (what run returns)")
-    if not traj.images:
-        raise ValueError("draw_trace needs the images: run the loop with CofConfig(keep_images=True)")
-    try:
-        font = ImageFont.load_default(size=14)
-    except TypeError:                        # Pillow without FreeType: the bitmap font
-        font = ImageFont.load_default()
-    main = ck.to_pil(traj.images[0])     # may be the model's (smaller) view of the main image
-    H, W = traj.main_size                 # boxes are in main-image pixels
-    s = panel / max(H, W)
-    left = main.resize((max(1, round(W * s)), max(1, round(H * s))), Image.Resampling.BICUBIC)
-    d = ImageDraw.Draw(left)
-    crops, k = [], 0
-    for n, t in enumerate(traj.turns):
-        if not t.get("tool_call"):
-            continue
-        color = _COLORS[k % len(_COLORS)]
-        if t.get("box") and t.get("status") in ("ok", "limit"):
-            x0, y0, x1, y1 = (v * s for v in t["box"])
-            d.rectangle([x0, y0, x1, y1], outline=color, width=3)
-            d.text((x0, y0 - 17) if y0 >= 17 else (x0, y1 + 2), str(k + 1), fill=color, font=font)
-        if t.get("status") in ("ok", "none", "error") and 1 + len(crops) < len(traj.images):
-            crops.append((traj.images[1 + len(crops)], color, f"zoom {k + 1} ({t.get('status')}): crop "
-                          f"{t.get('box') or 'whole image'} -> {t.get('crop_size')}"))
-        k += 1
-    lines = []
-    for n, t in enumerate(traj.turns):
-        head = f"turn {n + 1} ({t['n_tokens']} tokens)" + (f", zoom {t.get('status')}" if t.get("tool_call") else "")
-        lines.append(head + ":")
-        for para in t["text"].splitlines() or [""]:
-            lines += textwrap.wrap(para, width_chars) or [""]
-    lines.append(f"answer: {traj.answer!r}   zooms: {traj.n_zooms}   generated tokens: {traj.n_generated}")
-    lines = lines[:80]
-    line_h = 18
-    col_w = thumb + 20
-    cap_w = max([font.getlength(c[2]) for c in crops] or [0]) if hasattr(font, "getlength") else 8 * 60
-    width = int(max(left.width + col_w + 30, left.width + 40 + cap_w, 8 * width_chars))
-    crops_h = sum(min(thumb, round(thumb * c[0].shape[1] / max(c[0].shape[1:]))) + 30 for c in crops)
-    top = max(left.height, crops_h) + 40
-    canvas = Image.new("RGB", (width, top + line_h * len(lines) + 20), "white")
-    dc = ImageDraw.Draw(canvas)
-    dc.text((10, 8), f"image seen by the model: {traj.main_size[1]}x{traj.main_size[0]} (original "
-            f"{traj.original_size[1]}x{traj.original_size[0]})", fill="black", font=font)
-    canvas.paste(left, (10, 30))
-    y = 30
-    for img, color, caption in crops:
-        im = ck.to_pil(img)
-        sc = thumb / max(im.size)
-        im = im.resize((max(1, round(im.width * sc)), max(1, round(im.height * sc))), Image.Resampling.BICUBIC)
-        x = left.width + 30
-        dc.text((x, y), caption, fill=color, font=font)
-        canvas.paste(im, (x, y + 20))
-        dc.rectangle([x - 2, y + 18, x + im.width + 1, y + 21 + im.height], outline=color, width=3)
-        y += im.height + 30
-    for i, line in enumerate(lines):
-        dc.text((10, top + i * line_h), line, fill="black", font=font)
-    canvas.save(path)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Progress bar (the evaluation here, data.build, sft.py and grpo.py; tqdm is not a runtime dependency)
-
-
-class Progress:
-    """A one-line progress bar on stderr (tqdm is not a runtime dependency): `desc done/total [####....] stats
-    elapsed<eta`. It redraws in place on a terminal; without one (CI, a log file) it prints a plain line every ~2%
-    of the work instead. Used by the evaluation here, data.build and sft.py."""
-
-    def __init__(self, total, desc="", start=0, enabled=True):
-        self.total, self.desc, self.done, self.start = total, desc, start, start
-        self.enabled = enabled and total > start
-        self.stream, self.clock, self.t0 = sys.stderr, time.time, time.time()
-        self.tty = self.stream.isatty()
-        self.every, self.last_print = max(1, (total - start) // 50), start
-
-    def update(self, k=1, **stats):
-        """Advance by k units of work; stats (e.g. loss=0.3) are shown after the bar."""
-        self.done += k
-        if not self.enabled:
-            return
-        el = self.clock() - self.t0
-        frac = (self.done - self.start) / (self.total - self.start)
-        eta = el / frac - el if frac > 0 else 0.0
-        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
-        line = f"{self.desc} {self.done}/{self.total} [{bar}] {text} {_hms(el)}<{_hms(eta)}".lstrip()
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K" + ("\n" if self.done >= self.total else ""))
-            self.stream.flush()
-        elif self.done - self.last_print >= self.every or self.done >= self.total:
-            self.last_print = self.done
-            print(line, file=self.stream, flush=True)
-
-    def close(self):
-        """End the bar's line early (before other output) on a terminal."""
-        if self.enabled and self.tty and self.done < self.total:
-            self.stream.write("\n")
-
-
-def progress(items, desc="", total=None):
-    """Iterate over items with a Progress bar."""
-    bar = Progress(len(items) if total is None else total, desc)
-    for x in items:
-        yield x
-        bar.update()
-
-
-def _hms(s):
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1574,7 +1450,7 @@ def one_main(argv):
     print(f"=== answer: {traj.answer!r}  (zooms {traj.n_zooms}, generated tokens {traj.n_generated}, "
           f"image {traj.main_size[1]}x{traj.main_size[0]}, {time.time() - t0:.1f}s)")
     if a.trace:
-        print(f"trace: {draw_trace(traj, a.trace)}")
+        print(f"trace: {report.draw_trace(traj, a.trace)}")
     return traj
 
 

@@ -50,6 +50,7 @@ import checks
 import cof
 import crop_kernels as ck
 import model as M
+import report
 import tokenizer as T
 from data import formats, tiny
 
@@ -1141,7 +1142,7 @@ def train(cfg: TrainConfig) -> dict:
     batches = iter(loader)
     os.makedirs(cfg.out, exist_ok=True)
     metrics = Metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
-    bar = cof.Progress(total, "sft", start=start, enabled=cfg.progress and rank == 0)
+    bar = report.Progress(total, "sft", start=start, enabled=cfg.progress and rank == 0)
     params = [p for p in raw.parameters() if p.requires_grad]
     losses, evals, last_ckpt = [], [], None
     extra = dict(global_batch=global_batch, n_rows=len(rows), total=total, model=model_path, data=data_path)

@@ -56,6 +56,7 @@ from PIL import Image, ImageDraw
 import checks
 import cof
 import grpo
+import report
 import sft
 from data import build, synth, tiny
 from sft import _opt
@@ -285,11 +286,11 @@ def plot(rows, png):
     img = Image.new("RGB", (W * len(panels), H), "white")
     d = ImageDraw.Draw(img)
     for n, (title, key, y_range) in enumerate(panels):
-        series = [(m, grpo.PALETTE[j % len(grpo.PALETTE)],
+        series = [(m, report.PALETTE[j % len(report.PALETTE)],
                    [(i, r[key]) for i, R in enumerate(LADDER) for r in rows if r["model"] == m and r["resolution"] == R])
                   for j, m in enumerate(names)]
-        grpo.draw_panel(d, (n * W + 50, 45, n * W + W - 20, H - 30), title + " vs long side, px", series, y_range,
-                        (0, len(LADDER) - 1), ticks)
+        report.draw_panel(d, (n * W + 50, 45, n * W + W - 20, H - 30), title + " vs long side, px", series,
+                          y_range, (0, len(LADDER) - 1), ticks)
     img.save(png)
     return png
 

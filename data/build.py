@@ -47,6 +47,7 @@ import numpy as np
 
 import checks
 import cof
+import report
 from data import agent, formats, synth
 
 
@@ -218,10 +219,10 @@ def _map(fn, jobs, pool, desc):
     """[fn(job) for job in jobs], in order, in `pool` (None: this process), with a progress bar."""
     if pool is not None:
         try:
-            return list(cof.progress(pool.map(fn, jobs, chunksize=16), desc=desc, total=len(jobs)))
+            return list(report.progress(pool.map(fn, jobs, chunksize=16), desc=desc, total=len(jobs)))
         except BrokenProcessPool as e:  # a worker died (out of memory; a __main__ that cannot be re-imported: stdin)
             print(f"{desc}: worker processes failed ({e}); doing them in this process")
-    return [fn(job) for job in cof.progress(jobs, desc=desc)]
+    return [fn(job) for job in report.progress(jobs, desc=desc)]
 
 
 def trajectories(cfg, scenes, split, tools=None, desc=None, orders=1, pool=None):

@@ -35,6 +35,7 @@ import crop_kernels as ck  # noqa: E402
 import decode  # noqa: E402
 import grpo  # noqa: E402
 import model as M  # noqa: E402
+import report  # noqa: E402
 import sft  # noqa: E402
 import sweep  # noqa: E402
 import tokenizer as T  # noqa: E402
@@ -927,7 +928,7 @@ value_errors("library_types", {
     "to_chat_text": (lambda env: formats.to_chat("abc"), "messages", "list"),
     "crop_resize_patchify_sizes_none": (lambda env: ck.crop_resize_patchify(_img(56, 56), [(0, 0, 28, 28)], None),
                                         "sizes", "list"),
-    "draw_trace_none": (lambda env: cof.draw_trace(None, env.path("t.png")), "traj", "Trajectory"),
+    "draw_trace_none": (lambda env: report.draw_trace(None, env.path("t.png")), "traj", "Trajectory"),
     "force_prefixes_none": (lambda env: cof.force_prefixes(env.tok, None), "prefixes", "list"),
     "read_vstar_none": (lambda env: cof.read_vstar(None), "root"),
     "read_hrbench_int": (lambda env: cof.read_hrbench(5), "path"),

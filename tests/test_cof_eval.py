@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import cof
+import report
 
 from cof_fixtures import ScriptedModel, call, img
 from data import tiny
@@ -235,11 +236,11 @@ def test_trace_png(tiny_tok, tmp_path):
         """Each zoom's box outlined in its colour on the left panel, at its main-image pixels (x640/224 + (10, 30))."""
         for k, t in enumerate(turns[:2]):
             x0, y0, x1, y1 = (round((10, 30)[i % 2] + v * 640 / 224) for i, v in enumerate(t["box"]))
-            assert im.getpixel((x0 + 1, (y0 + y1) // 2)) == im.getpixel(((x0 + x1) // 2, y1 - 1)) == cof._COLORS[k]
+            assert im.getpixel((x0 + 1, (y0 + y1) // 2)) == im.getpixel(((x0 + x1) // 2, y1 - 1)) == report._COLORS[k]
 
     main = torch.full((3, 168, 224), 128, dtype=torch.uint8)
     tr = cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"], cof.CofConfig(keep_images=True))[0]
-    path = cof.draw_trace(tr, str(tmp_path / "t.png"))
+    path = report.draw_trace(tr, str(tmp_path / "t.png"))
     im = Image.open(path).convert("RGB")
     # layout: the 224x168 image scaled to a 640x480 panel at (10, 30); the crops as 220 px thumbnails in a column at
     # x = 670, each framed in its zoom's colour under a 20 px caption, 30 px apart; then one text line per line of
@@ -253,7 +254,7 @@ def test_trace_png(tiny_tok, tmp_path):
         h, w = crop.shape[1:]
         th, tw = round(220 * h / max(h, w)), round(220 * w / max(h, w))
         mid = y + 20 + th // 2
-        assert im.getpixel((668, mid)) == im.getpixel((670 + tw + 1, mid)) == cof._COLORS[k]    # the frame
+        assert im.getpixel((668, mid)) == im.getpixel((670 + tw + 1, mid)) == report._COLORS[k]    # the frame
         assert im.getpixel((675, mid)) == grey                                                   # the crop inside
         y += th + 30
     n_lines = sum(1 + len(t["text"].splitlines()) for t in tr.turns) + 1
@@ -263,9 +264,9 @@ def test_trace_png(tiny_tok, tmp_path):
     small = cof.CofConfig(keep_images=True, processor_min_pixels=56 * 56, processor_max_pixels=112 * 112)
     tr = cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"], small)[0]
     assert tr.images[0].shape == (3, 84, 112) and tr.main_size == (168, 224)
-    boxes_drawn(Image.open(cof.draw_trace(tr, str(tmp_path / "v.png"))).convert("RGB"), tr.turns)
+    boxes_drawn(Image.open(report.draw_trace(tr, str(tmp_path / "v.png"))).convert("RGB"), tr.turns)
     with pytest.raises(ValueError, match="keep_images"):
-        cof.draw_trace(cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"])[0], str(tmp_path / "u.png"))
+        report.draw_trace(cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"])[0], str(tmp_path / "u.png"))
 
 
 def test_cli_single_and_eval(tiny_dir, vstar_dir, tmp_path, capsys):

@@ -13,6 +13,7 @@ import torch
 import cof
 import grpo
 import model as M
+import report
 import sft
 from data import build, formats
 from procs import run_script
@@ -454,7 +455,7 @@ def test_curves_png_draws_every_panel(tmp_path):
     rows = [dict(step=s, reward=0.5, **{"easy/zoom_rate": 100.0, "easy/accuracy": 0.0}) for s in range(1, 21)]
     rows += [{"step": 20, "eval/accuracy": 50.0, "eval/easy/accuracy": 50.0}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    img = Image.open(grpo.plot_metrics(str(path), str(tmp_path / "c.png"))).convert("RGB")
+    img = Image.open(report.plot_metrics(str(path), str(tmp_path / "c.png"))).convert("RGB")
     assert img.size == (1120, 600)
     mid_reward = (45 + 270) // 2                      # reward panel box: y 45..270, 0.5 -> the middle
     assert any(img.getpixel((x, y)) == (0, 0, 0) for x in range(200, 400) for y in (mid_reward - 1, mid_reward,

@@ -36,6 +36,7 @@ import checks
 import cof
 import crop_kernels as ck
 import decode
+import evaluate as E
 import model as M
 import tokenizer as T
 from data import tiny
@@ -374,7 +375,7 @@ def bench_cof(a):
     path = a.model or tiny.make_tiny(tempfile.mkdtemp(prefix="cof_bench_"), hidden_size=a.hidden, num_layers=a.layers,
                                 num_heads=4, num_kv_heads=2, intermediate_size=4 * a.hidden,
                                 vision_hidden_size=128, vision_depth=4, vision_heads=4, vision_intermediate_size=256)
-    model, tok = cof.load(path, a.device, a.dtype)
+    model, tok = E.load(path, a.device, a.dtype)
     g = torch.Generator().manual_seed(0)
     h, w = a.size * 3 // 4, a.size
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for _ in range(a.n)]
@@ -409,17 +410,17 @@ def bench_cof(a):
         same = all(x.ids == y.ids for x, y in zip(trs, base))
         rows.append(dict(mode=name, seconds=t, s_per_q=t / a.n, gen_tok_per_s=gen / t, speedup=t_base / t,
                          zooms=statistics.fmean([x.n_zooms for x in trs]), same_tokens_as_baseline=same))
-    print(cof.format_table(rows))
+    print(E.format_table(rows))
     return rows
 
 
 def bench_rollouts(a):
     """`python bench.py cof --data FILE --samples G`: GRPO rollouts as grpo.py runs them: the first --n questions of a
-    held-out file (cof.read_synthetic: V*-layout JSONL or RL records), G sampled conversations each (temperature 1,
+    held-out file (evaluate.read_synthetic: V*-layout JSONL or RL records), G sampled conversations each (temperature 1,
     one generator), all in one batched one-cache loop; generated tokens/s, questions/s and rollouts/s."""
-    model, tok = cof.load(a.model, a.device, a.dtype)
-    items = cof.read_synthetic(a.data)[:a.n]
-    images = [cof.load_item_image(it) for it in items]
+    model, tok = E.load(a.model, a.device, a.dtype)
+    items = E.read_synthetic(a.data)[:a.n]
+    images = [E.load_item_image(it) for it in items]
     questions = [it["question"] for it in items]
     cfg = a.cof_cfg
     clock = _Clock(model.device)
@@ -448,7 +449,7 @@ def bench_rollouts(a):
                              max_logprob_diff=logprob_gap(eager, trs)))
     print(f"device: {model.device} ({torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}, "
           f"{torch.get_num_threads()} threads), dtype {model.dtype}, model {a.model}, data {a.data}, cfg {a.cfg or []}")
-    print(cof.format_table(rows))
+    print(E.format_table(rows))
     return rows
 
 
@@ -700,7 +701,7 @@ def bench_memory(a):
     how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "resident peak, VmHWM"
     print(f"peak memory above the model ({how}) on {where}, {a.dtype}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}")
-    print(cof.format_table(rows))
+    print(E.format_table(rows))
     return rows
 
 
@@ -745,7 +746,7 @@ def parser():
                    help="G sampled conversations per question (needs --data)")
     c.add_argument("--reps", type=POSITIVE, default=1, help="timed repetitions of the sampled rollouts (seeds 0, 1, ...)")
     c.add_argument("--cfg", action="append", metavar="KEY=VALUE",
-                   help="CofConfig option for the sampled rollouts (repeatable), as in `cof.py eval --cfg`")
+                   help="CofConfig option for the sampled rollouts (repeatable), as in `evaluate.py --cfg`")
     m = sub.add_parser("memory", help="peak memory: ragged attention, log-probs and loss at 7B shapes")
     m.add_argument("--parts", type=checks.arg(_parts), default=["attention", "logprobs"],
                    help="attention (a): ragged prefill + crop turn; logprobs (b): GRPO / reference / SFT")
@@ -774,10 +775,10 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.what == "cof":
         try:
-            a.cof_cfg = cof.cfg_from_args(a.cfg, do_sample=True)
+            a.cof_cfg = E.cfg_from_args(a.cfg, do_sample=True)
         except ValueError as e:
             ap.error(str(e))
-    with checks.one_line_errors("bench.py", cof.BenchError, FileNotFoundError, M.CheckpointError):
+    with checks.one_line_errors("bench.py", E.BenchError, FileNotFoundError, M.CheckpointError):
         return _run(ap, a)
 
 

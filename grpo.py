@@ -6,7 +6,7 @@ Reproduces the released RL stage (verl, `slurm_jobs/rl/run.sh` + `verl/recipe/zo
 * prompts: CoF-RL rows (`[system, "<image> Question: ...<hint><USER_PROMPT>"]`), G = 6 samples each at temperature 1.0,
   at most 4 assistant turns, failed tool calls answered by an error text turn (the RL tool);
 * reward: 0.9 x accuracy + 0.1 x format on the LAST <answer> (zoomin_reward3.py; its LLM judge is replaced by the
-  rule-based cof.match_answer), reshaped inside each group by AGAR (adaptive group-aware reward): a correct direct
+  rule-based evaluate.match_answer), reshaped inside each group by AGAR (adaptive group-aware reward): a correct direct
   answer 1.0 and a correct zoom 0.8 when some direct answer of the group is right, otherwise a correct zoom 1.0; a
   failed zoom 0.5; a failed direct answer 0.1 with good format, else 0.0;
 * advantage: (r - group mean) / (group std + 1e-6), unbiased std, the same for every token of the trajectory;
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import checks
 import cof
 import crop_kernels as ck
+import evaluate as E
 import model as M
 import report
 import sft
@@ -191,9 +192,9 @@ def format_ok(text):
 
 def accuracy(text, prompt):
     """1.0 when the LAST <answer> of the response (the RL reward's rule, user-prompt suffix removed) is the ground
-    truth by cof.is_correct (option letter, "(B)", option text; free-form: normalised equality), else 0.0."""
+    truth by evaluate.is_correct (option letter, "(B)", option text; free-form: normalised equality), else 0.0."""
     answer = cof.extract_answer(checks.string(text, "text", empty=True).replace(RESPONSE_PROMPT, ""))
-    return float(cof.is_correct(prompt, answer))
+    return float(E.is_correct(prompt, answer))
 
 
 def agar(correct, zoomed, format_ok):

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 import cof
 import crop_kernels
+import evaluate as E
 from data import agent, build, formats, synth
 from data import tiny
 import tokenizer as T
@@ -46,7 +47,7 @@ def test_same_seed_same_dataset(built, tmp_path, monkeypatch):
                 workers=2)
     again = str(tmp_path / "again")
     assert formats.read_sft(os.path.join(again, "sft_train.json"))[1] == 0
-    assert len(cof.read_synthetic(os.path.join(again, "val.jsonl"))) == 6
+    assert len(E.read_synthetic(os.path.join(again, "val.jsonl"))) == 6
     a, b = _tree(out), _tree(again)
     assert sorted(a) == sorted(b) and len(a) > 60
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]][:5]
@@ -364,7 +365,7 @@ def test_rl_and_vstar_records(built):
     train_images = {p for row in json.load(open(os.path.join(out, "sft_train.json"))) for p in row["images"]}
     assert not any(os.path.join(out, row["row"]["images"][0]["image"][len("file://"):]) in train_images for row in rows)
     test = [json.loads(l) for l in open(os.path.join(out, "test_questions.jsonl"))]
-    items = cof.read_vstar(out)                  # the output folder is a V*-layout folder
+    items = E.read_vstar(out)                  # the output folder is a V*-layout folder
     assert len(items) == len(test) == 8
     for t, it in zip(test, items):
         assert it["label"] == t["label"] and it["options"][t["label"]] and t["text"].endswith(cof.LETTER_HINT)

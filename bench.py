@@ -42,6 +42,29 @@ import tokenizer as T
 from data import tiny
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Forced tool calls: random weights never zoom on their own
+
+def force_prefixes(tokenizer, prefixes, group_size=1):
+    """A logits_processor that makes turn k of question q start with the text prefixes[q][k] (then the model goes
+    on by itself). For the benchmarks here and the tests on random weights, which never zoom on their own."""
+
+    enc = [[tokenizer.encode(p) for p in checks.sequence(ps, f"prefixes[{q}]", empty=True)]
+           for q, ps in enumerate(checks.sequence(prefixes, "prefixes"))]
+
+    def proc(views, logits):
+        for i, (row, k, turn) in enumerate(views):
+            pre = enc[row // group_size]
+            if k < len(pre) and len(turn) < len(pre[k]):
+                logits[i] = torch.finfo(logits.dtype).min
+                logits[i, pre[k][len(turn)]] = 0.0
+        return logits
+    return proc
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The released loop's cost model
+
 class Reencode:
     """The released cost model as a stand-in for the model in cof.run: vLLM re-encodes the whole chat for every
     turn, so here every new turn (a chunk of more than one token: the environment's reply, maybe with a crop) is not
@@ -386,20 +409,20 @@ def bench_cof(a):
     qs = [f"Question {i}: what is in the picture?" for i in range(a.n)]
     cfg = cof.CofConfig(max_new_tokens=a.new_tokens, max_turns=a.zooms + 1)
     timed = _Clock(model.device).timed
-    cof.run(model, tok, images[:1], qs[:1], cfg, logits_processor=cof.force_prefixes(tok, prefixes[:1]))   # warm-up
+    cof.run(model, tok, images[:1], qs[:1], cfg, logits_processor=force_prefixes(tok, prefixes[:1]))   # warm-up
     results = []
     base, t_base = timed(lambda: [cof.run(Reencode(model), tok, [im], [q], cfg,
-                                          logits_processor=cof.force_prefixes(tok, [pf]))[0]
+                                          logits_processor=force_prefixes(tok, [pf]))[0]
                                   for im, q, pf in zip(images, qs, prefixes)])
     results.append(("re-encode each turn, 1 question at a time (released)", base, t_base))
-    seq, t_seq = timed(lambda: [cof.run(model, tok, [im], [q], cfg, logits_processor=cof.force_prefixes(tok, [pf]))[0]
+    seq, t_seq = timed(lambda: [cof.run(model, tok, [im], [q], cfg, logits_processor=force_prefixes(tok, [pf]))[0]
                                 for im, q, pf in zip(images, qs, prefixes)])
     results.append(("one KV cache, 1 question at a time", seq, t_seq))
-    bat, t_bat = timed(lambda: cof.run(model, tok, images, qs, cfg, logits_processor=cof.force_prefixes(tok, prefixes)))
+    bat, t_bat = timed(lambda: cof.run(model, tok, images, qs, cfg, logits_processor=force_prefixes(tok, prefixes)))
     results.append((f"one KV cache, batch of {a.n}", bat, t_bat))
     fast = replace(cfg, compile=True)
-    cof.run(model, tok, images, qs, fast, logits_processor=cof.force_prefixes(tok, prefixes))     # compiles
-    com, t_com = timed(lambda: cof.run(model, tok, images, qs, fast, logits_processor=cof.force_prefixes(tok, prefixes)))
+    cof.run(model, tok, images, qs, fast, logits_processor=force_prefixes(tok, prefixes))     # compiles
+    com, t_com = timed(lambda: cof.run(model, tok, images, qs, fast, logits_processor=force_prefixes(tok, prefixes)))
     results.append((f"one KV cache, batch of {a.n}, compiled decode step", com, t_com))
     print(f"device: {model.device} ({torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}), "
           f"dtype {model.dtype}, {a.n} questions, image {w}x{h} -> {mw}x{mh}, {a.zooms} zooms each, "

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -238,7 +237,6 @@ def has_tool_call(text):
 # ----------------------------------------------------------------------------------------------------------------
 # Answers
 
-_OPTION = re.compile(r"\(([A-Z])\)\s+([^\n]+)")
 _OPEN, _CLOSE = "<answer>", "</answer>"
 
 
@@ -293,11 +291,6 @@ def judge_answer(text):
     text = checks.string("" if text is None else text, "text", empty=True).replace("<|im_end|>", "")
     spans = _answer_spans(text, newline_ok=False)
     return text[spans[0][0]:spans[0][1]] if spans else ""
-
-
-def parse_options(question):
-    """{"A": "rubber", ...} from V*-style "(A) rubber" lines (judge_result.extract_options, any letter)."""
-    return {k: v.strip() for k, v in _OPTION.findall(question)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,7 +417,7 @@ class Trajectory:
     prompt and for environment tokens (turn headers, crop tokens, USER_PROMPT, error text, a closing <|im_end|>
     added after a turn cut at max_new_tokens). `logprobs[i]` is log p(ids[i]) for generated tokens (0.0 elsewhere)
     under the policy that sampled it: the model's logits with the banned vision tokens at -inf (cfg.ban_vision_tokens),
-    divided by the temperature when sampling (policy_logprobs computes the same from a training forward)."""
+    divided by the temperature when sampling (model.policy_logprobs computes the same from a training forward)."""
     question: str
     ids: list
     gen_mask: list
@@ -442,12 +435,6 @@ class Trajectory:
     main_size: tuple               # (h, w) the model saw
     images: list = field(default_factory=list)   # uint8 main image + crops (cfg.keep_images)
     group: int = 0                 # index of the question in the batch (rollouts: G rows per group)
-
-    def to_json(self):
-        """JSON-ready dict (no tensors) for results files."""
-        return dict(question=self.question, answer=self.answer, n_zooms=self.n_zooms, n_generated=self.n_generated,
-                    finished=self.finished, original_size=list(self.original_size), main_size=list(self.main_size),
-                    turns=self.turns)
 
 
 def _device(model):
@@ -469,14 +456,6 @@ def _temperature(cfg):
     return cfg.temperature if cfg.do_sample and cfg.temperature > 0 else 1.0
 
 
-def policy_logprobs(logits, tokens, banned=(), temperature=1.0):
-    """log p(tokens) under the sampling policy (model.policy_log_softmax); tokens [...] -> [...]. The zoom loop
-    records these at sampling time and grpo.py recomputes them in its training forward (model.token_logprobs), so
-    the two agree when the weights have not changed."""
-    x = M.policy_log_softmax(logits, banned, temperature)                                  # [..., V]
-    return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)                                  # [...]
-
-
 def _pick(logits, cfg, generator, banned=()):
     """Next token per row from logits [R, V] (decode.sample_next: greedy, or temperature -> top-k -> top-p; banned ids
     never) -> (ids [R], log p under the sampling policy [R])."""
@@ -485,7 +464,7 @@ def _pick(logits, cfg, generator, banned=()):
         logits = logits.index_fill(-1, torch.as_tensor(banned, device=logits.device), float("-inf"))
     nxt = decode.sample_next(logits, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, generator,
                              checked=True)                                                              # [R]
-    return nxt, policy_logprobs(logits, nxt, (), _temperature(cfg))                                    # [R], [R]
+    return nxt, M.policy_logprobs(logits, nxt, (), _temperature(cfg))                                  # [R], [R]
 
 
 class _Turns:
@@ -691,7 +670,7 @@ def _next_tokens(raw, rows, live, env, generator, logits_processor):
     if logits_processor is not None:
         views = [(r, len(row.turns), row.turn) for r, row in zip(live, rows)]
         nxt, _ = _pick(logits_processor(views, raw.clone()), cfg, generator, env.banned)
-        lp = policy_logprobs(raw, nxt, env.banned, _temperature(cfg))
+        lp = M.policy_logprobs(raw, nxt, env.banned, _temperature(cfg))
     else:
         nxt, lp = _pick(raw, cfg, generator, env.banned)                                         # [R], [R]
     return nxt.tolist(), lp.tolist()
@@ -808,23 +787,6 @@ def _extend(model, cache, chunks, new_images, pad_id):
         kw = dict(pixel_values=torch.cat([pv for pv, _ in new_images]).to(dev),
                   image_grid_thw=torch.cat([g for _, g in new_images]).to(dev))
     return model.extend(cache, chunk.to(dev), mask=mask.to(dev), last_only=True, **kw)
-
-
-def force_prefixes(tokenizer, prefixes, group_size=1):
-    """A logits_processor that makes turn k of question q start with the text prefixes[q][k] (then the model goes
-    on by itself). For benchmarks and tests on random weights, which never zoom on their own."""
-
-    enc = [[tokenizer.encode(p) for p in checks.sequence(ps, f"prefixes[{q}]", empty=True)]
-           for q, ps in enumerate(checks.sequence(prefixes, "prefixes"))]
-
-    def proc(views, logits):
-        for i, (row, k, turn) in enumerate(views):
-            pre = enc[row // group_size]
-            if k < len(pre) and len(turn) < len(pre[k]):
-                logits[i] = torch.finfo(logits.dtype).min
-                logits[i, pre[k][len(turn)]] = 0.0
-        return logits
-    return proc
 
 
 def _pad(seqs, pad_id):

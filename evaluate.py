@@ -47,6 +47,14 @@ import tokenizer as T
 # Judging an answer (judge_result.py's rules, then VLMEvalKit's option inference)
 
 
+_OPTION = re.compile(r"\(([A-Z])\)\s+([^\n]+)")
+
+
+def parse_options(question):
+    """{"A": "rubber", ...} from V*-style "(A) rubber" lines (judge_result.extract_options, any letter)."""
+    return {k: v.strip() for k, v in _OPTION.findall(question)}
+
+
 def _norm(s):
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", s.lower())).strip()
 
@@ -156,7 +164,7 @@ def read_vstar(root, categories=None):
             if categories and cat not in categories:
                 continue
             items.append(dict(id=str(row.get("question_id", n - 1)), image=image, question=row["text"],
-                              label=str(row["label"]).strip(), category=cat, options=cof.parse_options(row["text"]),
+                              label=str(row["label"]).strip(), category=cat, options=parse_options(row["text"]),
                               kind=row.get("kind")))
     return items
 
@@ -259,7 +267,7 @@ def read_synthetic(path):
         hint = cof.rl_prompt(q, gt)[len("<image> Question: ") + len(q):-len(cof.USER_PROMPT)]
         image = _inside(root, row["image_name"], where)
         items.append(dict(id=str(row.get("id", n)), image=image, question=q + hint, label=gt,
-                          category=row.get("category") or row.get("data_source") or "all", options=cof.parse_options(q)))
+                          category=row.get("category") or row.get("data_source") or "all", options=parse_options(q)))
     return items
 
 
@@ -423,12 +431,19 @@ def evaluate(model, tokenizer, items, out_path, cfg=None, resolutions=(None,), b
                     rec = dict(base, correct=False, error=f"{type(tr).__name__}: {tr}", question=it["question"],
                                answer="", n_zooms=0, n_generated=0, finished=False, turns=[])
                 else:
-                    rec = dict(base, correct=is_correct(it, tr.answer), **tr.to_json())
+                    rec = dict(base, correct=is_correct(it, tr.answer), **_record(tr))
                 n_ok += rec["correct"]
                 f.write(json.dumps(rec) + "\n")
             f.flush()
             bar.update(len(batch), batch_correct=f"{n_ok}/{len(batch)}")
     return summarize(list(load_results(out_path).values()))
+
+
+def _record(traj):
+    """What a results file keeps of a cof.Trajectory: the JSON-ready fields (no tensors)."""
+    return dict(question=traj.question, answer=traj.answer, n_zooms=traj.n_zooms, n_generated=traj.n_generated,
+                finished=traj.finished, original_size=list(traj.original_size), main_size=list(traj.main_size),
+                turns=traj.turns)
 
 
 def _check_eval_args(items, out_path, cfg, resolutions, batch_size):

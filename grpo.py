@@ -157,7 +157,7 @@ def load_prompts(path, cfg):
             messages = messages[1:]
         question = r["question"] or messages[-1]["content"][-1].get("text", "")
         prompts.append(dict(image=r["images"][0], question=question, label=r["ground_truth"],
-                            options=cof.parse_options(question), kind=r["kind"] or "all", messages=messages))
+                            options=E.parse_options(question), kind=r["kind"] or "all", messages=messages))
     if not prompts:
         raise formats.DataError(path, None, None, f"no usable rows ({n_bad} bad)")
     return prompts, n_bad

@@ -91,7 +91,7 @@ class World:
                  restate_options=True):
         self.question, self.label, self.scene, self.acuity = question, label, scene, acuity
         self.restate_options = restate_options
-        self.options = options if options is not None else cof.parse_options(question)
+        self.options = options if options is not None else E.parse_options(question)
         self.view_max_pixels, self.view_min_pixels = view_max_pixels, view_min_pixels
         src_w, src_h = image.size
         img = image.convert("RGB")

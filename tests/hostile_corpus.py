@@ -931,7 +931,7 @@ value_errors("library_types", {
     "crop_resize_patchify_sizes_none": (lambda env: ck.crop_resize_patchify(_img(56, 56), [(0, 0, 28, 28)], None),
                                         "sizes", "list"),
     "draw_trace_none": (lambda env: report.draw_trace(None, env.path("t.png")), "traj", "Trajectory"),
-    "force_prefixes_none": (lambda env: cof.force_prefixes(env.tok, None), "prefixes", "list"),
+    "force_prefixes_none": (lambda env: bench.force_prefixes(env.tok, None), "prefixes", "list"),
     "read_vstar_none": (lambda env: E.read_vstar(None), "root"),
     "read_hrbench_int": (lambda env: E.read_hrbench(5), "path"),
     "read_sft_none": (lambda env: formats.read_sft(None), "path"),

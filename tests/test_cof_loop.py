@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
+import bench
 import cof
-from bench import Reencode
 import crop_kernels as ck
 import model as M
 from cof_fixtures import ScriptedModel, call, img
@@ -172,7 +172,7 @@ def test_tiny_model_end_to_end_batched_with_zooms_matches_full_forward(tiny):
     images = [img(140, 168, 1), img(112, 224, 2), img(168, 112, 3)]
     cfg = cof.CofConfig(max_new_tokens=12, max_turns=3)
     trajs = cof.run(model, tok, images, [Q, "Where?", "Which?"], cfg,
-                    logits_processor=cof.force_prefixes(tok, prefixes))
+                    logits_processor=bench.force_prefixes(tok, prefixes))
     assert trajs[0].n_zooms >= 2 and trajs[1].n_zooms >= 1
     assert trajs[0].image_grid_thw.shape[0] == 1 + min(trajs[0].n_zooms, cfg.max_turns - 1)
     n_checked = 0
@@ -203,11 +203,11 @@ def test_kv_cache_equals_reencoding_every_turn(tiny):
     images = [img(140, 168, 1), img(112, 224, 2), img(168, 112, 3)]
     qs = [Q, "Where?", "Which?"]
     cfg = cof.CofConfig(max_new_tokens=40, max_turns=4)
-    batched = cof.run(model, tok, images, qs, cfg, logits_processor=cof.force_prefixes(tok, prefixes))
+    batched = cof.run(model, tok, images, qs, cfg, logits_processor=bench.force_prefixes(tok, prefixes))
     assert [t.n_zooms for t in batched] == [2, 1, 3] and batched[0].turns[1]["status"] == "ok"
     for q in range(3):
-        ref = cof.run(Reencode(model), tok, [images[q]], [qs[q]], cfg,
-                      logits_processor=cof.force_prefixes(tok, [prefixes[q]]))[0]
+        ref = cof.run(bench.Reencode(model), tok, [images[q]], [qs[q]], cfg,
+                      logits_processor=bench.force_prefixes(tok, [prefixes[q]]))[0]
         assert batched[q].ids == ref.ids and batched[q].gen_mask == ref.gen_mask
         assert max(abs(a - b) for a, b in zip(batched[q].logprobs, ref.logprobs)) < 1e-3
 
@@ -218,7 +218,7 @@ def test_tiny_model_rollouts_for_grpo(tiny):
     g = torch.Generator(device=DEV).manual_seed(0)
     cfg = cof.CofConfig(do_sample=True, max_new_tokens=8, max_turns=2, keep_images=True)
     out = cof.run(model, tok, [img(140, 168, 1), img(112, 140, 2)], [Q, "q"], cfg, group_size=3, generator=g,
-                  logits_processor=cof.force_prefixes(tok, prefixes, group_size=3))
+                  logits_processor=bench.force_prefixes(tok, prefixes, group_size=3))
     assert len(out) == 6 and [t.group for t in out] == [0, 0, 0, 1, 1, 1]
     assert len({tuple(t.ids) for t in out[:3]}) > 1                       # distinct samples in a group
     for t in out:
@@ -249,7 +249,7 @@ def test_zoom_loop_under_autocast(tiny, compile):
     with torch.autocast(DEV, dtype=torch.bfloat16):
         out = cof.run(model, tok, [img(140, 168, 1), img(112, 140, 2)], [Q, "q"], cfg, group_size=2,
                       generator=torch.Generator(device=DEV).manual_seed(0),
-                      logits_processor=cof.force_prefixes(tok, prefixes, group_size=2))
+                      logits_processor=bench.force_prefixes(tok, prefixes, group_size=2))
     assert [t.n_zooms >= 1 for t in out] == [True, True, False, False]
     gaps = []
     for t in out:

@@ -302,7 +302,7 @@ def test_extract_answer():
     ("cotton", "A", False), ("A. rubber", "A", True), ("B. cotton", "A", False), ("", "A", False),
     ("I am not sure", "A", False)])
 def test_match_answer(pred, label, ok):
-    options = cof.parse_options("What is the material of the glove?\n(A) rubber\n(B) cotton\n(C) kevlar\n(D) leather")
+    options = E.parse_options("What is the material of the glove?\n(A) rubber\n(B) cotton\n(C) kevlar\n(D) leather")
     assert options == {"A": "rubber", "B": "cotton", "C": "kevlar", "D": "leather"}
     assert E.match_answer(pred, label, options) is ok
 

@@ -65,7 +65,7 @@ def test_question_text_and_answer_match_the_scene():
     for sc in synth.make_split(7, "train", 40):
         lines = sc.text.split("\n")
         assert lines[-1] == "Answer with the option's letter from the given choices directly."
-        opts = cof.parse_options(sc.text)
+        opts = E.parse_options(sc.text)
         assert list(opts) == list("ABCD") and sorted(opts.values()) == sorted(
             synth.ORIENTATIONS if sc.category == "direct_attributes" else synth.RELATIONS)
         assert opts[sc.label] == sc.answer
@@ -89,7 +89,7 @@ def test_fixed_option_order_changes_only_the_options():
         canon = list(synth.ORIENTATIONS if a.category == "direct_attributes" else synth.RELATIONS)
         assert b.options == canon and b.options[" ABCD".index(b.label) - 1] == b.answer == a.answer
         assert (a.objects, a.target_box, a.question.split("\n")[0]) == (b.objects, b.target_box, b.question.split("\n")[0])
-        assert cof.parse_options(b.text) == dict(zip("ABCD", canon))
+        assert E.parse_options(b.text) == dict(zip("ABCD", canon))
     for kind, (cat, diff) in synth.KIND_TARGET.items():
         sc = synth.make_scene(synth.scene_rng(7, "test", 0), category=cat, difficulty=diff)
         assert {t.period for t in sc.details} == {synth.PERIOD["edge" if kind == "edge" else diff]}
@@ -302,8 +302,8 @@ def test_trajectory_text_format(built):
         assert all(call.match(t) for t in asst[:-1]) and final.match(asst[-1])
         assert all(x["content"] == "<image>" + cof.USER_PROMPT for x in m[3::2])
         q = m[1]["content"][len("<image> Question: "):-len(cof.LETTER_HINT + cof.USER_PROMPT)]
-        assert cof.extract_answer(asst[-1]) in cof.parse_options(q)
-        opts = list(cof.parse_options(q).values())      # one option order per question; the letter follows the reading
+        assert cof.extract_answer(asst[-1]) in E.parse_options(q)
+        opts = list(E.parse_options(q).values())      # one option order per question; the letter follows the reading
         assert opts in (list(synth.ORIENTATIONS), list(synth.RELATIONS)) and "The options are" not in asst[-1]
         # the image files hold exactly what cof.py sends back: each zoom image is the crop rule applied to the main
         # image read back from disk (the files are lossless)

@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+import bench
 import cof
 import grpo
 import model as M
@@ -219,7 +220,7 @@ def trajectories(setup):
         "processor_min_pixels": VIEW["min_pixels"], "processor_max_pixels": VIEW["max_pixels"]})
     trajs = cof.run(net, tok, [p["image"] for p in prompts], [p["question"] for p in prompts], ccfg, group_size=3,
                     generator=torch.Generator().manual_seed(0), messages=[p["messages"] for p in prompts],
-                    logits_processor=cof.force_prefixes(tok, pre, group_size=3))
+                    logits_processor=bench.force_prefixes(tok, pre, group_size=3))
     assert all(t.image_grid_thw.shape[0] == 3 for t in trajs)     # main image + two crops
     return net, tok, cfg, prompts, trajs
 

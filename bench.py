@@ -13,8 +13,8 @@
                                                                         tokens/s, questions/s, same tokens
 
 The crop kernels have their own microbenchmark beside them: `python crop_kernels.py --bench`. This file stays out of
-the runtime code because its baselines are not runtime dependencies (transformers is a test-only oracle) and because
-the released loop's cost model (`Reencode`) is a baseline, not a way to run CoF.
+the runtime code because its baselines are not runtime dependencies (transformers is a test-only oracle). The
+released loop's cost is cof.reference_run's: the spec loop, which encodes the whole chat again every turn.
 """
 from __future__ import annotations
 
@@ -60,44 +60,6 @@ def force_prefixes(tokenizer, prefixes, group_size=1):
                 logits[i, pre[k][len(turn)]] = 0.0
         return logits
     return proc
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The released loop's cost model
-
-class Reencode:
-    """The released cost model as a stand-in for the model in cof.run: vLLM re-encodes the whole chat for every
-    turn, so here every new turn (a chunk of more than one token: the environment's reply, maybe with a crop) is not
-    appended to the cache; the whole conversation so far is prefilled again into a fresh cache. One conversation at a
-    time. The tokens are those of the one-cache loop (tests/test_cof_loop.py checks it); only the cost differs."""
-
-    def __init__(self, model):
-        self.model = model
-        self.ids, self.pixel_values, self.grids = [], [], []
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def new_cache(self, batch_size, capacity=0):
-        if batch_size != 1:
-            raise ValueError("Reencode (the re-prefill baseline) runs one conversation at a time")
-        self.ids, self.pixel_values, self.grids = [], [], []
-        return self.model.new_cache(1, capacity)
-
-    def extend(self, cache, input_ids, mask=None, pixel_values=None, image_grid_thw=None, last_only=False):
-        real = input_ids[0] if mask is None else input_ids[0][mask[0]]                   # [n] the chunk's real tokens
-        first = not self.ids
-        self.ids += real.tolist()
-        if pixel_values is not None:
-            self.pixel_values.append(pixel_values)
-            self.grids.append(image_grid_thw)
-        if first or real.numel() <= 1:          # the prompt, or one decoded token: appended as usual
-            return self.model.extend(cache, input_ids, mask, pixel_values, image_grid_thw, last_only)
-        fresh = self.model.new_cache(1)
-        ids = torch.tensor([self.ids], device=input_ids.device)                            # [1, whole chat]
-        out = self.model.extend(fresh, ids, None, torch.cat(self.pixel_values), torch.cat(self.grids), last_only)
-        cache.__dict__.update(fresh.__dict__)   # the loop's cache object now holds the fresh prefill
-        return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -392,9 +354,10 @@ def _agreement(diff, same):
 # python bench.py cof
 
 def bench_cof(a):
-    """`python bench.py cof`: the batched one-cache loop against the released cost model (one question at a time,
-    the whole conversation prefilled again after every zoom), same questions, same run. Random weights never zoom,
-    so every question is made to call the tool `--zooms` times (forced tool-call prefixes), then the model runs on."""
+    """`python bench.py cof`: the batched one-cache loop against the released loop's cost, the spec loop
+    cof.reference_run (one question at a time, the whole conversation prefilled again every turn), same questions,
+    same run. Random weights never zoom, so every question is made to call the tool `--zooms` times (forced
+    tool-call prefixes), then the model runs on."""
     path = a.model or tiny.make_tiny(tempfile.mkdtemp(prefix="cof_bench_"), hidden_size=a.hidden, num_layers=a.layers,
                                 num_heads=4, num_kv_heads=2, intermediate_size=4 * a.hidden,
                                 vision_hidden_size=128, vision_depth=4, vision_heads=4, vision_intermediate_size=256)
@@ -411,8 +374,8 @@ def bench_cof(a):
     timed = _Clock(model.device).timed
     cof.run(model, tok, images[:1], qs[:1], cfg, logits_processor=force_prefixes(tok, prefixes[:1]))   # warm-up
     results = []
-    base, t_base = timed(lambda: [cof.run(Reencode(model), tok, [im], [q], cfg,
-                                          logits_processor=force_prefixes(tok, [pf]))[0]
+    base, t_base = timed(lambda: [cof.reference_run(model, tok, im, q, cfg,
+                                                    logits_processor=force_prefixes(tok, [pf]))
                                   for im, q, pf in zip(images, qs, prefixes)])
     results.append(("re-encode each turn, 1 question at a time (released)", base, t_base))
     seq, t_seq = timed(lambda: [cof.run(model, tok, [im], [q], cfg, logits_processor=force_prefixes(tok, [pf]))[0]

@@ -1,22 +1,24 @@
-"""Chain-of-Focus: the released protocol and the zoom loop (batched, one KV cache per conversation; GRPO rollouts).
+"""Chain-of-Focus: the released protocol and the zoom loop, in two forms: read `reference_run` first.
 
-Reproduces the released CoF evaluation protocol (xtong-zhang/Chain-of-Focus `eval/vstar/vllm_inference.py`,
-`judge_result.py`) and serves the RL recipe (`verl/recipe/zoomin/zoomin_vision_tool.py`,
+`reference_run` is the spec: one conversation run the way the released code runs it (xtong-zhang/Chain-of-Focus
+`eval/vstar/vllm_inference.py`, vLLM): each turn the whole chat is encoded again and decoded, and a tool call is
+answered with a crop as a new user turn. `run` is the same loop batched, the one everything else uses: ONE KV cache
+per conversation (`model.extend` with ragged masks), many conversations as one batch, G samples of a prompt for GRPO
+(`rollouts`); it gives each conversation exactly what `reference_run` gives it alone (tests/test_cof_loop.py).
+
+The protocol (`vllm_inference.py`, `judge_result.py`; the RL recipe's `verl/recipe/zoomin/zoomin_vision_tool.py`,
 `prepare_zoomin_data.py`):
-
 * the system prompt with the `image_zoom_in_tool` schema and the user-prompt suffix, byte for byte;
 * the main image smart-resized (qwen-vl-utils rules, min 112*112, max 3840*3840 pixels, LANCZOS);
 * each turn's first `<tool_call>` JSON parsed for `arguments.bbox_2d` in absolute pixels of that resized image,
   validated like `check_absolute_bbox_format`, enlarged x1.5 about its centre, clipped, truncated to int;
 * the crop taken from the resized main image (never from a previous crop), upscaled x2 and smart-resized in one
   LANCZOS resize, and sent back as a new user turn `[crop, USER_PROMPT]`;
-* at most 6 generations (zooms), greedy, 512 new tokens per turn; the answer is the last `<answer>...</answer>`.
+* at most 6 generations (zooms), greedy, 512 new tokens per turn; the answer is the first `<answer>...</answer>` of
+  the final turn (the V* judge's rule; the RL reward reads the last one, `extract_answer`).
 
-Unlike the released code (vLLM, re-encoding the chat every turn), the loop here keeps ONE KV cache per
-conversation (`model.extend` with ragged masks) and runs many conversations as one batch.
-
-Layout: protocol (prompts, box parsing, crop rule, answers) -> loop / rollouts. The benchmarks, the judge's answer
-matching and the command line are in evaluate.py; trace pictures and the progress bar in report.py.
+Layout: protocol (prompts, sizes, box parsing, answers, crops) -> the loop's options and result -> the spec -> the
+batched loop. Benchmarks, the judge's answer matching and the command line: evaluate.py; traces, progress: report.py.
 """
 from __future__ import annotations
 
@@ -71,7 +73,6 @@ MAX_NEW_TOKENS = 512             # --max_new_tokens
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts / messages (HF-style dicts, rendered by tokenizer.tokenize_chat)
 
-
 # Two layouts of the text after the image exist upstream: the released evaluation (vllm_inference.py) writes
 # "Question: ...", the released SFT and RL rows (prepare_zoomin_data.py: "<image>" + " Question: " + ...) put a space
 # before it. A 7B model does not notice; a model trained from scratch on one of them does (see README).
@@ -116,7 +117,6 @@ def rl_prompt(question, ground_truth):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sizes: qwen-vl-utils' smart_resize (what the released code imports), the main-image rule and the crop rule
-
 
 def released_smart_resize(height, width, factor=ck.FACTOR, min_pixels=MAIN_MIN_PIXELS, max_pixels=MAIN_MAX_PIXELS):
     """qwen_vl_utils.smart_resize -> (h, w), multiples of `factor`. Differs from transformers' version (crop_kernels.
@@ -296,7 +296,6 @@ def judge_answer(text):
 # ----------------------------------------------------------------------------------------------------------------
 # Images: main-image resize, crop -> pixels (crop_kernels), the released fallbacks
 
-
 def prepare_main(image, cfg):
     """Load (path / bytes / PIL / uint8 [3,H,W]) and LANCZOS-resize the main image to its smart_resize size."""
 
@@ -350,8 +349,7 @@ def zoom(main_u8, text, cfg, keep=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop: one KV cache per conversation, many conversations per batch
-
+# The loop's options and what it returns
 
 @dataclass
 class CofConfig:
@@ -438,10 +436,7 @@ class Trajectory:
 
 
 def _device(model):
-    dev = getattr(model, "device", None)
-    if dev is None:
-        dev = next(model.parameters()).device
-    return dev
+    return getattr(model, "device", None) or next(model.parameters()).device
 
 
 def vision_token_ids(tokenizer):
@@ -451,6 +446,102 @@ def vision_token_ids(tokenizer):
     from the text it re-encodes; we keep the token ids as sampled, so we never sample them."""
     return [tokenizer.image_pad_id, tokenizer.video_pad_id, tokenizer.vision_start_id, tokenizer.vision_end_id]
 
+
+def _token_sets(tokenizer, cfg):
+    """(ids that end a turn: <|im_end|>, eos, pad; ids never sampled: vision tokens, <tool_call> with cfg.direct)."""
+    stops = {i for i in (tokenizer.im_end_id, getattr(tokenizer, "eos_id", None), getattr(tokenizer, "pad_id", None))
+             if i is not None}
+    banned = vision_token_ids(tokenizer) if cfg.ban_vision_tokens else []
+    if cfg.direct:
+        if tokenizer.tool_call_id is None:
+            raise ValueError("CofConfig.direct bans <tool_call>, but this tokenizer has no such token")
+        banned = banned + [tokenizer.tool_call_id]
+    return stops, banned
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The spec: one conversation, the whole chat encoded again every turn (the released loop's shape)
+
+@torch.no_grad()
+def reference_run(model, tokenizer, image, question, cfg=None, logits_processor=None):
+    """One conversation, greedy, as the released loop runs it (vllm_inference.run_inference_loop): each turn encodes
+    the whole chat so far (tokenize_chat, every image so far), prefills it into a fresh cache and decodes until the
+    turn ends; a tool call gets `zoom`'s reply (the crop, or with cfg.invalid="text" the error) as a new user turn,
+    until an answer or cfg.max_turns generations. The spec of `run`; `python bench.py cof` times it as the released
+    cost. Unlike the released loop, and like `run`, the chat holds each turn's tokens as generated, not their text
+    encoded again. logits_processor: as in `run` (row 0). Greedy, vision tokens banned; no context limit, no images."""
+    cfg = with_processor_limits(cfg or CofConfig(), model)
+    if cfg.do_sample or not cfg.ban_vision_tokens:
+        raise ValueError("reference_run is greedy and bans vision tokens: pass do_sample=False, ban_vision_tokens=True")
+    dev, (stops, banned) = _device(model), _token_sets(tokenizer, cfg)
+    banned = torch.tensor(banned, dtype=torch.long, device=dev)
+    orig, main = prepare_main(image, cfg)
+    h, w = main.shape[1:]
+    pv, grid, _ = _encode(main.to(dev), (0, 0, w, h), (h, w), cfg, keep=False)
+    messages = build_messages(question, cfg.system, cfg.question_format)
+    pixels, grids, said, turns = [pv], [grid], [], []                  # said: (tokens, log-probs) of each turn
+    while True:
+        blank = [dict(m, content="") if m["role"] == "assistant" else m for m in messages]   # said[k] goes there
+        chat = T.tokenize_chat(tokenizer, blank, torch.cat(grids), add_generation_prompt=True)
+        ids, gen, lps = _as_generated(*chat, said, tokenizer.im_end_id)
+        turn, turn_lp = _greedy_turn(model, ids, pixels, grids, len(said), stops, banned, cfg, logits_processor)
+        said.append((turn, turn_lp))
+        text = tokenizer.decode(turn[:-1] if turn[-1] in stops else turn, skip_special_tokens=True)
+        turns.append(dict(text=text, n_tokens=len(turn), stop="eos" if turn[-1] in stops else "length",
+                          tool_call=has_tool_call(text)))
+        messages.append({"role": "assistant", "content": text})
+        if not turns[-1]["tool_call"]:
+            break
+        if len(turns) == cfg.max_turns:                              # the last generation's call is never executed
+            turns[-1].update(box=parse_zoom(text, w, h, cfg.enlarge), status="limit", message="turn limit reached")
+            break
+        z = zoom(main.to(dev), text, cfg)
+        turns[-1].update(box=z["box"], status=z["status"], message=z["message"],
+                         crop_size=list(z["size"]) if z["size"] else None)
+        messages.append(zoom_message() if z["pixel_values"] is not None else error_message(z["message"]))
+        if z["pixel_values"] is not None:                            # no crop with cfg.invalid="text": the error only
+            pixels, grids = pixels + [z["pixel_values"]], grids + [z["grid"]]
+    done, gen = not turns[-1]["tool_call"], gen + [True] * len(turn)
+    return Trajectory(question=question, ids=ids + turn, gen_mask=gen, logprobs=lps + turn_lp,
+                      prompt_len=gen.index(True), pixel_values=torch.cat(pixels).cpu(),
+                      image_grid_thw=torch.cat(grids), turns=turns,
+                      answer=judge_answer(text) if done else "", n_zooms=sum(t["tool_call"] for t in turns),
+                      n_generated=sum(len(t) for t, _ in said), finished=done, original_size=tuple(orig.shape[1:]),
+                      main_size=(h, w))
+
+
+def _as_generated(ids, assistant_mask, said, im_end_id):
+    """tokenize_chat's (ids, assistant mask) of a chat of empty assistant turns (each one masked <|im_end|>), turn k
+    replaced by said[k], the tokens it generated, closed by <|im_end|> if they are not -> (ids, gen mask, log-probs)."""
+    out, gen, lps, turns = [], [], [], iter(said)
+    for t, assistant in zip(ids, assistant_mask):
+        toks, lp = next(turns) if assistant else ([t], [0.0])
+        close = [im_end_id] if assistant and toks[-1] != im_end_id else []
+        out += toks + close
+        gen += [assistant] * len(toks) + [False] * len(close)
+        lps += lp + [0.0] * len(close)
+    return out, gen, lps
+
+
+def _greedy_turn(model, ids, pixels, grids, k, stops, banned, cfg, logits_processor):
+    """Turn k: the whole chat prefilled into a fresh cache, then greedy tokens until a stop -> (tokens, log-probs)."""
+    dev = _device(model)
+    cache = model.new_cache(1)
+    logits = model.extend(cache, torch.tensor([ids], device=dev), pixel_values=torch.cat(pixels).to(dev),
+                          image_grid_thw=torch.cat(grids).to(dev), last_only=True)[:, -1]           # [1, V]
+    turn, lps = [], []
+    while True:
+        x = logits if logits_processor is None else logits_processor([(0, k, turn)], logits.clone())    # [1, V]
+        t = x.index_fill(-1, banned, float("-inf")).argmax(-1)                                       # [1]
+        turn.append(int(t))
+        lps.append(float(M.policy_logprobs(logits, t, banned)))
+        if turn[-1] in stops or len(turn) == cfg.max_new_tokens:
+            return turn, lps
+        logits = model.extend(cache, t[:, None], last_only=True)[:, -1]                              # [1, V]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The batched loop: one KV cache per conversation, many conversations per batch
 
 def _temperature(cfg):
     return cfg.temperature if cfg.do_sample and cfg.temperature > 0 else 1.0
@@ -622,13 +713,7 @@ class _Env:
 
     def __init__(self, tokenizer, cfg, device):
         self.tok, self.cfg, self.turns = tokenizer, cfg, _Turns(tokenizer)
-        self.stop_ids = {i for i in (tokenizer.im_end_id, getattr(tokenizer, "eos_id", None),
-                                     getattr(tokenizer, "pad_id", None)) if i is not None}
-        banned = vision_token_ids(tokenizer) if cfg.ban_vision_tokens else []
-        if cfg.direct:
-            if tokenizer.tool_call_id is None:
-                raise ValueError("CofConfig.direct bans <tool_call>, but this tokenizer has no such token")
-            banned = banned + [tokenizer.tool_call_id]
+        self.stop_ids, banned = _token_sets(tokenizer, cfg)
         self.banned = torch.tensor(banned, dtype=torch.long, device=device)
         self.unusable = set(vision_token_ids(tokenizer)[:2])   # pads that cannot be fed back (only with the ban off)
 
@@ -811,5 +896,4 @@ def rollouts(model, tokenizer, images, questions, group_size, cfg=None, generato
 
 
 if __name__ == "__main__":
-    raise SystemExit("cof.py is the loop, not a command: `python evaluate.py --model DIR --bench vstar ...` evaluates "
-                     "a benchmark, `python evaluate.py ask --model DIR --image IMG --question Q` runs one image")
+    raise SystemExit("cof.py is a module, not a command: see `python evaluate.py -h` and `python evaluate.py ask -h`")

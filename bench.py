@@ -13,8 +13,8 @@
                                                                         tokens/s, questions/s, same tokens
 
 The crop kernels have their own microbenchmark beside them: `python crop_kernels.py --bench`. This file stays out of
-the runtime code because its baselines are not runtime dependencies (transformers is a test-only oracle) and because
-the released loop's cost model (`Reencode`) is a baseline, not a way to run CoF.
+the runtime code because its baselines are not runtime dependencies (transformers is a test-only oracle). The
+released loop's cost is cof.reference_run's: the spec loop, which encodes the whole chat again every turn.
 """
 from __future__ import annotations
 
@@ -36,44 +36,30 @@ import checks
 import cof
 import crop_kernels as ck
 import decode
+import evaluate as E
 import model as M
 import tokenizer as T
 from data import tiny
 
 
-class Reencode:
-    """The released cost model as a stand-in for the model in cof.run: vLLM re-encodes the whole chat for every
-    turn, so here every new turn (a chunk of more than one token: the environment's reply, maybe with a crop) is not
-    appended to the cache; the whole conversation so far is prefilled again into a fresh cache. One conversation at a
-    time. The tokens are those of the one-cache loop (tests/test_cof_loop.py checks it); only the cost differs."""
+# --------------------------------------------------------------------------------------------------------------------
+# Forced tool calls: random weights never zoom on their own
 
-    def __init__(self, model):
-        self.model = model
-        self.ids, self.pixel_values, self.grids = [], [], []
+def force_prefixes(tokenizer, prefixes, group_size=1):
+    """A logits_processor that makes turn k of question q start with the text prefixes[q][k] (then the model goes
+    on by itself). For the benchmarks here and the tests on random weights, which never zoom on their own."""
 
-    def __getattr__(self, name):
-        return getattr(self.model, name)
+    enc = [[tokenizer.encode(p) for p in checks.sequence(ps, f"prefixes[{q}]", empty=True)]
+           for q, ps in enumerate(checks.sequence(prefixes, "prefixes"))]
 
-    def new_cache(self, batch_size, capacity=0):
-        if batch_size != 1:
-            raise ValueError("Reencode (the re-prefill baseline) runs one conversation at a time")
-        self.ids, self.pixel_values, self.grids = [], [], []
-        return self.model.new_cache(1, capacity)
-
-    def extend(self, cache, input_ids, mask=None, pixel_values=None, image_grid_thw=None, last_only=False):
-        real = input_ids[0] if mask is None else input_ids[0][mask[0]]                   # [n] the chunk's real tokens
-        first = not self.ids
-        self.ids += real.tolist()
-        if pixel_values is not None:
-            self.pixel_values.append(pixel_values)
-            self.grids.append(image_grid_thw)
-        if first or real.numel() <= 1:          # the prompt, or one decoded token: appended as usual
-            return self.model.extend(cache, input_ids, mask, pixel_values, image_grid_thw, last_only)
-        fresh = self.model.new_cache(1)
-        ids = torch.tensor([self.ids], device=input_ids.device)                            # [1, whole chat]
-        out = self.model.extend(fresh, ids, None, torch.cat(self.pixel_values), torch.cat(self.grids), last_only)
-        cache.__dict__.update(fresh.__dict__)   # the loop's cache object now holds the fresh prefill
-        return out
+    def proc(views, logits):
+        for i, (row, k, turn) in enumerate(views):
+            pre = enc[row // group_size]
+            if k < len(pre) and len(turn) < len(pre[k]):
+                logits[i] = torch.finfo(logits.dtype).min
+                logits[i, pre[k][len(turn)]] = 0.0
+        return logits
+    return proc
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -368,13 +354,14 @@ def _agreement(diff, same):
 # python bench.py cof
 
 def bench_cof(a):
-    """`python bench.py cof`: the batched one-cache loop against the released cost model (one question at a time,
-    the whole conversation prefilled again after every zoom), same questions, same run. Random weights never zoom,
-    so every question is made to call the tool `--zooms` times (forced tool-call prefixes), then the model runs on."""
+    """`python bench.py cof`: the batched one-cache loop against the released loop's cost, the spec loop
+    cof.reference_run (one question at a time, the whole conversation prefilled again every turn), same questions,
+    same run. Random weights never zoom, so every question is made to call the tool `--zooms` times (forced
+    tool-call prefixes), then the model runs on."""
     path = a.model or tiny.make_tiny(tempfile.mkdtemp(prefix="cof_bench_"), hidden_size=a.hidden, num_layers=a.layers,
                                 num_heads=4, num_kv_heads=2, intermediate_size=4 * a.hidden,
                                 vision_hidden_size=128, vision_depth=4, vision_heads=4, vision_intermediate_size=256)
-    model, tok = cof.load(path, a.device, a.dtype)
+    model, tok = E.load(path, a.device, a.dtype)
     g = torch.Generator().manual_seed(0)
     h, w = a.size * 3 // 4, a.size
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for _ in range(a.n)]
@@ -385,20 +372,20 @@ def bench_cof(a):
     qs = [f"Question {i}: what is in the picture?" for i in range(a.n)]
     cfg = cof.CofConfig(max_new_tokens=a.new_tokens, max_turns=a.zooms + 1)
     timed = _Clock(model.device).timed
-    cof.run(model, tok, images[:1], qs[:1], cfg, logits_processor=cof.force_prefixes(tok, prefixes[:1]))   # warm-up
+    cof.run(model, tok, images[:1], qs[:1], cfg, logits_processor=force_prefixes(tok, prefixes[:1]))   # warm-up
     results = []
-    base, t_base = timed(lambda: [cof.run(Reencode(model), tok, [im], [q], cfg,
-                                          logits_processor=cof.force_prefixes(tok, [pf]))[0]
+    base, t_base = timed(lambda: [cof.reference_run(model, tok, im, q, cfg,
+                                                    logits_processor=force_prefixes(tok, [pf]))
                                   for im, q, pf in zip(images, qs, prefixes)])
     results.append(("re-encode each turn, 1 question at a time (released)", base, t_base))
-    seq, t_seq = timed(lambda: [cof.run(model, tok, [im], [q], cfg, logits_processor=cof.force_prefixes(tok, [pf]))[0]
+    seq, t_seq = timed(lambda: [cof.run(model, tok, [im], [q], cfg, logits_processor=force_prefixes(tok, [pf]))[0]
                                 for im, q, pf in zip(images, qs, prefixes)])
     results.append(("one KV cache, 1 question at a time", seq, t_seq))
-    bat, t_bat = timed(lambda: cof.run(model, tok, images, qs, cfg, logits_processor=cof.force_prefixes(tok, prefixes)))
+    bat, t_bat = timed(lambda: cof.run(model, tok, images, qs, cfg, logits_processor=force_prefixes(tok, prefixes)))
     results.append((f"one KV cache, batch of {a.n}", bat, t_bat))
     fast = replace(cfg, compile=True)
-    cof.run(model, tok, images, qs, fast, logits_processor=cof.force_prefixes(tok, prefixes))     # compiles
-    com, t_com = timed(lambda: cof.run(model, tok, images, qs, fast, logits_processor=cof.force_prefixes(tok, prefixes)))
+    cof.run(model, tok, images, qs, fast, logits_processor=force_prefixes(tok, prefixes))     # compiles
+    com, t_com = timed(lambda: cof.run(model, tok, images, qs, fast, logits_processor=force_prefixes(tok, prefixes)))
     results.append((f"one KV cache, batch of {a.n}, compiled decode step", com, t_com))
     print(f"device: {model.device} ({torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}), "
           f"dtype {model.dtype}, {a.n} questions, image {w}x{h} -> {mw}x{mh}, {a.zooms} zooms each, "
@@ -409,17 +396,17 @@ def bench_cof(a):
         same = all(x.ids == y.ids for x, y in zip(trs, base))
         rows.append(dict(mode=name, seconds=t, s_per_q=t / a.n, gen_tok_per_s=gen / t, speedup=t_base / t,
                          zooms=statistics.fmean([x.n_zooms for x in trs]), same_tokens_as_baseline=same))
-    print(cof.format_table(rows))
+    print(E.format_table(rows))
     return rows
 
 
 def bench_rollouts(a):
     """`python bench.py cof --data FILE --samples G`: GRPO rollouts as grpo.py runs them: the first --n questions of a
-    held-out file (cof.read_synthetic: V*-layout JSONL or RL records), G sampled conversations each (temperature 1,
+    held-out file (evaluate.read_synthetic: V*-layout JSONL or RL records), G sampled conversations each (temperature 1,
     one generator), all in one batched one-cache loop; generated tokens/s, questions/s and rollouts/s."""
-    model, tok = cof.load(a.model, a.device, a.dtype)
-    items = cof.read_synthetic(a.data)[:a.n]
-    images = [cof.load_item_image(it) for it in items]
+    model, tok = E.load(a.model, a.device, a.dtype)
+    items = E.read_synthetic(a.data)[:a.n]
+    images = [E.load_item_image(it) for it in items]
     questions = [it["question"] for it in items]
     cfg = a.cof_cfg
     clock = _Clock(model.device)
@@ -448,7 +435,7 @@ def bench_rollouts(a):
                              max_logprob_diff=logprob_gap(eager, trs)))
     print(f"device: {model.device} ({torch.cuda.get_device_name() if model.device.type == 'cuda' else 'cpu'}, "
           f"{torch.get_num_threads()} threads), dtype {model.dtype}, model {a.model}, data {a.data}, cfg {a.cfg or []}")
-    print(cof.format_table(rows))
+    print(E.format_table(rows))
     return rows
 
 
@@ -700,7 +687,7 @@ def bench_memory(a):
     how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "resident peak, VmHWM"
     print(f"peak memory above the model ({how}) on {where}, {a.dtype}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}")
-    print(cof.format_table(rows))
+    print(E.format_table(rows))
     return rows
 
 
@@ -745,7 +732,7 @@ def parser():
                    help="G sampled conversations per question (needs --data)")
     c.add_argument("--reps", type=POSITIVE, default=1, help="timed repetitions of the sampled rollouts (seeds 0, 1, ...)")
     c.add_argument("--cfg", action="append", metavar="KEY=VALUE",
-                   help="CofConfig option for the sampled rollouts (repeatable), as in `cof.py eval --cfg`")
+                   help="CofConfig option for the sampled rollouts (repeatable), as in `evaluate.py --cfg`")
     m = sub.add_parser("memory", help="peak memory: ragged attention, log-probs and loss at 7B shapes")
     m.add_argument("--parts", type=checks.arg(_parts), default=["attention", "logprobs"],
                    help="attention (a): ragged prefill + crop turn; logprobs (b): GRPO / reference / SFT")
@@ -774,10 +761,10 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.what == "cof":
         try:
-            a.cof_cfg = cof.cfg_from_args(a.cfg, do_sample=True)
+            a.cof_cfg = E.cfg_from_args(a.cfg, do_sample=True)
         except ValueError as e:
             ap.error(str(e))
-    with checks.one_line_errors("bench.py", cof.BenchError, FileNotFoundError, M.CheckpointError):
+    with checks.one_line_errors("bench.py", E.BenchError, FileNotFoundError, M.CheckpointError):
         return _run(ap, a)
 
 

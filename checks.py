@@ -11,7 +11,7 @@ Library functions call `number`, `string`, `one_of`, `sequence`, `kind` and `dev
 call (never per token); config dataclasses declare LIMITS and CHOICES tables and call `options`; command lines give
 argparse `arg(...)` as an option's type (argparse then prints its one-line error naming the option, exit status 2)
 and turn a config's TypeError / ValueError into the same `parser.error`. Files that fail to load are named by their
-readers (data/formats.py, cof.read_*, model.CheckpointError, sft's trainer files), which say what to do.
+readers (data/formats.py, evaluate.read_*, model.CheckpointError, sft's trainer files), which say what to do.
 
 This is the lowest file: every other file may import it, it imports none of them.
 """
@@ -63,6 +63,13 @@ def parse_number(text, name, lo=None, hi=None, *, lo_open=False, hi_open=False, 
     except (TypeError, ValueError):
         raise ValueError(_must(name, rule(lo, hi, lo_open=lo_open, hi_open=hi_open, whole=whole), text)) from None
     return number(value, name, lo, hi, lo_open=lo_open, hi_open=hi_open, whole=whole)
+
+
+def parse_bool(text):
+    """`true` / `false` (or 1 / 0, yes / no, any case) as a bool; ValueError for anything else."""
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"expected true/false (or 1/0, yes/no), got {text!r}")
+    return text.lower() in ("1", "true", "yes")
 
 
 def string(value, name, *, empty=False):

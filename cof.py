@@ -1,40 +1,32 @@
-"""Chain-of-Focus: the zoom loop, batched rollouts for GRPO, and benchmark evaluation.
+"""Chain-of-Focus: the released protocol and the zoom loop, in two forms: read `reference_run` first.
 
-Reproduces the released CoF evaluation protocol (xtong-zhang/Chain-of-Focus `eval/vstar/vllm_inference.py`,
-`judge_result.py`) and serves the RL recipe (`verl/recipe/zoomin/zoomin_vision_tool.py`,
+`reference_run` is the spec: one conversation run the way the released code runs it (xtong-zhang/Chain-of-Focus
+`eval/vstar/vllm_inference.py`, vLLM): each turn the whole chat is encoded again and decoded, and a tool call is
+answered with a crop as a new user turn. `run` is the same loop batched, the one everything else uses: ONE KV cache
+per conversation (`model.extend` with ragged masks), many conversations as one batch, G samples of a prompt for GRPO
+(`rollouts`); it gives each conversation exactly what `reference_run` gives it alone (tests/test_cof_loop.py).
+
+The protocol (`vllm_inference.py`, `judge_result.py`; the RL recipe's `verl/recipe/zoomin/zoomin_vision_tool.py`,
 `prepare_zoomin_data.py`):
-
 * the system prompt with the `image_zoom_in_tool` schema and the user-prompt suffix, byte for byte;
 * the main image smart-resized (qwen-vl-utils rules, min 112*112, max 3840*3840 pixels, LANCZOS);
 * each turn's first `<tool_call>` JSON parsed for `arguments.bbox_2d` in absolute pixels of that resized image,
   validated like `check_absolute_bbox_format`, enlarged x1.5 about its centre, clipped, truncated to int;
 * the crop taken from the resized main image (never from a previous crop), upscaled x2 and smart-resized in one
   LANCZOS resize, and sent back as a new user turn `[crop, USER_PROMPT]`;
-* at most 6 generations (zooms), greedy, 512 new tokens per turn; the answer is the last `<answer>...</answer>`.
+* at most 6 generations (zooms), greedy, 512 new tokens per turn; the answer is the first `<answer>...</answer>` of
+  the final turn (the V* judge's rule; the RL reward reads the last one, `extract_answer`).
 
-Unlike the released code (vLLM, re-encoding the chat every turn), the loop here keeps ONE KV cache per
-conversation (`model.extend` with ragged masks) and runs many conversations as one batch.
-
-Layout: protocol (prompts, box parsing, crop rule, answers) -> loop / rollouts -> benchmarks -> trace -> progress bar
--> CLI.
+Layout: protocol (prompts, sizes, box parsing, answers, crops) -> the loop's options and result -> the spec -> the
+batched loop. Benchmarks, the judge's answer matching and the command line: evaluate.py; traces, progress: report.py.
 """
 from __future__ import annotations
 
-import argparse
-import base64
-import csv
 import json
 import math
-import os
-import re
-import statistics
-import sys
-import textwrap
-import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 import checks
 import crop_kernels as ck
@@ -81,7 +73,6 @@ MAX_NEW_TOKENS = 512             # --max_new_tokens
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts / messages (HF-style dicts, rendered by tokenizer.tokenize_chat)
 
-
 # Two layouts of the text after the image exist upstream: the released evaluation (vllm_inference.py) writes
 # "Question: ...", the released SFT and RL rows (prepare_zoomin_data.py: "<image>" + " Question: " + ...) put a space
 # before it. A 7B model does not notice; a model trained from scratch on one of them does (see README).
@@ -126,7 +117,6 @@ def rl_prompt(question, ground_truth):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sizes: qwen-vl-utils' smart_resize (what the released code imports), the main-image rule and the crop rule
-
 
 def released_smart_resize(height, width, factor=ck.FACTOR, min_pixels=MAIN_MIN_PIXELS, max_pixels=MAIN_MAX_PIXELS):
     """qwen_vl_utils.smart_resize -> (h, w), multiples of `factor`. Differs from transformers' version (crop_kernels.
@@ -247,7 +237,6 @@ def has_tool_call(text):
 # ----------------------------------------------------------------------------------------------------------------
 # Answers
 
-_OPTION = re.compile(r"\(([A-Z])\)\s+([^\n]+)")
 _OPEN, _CLOSE = "<answer>", "</answer>"
 
 
@@ -298,66 +287,14 @@ def judge_answer(text):
     FIRST `<answer>\s*(.*?)\s*</answer>` match without re.DOTALL (an answer spanning a newline does not count);
     "" when there is none. (The judge also replaces an answer holding `\boxed{` by the box's content before this
     step, which then finds no <answer> and hands its LLM judge an empty string; we have no LLM judge, so we skip
-    that step and let match_answer read the box.)"""
+    that step and let evaluate.match_answer read the box.)"""
     text = checks.string("" if text is None else text, "text", empty=True).replace("<|im_end|>", "")
     spans = _answer_spans(text, newline_ok=False)
     return text[spans[0][0]:spans[0][1]] if spans else ""
 
 
-def parse_options(question):
-    """{"A": "rubber", ...} from V*-style "(A) rubber" lines (judge_result.extract_options, any letter)."""
-    return {k: v.strip() for k, v in _OPTION.findall(question)}
-
-
-def _norm(s):
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", s.lower())).strip()
-
-
-def match_answer(pred, label, options=None):
-    """Rule-based correctness of an extracted answer against the letter `label` (no LLM judge).
-
-    The released rules first (judge_result.py): a 1-character answer equal to the letter, a 2-character answer
-    with "." containing it ("A."), a 3-character answer with parentheses ("(A)"), or "(A) <option text>" inside
-    the answer. Then, standing in for the LLM judge, VLMEvalKit's rule-based option inference (what HR-Bench's own
-    evaluation uses): infer_option, else infer_option_text; an answer naming several options counts as none."""
-    pred = checks.string("" if pred is None else pred, "pred", empty=True).strip()
-    label = checks.string(label, "label").strip()
-    options = checks.kind(options, "options", dict, "a dict of letter -> option text", none=True) or {}
-    if len(pred) == 1:
-        return pred == label
-    if len(pred) == 2 and "." in pred:
-        return label in pred
-    if len(pred) == 3 and "(" in pred and ")" in pred:
-        return label in pred
-    if label in options and f"({label}) {options[label]}" in pred:
-        return True
-    return (infer_option(pred, options or dict.fromkeys("ABCD")) or infer_option_text(pred, options)) == label
-
-
-def infer_option(answer, options):
-    """VLMEvalKit's can_infer_option (vlmeval/utils/matching_util.py, its default non-verbose path): the characters
-    .()[],:;!*#{} become spaces; if exactly one option letter is among the words, that letter ("Option A",
-    "The answer is A.", "\\boxed{A}", "**A**" -> A; "A or B", "A B C D" -> None)."""
-    words = answer
-    for c in ".()[],:;!*#{}":
-        words = words.replace(c, " ")
-    found = [k for k in options if k in words.split()]
-    return found[0] if len(found) == 1 else None
-
-
-def infer_option_text(answer, options):
-    """VLMEvalKit's can_infer_text: the one option whose text occurs in the answer (case ignored), None when none or
-    several do or the answer is longer than twice all option texts together."""
-    low = answer.lower()
-    if not options or len(low) > 2 * sum(len(str(v)) for v in options.values()):
-        return None
-    found = [k for k, v in options.items() if str(v).lower() in low]
-    return found[0] if len(found) == 1 else None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Images: main-image resize, crop -> pixels (crop_kernels), the released fallbacks
-
 
 def prepare_main(image, cfg):
     """Load (path / bytes / PIL / uint8 [3,H,W]) and LANCZOS-resize the main image to its smart_resize size."""
@@ -412,8 +349,7 @@ def zoom(main_u8, text, cfg, keep=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop: one KV cache per conversation, many conversations per batch
-
+# The loop's options and what it returns
 
 @dataclass
 class CofConfig:
@@ -479,7 +415,7 @@ class Trajectory:
     prompt and for environment tokens (turn headers, crop tokens, USER_PROMPT, error text, a closing <|im_end|>
     added after a turn cut at max_new_tokens). `logprobs[i]` is log p(ids[i]) for generated tokens (0.0 elsewhere)
     under the policy that sampled it: the model's logits with the banned vision tokens at -inf (cfg.ban_vision_tokens),
-    divided by the temperature when sampling (policy_logprobs computes the same from a training forward)."""
+    divided by the temperature when sampling (model.policy_logprobs computes the same from a training forward)."""
     question: str
     ids: list
     gen_mask: list
@@ -498,18 +434,9 @@ class Trajectory:
     images: list = field(default_factory=list)   # uint8 main image + crops (cfg.keep_images)
     group: int = 0                 # index of the question in the batch (rollouts: G rows per group)
 
-    def to_json(self):
-        """JSON-ready dict (no tensors) for results files."""
-        return dict(question=self.question, answer=self.answer, n_zooms=self.n_zooms, n_generated=self.n_generated,
-                    finished=self.finished, original_size=list(self.original_size), main_size=list(self.main_size),
-                    turns=self.turns)
-
 
 def _device(model):
-    dev = getattr(model, "device", None)
-    if dev is None:
-        dev = next(model.parameters()).device
-    return dev
+    return getattr(model, "device", None) or next(model.parameters()).device
 
 
 def vision_token_ids(tokenizer):
@@ -520,16 +447,104 @@ def vision_token_ids(tokenizer):
     return [tokenizer.image_pad_id, tokenizer.video_pad_id, tokenizer.vision_start_id, tokenizer.vision_end_id]
 
 
+def _token_sets(tokenizer, cfg):
+    """(ids that end a turn: <|im_end|>, eos, pad; ids never sampled: vision tokens, <tool_call> with cfg.direct)."""
+    stops = {i for i in (tokenizer.im_end_id, getattr(tokenizer, "eos_id", None), getattr(tokenizer, "pad_id", None))
+             if i is not None}
+    banned = vision_token_ids(tokenizer) if cfg.ban_vision_tokens else []
+    if cfg.direct:
+        if tokenizer.tool_call_id is None:
+            raise ValueError("CofConfig.direct bans <tool_call>, but this tokenizer has no such token")
+        banned = banned + [tokenizer.tool_call_id]
+    return stops, banned
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The spec: one conversation, the whole chat encoded again every turn (the released loop's shape)
+
+@torch.no_grad()
+def reference_run(model, tokenizer, image, question, cfg=None, logits_processor=None):
+    """One conversation, greedy, as the released loop runs it (vllm_inference.run_inference_loop): each turn encodes
+    the whole chat so far (tokenize_chat, every image so far), prefills it into a fresh cache and decodes until the
+    turn ends; a tool call gets `zoom`'s reply (the crop, or with cfg.invalid="text" the error) as a new user turn,
+    until an answer or cfg.max_turns generations. The spec of `run`; `python bench.py cof` times it as the released
+    cost. Unlike the released loop, and like `run`, the chat holds each turn's tokens as generated, not their text
+    encoded again. logits_processor: as in `run` (row 0). Greedy, vision tokens banned; no context limit, no images."""
+    cfg = with_processor_limits(cfg or CofConfig(), model)
+    if cfg.do_sample or not cfg.ban_vision_tokens:
+        raise ValueError("reference_run is greedy and bans vision tokens: pass do_sample=False, ban_vision_tokens=True")
+    dev, (stops, banned) = _device(model), _token_sets(tokenizer, cfg)
+    banned = torch.tensor(banned, dtype=torch.long, device=dev)
+    orig, main = prepare_main(image, cfg)
+    h, w = main.shape[1:]
+    pv, grid, _ = _encode(main.to(dev), (0, 0, w, h), (h, w), cfg, keep=False)
+    messages = build_messages(question, cfg.system, cfg.question_format)
+    pixels, grids, said, turns = [pv], [grid], [], []                  # said: (tokens, log-probs) of each turn
+    while True:
+        blank = [dict(m, content="") if m["role"] == "assistant" else m for m in messages]   # said[k] goes there
+        chat = T.tokenize_chat(tokenizer, blank, torch.cat(grids), add_generation_prompt=True)
+        ids, gen, lps = _as_generated(*chat, said, tokenizer.im_end_id)
+        turn, turn_lp = _greedy_turn(model, ids, pixels, grids, len(said), stops, banned, cfg, logits_processor)
+        said.append((turn, turn_lp))
+        text = tokenizer.decode(turn[:-1] if turn[-1] in stops else turn, skip_special_tokens=True)
+        turns.append(dict(text=text, n_tokens=len(turn), stop="eos" if turn[-1] in stops else "length",
+                          tool_call=has_tool_call(text)))
+        messages.append({"role": "assistant", "content": text})
+        if not turns[-1]["tool_call"]:
+            break
+        if len(turns) == cfg.max_turns:                              # the last generation's call is never executed
+            turns[-1].update(box=parse_zoom(text, w, h, cfg.enlarge), status="limit", message="turn limit reached")
+            break
+        z = zoom(main.to(dev), text, cfg)
+        turns[-1].update(box=z["box"], status=z["status"], message=z["message"],
+                         crop_size=list(z["size"]) if z["size"] else None)
+        messages.append(zoom_message() if z["pixel_values"] is not None else error_message(z["message"]))
+        if z["pixel_values"] is not None:                            # no crop with cfg.invalid="text": the error only
+            pixels, grids = pixels + [z["pixel_values"]], grids + [z["grid"]]
+    done, gen = not turns[-1]["tool_call"], gen + [True] * len(turn)
+    return Trajectory(question=question, ids=ids + turn, gen_mask=gen, logprobs=lps + turn_lp,
+                      prompt_len=gen.index(True), pixel_values=torch.cat(pixels).cpu(),
+                      image_grid_thw=torch.cat(grids), turns=turns,
+                      answer=judge_answer(text) if done else "", n_zooms=sum(t["tool_call"] for t in turns),
+                      n_generated=sum(len(t) for t, _ in said), finished=done, original_size=tuple(orig.shape[1:]),
+                      main_size=(h, w))
+
+
+def _as_generated(ids, assistant_mask, said, im_end_id):
+    """tokenize_chat's (ids, assistant mask) of a chat of empty assistant turns (each one masked <|im_end|>), turn k
+    replaced by said[k], the tokens it generated, closed by <|im_end|> if they are not -> (ids, gen mask, log-probs)."""
+    out, gen, lps, turns = [], [], [], iter(said)
+    for t, assistant in zip(ids, assistant_mask):
+        toks, lp = next(turns) if assistant else ([t], [0.0])
+        close = [im_end_id] if assistant and toks[-1] != im_end_id else []
+        out += toks + close
+        gen += [assistant] * len(toks) + [False] * len(close)
+        lps += lp + [0.0] * len(close)
+    return out, gen, lps
+
+
+def _greedy_turn(model, ids, pixels, grids, k, stops, banned, cfg, logits_processor):
+    """Turn k: the whole chat prefilled into a fresh cache, then greedy tokens until a stop -> (tokens, log-probs)."""
+    dev = _device(model)
+    cache = model.new_cache(1)
+    logits = model.extend(cache, torch.tensor([ids], device=dev), pixel_values=torch.cat(pixels).to(dev),
+                          image_grid_thw=torch.cat(grids).to(dev), last_only=True)[:, -1]           # [1, V]
+    turn, lps = [], []
+    while True:
+        x = logits if logits_processor is None else logits_processor([(0, k, turn)], logits.clone())    # [1, V]
+        t = x.index_fill(-1, banned, float("-inf")).argmax(-1)                                       # [1]
+        turn.append(int(t))
+        lps.append(float(M.policy_logprobs(logits, t, banned)))
+        if turn[-1] in stops or len(turn) == cfg.max_new_tokens:
+            return turn, lps
+        logits = model.extend(cache, t[:, None], last_only=True)[:, -1]                              # [1, V]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The batched loop: one KV cache per conversation, many conversations per batch
+
 def _temperature(cfg):
     return cfg.temperature if cfg.do_sample and cfg.temperature > 0 else 1.0
-
-
-def policy_logprobs(logits, tokens, banned=(), temperature=1.0):
-    """log p(tokens) under the sampling policy (model.policy_log_softmax); tokens [...] -> [...]. The zoom loop
-    records these at sampling time and grpo.py recomputes them in its training forward (model.token_logprobs), so
-    the two agree when the weights have not changed."""
-    x = M.policy_log_softmax(logits, banned, temperature)                                  # [..., V]
-    return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)                                  # [...]
 
 
 def _pick(logits, cfg, generator, banned=()):
@@ -540,7 +555,7 @@ def _pick(logits, cfg, generator, banned=()):
         logits = logits.index_fill(-1, torch.as_tensor(banned, device=logits.device), float("-inf"))
     nxt = decode.sample_next(logits, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, generator,
                              checked=True)                                                              # [R]
-    return nxt, policy_logprobs(logits, nxt, (), _temperature(cfg))                                    # [R], [R]
+    return nxt, M.policy_logprobs(logits, nxt, (), _temperature(cfg))                                  # [R], [R]
 
 
 class _Turns:
@@ -698,13 +713,7 @@ class _Env:
 
     def __init__(self, tokenizer, cfg, device):
         self.tok, self.cfg, self.turns = tokenizer, cfg, _Turns(tokenizer)
-        self.stop_ids = {i for i in (tokenizer.im_end_id, getattr(tokenizer, "eos_id", None),
-                                     getattr(tokenizer, "pad_id", None)) if i is not None}
-        banned = vision_token_ids(tokenizer) if cfg.ban_vision_tokens else []
-        if cfg.direct:
-            if tokenizer.tool_call_id is None:
-                raise ValueError("CofConfig.direct bans <tool_call>, but this tokenizer has no such token")
-            banned = banned + [tokenizer.tool_call_id]
+        self.stop_ids, banned = _token_sets(tokenizer, cfg)
         self.banned = torch.tensor(banned, dtype=torch.long, device=device)
         self.unusable = set(vision_token_ids(tokenizer)[:2])   # pads that cannot be fed back (only with the ban off)
 
@@ -746,7 +755,7 @@ def _next_tokens(raw, rows, live, env, generator, logits_processor):
     if logits_processor is not None:
         views = [(r, len(row.turns), row.turn) for r, row in zip(live, rows)]
         nxt, _ = _pick(logits_processor(views, raw.clone()), cfg, generator, env.banned)
-        lp = policy_logprobs(raw, nxt, env.banned, _temperature(cfg))
+        lp = M.policy_logprobs(raw, nxt, env.banned, _temperature(cfg))
     else:
         nxt, lp = _pick(raw, cfg, generator, env.banned)                                         # [R], [R]
     return nxt.tolist(), lp.tolist()
@@ -865,23 +874,6 @@ def _extend(model, cache, chunks, new_images, pad_id):
     return model.extend(cache, chunk.to(dev), mask=mask.to(dev), last_only=True, **kw)
 
 
-def force_prefixes(tokenizer, prefixes, group_size=1):
-    """A logits_processor that makes turn k of question q start with the text prefixes[q][k] (then the model goes
-    on by itself). For benchmarks and tests on random weights, which never zoom on their own."""
-
-    enc = [[tokenizer.encode(p) for p in checks.sequence(ps, f"prefixes[{q}]", empty=True)]
-           for q, ps in enumerate(checks.sequence(prefixes, "prefixes"))]
-
-    def proc(views, logits):
-        for i, (row, k, turn) in enumerate(views):
-            pre = enc[row // group_size]
-            if k < len(pre) and len(turn) < len(pre[k]):
-                logits[i] = torch.finfo(logits.dtype).min
-                logits[i, pre[k][len(turn)]] = 0.0
-        return logits
-    return proc
-
-
 def _pad(seqs, pad_id):
     """Right-pad token lists -> (ids [B, L] long, mask [B, L] bool); an empty list becomes an all-padding row."""
 
@@ -903,691 +895,5 @@ def rollouts(model, tokenizer, images, questions, group_size, cfg=None, generato
     return run(model, tokenizer, images, questions, cfg, group_size=group_size, generator=generator, messages=messages)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Benchmarks: readers (V*, HR-Bench, our synthetic split), evaluation with resume, summary
-
-SWEEP = (224, 448, 672, 1024, 1344, 1920, 2560, 3840)   # long-side sizes of the resolution sweep
-
-
-class BenchError(ValueError):
-    """A benchmark file that cannot be read; the message names the file, the row and the field."""
-
-
-def _need(row, keys, where):
-    if not isinstance(row, dict):
-        raise BenchError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    missing = [k for k in keys if k not in row or row[k] is None]
-    if missing:
-        raise BenchError(f"{where}: missing field(s) {missing}; have {sorted(row)}")
-
-
-def read_vstar(root, categories=None):
-    """V* Bench (craigwu/vstar_bench): `root/test_questions.jsonl` (or `root` itself when it is a .jsonl file in that
-    layout), one JSON object per line with `image` (path relative to the file's folder, e.g.
-    direct_attributes/sa_4690.jpg), `text` (question + options + answer hint), `label` (letter), `category`,
-    `question_id`. Returns items dict(id, image (path), question, label, category, options)."""
-
-    checks.kind(root, "root", (str, os.PathLike), "a folder or file path")
-    if os.path.isfile(root):
-        path, root = root, os.path.dirname(os.path.abspath(root))
-    else:
-        path = os.path.join(root, "test_questions.jsonl")
-    if not os.path.exists(path):
-        raise BenchError(f"{path} not found: point --data at the V* folder holding test_questions.jsonl")
-    items = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            lines = f.read().splitlines()
-        except UnicodeDecodeError as e:
-            raise BenchError(f"{path}: not UTF-8 text ({e})") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {n}"
-            try:
-                row = json.loads(line)
-            except (ValueError, RecursionError) as e:
-                raise BenchError(f"{where}: not JSON ({e})") from None
-            _need(row, ("image", "text", "label"), where)
-            if not isinstance(row["text"], str) or not isinstance(row["label"], (str, int)):
-                raise BenchError(f"{where}: 'text' must be a string and 'label' a letter, got "
-                                 f"{type(row['text']).__name__} and {type(row['label']).__name__}")
-            image = _inside(root, row["image"], where)
-            cat = str(row.get("category") or os.path.dirname(row["image"]) or "all")
-            if categories and cat not in categories:
-                continue
-            items.append(dict(id=str(row.get("question_id", n - 1)), image=image, question=row["text"],
-                              label=str(row["label"]).strip(), category=cat, options=parse_options(row["text"]),
-                              kind=row.get("kind")))
-    return items
-
-
-def _inside(root, rel, where):
-    """The path of a benchmark image named relative to `root`; it must be a string, lie inside `root` (no "../" or
-    absolute paths out of it) and exist."""
-
-    if not isinstance(rel, str) or not rel or "\0" in rel:
-        raise BenchError(f"{where}: image must be a non-empty path string, got {rel!r}")
-    full = M.path_inside(root, rel)
-    if full is None:
-        raise BenchError(f"{where}: image {rel!r} leaves the benchmark folder {os.path.abspath(root)}; keep images "
-                         f"inside it")
-    if not os.path.isfile(full):
-        raise BenchError(f"{where}: image {rel!r} not found under {root}")
-    return full
-
-
-def hrbench_question(question, options, style="vstar"):
-    """HR-Bench question text. "vstar" (default): V*'s layout, which CoF was evaluated and trained with
-    ("(A) ..." lines + LETTER_HINT). "vlmeval": VLMEvalKit's "Options:\\nA. ...\\nPlease select ..." layout."""
-    if style == "vstar":
-        return question + "".join(f"\n({k}) {v}" for k, v in options.items()) + LETTER_HINT
-    if style == "vlmeval":
-        return (question + "\nOptions:\n" + "".join(f"{k}. {v}\n" for k, v in options.items())
-                + "Please select the correct answer from the options above. \n")
-    raise ValueError(f"unknown HR-Bench prompt style {style!r}: use 'vstar' or 'vlmeval'")
-
-
-def read_hrbench(path, style="vstar"):
-    """HR-Bench (DreamMr/HR-Bench) TSV: columns index, question, answer (letter), category (single/cross), A, B,
-    C, D, cycle_category (0-3: the same question with its options rotated), image (base64 JPEG; VLMEvalKit may
-    store the index of another row holding the same image instead). Images stay base64 until used."""
-
-    checks.kind(path, "path", (str, os.PathLike), "a file path")
-    csv.field_size_limit(sys.maxsize)
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-    except FileNotFoundError:
-        raise BenchError(f"{path} not found: pass the HR-Bench .tsv file") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise BenchError(f"{path}: not a UTF-8 TSV file ({e})") from None
-    if not rows:
-        raise BenchError(f"{path}: no rows")
-    by_index = {r.get("index"): r.get("image") for r in rows}
-    items = []
-    for n, row in enumerate(rows, 2):
-        where = f"{path} row {n} (index {row.get('index')})"
-        _need(row, ("index", "question", "answer", "image", "A", "B"), where)
-        img = row["image"]
-        if len(img) <= 64 and img in by_index:             # VLMEvalKit: a reference to another row's image
-            img = by_index[img]
-        options = {k: row[k] for k in "ABCDEFGH" if row.get(k) not in (None, "", "nan")}
-        label = row["answer"].strip()
-        if label not in options:
-            raise BenchError(f"{where}: answer {label!r} is not one of the options {sorted(options)}")
-        cyc = row.get("cycle_category")
-        if cyc not in (None, "") and not str(cyc).strip().lstrip("-").isdigit():
-            raise BenchError(f"{where}: cycle_category must be an integer (0-3), got {cyc!r}")
-        items.append(dict(id=str(row["index"]), image_b64=img, question=hrbench_question(row["question"], options, style),
-                          label=label, category=row.get("category") or "all", options=options,
-                          cycle=int(cyc) if cyc not in (None, "") else None))
-    return items
-
-
-def read_synthetic(path):
-    """Our synthetic test split (python -m data.build writes OUT/test.jsonl in V*'s test_questions.jsonl layout,
-    images relative to OUT): a folder (its test.jsonl, else test_questions.jsonl), a .jsonl file in that layout, or a
-    JSON / JSONL file of released CoF-RL input records {question, groundtruth, image_name, category?} (images
-    relative to the file's folder; the question gets the RL recipe's hint, the letter hint for multiple choice)."""
-
-    checks.kind(path, "path", (str, os.PathLike), "a folder or file path")
-    if os.path.isdir(path):
-        test = os.path.join(path, "test.jsonl")
-        return read_vstar(test if os.path.exists(test) else path)
-    root = os.path.dirname(os.path.abspath(path))
-    if not os.path.isfile(path):
-        raise BenchError(f"{path} not found: pass a synthetic folder, its test.jsonl, or a JSON / JSONL file of records")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        rows = json.loads(text) if path.endswith(".json") else [json.loads(l) for l in text.splitlines() if l.strip()]
-    except (ValueError, RecursionError) as e:     # not UTF-8, not JSON, nested too deeply
-        raise BenchError(f"{path}: not UTF-8 JSON / JSONL ({e})") from None
-    if not isinstance(rows, list):
-        raise BenchError(f"{path}: expected a list of records, got {type(rows).__name__}")
-    if rows and isinstance(rows[0], dict) and "text" in rows[0] and "label" in rows[0]:
-        return read_vstar(path)
-    items = []
-    for n, row in enumerate(rows):
-        where = f"{path} record {n}"
-        _need(row, ("question", "groundtruth", "image_name"), where)
-        q, gt = row["question"], row["groundtruth"]
-        if not isinstance(q, str) or not isinstance(gt, str) or not gt.strip():
-            raise BenchError(f"{where}: 'question' and 'groundtruth' must be strings (the answer non-empty), got "
-                             f"{type(q).__name__} and {gt!r:.60}")
-        gt = gt.strip()
-        hint = rl_prompt(q, gt)[len("<image> Question: ") + len(q):-len(USER_PROMPT)]
-        image = _inside(root, row["image_name"], where)
-        items.append(dict(id=str(row.get("id", n)), image=image, question=q + hint, label=gt,
-                          category=row.get("category") or row.get("data_source") or "all", options=parse_options(q)))
-    return items
-
-
-def load_item_image(item):
-    """uint8 [3, H, W] of a benchmark item (path or base64)."""
-
-    if "image_b64" in item:
-        return ck.load_image(base64.b64decode(item["image_b64"]))
-    return ck.load_image(item["image"])
-
-
-def resize_long_side(img_u8, size):
-    """Resolution sweep: LANCZOS-resize uint8 [3, H, W] so the long side is `size` (aspect kept); None, or a size
-    the image already has, keeps the image."""
-    if size is None:
-        return img_u8
-    checks.number(size, "size", lo=1, whole=True)
-    H, W = img_u8.shape[1:]
-    s = size / max(H, W)
-    h, w = max(1, round(H * s)), max(1, round(W * s))
-    return img_u8 if (h, w) == (H, W) else ck.resize(img_u8, (h, w), "lanczos")
-
-
-def is_correct(item, answer):
-    """Rule-based scoring: letter labels through match_answer, free-form labels by normalised equality."""
-    label = checks.string(checks.kind(item, "item", dict, "a benchmark item").get("label"), "item['label']",
-                          empty=True)
-    if len(label) == 1 and label.isalpha() and label.isupper():
-        return match_answer(answer, label, item.get("options"))
-    return bool(_norm(answer)) and _norm(answer) == _norm(label)
-
-
-def _key(res, item):
-    return f"{res or 'orig'}:{item['id']}"
-
-
-def load_results(path):
-    """Records of a results JSONL by key; a truncated last line (an interrupted run) is skipped."""
-
-    out = {}
-    if not os.path.exists(path):
-        return out
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except (ValueError, RecursionError):     # a torn line, junk, bytes that are not UTF-8
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("key"), str):   # a line of something else: skipped
-                out[rec["key"]] = rec
-    return out
-
-
-def read_record(path):
-    """The JSON object in the file at `path` (what a built artefact records about how it was made: a dataset's card,
-    a model's recipe, a results file's .source), or None when the file is missing, unreadable, corrupt or holds
-    something else."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            have = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return None
-    return have if isinstance(have, dict) else None
-
-
-def matches_record(path, want):
-    """Whether the record at `path` (read_record) holds every key of `want` with the same value."""
-    have = read_record(path)
-    return have is not None and {k: have.get(k) for k in want} == want
-
-
-def checkpoint_source(directory):
-    """What identifies a checkpoint's weights in a results file's .source: its folder, and the size and time of its
-    weight files (a retrained checkpoint in the same folder is another source)."""
-    files = [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")]
-    stats = [os.stat(f) for f in files]
-    return {"checkpoint": os.path.abspath(directory), "bytes": sum(st.st_size for st in stats),
-            "mtime": max((st.st_mtime for st in stats), default=0.0)}
-
-
-def claim_results(out_path, source, restart=False):
-    """Make the results file `out_path` hold results of `source` only (a JSON-ready dict of what produces them: the
-    checkpoint, the loop's options, the benchmark), recorded beside it in `out_path`.source. Results of another
-    source, or of an unknown one (no .source), are deleted when `restart` (saying so on stderr), else refused with
-    a BenchError that says which keys differ and what to do. Returns "new", "resume" or "restart"."""
-    meta = out_path + ".source"
-    has_results = os.path.exists(out_path) and os.path.getsize(out_path) > 0
-    if has_results and matches_record(meta, source):
-        return "resume"
-    what = "new"
-    if has_results:
-        old = read_record(meta)
-        if old is not None:
-            changed = _differences(old, source)
-            why = f"{out_path} holds results of another source ({'; '.join(changed[:6])})"
-        else:
-            why = f"{out_path} holds results whose source is unknown ({meta} is missing or unreadable)"
-        if not restart:
-            raise BenchError(f"{why}; pick another --out, or pass --fresh (evaluate's restart=True) to delete them "
-                             f"and start over")
-        print(f"{why}: deleting them and starting over", file=sys.stderr, flush=True)
-        os.remove(out_path)
-        what = "restart"
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(meta, "w", encoding="utf-8") as f:
-        json.dump(source, f)
-    return what
-
-
-def _differences(old, new, prefix=""):
-    """`key old -> new` for every value that differs between two records (nested dicts key by key)."""
-    out = []
-    for k in sorted(set(old) | set(new), key=str):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k} {a!r:.80} -> {b!r:.80}")
-    return out
-
-
-def evaluate(model, tokenizer, items, out_path, cfg=None, resolutions=(None,), batch_size=8, bench="bench",
-             progress=True, source=None, restart=False):
-    """Run the loop on every (resolution, item), appending one JSON line per question (the whole trajectory) to
-    `out_path`; questions already in the file are skipped (resume). `source`: what produces the results (see
-    claim_results): a file written by another source is refused, or with `restart` started over. Returns
-    summarize(...) of the whole file."""
-
-    cfg = cfg or CofConfig()
-    _check_eval_args(items, out_path, cfg, resolutions, batch_size)
-    if source is not None:
-        claim_results(out_path, source, restart)
-    done = load_results(out_path)
-    todo = [(res, it) for res in resolutions for it in items if _key(res, it) not in done]
-    bar = Progress(len(todo), f"{bench}", enabled=progress)
-    if os.path.exists(out_path) and os.path.getsize(out_path):
-        with open(out_path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            cut = f.read(1) != b"\n"
-        if cut:                                  # an interrupted write: end that line so the next record parses
-            with open(out_path, "a", encoding="utf-8") as f:
-                f.write("\n")
-    with open(out_path, "a", encoding="utf-8") as f:
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i:i + batch_size]
-            t0 = time.time()
-            try:
-                trajs = _run_items(model, tokenizer, batch, cfg)
-            except Exception:  # noqa: BLE001 - one bad item must not sink the run: retry one by one
-                trajs = []
-                for one in batch:
-                    try:
-                        trajs += _run_items(model, tokenizer, [one], cfg)
-                    except Exception as e:  # noqa: BLE001 - recorded like the released loop's status "error"
-                        trajs.append(e)
-            dt = (time.time() - t0) / len(batch)
-            n_ok = 0
-            for (res, it), tr in zip(batch, trajs):
-                base = dict(key=_key(res, it), bench=bench, id=it["id"], resolution=res, category=it["category"],
-                            kind=it.get("kind"), cycle=it.get("cycle"), label=it["label"], seconds=dt)
-                if isinstance(tr, Exception):
-                    rec = dict(base, correct=False, error=f"{type(tr).__name__}: {tr}", question=it["question"],
-                               answer="", n_zooms=0, n_generated=0, finished=False, turns=[])
-                else:
-                    rec = dict(base, correct=is_correct(it, tr.answer), **tr.to_json())
-                n_ok += rec["correct"]
-                f.write(json.dumps(rec) + "\n")
-            f.flush()
-            bar.update(len(batch), batch_correct=f"{n_ok}/{len(batch)}")
-    return summarize(list(load_results(out_path).values()))
-
-
-def _check_eval_args(items, out_path, cfg, resolutions, batch_size):
-    for i, it in enumerate(checks.sequence(items, "items", empty=True)):
-        if not isinstance(it, dict) or not {"id", "question", "label"} <= set(it):
-            raise TypeError(f"items[{i}] must be a benchmark item (a dict with id, question, label, image: what "
-                            f"read_vstar / read_hrbench / read_synthetic return), got {it!r:.100}")
-    if os.path.isdir(checks.string(out_path, "out_path")):
-        raise ValueError(f"out_path {out_path} is a folder; name the results file (e.g. {out_path}/results.jsonl)")
-    checks.kind(cfg, "cfg", CofConfig, "a CofConfig")
-    for r in checks.sequence(resolutions, "resolutions"):
-        if r is not None:
-            checks.number(r, "resolutions", lo=1, whole=True)
-    checks.number(batch_size, "batch_size", lo=1, whole=True)
-
-
-def _run_items(model, tokenizer, batch, cfg):
-    imgs = [resize_long_side(load_item_image(it), res) for res, it in batch]
-    return run(model, tokenizer, imgs, [it["question"] for _, it in batch], cfg)
-
-
-def summarize(records):
-    """Per resolution: accuracy per category and overall (micro over questions; for HR-Bench, whose records carry a
-    cycle, accuracy per option rotation averaged over the rotations as VLMEvalKit's report_acc_hrbench does),
-    mean zooms, mean generated tokens, seconds per question. Returns a list of row dicts."""
-
-    def acc(recs):
-        cycles = sorted({r["cycle"] for r in recs if r.get("cycle") is not None})
-        if cycles:
-            return 100 * statistics.fmean(statistics.fmean(float(r["correct"]) for r in recs if r.get("cycle") == c)
-                                     for c in cycles if any(r.get("cycle") == c for r in recs))
-        return 100 * statistics.fmean(float(r["correct"]) for r in recs)
-
-    rows = []
-    for res in sorted({r["resolution"] for r in records}, key=lambda x: (x is not None, x or 0)):
-        recs = [r for r in records if r["resolution"] == res]
-        row = dict(resolution=res or "orig", n=len(recs))
-        for cat in sorted({r["category"] for r in recs}):
-            row[f"acc_{cat}"] = acc([r for r in recs if r["category"] == cat])
-        row["acc_overall"] = acc(recs)
-        row["errors"] = sum(1 for r in recs if r.get("error"))
-        row["zooms"] = statistics.fmean(r["n_zooms"] for r in recs)
-        row["gen_tokens"] = statistics.fmean(r["n_generated"] for r in recs)
-        row["s_per_q"] = statistics.fmean(r["seconds"] for r in recs)
-        rows.append(row)
-    return rows
-
-
-def kind_table(records):
-    """How the model answers, per question kind (a record's `kind`, else its category) and over all records: n,
-    accuracy, zoom rate (share of questions with at least one zoom), mean zooms, the share answered without any
-    zoom and the accuracy of those direct answers, the accuracy after a zoom, generated tokens per question, and
-    evaluation errors. Returns a list of row dicts (percentages in 0..100), the overall row last."""
-    def row(name, recs):
-        direct = [r for r in recs if r["n_zooms"] == 0]
-        zoomed = [r for r in recs if r["n_zooms"] > 0]
-        pct = lambda rs: 100 * sum(bool(r["correct"]) for r in rs) / len(rs) if rs else float("nan")  # noqa: E731
-        return dict(kind=name, n=len(recs), accuracy=pct(recs), zoom_rate=100 * len(zoomed) / len(recs),
-                    mean_zooms=_mean([r["n_zooms"] for r in recs]), direct_share=100 * len(direct) / len(recs),
-                    direct_accuracy=pct(direct), zoomed_accuracy=pct(zoomed),
-                    gen_tokens=_mean([r["n_generated"] for r in recs]), errors=sum(1 for r in recs if r.get("error")))
-
-    if not records:
-        return []
-    kinds = {}
-    for r in records:
-        kinds.setdefault(r.get("kind") or r.get("category") or "all", []).append(r)
-    return [row(k, v) for k, v in sorted(kinds.items())] + ([row("overall", records)] if len(kinds) > 1 else [])
-
-
-def format_table(rows):
-    """Markdown table of summarize() rows."""
-    if not rows:
-        return "(no results)"
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: (f"{v:.2f}" if v == 0 or abs(v) >= 0.01 else f"{v:.1e}") if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Trace: the chain drawn on one PNG
-
-_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230)]
-
-
-def draw_trace(traj, path, panel=640, thumb=220, width_chars=110):
-    """Draw a Trajectory (run with keep_images=True) to a PNG: the image the model saw with every crop box (numbered,
-    one colour per zoom), the crops it got back beside it, and the text of every turn below."""
-
-    checks.kind(traj, "traj", Trajectory, "a Trajectory (what run returns)")
-    if not traj.images:
-        raise ValueError("draw_trace needs the images: run the loop with CofConfig(keep_images=True)")
-    try:
-        font = ImageFont.load_default(size=14)
-    except TypeError:                        # Pillow without FreeType: the bitmap font
-        font = ImageFont.load_default()
-    main = ck.to_pil(traj.images[0])     # may be the model's (smaller) view of the main image
-    H, W = traj.main_size                 # boxes are in main-image pixels
-    s = panel / max(H, W)
-    left = main.resize((max(1, round(W * s)), max(1, round(H * s))), Image.Resampling.BICUBIC)
-    d = ImageDraw.Draw(left)
-    crops, k = [], 0
-    for n, t in enumerate(traj.turns):
-        if not t.get("tool_call"):
-            continue
-        color = _COLORS[k % len(_COLORS)]
-        if t.get("box") and t.get("status") in ("ok", "limit"):
-            x0, y0, x1, y1 = (v * s for v in t["box"])
-            d.rectangle([x0, y0, x1, y1], outline=color, width=3)
-            d.text((x0, y0 - 17) if y0 >= 17 else (x0, y1 + 2), str(k + 1), fill=color, font=font)
-        if t.get("status") in ("ok", "none", "error") and 1 + len(crops) < len(traj.images):
-            crops.append((traj.images[1 + len(crops)], color, f"zoom {k + 1} ({t.get('status')}): crop "
-                          f"{t.get('box') or 'whole image'} -> {t.get('crop_size')}"))
-        k += 1
-    lines = []
-    for n, t in enumerate(traj.turns):
-        head = f"turn {n + 1} ({t['n_tokens']} tokens)" + (f", zoom {t.get('status')}" if t.get("tool_call") else "")
-        lines.append(head + ":")
-        for para in t["text"].splitlines() or [""]:
-            lines += textwrap.wrap(para, width_chars) or [""]
-    lines.append(f"answer: {traj.answer!r}   zooms: {traj.n_zooms}   generated tokens: {traj.n_generated}")
-    lines = lines[:80]
-    line_h = 18
-    col_w = thumb + 20
-    cap_w = max([font.getlength(c[2]) for c in crops] or [0]) if hasattr(font, "getlength") else 8 * 60
-    width = int(max(left.width + col_w + 30, left.width + 40 + cap_w, 8 * width_chars))
-    crops_h = sum(min(thumb, round(thumb * c[0].shape[1] / max(c[0].shape[1:]))) + 30 for c in crops)
-    top = max(left.height, crops_h) + 40
-    canvas = Image.new("RGB", (width, top + line_h * len(lines) + 20), "white")
-    dc = ImageDraw.Draw(canvas)
-    dc.text((10, 8), f"image seen by the model: {traj.main_size[1]}x{traj.main_size[0]} (original "
-            f"{traj.original_size[1]}x{traj.original_size[0]})", fill="black", font=font)
-    canvas.paste(left, (10, 30))
-    y = 30
-    for img, color, caption in crops:
-        im = ck.to_pil(img)
-        sc = thumb / max(im.size)
-        im = im.resize((max(1, round(im.width * sc)), max(1, round(im.height * sc))), Image.Resampling.BICUBIC)
-        x = left.width + 30
-        dc.text((x, y), caption, fill=color, font=font)
-        canvas.paste(im, (x, y + 20))
-        dc.rectangle([x - 2, y + 18, x + im.width + 1, y + 21 + im.height], outline=color, width=3)
-        y += im.height + 30
-    for i, line in enumerate(lines):
-        dc.text((10, top + i * line_h), line, fill="black", font=font)
-    canvas.save(path)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Progress bar (the evaluation here, data.build, sft.py and grpo.py; tqdm is not a runtime dependency)
-
-
-class Progress:
-    """A one-line progress bar on stderr (tqdm is not a runtime dependency): `desc done/total [####....] stats
-    elapsed<eta`. It redraws in place on a terminal; without one (CI, a log file) it prints a plain line every ~2%
-    of the work instead. Used by the evaluation here, data.build and sft.py."""
-
-    def __init__(self, total, desc="", start=0, enabled=True):
-        self.total, self.desc, self.done, self.start = total, desc, start, start
-        self.enabled = enabled and total > start
-        self.stream, self.clock, self.t0 = sys.stderr, time.time, time.time()
-        self.tty = self.stream.isatty()
-        self.every, self.last_print = max(1, (total - start) // 50), start
-
-    def update(self, k=1, **stats):
-        """Advance by k units of work; stats (e.g. loss=0.3) are shown after the bar."""
-        self.done += k
-        if not self.enabled:
-            return
-        el = self.clock() - self.t0
-        frac = (self.done - self.start) / (self.total - self.start)
-        eta = el / frac - el if frac > 0 else 0.0
-        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
-        line = f"{self.desc} {self.done}/{self.total} [{bar}] {text} {_hms(el)}<{_hms(eta)}".lstrip()
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K" + ("\n" if self.done >= self.total else ""))
-            self.stream.flush()
-        elif self.done - self.last_print >= self.every or self.done >= self.total:
-            self.last_print = self.done
-            print(line, file=self.stream, flush=True)
-
-    def close(self):
-        """End the bar's line early (before other output) on a terminal."""
-        if self.enabled and self.tty and self.done < self.total:
-            self.stream.write("\n")
-
-
-def progress(items, desc="", total=None):
-    """Iterate over items with a Progress bar."""
-    bar = Progress(len(items) if total is None else total, desc)
-    for x in items:
-        yield x
-        bar.update()
-
-
-def _hms(s):
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def parse_bool(text):
-    """`true` / `false` (or 1 / 0, yes / no, any case) as a bool; ValueError for anything else."""
-    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
-        raise ValueError(f"expected true/false (or 1/0, yes/no), got {text!r}")
-    return text.lower() in ("1", "true", "yes")
-
-
-def cfg_from_args(pairs, **base):
-    """CofConfig from `key=value` strings (typed by the dataclass fields); ValueError naming `--cfg` and the pair
-    for anything that is not a valid option (a command line turns it into argparse's error)."""
-    types = {f.name: f.type for f in fields(CofConfig)}
-    d = dict(base)
-    for p in pairs or []:
-        if "=" not in p:
-            raise ValueError(f"--cfg expects key=value, got {p!r}")
-        k, v = p.split("=", 1)
-        if k not in types:
-            raise ValueError(f"unknown --cfg key {k!r}; valid keys: {sorted(types)}")
-        t = str(types[k])
-        try:
-            if t == "bool":
-                d[k] = parse_bool(v)
-            elif "int" in t:
-                d[k] = None if v.lower() == "none" and "None" in t else checks.parse_number(v, k, whole=True)
-            elif "float" in t:
-                d[k] = checks.parse_number(v, k)
-            else:
-                d[k] = v
-        except ValueError as e:
-            raise ValueError(f"--cfg {p if len(p) <= 80 else p[:77] + '...'}: {e}") from None
-    try:
-        return CofConfig.from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"--cfg: {e}") from None
-
-
-def load(model_path, device=None, dtype=None):
-    """(model, tokenizer) of a checkpoint directory or hub id, on `device` (default CUDA if present) in `dtype`
-    ("bf16" | "fp16" | "fp32"; default the checkpoint's)."""
-    checks.one_of(dtype, "dtype", ("bf16", "fp16", "fp32", None))
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
-    dev = checks.device(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    return M.Qwen25VL.from_pretrained(model_path, dtype=dt, device=dev).eval(), T.Tokenizer.from_pretrained(model_path)
-
-
-def _mean(xs):
-    return sum(xs) / max(1, len(xs))
-
-
-def _common_options():
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    common.add_argument("--device", default=None, type=checks.arg(lambda t, n: str(checks.device(t, n))),
-                        help="cuda / cpu (default: cuda when available)")
-    common.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
-    common.add_argument("--cfg", action="append", metavar="KEY=VALUE",
-                        help="loop option, e.g. max_turns=6, invalid=text, max_pixels=1003520 (see CofConfig)")
-    return common
-
-
-def _parse(p, argv, **base):
-    """Options and the CofConfig of `--cfg` (with `base`); a bad one is argparse's one-line error (exit 2)."""
-    a = p.parse_args(argv)
-    try:
-        return a, cfg_from_args(a.cfg, **base)
-    except ValueError as e:
-        p.error(str(e))
-
-
-def eval_main(argv):
-    """`cof.py eval`: a benchmark through the loop, one JSON line per question in --out (resumed when it was written
-    by the same model, options and data; another source is refused unless --fresh), a summary table beside it."""
-    p = argparse.ArgumentParser(prog="cof.py eval", parents=[_common_options()],
-                                description="Evaluate the CoF loop on a benchmark (JSONL per question + summary).")
-    p.add_argument("--bench", required=True, choices=["vstar", "hrbench", "synthetic"])
-    p.add_argument("--data", required=True, help="V* folder / HR-Bench .tsv / synthetic folder or RL JSON")
-    p.add_argument("--out", required=True, help="results JSONL (appended; an existing file of the same model, "
-                                                "options and data resumes; its source is kept in OUT.source)")
-    p.add_argument("--fresh", action="store_true", help="delete results in --out written by another source and "
-                                                        "start over (without it such an --out is refused)")
-    p.add_argument("--resolutions", default=None, type=checks.arg(_resolutions),
-                   help="comma-separated long sides to resize to before the loop ('orig' = as is)")
-    p.add_argument("--sweep", action="store_true", help=f"the 8-size sweep {','.join(map(str, SWEEP))}")
-    p.add_argument("--batch-size", type=checks.arg(lo=1, whole=True), default=8)
-    p.add_argument("--limit", type=checks.arg(lo=1, whole=True), default=None, help="first N questions only")
-    p.add_argument("--hr-prompt", default="vstar", choices=["vstar", "vlmeval"])
-    a, cfg = _parse(p, argv)
-    if os.path.isdir(a.out):
-        p.error(f"--out {a.out} is a folder; name the results file, e.g. {os.path.join(a.out, 'results.jsonl')}")
-    res = list(SWEEP) if a.sweep else (a.resolutions or [None])
-    items = {"vstar": read_vstar, "synthetic": read_synthetic,
-             "hrbench": lambda d: read_hrbench(d, a.hr_prompt)}[a.bench](a.data)[:a.limit]
-    model, tok = load(a.model, a.device, a.dtype)
-    source = dict(model=checkpoint_source(model.source_dir), dtype=a.dtype, cfg=asdict(cfg), bench=a.bench,
-                  data=os.path.abspath(a.data), hr_prompt=a.hr_prompt)
-    rows = evaluate(model, tok, items, a.out, cfg, res, a.batch_size, a.bench, source=source, restart=a.fresh)
-    table = format_table(rows)
-    recs = list(load_results(a.out).values())
-    if len(res) == 1 and any(r.get("kind") for r in recs):      # our synthetic sets: how each kind is answered
-        table += "\n\n" + format_table(kind_table(recs))
-    print(table)
-    with open(os.path.splitext(a.out)[0] + "_summary.md", "w") as f:     # beside --out, whatever dots its folders hold
-        f.write(table + "\n")
-    return rows
-
-
-def _resolutions(text, name):
-    """--resolutions: long sides (whole numbers >= 1) or 'orig', comma-separated."""
-    return [None if r.strip() == "orig" else checks.parse_number(r.strip(), name, lo=1, whole=True)
-            for r in text.split(",")]
-
-
-def one_main(argv):
-    """`cof.py --model M --image I --question Q`: the loop on one image, each turn printed (and a trace PNG)."""
-    p = argparse.ArgumentParser(prog="cof.py", parents=[_common_options()],
-                                description="Chain-of-Focus on one image: prints each turn; `cof.py eval -h` for benchmarks.")
-    p.add_argument("--image", required=True)
-    p.add_argument("--question", required=True)
-    p.add_argument("--trace", default=None, help="write the chain as a PNG here")
-    a, cfg = _parse(p, argv)
-    cfg = replace(cfg, keep_images=True) if a.trace else cfg
-    model, tok = load(a.model, a.device, a.dtype)
-
-    def show(row, t):
-        print(f"--- turn {len(shown) + 1} ({t['n_tokens']} tokens, stop: {t['stop']})\n{t['text']}")
-        if t.get("tool_call"):
-            print(f"[zoom: {t.get('status')} box={t.get('box')} crop={t.get('crop_size')} {t.get('message', '')}]")
-        shown.append(t)
-
-    shown = []
-    t0 = time.time()
-    traj = run(model, tok, [a.image], [a.question], cfg, on_turn=show)[0]
-    print(f"=== answer: {traj.answer!r}  (zooms {traj.n_zooms}, generated tokens {traj.n_generated}, "
-          f"image {traj.main_size[1]}x{traj.main_size[0]}, {time.time() - t0:.1f}s)")
-    if a.trace:
-        print(f"trace: {draw_trace(traj, a.trace)}")
-    return traj
-
-
-def main(argv=None):
-    """`cof.py eval ...` or `cof.py --model ... --image ... --question ...`. A bad option is argparse's one-line error
-    (exit 2); a file that does not load (benchmark, image, checkpoint) one line `cof.py: error: ...` (exit 1)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        raise SystemExit("`python cof.py bench` moved: run `python bench.py cof` (same options)")
-    with checks.one_line_errors("cof.py", BenchError, FileNotFoundError, M.CheckpointError, ck.ImageError,
-                                ck.ImageTooLargeError):
-        return eval_main(argv[1:]) if argv[:1] == ["eval"] else one_main(argv)
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit("cof.py is a module, not a command: see `python evaluate.py -h` and `python evaluate.py ask -h`")

@@ -6,7 +6,7 @@ Reproduces the released RL stage (verl, `slurm_jobs/rl/run.sh` + `verl/recipe/zo
 * prompts: CoF-RL rows (`[system, "<image> Question: ...<hint><USER_PROMPT>"]`), G = 6 samples each at temperature 1.0,
   at most 4 assistant turns, failed tool calls answered by an error text turn (the RL tool);
 * reward: 0.9 x accuracy + 0.1 x format on the LAST <answer> (zoomin_reward3.py; its LLM judge is replaced by the
-  rule-based cof.match_answer), reshaped inside each group by AGAR (adaptive group-aware reward): a correct direct
+  rule-based evaluate.match_answer), reshaped inside each group by AGAR (adaptive group-aware reward): a correct direct
   answer 1.0 and a correct zoom 0.8 when some direct answer of the group is right, otherwise a correct zoom 1.0; a
   failed zoom 0.5; a failed direct answer 0.1 with good format, else 0.0;
 * advantage: (r - group mean) / (group std + 1e-6), unbiased std, the same for every token of the trajectory;
@@ -25,7 +25,6 @@ The shared training machinery (model setup, LoRA, optimizer, distributed, checkp
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -36,12 +35,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 
 import checks
 import cof
 import crop_kernels as ck
+import evaluate as E
 import model as M
+import report
 import sft
 import tokenizer as T
 import trainer
@@ -159,7 +159,7 @@ def load_prompts(path, cfg):
             messages = messages[1:]
         question = r["question"] or messages[-1]["content"][-1].get("text", "")
         prompts.append(dict(image=r["images"][0], question=question, label=r["ground_truth"],
-                            options=cof.parse_options(question), kind=r["kind"] or "all", messages=messages))
+                            options=E.parse_options(question), kind=r["kind"] or "all", messages=messages))
     if not prompts:
         raise formats.DataError(path, None, None, f"no usable rows ({n_bad} bad)")
     return prompts, n_bad
@@ -194,9 +194,9 @@ def format_ok(text):
 
 def accuracy(text, prompt):
     """1.0 when the LAST <answer> of the response (the RL reward's rule, user-prompt suffix removed) is the ground
-    truth by cof.is_correct (option letter, "(B)", option text; free-form: normalised equality), else 0.0."""
+    truth by evaluate.is_correct (option letter, "(B)", option text; free-form: normalised equality), else 0.0."""
     answer = cof.extract_answer(checks.string(text, "text", empty=True).replace(RESPONSE_PROMPT, ""))
-    return float(cof.is_correct(prompt, answer))
+    return float(E.is_correct(prompt, answer))
 
 
 def agar(correct, zoomed, format_ok):
@@ -519,7 +519,7 @@ def train(cfg: GRPOConfig, reward_fn=None) -> dict:
     evals, last_ckpt, history = {}, None, []
     if eval_path and cfg.eval_start and start == 0:
         evals[0] = trainer.run_eval(raw, tokenizer, eval_path, cfg, 0, metrics)
-    bar = cof.Progress(total, "grpo", start=start, enabled=cfg.progress and rank == 0)
+    bar = report.Progress(total, "grpo", start=start, enabled=cfg.progress and rank == 0)
     t_run = time.time()
     for step in range(start, total):
         m = grpo_step(model, raw, ref, optimizer, params, tokenizer, prompts, kinds, cfg, step, total, device,
@@ -542,7 +542,7 @@ def train(cfg: GRPOConfig, reward_fn=None) -> dict:
         print(table, flush=True)
         Path(cfg.out, "before_after.md").write_text(table + "\n")
     if rank == 0 and history:
-        plot_metrics(os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "curves.png"))
+        report.plot_metrics(os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "curves.png"))
     if last_ckpt is not None:
         log0(f"checkpoint: {last_ckpt} (HF format: loads with model.Qwen25VL.from_pretrained and transformers)")
     return dict(checkpoint=str(last_ckpt) if last_ckpt else None, eval=evals, history=history, start=start,
@@ -629,69 +629,6 @@ def _finished(out):
     except (trainer.RunError, OSError):
         return None
     return ckpt if state.get("step") == state.get("total") and (ckpt / "model.safetensors").is_file() else None
-
-
-# ------------------------------------------------------------------------------------------------ curves
-
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 140, 140)]
-
-
-def draw_panel(d, box, title, series, y_range, x_range, x_ticks):
-    """One line chart on the ImageDraw `d` inside `box` (x0, y0, x1, y1) with room above for the title and legend:
-    series = [(label, colour, [(x, y), ...])]; y clipped to y_range; x_ticks = [(x, text)] under the axis."""
-    black, font = (0, 0, 0), ImageFont.load_default()
-    (lo, hi), (x0, x1) = y_range, x_range
-    d.rectangle(box, outline=black)
-    d.text((box[0], box[1] - 37), title, fill=black, font=font)
-    for frac in (0, 0.5, 1):
-        d.text((box[0] - 45, box[3] - frac * (box[3] - box[1]) - 6), f"{lo + frac * (hi - lo):g}", fill=black,
-               font=font)
-    for x, text in x_ticks:
-        d.text((box[0] + (x - x0) / (x1 - x0) * (box[2] - box[0]) - 10, box[3] + 5), text, fill=black, font=font)
-    for j, (label, colour, pts) in enumerate(series):
-        d.text((box[0] + 70 * j, box[1] - 21), label, fill=colour, font=font)              # legend under the title
-        xy = [(box[0] + (x - x0) / (x1 - x0) * (box[2] - box[0]),
-               box[3] - (min(max(v, lo), hi) - lo) / (hi - lo) * (box[3] - box[1])) for x, v in pts if v == v]
-        if len(xy) > 1:
-            d.line(xy, fill=colour, width=2)
-        for x, y in xy if len(xy) < 12 else []:
-            d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-
-
-def plot_metrics(path, png, smooth=10):
-    """Training curves from metrics.jsonl as a PNG (Pillow only): reward, and the rollouts' zoom rate and accuracy per
-    question kind (each a mean over the last `smooth` steps: a step holds only a few prompts of a kind), against the
-    step; and the held-out accuracy per kind at each evaluation."""
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    train_rows = [r for r in rows if "reward" in r]
-    eval_rows = [r for r in rows if "eval/accuracy" in r]
-    kinds = sorted({k.split("/")[0] for r in train_rows for k in r if k.endswith("/zoom_rate")})
-    black = (0, 0, 0)
-    panels = [(f"reward (mean of {smooth} steps)", train_rows, [("reward", "reward", black)], (0, 1)),
-              (f"zoom rate of the rollouts, % (mean of {smooth} steps)", train_rows,
-               [(f"{k}/zoom_rate", k, None) for k in kinds], (0, 100)),
-              (f"accuracy of the rollouts, % (mean of {smooth} steps)", train_rows,
-               [(f"{k}/accuracy", k, None) for k in kinds], (0, 100)),
-              ("held-out accuracy, % (greedy CoF loop)", eval_rows,
-               [(f"eval/{k}/accuracy", k, None) for k in kinds] + [("eval/accuracy", "all", black)], (0, 100))]
-    W, H, pad = 560, 300, 50
-    img = Image.new("RGB", (2 * W, 2 * H), "white")
-    d = ImageDraw.Draw(img)
-    x1 = max([r["step"] for r in rows] + [1])
-    for n, (title, source, keys, y_range) in enumerate(panels):
-        ox, oy = (n % 2) * W, (n // 2) * H
-        series = []
-        for j, (key, label, colour) in enumerate(keys):
-            pts = [(r["step"], r[key]) for r in source if key in r and r[key] == r[key]]
-            if source is train_rows:                                                      # trailing mean
-                win = [[v for _, v in pts[max(0, i - smooth + 1):i + 1]] for i in range(len(pts))]
-                pts = [(st, sum(w) / len(w)) for (st, _), w in zip(pts, win)]
-            series.append((label, colour or PALETTE[j % len(PALETTE)], pts))
-        draw_panel(d, (ox + pad, oy + 45, ox + W - 20, oy + H - 30), title, series, y_range, (0, x1),
-                   [(0, "step 0"), (x1 - 40 * x1 / (W - pad - 20), f"step {x1}")])
-    img.save(png)
-    return png
 
 
 def main(argv=None):

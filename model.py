@@ -845,6 +845,14 @@ def policy_log_softmax(logits, banned=(), temperature=1.0):
     return torch.log_softmax(x / temperature, dim=-1)                                      # [..., V]
 
 
+def policy_logprobs(logits, tokens, banned=(), temperature=1.0):
+    """log p(tokens) under the sampling policy (policy_log_softmax); tokens [...] -> [...]. The zoom loop (cof.py)
+    records these at sampling time and grpo.py recomputes them in its training forward (token_logprobs), so the two
+    agree when the weights have not changed."""
+    x = policy_log_softmax(logits, banned, temperature)                                    # [..., V]
+    return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)                                  # [...]
+
+
 def _chunk_logprobs(h, weight, targets, banned, temperature, entropy: bool):
     """token_logprobs of one chunk: h [c, D] -> (log p(targets) [c], the entropy [c] without gradient, or None)."""
     lp = policy_log_softmax(F.linear(h, weight), banned, temperature)                      # [c, V]

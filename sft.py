@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import checks
-import cof
 import crop_kernels as ck
+import report
 import tokenizer as T
 import trainer
 from data import formats, tiny
@@ -339,7 +339,7 @@ def train(cfg: TrainConfig) -> dict:
     batches = iter(loader)
     os.makedirs(cfg.out, exist_ok=True)
     metrics = trainer.Metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
-    bar = cof.Progress(total, "sft", start=start, enabled=cfg.progress and rank == 0)
+    bar = report.Progress(total, "sft", start=start, enabled=cfg.progress and rank == 0)
     params = [p for p in raw.parameters() if p.requires_grad]
     losses, evals, last_ckpt = [], [], None
     extra = dict(global_batch=global_batch, n_rows=len(rows), total=total, model=model_path, data=data_path)

@@ -30,7 +30,7 @@ Both SFT models start from the default run's SFT checkpoint (`python sft.py`, tr
 knows the colours, the grid words and the tool-call format, so a short fine-tune teaches the new views.
 
 Every stage is skipped when its output is complete and resumes when it was cut (sft.py / grpo.py --resume auto,
-cof.evaluate's per-question file); a trained stage is recognised by its last checkpoint only, so other training
+evaluate.evaluate's per-question file); a trained stage is recognised by its last checkpoint only, so other training
 options want another --out. Stages that do not need each other run side by side (`parallel`, on by default: two
 1-thread jobs make better use of 2 cores than one 2-thread job does for a model this small); the trainers print to
 OUT/logs/<job>.log and the sweep prints each running job's progress once a minute. Outputs under OUT (runs/sweep):
@@ -55,7 +55,9 @@ from PIL import Image, ImageDraw
 
 import checks
 import cof
+import evaluate as E
 import grpo
+import report
 import sft
 import trainer
 from data import build, synth, tiny
@@ -120,7 +122,7 @@ def build_data(cfg, always_zoom):
                              eyesight="", oracle_share="", always_zoom=always_zoom,
                              table_items=0 if always_zoom else 3)
     card = os.path.join(out, "card.json")
-    if cof.matches_record(card, {"config": dataclasses.asdict(bcfg), "version": build.VERSION}):
+    if E.matches_record(card, {"config": dataclasses.asdict(bcfg), "version": build.VERSION}):
         log(f"reusing {out}")
     else:
         log(f"building {out}")
@@ -222,14 +224,14 @@ def evaluate(cfg, name, ckpt, items):
     """Every test item at every rung through the CoF loop (greedy); trajectories in OUT/eval/<name>.jsonl, resumed
     question by question. A file left by another checkpoint is started over."""
     path = os.path.join(cfg.out, "eval", f"{name}.jsonl")
-    model, tok = cof.load(ckpt, device="cpu", dtype="fp32")
+    model, tok = E.load(ckpt, device="cpu", dtype="fp32")
     ccfg = cof.CofConfig(processor_min_pixels=tiny.TINY_MIN_PIXELS, processor_max_pixels=VIEW_MAX_PIXELS,
                          max_turns=6, max_new_tokens=96, system=False, question_format="train",
                          compile=cfg.compile, direct=name == "direct")
     log(f"evaluating {name} ({ckpt}): {len(items)} questions x {len(LADDER)} rungs")
-    cof.evaluate(model, tok, items, path, ccfg, resolutions=LADDER, batch_size=cfg.eval_batch, bench=name,
-                 source=cof.checkpoint_source(ckpt), restart=True)
-    return list(cof.load_results(path).values())
+    E.evaluate(model, tok, items, path, ccfg, resolutions=LADDER, batch_size=cfg.eval_batch, bench=name,
+               source=E.checkpoint_source(ckpt), restart=True)
+    return list(E.load_results(path).values())
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -241,7 +243,7 @@ def result_rows(records):
     for name, recs in records.items():
         for R in LADDER:
             at = [r for r in recs if r["resolution"] == R]
-            kinds = {k["kind"]: k for k in cof.kind_table(at)}
+            kinds = {k["kind"]: k for k in E.kind_table(at)}
             if not kinds:
                 continue
             overall = kinds.get("overall") or next(iter(kinds.values()))
@@ -286,11 +288,11 @@ def plot(rows, png):
     img = Image.new("RGB", (W * len(panels), H), "white")
     d = ImageDraw.Draw(img)
     for n, (title, key, y_range) in enumerate(panels):
-        series = [(m, grpo.PALETTE[j % len(grpo.PALETTE)],
+        series = [(m, report.PALETTE[j % len(report.PALETTE)],
                    [(i, r[key]) for i, R in enumerate(LADDER) for r in rows if r["model"] == m and r["resolution"] == R])
                   for j, m in enumerate(names)]
-        grpo.draw_panel(d, (n * W + 50, 45, n * W + W - 20, H - 30), title + " vs long side, px", series, y_range,
-                        (0, len(LADDER) - 1), ticks)
+        report.draw_panel(d, (n * W + 50, 45, n * W + W - 20, H - 30), title + " vs long side, px", series,
+                          y_range, (0, len(LADDER) - 1), ticks)
     img.save(png)
     return png
 
@@ -323,7 +325,7 @@ def run(cfg):
         grpo_job = start(train_grpo(cfg, ckpts["cof-sft"], data))
         ckpts["always-zoom"] = sft_always.wait([grpo_job])
         ckpts["direct"] = ckpts["cof-sft"]
-        items = cof.read_synthetic(os.path.join(data, "test_by_kind.jsonl"))
+        items = E.read_synthetic(os.path.join(data, "test_by_kind.jsonl"))
         records = {name: evaluate(cfg, name, ckpts[name], items) for name in ("direct", "always-zoom", "cof-sft")}
         ckpts["cof-grpo"] = grpo_job.wait()
         records["cof-grpo"] = evaluate(cfg, "cof-grpo", ckpts["cof-grpo"], items)

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 import checks
 import cof
+import evaluate as E
 import model as M
 from data import formats, tiny
 
@@ -758,16 +759,16 @@ def evaluate(raw, tokenizer, eval_path, cfg, step, no_zoom=False, tag=None, limi
     """CoF-loop evaluation on the first --eval_n (or `limit`; 0 = all) held-out questions; each rank runs its share
     and the results are gathered. no_zoom: the forced no-zoom baseline (CofConfig.direct). Every trajectory is
     written to OUT/eval/{tag}-step{N}-rank{r}.jsonl. Returns accuracy (%), mean_zooms, n, errors (questions whose loop raised)
-    and kinds (cof.kind_table rows: per question kind and overall)."""
+    and kinds (evaluate.kind_table rows: per question kind and overall)."""
     rank, world, _ = dist_info()
-    items = cof.read_synthetic(eval_path)
+    items = E.read_synthetic(eval_path)
     n = cfg.eval_n if limit is None else limit
     items = items[:n] if n > 0 else items
     ccfg = cof.CofConfig(processor_min_pixels=cfg.min_pixels, processor_max_pixels=cfg.max_pixels,
                          max_turns=cfg.eval_max_turns, max_new_tokens=cfg.eval_max_new_tokens,
                          system=not cfg.drop_system, question_format=cfg.eval_question_format, direct=no_zoom)
     tag = tag or ("no-zoom" if no_zoom else "cof")
-    os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)   # every trajectory is kept: cof.py can draw them
+    os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)   # every trajectory is kept: report.draw_trace draws them
     path = os.path.join(cfg.out, "eval", f"{tag}-step{step:06d}-rank{rank}.jsonl")
     if os.path.exists(path):
         os.remove(path)
@@ -777,15 +778,15 @@ def evaluate(raw, tokenizer, eval_path, cfg, step, no_zoom=False, tag=None, limi
     if unshard:
         raw.unshard()
     try:
-        cof.evaluate(raw, tokenizer, items[rank::world], path, ccfg, batch_size=cfg.eval_batch,
+        E.evaluate(raw, tokenizer, items[rank::world], path, ccfg, batch_size=cfg.eval_batch,
                      bench="eval-no-zoom" if no_zoom else "eval", progress=False)
-        recs = list(cof.load_results(path).values())
+        recs = list(E.load_results(path).values())
     finally:
         if unshard:
             raw.reshard()
         raw.train(was_training)
     recs = gather_records(recs)
-    kinds = cof.kind_table(recs)
+    kinds = E.kind_table(recs)
     return dict(accuracy=kinds[-1]["accuracy"] if kinds else 0.0, mean_zooms=kinds[-1]["mean_zooms"] if kinds else 0.0,
                 n=len(recs), errors=sum(1 for r in recs if r.get("error")), kinds=kinds)
 
@@ -845,7 +846,7 @@ def run_cli(train_fn, cfg, prog, errors=()):
     status 1, not a traceback."""
     try:
         with checks.one_line_errors(prog, formats.DataError, *errors, RunError, M.CheckpointError, FileNotFoundError,
-                                    cof.BenchError, NotADirectoryError, FileExistsError):
+                                    E.BenchError, NotADirectoryError, FileExistsError):
             return train_fn(cfg)
     finally:
         finish_run()

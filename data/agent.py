@@ -39,6 +39,7 @@ from PIL import Image
 import cof
 import crop_kernels
 import decode
+import evaluate as E
 import tokenizer as T
 from data import synth
 
@@ -90,12 +91,12 @@ class World:
                  restate_options=True):
         self.question, self.label, self.scene, self.acuity = question, label, scene, acuity
         self.restate_options = restate_options
-        self.options = options if options is not None else cof.parse_options(question)
+        self.options = options if options is not None else E.parse_options(question)
         self.view_max_pixels, self.view_min_pixels = view_max_pixels, view_min_pixels
         src_w, src_h = image.size
         img = image.convert("RGB")
-        if resolution:          # the evaluation-resolution sweep's resize (cof.py's, on the uint8 tensor)
-            img = crop_kernels.to_pil(cof.resize_long_side(crop_kernels.from_pil(img), resolution))
+        if resolution:          # the evaluation-resolution sweep's resize (evaluate.py's, on the uint8 tensor)
+            img = crop_kernels.to_pil(E.resize_long_side(crop_kernels.from_pil(img), resolution))
         h, w = cof.main_size(img.height, img.width)
         self.main = img if (w, h) == img.size else img.resize((w, h), Image.Resampling.LANCZOS)
         self.resolution = resolution or max(src_w, src_h)

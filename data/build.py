@@ -10,7 +10,7 @@ Writes under OUT:
                                  scenes the SFT rows never show (an SFT model knows its training scenes by heart)
   val.jsonl, test_questions.jsonl  the held-out splits in V*'s test_questions.jsonl layout (image, text, category,
                                  question_id, label) plus bbox ([x, y, w, h], V* per-image json style),
-                                 target_object, difficulty, kind, uid; OUT is a V*-layout folder for `cof.py eval`
+                                 target_object, difficulty, kind, uid; OUT is a V*-layout folder for `evaluate.py`
   test_by_kind.jsonl             a second held-out set in the same layout with --per-kind items of each kind
                                  (easy / medium / hard / relative), so per-kind rates are not read off a handful
   card.json, card.md             counts, zoom histogram, the measured legibility table, a sample trajectory
@@ -47,6 +47,8 @@ import numpy as np
 
 import checks
 import cof
+import evaluate as E
+import report
 from data import agent, formats, synth
 
 
@@ -93,7 +95,7 @@ class BuildConfig:
     def from_args(cls, argv=None):
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         for f in fields(cls):
-            kind = cof.parse_bool if isinstance(f.default, bool) else type(f.default)
+            kind = checks.parse_bool if isinstance(f.default, bool) else type(f.default)
             p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
         try:
             return cls(**vars(p.parse_args(argv)))
@@ -218,10 +220,10 @@ def _map(fn, jobs, pool, desc):
     """[fn(job) for job in jobs], in order, in `pool` (None: this process), with a progress bar."""
     if pool is not None:
         try:
-            return list(cof.progress(pool.map(fn, jobs, chunksize=16), desc=desc, total=len(jobs)))
+            return list(report.progress(pool.map(fn, jobs, chunksize=16), desc=desc, total=len(jobs)))
         except BrokenProcessPool as e:  # a worker died (out of memory; a __main__ that cannot be re-imported: stdin)
             print(f"{desc}: worker processes failed ({e}); doing them in this process")
-    return [fn(job) for job in cof.progress(jobs, desc=desc)]
+    return [fn(job) for job in report.progress(jobs, desc=desc)]
 
 
 def trajectories(cfg, scenes, split, tools=None, desc=None, orders=1, pool=None):
@@ -291,7 +293,7 @@ def _held_out(cfg, split, job):
 KINDS = tuple(synth.KIND_TARGET.values())      # (category, difficulty) of each question kind, in its order
 
 
-def legibility_table(resolutions=cof.SWEEP, view_max_pixels=agent.TINY_VIEW_MAX_PIXELS, n=12, seed=12345, acuity=0.0,
+def legibility_table(resolutions=E.SWEEP, view_max_pixels=agent.TINY_VIEW_MAX_PIXELS, n=12, seed=12345, acuity=0.0,
                      periods=None):
     """For each resolution and kind of item: the stripe period in px of the main image and of each model view
     (main view, zoom on the object's cell, zoom on the detail), the measured contrast left (fraction of the rendered

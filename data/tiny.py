@@ -24,6 +24,7 @@ from tokenizers import AddedToken, pre_tokenizers, trainers
 
 import cof
 import crop_kernels as ck
+import evaluate as E
 import model as M
 import tokenizer as T
 from data import agent, build, formats
@@ -233,7 +234,7 @@ def build_synthetic(directory, seed=0, log=print):
     train, held_out = synthetic_paths(directory)
     want = {"config": dataclasses.asdict(cfg), "version": build.VERSION}
     card = os.path.join(directory, "card.json")
-    if not (cof.matches_record(card, want) and os.path.exists(train) and os.path.exists(held_out)):
+    if not (E.matches_record(card, want) and os.path.exists(train) and os.path.exists(held_out)):
         if os.path.exists(card):
             log(f"{directory} was built by another recipe: rebuilding it")
             shutil.rmtree(directory)
@@ -251,7 +252,7 @@ def build_tiny_model(directory, data_path, seed=0, log=print):
     want = {"sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_MODEL.items()},
             "data": os.path.abspath(data_path), "data_bytes": os.path.getsize(data_path),
             "min_pixels": TINY_MIN_PIXELS, "max_pixels": TINY_MAX_PIXELS, "seed": int(seed)}
-    if not (os.path.exists(os.path.join(directory, "model.safetensors")) and cof.matches_record(recipe, want)):
+    if not (os.path.exists(os.path.join(directory, "model.safetensors")) and E.matches_record(recipe, want)):
         rows, _ = formats.read_sft(data_path)
         corpus = [m["content"].replace("<image>", "") for r in rows[:1000] for m in r["messages"]]
         make_tiny(directory, corpus=corpus, seed=int(seed), min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS,

@@ -357,8 +357,8 @@ def check_cof(ctx):
     cfg = cof.CofConfig(max_new_tokens=40, max_turns=4)
 
     # greedy: the device run against a CPU run of the same fp32 model (on the CPU: two CPU runs)
-    want = cof.run(cpu, tok, images, COF_QUESTIONS, cfg, logits_processor=cof.force_prefixes(tok, COF_PREFIXES))
-    got = cof.run(net, tok, images, COF_QUESTIONS, cfg, logits_processor=cof.force_prefixes(tok, COF_PREFIXES))
+    want = cof.run(cpu, tok, images, COF_QUESTIONS, cfg, logits_processor=bench.force_prefixes(tok, COF_PREFIXES))
+    got = cof.run(net, tok, images, COF_QUESTIONS, cfg, logits_processor=bench.force_prefixes(tok, COF_PREFIXES))
     problems, notes = [], []
     for q, (a, b) in enumerate(zip(want, got)):
         if not torch.equal(a.pixel_values, b.pixel_values.cpu()):
@@ -383,7 +383,7 @@ def check_cof(ctx):
 
     # the compiled decode step (decode.Decoder) against the eager loop on the same device
     fast = cof.run(net, tok, images, COF_QUESTIONS, dataclasses.replace(cfg, compile=True),
-                   logits_processor=cof.force_prefixes(tok, COF_PREFIXES))
+                   logits_processor=bench.force_prefixes(tok, COF_PREFIXES))
     d = decode.decoder_for(net)
     divs = [(q, _divergence(a, b, net, dev)) for q, (a, b) in enumerate(zip(got, fast))]
     flips = [f"q{q}: tokens differ from position {v[0]} (top-2 gap {v[1]:.2e})" for q, v in divs if v]
@@ -409,13 +409,13 @@ def check_cof(ctx):
         problems.append("rollouts: wrong groups or identical samples")
     scfg = cof.CofConfig(do_sample=True, max_new_tokens=40, max_turns=2, keep_images=True)
     forced = cof.run(net, tok, images[:2], COF_QUESTIONS[:2], scfg, group_size=3, generator=g,
-                     logits_processor=cof.force_prefixes(tok, [[_call("[10, 10, 60, 50]")], []], group_size=3))
+                     logits_processor=bench.force_prefixes(tok, [[_call("[10, 10, 60, 50]")], []], group_size=3))
     banned = cof.vision_token_ids(tok)
     worst = 0.0
     for t in forced:
         full = _full_logits(net, t, dev)
         pos = [p for p in range(t.prompt_len, len(t.ids)) if t.gen_mask[p]]
-        lp = cof.policy_logprobs(full[[p - 1 for p in pos]], torch.tensor([t.ids[p] for p in pos], device=dev), banned)
+        lp = M.policy_logprobs(full[[p - 1 for p in pos]], torch.tensor([t.ids[p] for p in pos], device=dev), banned)
         worst = max(worst, float((lp.cpu() - torch.tensor([t.logprobs[p] for p in pos])).abs().max()))
         if len(t.ids) != len(t.gen_mask) or any(t.gen_mask[:t.prompt_len]):
             problems.append("masks do not line up with the ids")
@@ -437,7 +437,7 @@ def _check_graphs(ctx, net, tok, images, cfg, fast):
                                            "bookkeeping with a stand-in recorder, tests/test_decode.py)")
         return
     graphed = cof.run(net, tok, images, COF_QUESTIONS, dataclasses.replace(cfg, compile=True, cuda_graphs=True),
-                      logits_processor=cof.force_prefixes(tok, COF_PREFIXES))
+                      logits_processor=bench.force_prefixes(tok, COF_PREFIXES))
     twin = decode.decoder_for(net, cuda_graphs=True)
     same = all(a.ids == b.ids for a, b in zip(fast, graphed))
     lp = bench.logprob_gap(fast, graphed)

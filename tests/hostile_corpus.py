@@ -33,8 +33,10 @@ import checks  # noqa: E402
 import cof  # noqa: E402
 import crop_kernels as ck  # noqa: E402
 import decode  # noqa: E402
+import evaluate as E  # noqa: E402
 import grpo  # noqa: E402
 import model as M  # noqa: E402
+import report  # noqa: E402
 import sft  # noqa: E402
 import sweep  # noqa: E402
 import tokenizer as T  # noqa: E402
@@ -424,7 +426,7 @@ def _read_records(env, **row):
     path = env.path("records.json")
     with open(path, "w") as f:
         json.dump([{"question": "What? (A) x (B) y", "groundtruth": "A", "image_name": "rec.png", **row}], f)
-    return cof.read_synthetic(path)
+    return E.read_synthetic(path)
 
 
 for _name, _gt in (("null", None), ("list", ["A", "B"]), ("number", 3), ("empty", ""), ("dict", {"a": 1}),
@@ -441,15 +443,15 @@ add("rl_row/question_absent", lambda env: _read_rl(env, **{"extra_info.question"
 for _name, _row in (("groundtruth_list", {"groundtruth": ["A"]}), ("groundtruth_null", {"groundtruth": None}),
                     ("groundtruth_number", {"groundtruth": 2}), ("question_number", {"question": 5})):
     add(f"rl_records/{_name}", lambda env, row=_row: _read_records(env, **row),
-        Raises(cof.BenchError, "record 0", next(iter(_row))))
-add("rl_records/groundtruth_empty", lambda env: _read_records(env, groundtruth=""), Raises(cof.BenchError, "record 0"))
+        Raises(E.BenchError, "record 0", next(iter(_row))))
+add("rl_records/groundtruth_empty", lambda env: _read_records(env, groundtruth=""), Raises(E.BenchError, "record 0"))
 
 
 # ---- evaluation output: what produced it, and where the summary goes --------------------------------------------
 
 def _eval(env, out, *extra, model=None):
-    return cof.main(["eval", "--model", model or env.model, "--bench", "vstar", "--data", env.vstar, "--out", out,
-                     "--device", "cpu", "--cfg", "max_new_tokens=2", "--cfg", "max_turns=1", *extra])
+    return E.main(["--model", model or env.model, "--bench", "vstar", "--data", env.vstar, "--out", out,
+                   "--device", "cpu", "--cfg", "max_new_tokens=2", "--cfg", "max_turns=1", *extra])
 
 
 def _other_model(env):
@@ -466,7 +468,7 @@ def _rerun(env, name, *second, model=None):
 
 
 add("eval_source/other_model", lambda env: _rerun(env, "ev1", model=_other_model(env)),
-    Exits(1, "cof.py: error:", "res.jsonl holds results of another source (model.checkpoint", "m2", "--fresh"))
+    Exits(1, "evaluate.py: error:", "res.jsonl holds results of another source (model.checkpoint", "m2", "--fresh"))
 add("eval_source/other_cfg", lambda env: _rerun(env, "ev2", "--cfg", "enlarge=2.0"),
     Exits(1, "holds results of another source (cfg.enlarge 1.5 -> 2.0)", "--fresh"))
 add("eval_source/other_dtype", lambda env: _rerun(env, "ev3", "--dtype", "fp32"), Exits(1, "(dtype None -> 'fp32')"))
@@ -502,28 +504,28 @@ def _dotted_out(env):
 add("eval_out/dotted_folder", _dotted_out,
     Returns(lambda r: r == (["results", "results.source", "results_summary.md"], False),
             "the summary lands beside --out, never outside its folder"))
-argv_error(cof.main, "eval_out", {
-    "folder": (["eval", "--model", "{model}", "--bench", "vstar", "--data", "{vstar}", "--out", "{tmp}"],
+argv_error(E.main, "eval_out", {
+    "folder": (["--model", "{model}", "--bench", "vstar", "--data", "{vstar}", "--out", "{tmp}"],
                "--out", "is a folder"),
 })
-value_errors("cof.evaluate", {
-    "batch_size_zero": (lambda env: cof.evaluate(env.net, env.tok, [], env.path("e.jsonl"), batch_size=0),
+value_errors("evaluate.evaluate", {
+    "batch_size_zero": (lambda env: E.evaluate(env.net, env.tok, [], env.path("e.jsonl"), batch_size=0),
                         "batch_size", ">= 1"),
-    "resolution_zero": (lambda env: cof.evaluate(env.net, env.tok, [], env.path("e.jsonl"), resolutions=[0]),
+    "resolution_zero": (lambda env: E.evaluate(env.net, env.tok, [], env.path("e.jsonl"), resolutions=[0]),
                         "resolutions"),
-    "out_is_folder": (lambda env: cof.evaluate(env.net, env.tok, [], env.tmp), "is a folder"),
-    "other_source": (lambda env: (cof.claim_results(env.path("c.jsonl"), {"model": "a"}),
+    "out_is_folder": (lambda env: E.evaluate(env.net, env.tok, [], env.tmp), "is a folder"),
+    "other_source": (lambda env: (E.claim_results(env.path("c.jsonl"), {"model": "a"}),
                                   open(env.path("c.jsonl"), "w").write("{}\n"),
-                                  cof.claim_results(env.path("c.jsonl"), {"model": "b"})),
+                                  E.claim_results(env.path("c.jsonl"), {"model": "b"})),
                      "another source (model 'a' -> 'b')", "restart=True"),
 })
-value_errors("cof.evaluate_types", {
-    "items_text": (lambda env: cof.evaluate(env.net, env.tok, "items", env.path("e.jsonl")), "items", "list"),
-    "item_not_dict": (lambda env: cof.evaluate(env.net, env.tok, [1], env.path("e.jsonl")), "items[0]"),
-    "cfg_dict": (lambda env: cof.evaluate(env.net, env.tok, [], env.path("e.jsonl"), cfg={"a": 1}), "cfg"),
+value_errors("evaluate.evaluate_types", {
+    "items_text": (lambda env: E.evaluate(env.net, env.tok, "items", env.path("e.jsonl")), "items", "list"),
+    "item_not_dict": (lambda env: E.evaluate(env.net, env.tok, [1], env.path("e.jsonl")), "items[0]"),
+    "cfg_dict": (lambda env: E.evaluate(env.net, env.tok, [], env.path("e.jsonl"), cfg={"a": 1}), "cfg"),
 }, TypeError)
-add("cof.load_results/junk_lines", lambda env: (open(env.path("r.jsonl"), "wb").write(
-        b'{"key": "orig:1"}\n\xff\xfe junk\n[1]\n{"key": 5}\n{"key": "orig:2", "corr'), cof.load_results(env.path("r.jsonl")))[1],
+add("evaluate.load_results/junk_lines", lambda env: (open(env.path("r.jsonl"), "wb").write(
+        b'{"key": "orig:1"}\n\xff\xfe junk\n[1]\n{"key": 5}\n{"key": "orig:2", "corr'), E.load_results(env.path("r.jsonl")))[1],
     Returns(lambda r: list(r) == ["orig:1"], "lines that are not records (torn, junk, not UTF-8) are skipped"))
 
 
@@ -727,40 +729,41 @@ argv_error(ck._main, "crop_kernels", {
     "threads_negative": (["--threads", "-1"], "--threads", ">= 1"),
     "resample_unknown": (["--bench", "--resample", "nearest"], "--resample", "choice"),
 })
-argv_error(cof.main, "cof.py", {
-    "device_unknown": (["--model", "{model}", "--image", "{png}", "--question", "q", "--device", "tpu9"], "--device"),
-    "dtype_unknown": (["--model", "{model}", "--image", "{png}", "--question", "q", "--dtype", "fp8"], "--dtype"),
-    "cfg_zero_turns": (["--model", "{model}", "--image", "{png}", "--question", "q", "--cfg", "max_turns=0"],
+argv_error(E.main, "evaluate.py", {
+    "device_unknown": (["ask", "--model", "{model}", "--image", "{png}", "--question", "q", "--device", "tpu9"], "--device"),
+    "dtype_unknown": (["ask", "--model", "{model}", "--image", "{png}", "--question", "q", "--dtype", "fp8"], "--dtype"),
+    "cfg_zero_turns": (["ask", "--model", "{model}", "--image", "{png}", "--question", "q", "--cfg", "max_turns=0"],
                        "--cfg", "CofConfig.max_turns", ">= 1"),
-    "cfg_text_number": (["--model", "{model}", "--image", "{png}", "--question", "q", "--cfg", "enlarge=abc"],
+    "cfg_text_number": (["ask", "--model", "{model}", "--image", "{png}", "--question", "q", "--cfg", "enlarge=abc"],
                         "--cfg enlarge=abc"),
-    "cfg_unknown": (["--model", "{model}", "--image", "{png}", "--question", "q", "--cfg", "nope=1"],
+    "cfg_unknown": (["ask", "--model", "{model}", "--image", "{png}", "--question", "q", "--cfg", "nope=1"],
                     "unknown --cfg key 'nope'"),
-    "cfg_no_equals": (["--model", "{model}", "--image", "{png}", "--question", "q", "--cfg", "max_turns"],
+    "cfg_no_equals": (["ask", "--model", "{model}", "--image", "{png}", "--question", "q", "--cfg", "max_turns"],
                       "--cfg expects key=value"),
-    "cfg_bool": (["--model", "{model}", "--image", "{png}", "--question", "q", "--cfg", "do_sample=ture"],
+    "cfg_bool": (["ask", "--model", "{model}", "--image", "{png}", "--question", "q", "--cfg", "do_sample=ture"],
                  "--cfg do_sample=ture"),
-    "eval_batch_zero": (["eval", "--model", "{model}", "--bench", "vstar", "--data", "{vstar}", "--out", "{tmp}/o.jsonl",
+    "eval_batch_zero": (["--model", "{model}", "--bench", "vstar", "--data", "{vstar}", "--out", "{tmp}/o.jsonl",
                          "--batch-size", "0"], "--batch-size", ">= 1"),
-    "eval_limit_negative": (["eval", "--model", "{model}", "--bench", "vstar", "--data", "{vstar}", "--out",
+    "eval_limit_negative": (["--model", "{model}", "--bench", "vstar", "--data", "{vstar}", "--out",
                              "{tmp}/o.jsonl", "--limit", "-1"], "--limit"),
-    "eval_resolutions_text": (["eval", "--model", "{model}", "--bench", "vstar", "--data", "{vstar}", "--out",
+    "eval_resolutions_text": (["--model", "{model}", "--bench", "vstar", "--data", "{vstar}", "--out",
                                "{tmp}/o.jsonl", "--resolutions", "orig,big"], "--resolutions", "'big'"),
-    "eval_resolutions_zero": (["eval", "--model", "{model}", "--bench", "vstar", "--data", "{vstar}", "--out",
+    "eval_resolutions_zero": (["--model", "{model}", "--bench", "vstar", "--data", "{vstar}", "--out",
                                "{tmp}/o.jsonl", "--resolutions", "0"], "--resolutions", ">= 1"),
-    "eval_bench_unknown": (["eval", "--model", "{model}", "--bench", "mmbench", "--data", "{vstar}", "--out",
+    "eval_bench_unknown": (["--model", "{model}", "--bench", "mmbench", "--data", "{vstar}", "--out",
                             "{tmp}/o.jsonl"], "--bench"),
 })
 for _name, _argv, _words in (
-        ("image_missing", ["--model", "{model}", "--image", "{tmp}/none.png", "--question", "q"], "none.png"),
-        ("image_not_an_image", ["--model", "{model}", "--image", "{vstar}/test_questions.jsonl", "--question", "q"],
+        ("image_missing", ["ask", "--model", "{model}", "--image", "{tmp}/none.png", "--question", "q"], "none.png"),
+        ("image_not_an_image", ["ask", "--model", "{model}", "--image", "{vstar}/test_questions.jsonl", "--question", "q"],
          "cannot read it as an image"),
-        ("model_missing", ["--model", "{tmp}/nothing", "--image", "{png}", "--question", "q"], "is not a directory"),
-        ("eval_data_missing", ["eval", "--model", "{model}", "--bench", "vstar", "--data", "{tmp}/nodata", "--out",
+        ("model_missing", ["ask", "--model", "{tmp}/nothing", "--image", "{png}", "--question", "q"], "is not a directory"),
+        ("eval_data_missing", ["--model", "{model}", "--bench", "vstar", "--data", "{tmp}/nodata", "--out",
                                "{tmp}/o.jsonl"], "test_questions.jsonl not found"),
-        ("eval_hrbench_missing", ["eval", "--model", "{model}", "--bench", "hrbench", "--data", "{tmp}/x.tsv",
+        ("eval_hrbench_missing", ["--model", "{model}", "--bench", "hrbench", "--data", "{tmp}/x.tsv",
                                   "--out", "{tmp}/o.jsonl"], "x.tsv not found")):
-    add(f"cof.py/{_name}", lambda env, argv=_argv: cof.main([env.fill(a) for a in argv]), Exits(1, "cof.py: error:", *_words))
+    add(f"evaluate.py/{_name}", lambda env, argv=_argv: E.main([env.fill(a) for a in argv]),
+        Exits(1, "evaluate.py: error:", *_words))
 add("gpu_acceptance/threads_negative", lambda env: __import__("gpu_acceptance")._parse(["--threads", "-1"]),
     Exits(2, "--threads", ">= 0"))
 add("gpu_acceptance/device_unknown", lambda env: __import__("gpu_acceptance")._parse(["--device", "tpu"]),
@@ -789,8 +792,8 @@ value_errors("parse_zoom_types", {
     "enlarge_text": (lambda env: cof.parse_zoom(_CALL, 100, 100, enlarge="2"), "enlarge"),
     "extract_answer_int": (lambda env: cof.extract_answer(5), "text", "int"),
     "judge_answer_list": (lambda env: cof.judge_answer(["<answer>A</answer>"]), "text"),
-    "match_answer_label_none": (lambda env: cof.match_answer("A", None), "label", "NoneType"),
-    "match_answer_options_list": (lambda env: cof.match_answer("A", "A", ["A"]), "options", "dict"),
+    "match_answer_label_none": (lambda env: E.match_answer("A", None), "label", "NoneType"),
+    "match_answer_options_list": (lambda env: E.match_answer("A", "A", ["A"]), "options", "dict"),
 }, TypeError)
 _CALL = '<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 10, 50, 50]}}</tool_call>'
 add("parse_zoom/inverted_box_is_no_box", lambda env: cof.find_box(_CALL.replace("10, 10, 50, 50", "50, 50, 10, 10"),
@@ -901,7 +904,7 @@ value_errors("library", {
     "group_advantages_partial_group": (lambda env: grpo.group_advantages(torch.ones(5), 2), "whole groups"),
     "group_advantages_nan": (lambda env: grpo.group_advantages(torch.tensor([1.0, NAN]), 2), "finite"),
     "agar_lengths": (lambda env: grpo.agar([True], [True, False], [True]), "agar", "one entry per sample"),
-    "resize_long_side_zero": (lambda env: cof.resize_long_side(_img(10, 10), 0), "size", ">= 1"),
+    "resize_long_side_zero": (lambda env: E.resize_long_side(_img(10, 10), 0), "size", ">= 1"),
     "question_format": (lambda env: cof.question_text("q", "bogus"), "question_format", "released, train"),
     "zoom_size_inverted": (lambda env: cof.zoom_size((10, 10, 5, 5)), "zoom_size", "inverted"),
     "steps_per_epoch_zero_batch": (lambda env: sft.steps_per_epoch(10, 0), "global_batch"),
@@ -909,29 +912,29 @@ value_errors("library", {
     "resize_size_three": (lambda env: ck.resize(_img(10, 10), (1, 2, 3)), "size must be (h, w)"),
     "patchify_nan": (lambda env: ck.patchify(torch.full((3, 28, 28), NAN)), "patchify", "[0, 255]"),
     "trainconfig_group": (lambda env: grpo.GRPOConfig(group_size=0), "--group_size", ">= 1"),
-    "hrbench_style": (lambda env: cof.hrbench_question("q", {}, "x"), "prompt style"),
+    "hrbench_style": (lambda env: E.hrbench_question("q", {}, "x"), "prompt style"),
     "write_sft_no_messages": (lambda env: formats.write_sft(env.path("w.json"), [{"images": []}]), "messages"),
 })
 value_errors("huge", {
     "seed_past_int_text_limit": (lambda env: sft.TrainConfig(seed=10 ** 5000), "--seed", "an integer of 16610 bits"),
-    "cfg_number_of_5000_digits": (lambda env: cof.cfg_from_args(["max_turns=" + "9" * 5000]), "--cfg max_turns=",
+    "cfg_number_of_5000_digits": (lambda env: E.cfg_from_args(["max_turns=" + "9" * 5000]), "--cfg max_turns=",
                                   "whole number"),
-    "megabyte_option_text": (lambda env: cof.cfg_from_args(["invalid=" + "x" * 10 ** 6]), "CofConfig.invalid", "..."),
+    "megabyte_option_text": (lambda env: E.cfg_from_args(["invalid=" + "x" * 10 ** 6]), "CofConfig.invalid", "..."),
     "question_of_a_megabyte": (lambda env: cof.question_text("q" * 10 ** 6, "nope"), "question_format"),
 })
 value_errors("library_types", {
     "format_ok_none": (lambda env: grpo.format_ok(None), "text", "string"),
     "accuracy_none": (lambda env: grpo.accuracy(None, {"label": "A"}), "text"),
-    "is_correct_no_label": (lambda env: cof.is_correct({}, "A"), "item['label']"),
+    "is_correct_no_label": (lambda env: E.is_correct({}, "A"), "item['label']"),
     "build_messages_none": (lambda env: cof.build_messages(None), "question", "string"),
     "rl_prompt_label_list": (lambda env: cof.rl_prompt("q", ["A"]), "ground_truth", "string"),
     "to_chat_text": (lambda env: formats.to_chat("abc"), "messages", "list"),
     "crop_resize_patchify_sizes_none": (lambda env: ck.crop_resize_patchify(_img(56, 56), [(0, 0, 28, 28)], None),
                                         "sizes", "list"),
-    "draw_trace_none": (lambda env: cof.draw_trace(None, env.path("t.png")), "traj", "Trajectory"),
-    "force_prefixes_none": (lambda env: cof.force_prefixes(env.tok, None), "prefixes", "list"),
-    "read_vstar_none": (lambda env: cof.read_vstar(None), "root"),
-    "read_hrbench_int": (lambda env: cof.read_hrbench(5), "path"),
+    "draw_trace_none": (lambda env: report.draw_trace(None, env.path("t.png")), "traj", "Trajectory"),
+    "force_prefixes_none": (lambda env: bench.force_prefixes(env.tok, None), "prefixes", "list"),
+    "read_vstar_none": (lambda env: E.read_vstar(None), "root"),
+    "read_hrbench_int": (lambda env: E.read_hrbench(5), "path"),
     "read_sft_none": (lambda env: formats.read_sft(None), "path"),
     "read_rl_list": (lambda env: formats.read_rl(["a.jsonl"]), "path"),
     "config_from_dict_none": (lambda env: sft.TrainConfig.from_dict(None), "TrainConfig options", "dict"),
@@ -975,18 +978,18 @@ for _name, _data, _words in (("not_utf8", b"\xff\n", "not UTF-8"), ("list_line",
                              ("image_absolute", json.dumps({"image": "/etc/passwd", "text": "q", "label": "A"}) + "\n",
                               "leaves the benchmark folder"),
                              ("deep", "[" * 100000 + "\n", "not JSON")):
-    add(f"files/vstar_{_name}", lambda env, n=_name, d=_data: cof.read_vstar(_file(env, f"v_{n}/test_questions.jsonl", d)),
-        Raises(cof.BenchError, "test_questions.jsonl", _words))
+    add(f"files/vstar_{_name}", lambda env, n=_name, d=_data: E.read_vstar(_file(env, f"v_{n}/test_questions.jsonl", d)),
+        Raises(E.BenchError, "test_questions.jsonl", _words))
 for _name, _data, _words in (("empty", "", "no rows"), ("not_utf8", b"\xff\xfe\x00", "not a UTF-8 TSV"),
                              ("no_image", "index\tquestion\tanswer\tA\tB\n0\tq\tA\tx\ty\n", "missing field"),
                              ("answer_not_option", "index\tquestion\tanswer\tA\tB\timage\n0\tq\tE\tx\ty\tQUJD\n",
                               "answer 'E' is not one of the options")):
-    add(f"files/hrbench_{_name}", lambda env, n=_name, d=_data: cof.read_hrbench(_file(env, f"hr_{n}.tsv", d)),
-        Raises(cof.BenchError, f"hr_{_name}.tsv", _words))
+    add(f"files/hrbench_{_name}", lambda env, n=_name, d=_data: E.read_hrbench(_file(env, f"hr_{n}.tsv", d)),
+        Raises(E.BenchError, f"hr_{_name}.tsv", _words))
 for _name, _data, _words in (("not_json", "{x", "not UTF-8 JSON"), ("object", '{"a": 1}', "expected a list of records"),
                              ("record_list", "[[1]]", "expected a JSON object")):
-    add(f"files/records_{_name}", lambda env, n=_name, d=_data: cof.read_synthetic(_file(env, f"rec_{n}.json", d)),
-        Raises(cof.BenchError, f"rec_{_name}.json", _words))
+    add(f"files/records_{_name}", lambda env, n=_name, d=_data: E.read_synthetic(_file(env, f"rec_{n}.json", d)),
+        Raises(E.BenchError, f"rec_{_name}.json", _words))
 
 
 def _checkpoint_file(env, name, file, data):

@@ -1,6 +1,6 @@
-"""Benchmark side of cof.py: V* / HR-Bench / synthetic readers on fixtures written here in the exact formats,
-evaluation with resume and the resolution sweep (scripted stand-in model), the summary (HR-Bench cycle averaging),
-the trace PNG and the command line on a tiny random model."""
+"""evaluate.py (and report.py's trace picture): V* / HR-Bench / synthetic readers on fixtures written here in the
+exact formats, evaluation with resume and the resolution sweep (scripted stand-in model), the summary (HR-Bench cycle
+averaging), the trace PNG and the command line on a tiny random model."""
 import base64
 import csv
 import io
@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 import cof
+import evaluate as E
+import report
 
 from cof_fixtures import ScriptedModel, call, img
 from data import tiny
@@ -72,29 +74,29 @@ def hr_tsv(tmp_path):
 
 
 def test_read_vstar(vstar_dir):
-    items = cof.read_vstar(vstar_dir)
+    items = E.read_vstar(vstar_dir)
     assert [it["label"] for it in items] == ["A", "C", "B"]
     assert items[0]["options"] == {"A": "rubber", "B": "cotton", "C": "kevlar", "D": "leather"}
     assert items[2]["category"] == "relative_position"
     assert items[2]["image"] == os.path.join(vstar_dir, "relative_position", "sa_1.jpg")
     assert items[0]["question"] == VSTAR[0][1]
-    assert len(cof.read_vstar(vstar_dir, categories=["relative_position"])) == 1
+    assert len(E.read_vstar(vstar_dir, categories=["relative_position"])) == 1
     with open(os.path.join(vstar_dir, "test_questions.jsonl"), "a") as f:
         f.write(json.dumps({"image": "direct_attributes/sa_4690.jpg", "label": "A"}) + "\n")
-    with pytest.raises(cof.BenchError, match=r"test_questions.jsonl line 4: missing field\(s\) \['text'\]"):
-        cof.read_vstar(vstar_dir)
+    with pytest.raises(E.BenchError, match=r"test_questions.jsonl line 4: missing field\(s\) \['text'\]"):
+        E.read_vstar(vstar_dir)
 
 
 def test_read_hrbench(hr_tsv):
-    items = cof.read_hrbench(hr_tsv)
+    items = E.read_hrbench(hr_tsv)
     assert len(items) == 8 and [it["cycle"] for it in items] == [0, 1, 2, 3] * 2
     assert [it["label"] for it in items[:4]] == ["A", "D", "C", "B"]          # the correct option rotates
     assert items[1]["options"] == {"A": "blue", "B": "green", "C": "white", "D": "red"}
     assert items[1]["question"] == ("What color is the car?\n(A) blue\n(B) green\n(C) white\n(D) red"
                                     + cof.LETTER_HINT)
-    a, b = cof.load_item_image(items[0]), cof.load_item_image(items[3])      # row 3 refers to row 0's image
+    a, b = E.load_item_image(items[0]), E.load_item_image(items[3])      # row 3 refers to row 0's image
     assert a.shape == (3, 120, 160) and torch.equal(a, b)
-    v = cof.read_hrbench(hr_tsv, style="vlmeval")[0]["question"]
+    v = E.read_hrbench(hr_tsv, style="vlmeval")[0]["question"]
     assert v.startswith("What color is the car?\nOptions:\nA. red\nB. blue\n")
 
 
@@ -105,16 +107,16 @@ def test_read_synthetic_rl_records(tmp_path):
             {"question": "What colour is the target?", "groundtruth": "red", "image_name": "img/s0.jpg"}]
     path = tmp_path / "test.json"
     path.write_text(json.dumps(recs))
-    items = cof.read_synthetic(str(path))
+    items = E.read_synthetic(str(path))
     assert items[0]["question"].endswith(cof.LETTER_HINT) and items[1]["question"].endswith(cof.PHRASE_HINT)
-    assert cof.is_correct(items[0], "B") and cof.is_correct(items[1], "Red.") and not cof.is_correct(items[1], "blue")
+    assert E.is_correct(items[0], "B") and E.is_correct(items[1], "Red.") and not E.is_correct(items[1], "blue")
     # data.build's test split: OUT/test.jsonl in V*'s layout (plus annotations), images relative to OUT
     rec = {"image": "img/s0.jpg", "text": "Which way do the stripes run?\n(A) vertical\n(B) horizontal\n"
            "Answer with the option's letter from the given choices directly.", "category": "direct_attributes",
            "question_id": 7, "label": "A", "bbox": [[1, 2, 3, 4]], "difficulty": "hard", "uid": "test-000007"}
     (tmp_path / "test.jsonl").write_text(json.dumps(rec) + "\n")
     for src in (str(tmp_path), str(tmp_path / "test.jsonl")):
-        (it,) = cof.read_synthetic(src)
+        (it,) = E.read_synthetic(src)
         assert it["id"] == "7" and it["label"] == "A" and it["question"] == rec["text"]
         assert it["image"] == str(tmp_path / "img" / "s0.jpg")
 
@@ -139,9 +141,9 @@ TABLE = {"glove": [call("[10, 10, 60, 60]"), "<answer>A</answer>"],             
 def test_evaluate_resume_and_sweep(tiny_tok, vstar_dir, tmp_path):
     tok = tiny_tok
     sm = ByQuestion(tok, TABLE)
-    items = cof.read_vstar(vstar_dir)
+    items = E.read_vstar(vstar_dir)
     out = str(tmp_path / "res.jsonl")
-    rows = cof.evaluate(sm, tok, items, out, resolutions=[None, 224], batch_size=2, bench="vstar", progress=False)
+    rows = E.evaluate(sm, tok, items, out, resolutions=[None, 224], batch_size=2, bench="vstar", progress=False)
     assert [r["resolution"] for r in rows] == ["orig", 224]
     recs = [json.loads(l) for l in open(out)]
     assert len(recs) == 6 and {r["key"] for r in recs} == {f"{s}:{i}" for s in ("orig", 224) for i in "012"}
@@ -161,23 +163,23 @@ def test_evaluate_resume_and_sweep(tiny_tok, vstar_dir, tmp_path):
     assert swept["turns"][0]["tool_call"] and swept["turns"][1]["text"] == "<answer>A</answer>"
     # resume: nothing left to do
     calls = sm.calls
-    cof.evaluate(sm, tok, items, out, resolutions=[None, 224], batch_size=2, bench="vstar", progress=False)
+    E.evaluate(sm, tok, items, out, resolutions=[None, 224], batch_size=2, bench="vstar", progress=False)
     assert sm.calls == calls and len(open(out).readlines()) == 6
     # an interrupted run (truncated last line) re-runs just that question: the other lines stay as they were (their
     # timings included), the re-run record equals the lost one but for its timing
     lines = open(out).readlines()
     with open(out, "w") as f:
         f.writelines(lines[:-1] + [lines[-1][:20]])
-    rows2 = cof.evaluate(sm, tok, items, out, resolutions=[None, 224], batch_size=2, bench="vstar", progress=False)
+    rows2 = E.evaluate(sm, tok, items, out, resolutions=[None, 224], batch_size=2, bench="vstar", progress=False)
     assert sm.calls > calls
     now = open(out).readlines()
     assert now[:5] == lines[:5] and now[5] == lines[-1][:20] + "\n" and len(now) == 7
     untimed = lambda r: {k: v for k, v in r.items() if k != "seconds"}       # noqa: E731
     assert untimed(json.loads(now[6])) == untimed(json.loads(lines[-1]))
-    assert list(cof.load_results(out)) == [json.loads(l)["key"] for l in lines]
+    assert list(E.load_results(out)) == [json.loads(l)["key"] for l in lines]
     keep = ("n", "acc_direct_attributes", "acc_relative_position", "acc_overall", "errors", "zooms", "gen_tokens")
     assert [[r[k] for k in keep] for r in rows2] == [[r[k] for k in keep] for r in rows]
-    assert cof.format_table(rows) == "\n".join([
+    assert E.format_table(rows) == "\n".join([
         "| resolution | n | acc_direct_attributes | acc_relative_position | acc_overall | errors | zooms | gen_tokens "
         "| s_per_q |", "|---|---|---|---|---|---|---|---|---|"]
         + [f"| {r['resolution']} | 3 | 50.00 | 100.00 | 66.67 | 0 | 1.00 | {r['gen_tokens']:.2f} | {r['s_per_q']:.2f} |"
@@ -188,9 +190,9 @@ def test_a_broken_image_is_recorded_not_fatal(tiny_tok, vstar_dir, tmp_path):
     with open(os.path.join(vstar_dir, "direct_attributes/sa_86101.jpg"), "wb") as f:
         f.write(b"not a jpeg")
     out = str(tmp_path / "res.jsonl")
-    rows = cof.evaluate(ByQuestion(tiny_tok, TABLE), tiny_tok, cof.read_vstar(vstar_dir), out, batch_size=3,
-                        progress=False)
-    recs = cof.load_results(out)
+    rows = E.evaluate(ByQuestion(tiny_tok, TABLE), tiny_tok, E.read_vstar(vstar_dir), out, batch_size=3,
+                      progress=False)
+    recs = E.load_results(out)
     assert rows[0]["n"] == 3 and rows[0]["errors"] == 1 and "error" in recs["orig:1"]
     assert recs["orig:0"]["correct"] and recs["orig:2"]["correct"] and not recs["orig:1"]["correct"]
     bad = os.path.join(vstar_dir, "direct_attributes", "sa_86101.jpg")
@@ -203,7 +205,7 @@ def test_hrbench_cycle_average():
     recs = [dict(resolution=None, category="single", cycle=0, correct=True, n_zooms=1, n_generated=5, seconds=1.0),
             dict(resolution=None, category="single", cycle=0, correct=True, n_zooms=0, n_generated=5, seconds=1.0),
             dict(resolution=None, category="single", cycle=1, correct=False, n_zooms=2, n_generated=5, seconds=1.0)]
-    row = cof.summarize(recs)[0]
+    row = E.summarize(recs)[0]
     assert row["acc_overall"] == 50.0 and row["acc_single"] == 50.0 and row["zooms"] == 1.0
 
 
@@ -211,7 +213,7 @@ def test_hrbench_eval_with_rotations(tiny_tok, hr_tsv, tmp_path):
     tok = tiny_tok
     # always answers "A": right on exactly one rotation of each question -> 25% in every cycle-averaged cell
     sm = ByQuestion(tok, {"car": ["<answer>A</answer>"], "sign": ["<answer>A</answer>"]})
-    rows = cof.evaluate(sm, tok, cof.read_hrbench(hr_tsv), str(tmp_path / "hr.jsonl"), batch_size=3, progress=False)
+    rows = E.evaluate(sm, tok, E.read_hrbench(hr_tsv), str(tmp_path / "hr.jsonl"), batch_size=3, progress=False)
     assert rows[0]["acc_overall"] == 25.0 and rows[0]["acc_single"] == 25.0 and rows[0]["acc_cross"] == 25.0
 
 
@@ -235,11 +237,11 @@ def test_trace_png(tiny_tok, tmp_path):
         """Each zoom's box outlined in its colour on the left panel, at its main-image pixels (x640/224 + (10, 30))."""
         for k, t in enumerate(turns[:2]):
             x0, y0, x1, y1 = (round((10, 30)[i % 2] + v * 640 / 224) for i, v in enumerate(t["box"]))
-            assert im.getpixel((x0 + 1, (y0 + y1) // 2)) == im.getpixel(((x0 + x1) // 2, y1 - 1)) == cof._COLORS[k]
+            assert im.getpixel((x0 + 1, (y0 + y1) // 2)) == im.getpixel(((x0 + x1) // 2, y1 - 1)) == report._COLORS[k]
 
     main = torch.full((3, 168, 224), 128, dtype=torch.uint8)
     tr = cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"], cof.CofConfig(keep_images=True))[0]
-    path = cof.draw_trace(tr, str(tmp_path / "t.png"))
+    path = report.draw_trace(tr, str(tmp_path / "t.png"))
     im = Image.open(path).convert("RGB")
     # layout: the 224x168 image scaled to a 640x480 panel at (10, 30); the crops as 220 px thumbnails in a column at
     # x = 670, each framed in its zoom's colour under a 20 px caption, 30 px apart; then one text line per line of
@@ -253,7 +255,7 @@ def test_trace_png(tiny_tok, tmp_path):
         h, w = crop.shape[1:]
         th, tw = round(220 * h / max(h, w)), round(220 * w / max(h, w))
         mid = y + 20 + th // 2
-        assert im.getpixel((668, mid)) == im.getpixel((670 + tw + 1, mid)) == cof._COLORS[k]    # the frame
+        assert im.getpixel((668, mid)) == im.getpixel((670 + tw + 1, mid)) == report._COLORS[k]    # the frame
         assert im.getpixel((675, mid)) == grey                                                   # the crop inside
         y += th + 30
     n_lines = sum(1 + len(t["text"].splitlines()) for t in tr.turns) + 1
@@ -263,16 +265,16 @@ def test_trace_png(tiny_tok, tmp_path):
     small = cof.CofConfig(keep_images=True, processor_min_pixels=56 * 56, processor_max_pixels=112 * 112)
     tr = cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"], small)[0]
     assert tr.images[0].shape == (3, 84, 112) and tr.main_size == (168, 224)
-    boxes_drawn(Image.open(cof.draw_trace(tr, str(tmp_path / "v.png"))).convert("RGB"), tr.turns)
+    boxes_drawn(Image.open(report.draw_trace(tr, str(tmp_path / "v.png"))).convert("RGB"), tr.turns)
     with pytest.raises(ValueError, match="keep_images"):
-        cof.draw_trace(cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"])[0], str(tmp_path / "u.png"))
+        report.draw_trace(cof.run(ScriptedModel(tok, [texts]), tok, [main], ["Q?"])[0], str(tmp_path / "u.png"))
 
 
 def test_cli_single_and_eval(tiny_dir, vstar_dir, tmp_path, capsys):
     png = tmp_path / "in.png"
     Image.fromarray(img(140, 180, 3).permute(1, 2, 0).numpy()).save(png)
-    tr = cof.main(["--model", tiny_dir, "--image", str(png), "--question", "What is it?", "--device", "cpu",
-                   "--cfg", "max_new_tokens=6", "--trace", str(tmp_path / "trace.png")])
+    tr = E.main(["ask", "--model", tiny_dir, "--image", str(png), "--question", "What is it?", "--device", "cpu",
+                 "--cfg", "max_new_tokens=6", "--trace", str(tmp_path / "trace.png")])
     out = capsys.readouterr().out
     assert tr.n_generated == 6 and len(tr.turns) == 1 and tr.answer == ""   # one turn cut at 6 tokens: no answer
     assert f"--- turn 1 (6 tokens, stop: length)\n{tr.turns[0]['text']}\n" in out
@@ -281,12 +283,12 @@ def test_cli_single_and_eval(tiny_dir, vstar_dir, tmp_path, capsys):
     assert f"trace: {tmp_path / 'trace.png'}\n" in out
     assert Image.open(tmp_path / "trace.png").width == 640 + (220 + 20) + 30   # panel, (empty) crop column, margins
     res = tmp_path / "ev.jsonl"
-    rows = cof.main(["eval", "--model", tiny_dir, "--bench", "vstar", "--data", vstar_dir, "--out", str(res),
-                     "--device", "cpu", "--resolutions", "orig,112", "--cfg", "max_new_tokens=4", "--batch-size", "3"])
+    rows = E.main(["--model", tiny_dir, "--bench", "vstar", "--data", vstar_dir, "--out", str(res),
+                   "--device", "cpu", "--resolutions", "orig,112", "--cfg", "max_new_tokens=4", "--batch-size", "3"])
     assert [r["n"] for r in rows] == [3, 3] and len(open(res).readlines()) == 6
     assert [r["resolution"] for r in rows] == ["orig", 112]
-    assert cof.summarize(list(cof.load_results(str(res)).values())) == rows
-    assert (tmp_path / "ev_summary.md").read_text() == cof.format_table(rows) + "\n"
+    assert E.summarize(list(E.load_results(str(res)).values())) == rows
+    assert (tmp_path / "ev_summary.md").read_text() == E.format_table(rows) + "\n"
     with pytest.raises(SystemExit) as e:
-        cof.main(["--model", tiny_dir, "--image", str(png), "--question", "q", "--cfg", "max_turn=3"])
+        E.main(["ask", "--model", tiny_dir, "--image", str(png), "--question", "q", "--cfg", "max_turn=3"])
     assert e.value.code == 2 and "unknown --cfg key 'max_turn'" in capsys.readouterr().err

@@ -1,14 +1,15 @@
 """The CoF loop end to end: a scripted stand-in model (emits given texts through model.py's cache interface) checks the
 turn layout token by token against tokenizer.tokenize_chat of the whole conversation, the zoom limit, fallbacks, batching
-and grouping; a tiny random Qwen2.5-VL (data.tiny.make_tiny) runs the real loop on the CPU, batched with zooms, and the
-KV-cache path is checked against re-encoding the whole conversation."""
+and grouping; the batched loop (cof.run) gives each conversation what the spec loop (cof.reference_run: one
+conversation, the whole chat encoded again every turn) gives it, on scripted texts and on a tiny random Qwen2.5-VL
+(data.tiny.make_tiny) that runs the real cache path on the CPU, batched with zooms and bad tool calls."""
 import os
 
 import pytest
 import torch
 
+import bench
 import cof
-from bench import Reencode
 import crop_kernels as ck
 import model as M
 from cof_fixtures import ScriptedModel, call, img
@@ -172,7 +173,7 @@ def test_tiny_model_end_to_end_batched_with_zooms_matches_full_forward(tiny):
     images = [img(140, 168, 1), img(112, 224, 2), img(168, 112, 3)]
     cfg = cof.CofConfig(max_new_tokens=12, max_turns=3)
     trajs = cof.run(model, tok, images, [Q, "Where?", "Which?"], cfg,
-                    logits_processor=cof.force_prefixes(tok, prefixes))
+                    logits_processor=bench.force_prefixes(tok, prefixes))
     assert trajs[0].n_zooms >= 2 and trajs[1].n_zooms >= 1
     assert trajs[0].image_grid_thw.shape[0] == 1 + min(trajs[0].n_zooms, cfg.max_turns - 1)
     n_checked = 0
@@ -193,23 +194,72 @@ def test_tiny_model_end_to_end_batched_with_zooms_matches_full_forward(tiny):
     assert n_checked > 10        # free greedy tokens agree with re-encoding the whole conversation
 
 
-def test_kv_cache_equals_reencoding_every_turn(tiny):
-    """The batched one-cache loop against the released cost model (each turn re-prefills the whole conversation
-    into a fresh cache, one question at a time): the same tokens, greedy, with zooms."""
+def assert_same_conversation(got, spec, logprob_tol=0.0):
+    """The batched loop's Trajectory `got` is the spec loop's `spec`: every token (generated or not), every turn's
+    text, stop, tool call, box, status, message and crop size, the images, the answer and the counts."""
+    assert got.ids == spec.ids and got.gen_mask == spec.gen_mask and got.prompt_len == spec.prompt_len
+    assert got.turns == spec.turns
+    assert (got.answer, got.n_zooms, got.n_generated, got.finished) == (spec.answer, spec.n_zooms, spec.n_generated,
+                                                                        spec.finished)
+    assert got.image_grid_thw.tolist() == spec.image_grid_thw.tolist()
+    assert torch.equal(got.pixel_values, spec.pixel_values)
+    assert (got.original_size, got.main_size) == (spec.original_size, spec.main_size)
+    assert max(abs(a - b) for a, b in zip(got.logprobs, spec.logprobs)) <= logprob_tol
+
+
+SPEC_SCRIPTS = [["<answer>A</answer>"],                                                        # answers at once
+                [call("[0, 0, 40, 40]"), call("[10, 10, 90, 60]"), "<answer>B</answer>"],      # two zooms
+                [call("[0, 0, 999, 50]"), "<think>x</think><answer>C</answer>"],                # a box off the image
+                ["<think>" + "hmm " * 30 + "</think>" + call("[1, 2, 30, 40]"), "<answer>D</answer>"],  # cut turn
+                ['<tool_call>{"bbox": [1, 2]}</tool_call>', "<answer>A</answer>"],             # no bbox_2d: "error"
+                [call("[3, 3, 30, 30]")] * 8]                                                  # the turn limit
+
+
+@pytest.mark.parametrize("invalid", ["image", "text"])
+def test_batched_loop_equals_the_spec_loop_scripted(tiny, invalid):
+    """Six conversations of different lengths in one batch (an answer, zooms, a box off the image, a turn cut at
+    max_new_tokens, a tool call without a box, the turn limit), under both invalid-box policies: each is what the
+    spec loop makes of it alone."""
+    _, tok = tiny
+    images = [img(112 + 28 * i, 140, seed=i) for i in range(len(SPEC_SCRIPTS))]
+    qs = [f"Question {i}?" for i in range(len(SPEC_SCRIPTS))]
+    cfg = cof.CofConfig(max_new_tokens=40, max_turns=4, invalid=invalid)
+    batch = cof.run(ScriptedModel(tok, SPEC_SCRIPTS), tok, images, qs, cfg)
+    for q, script in enumerate(SPEC_SCRIPTS):
+        assert_same_conversation(batch[q], cof.reference_run(ScriptedModel(tok, [script]), tok, images[q], qs[q], cfg))
+    assert [t.answer for t in batch] == ["A", "B", "C", "", "A", ""]
+    assert [t["status"] for t in batch[2].turns[:1] + batch[4].turns[:1] + batch[5].turns[-1:]] == [
+        "none", "error", "limit"]
+    assert batch[3].turns[0]["stop"] == "length" and batch[1].n_zooms == 2
+    assert batch[2].image_grid_thw.shape[0] == (2 if invalid == "image" else 1)   # the crop, or the error text
+
+
+def test_batched_loop_equals_the_spec_loop_tiny_model(tiny):
+    """The real cache path (ragged prefill, one-token steps, crop turns appended to the cache) against the spec
+    (each turn the whole chat prefilled again into a fresh cache, one question at a time), greedy: the same tokens,
+    turns, boxes and answers, with zooms and a bad tool call answered by its error text."""
     model, tok = tiny
     prefixes = [["<think>look</think> " + call("[10, 10, 60, 50]"), call("[30, 20, 90, 80]")],
                 [call("[0, 0, 200, 30]")],
-                [call("[0, 0, 40, 40]"), call("[1, 1, 2, 2]"), call("[5, 5, 50, 50]")]]
+                [call("[0, 0, 40, 40]"), call("[0, 0, 999, 50]"), call("[5, 5, 50, 50]")]]      # a box off the image
     images = [img(140, 168, 1), img(112, 224, 2), img(168, 112, 3)]
     qs = [Q, "Where?", "Which?"]
-    cfg = cof.CofConfig(max_new_tokens=40, max_turns=4)
-    batched = cof.run(model, tok, images, qs, cfg, logits_processor=cof.force_prefixes(tok, prefixes))
+    cfg = cof.CofConfig(max_new_tokens=40, max_turns=4, invalid="text")
+    batched = cof.run(model, tok, images, qs, cfg, logits_processor=bench.force_prefixes(tok, prefixes))
     assert [t.n_zooms for t in batched] == [2, 1, 3] and batched[0].turns[1]["status"] == "ok"
+    assert [t["status"] for t in batched[2].turns[:3]] == ["ok", "none", "ok"]
+    assert batched[2].turns[1]["message"].startswith("Invalid bounding box") and batched[2].image_grid_thw.shape[0] == 3
     for q in range(3):
-        ref = cof.run(Reencode(model), tok, [images[q]], [qs[q]], cfg,
-                      logits_processor=cof.force_prefixes(tok, [prefixes[q]]))[0]
-        assert batched[q].ids == ref.ids and batched[q].gen_mask == ref.gen_mask
-        assert max(abs(a - b) for a, b in zip(batched[q].logprobs, ref.logprobs)) < 1e-3
+        spec = cof.reference_run(model, tok, images[q], qs[q], cfg,
+                                 logits_processor=bench.force_prefixes(tok, [prefixes[q]]))
+        assert_same_conversation(batched[q], spec, logprob_tol=1e-3)
+
+
+def test_spec_loop_is_greedy_only(tiny):
+    _, tok = tiny
+    with pytest.raises(ValueError, match="do_sample=False"):
+        cof.reference_run(ScriptedModel(tok, [["<answer>A</answer>"]]), tok, img(112, 112), "q",
+                          cof.CofConfig(do_sample=True))
 
 
 def test_tiny_model_rollouts_for_grpo(tiny):
@@ -218,7 +268,7 @@ def test_tiny_model_rollouts_for_grpo(tiny):
     g = torch.Generator(device=DEV).manual_seed(0)
     cfg = cof.CofConfig(do_sample=True, max_new_tokens=8, max_turns=2, keep_images=True)
     out = cof.run(model, tok, [img(140, 168, 1), img(112, 140, 2)], [Q, "q"], cfg, group_size=3, generator=g,
-                  logits_processor=cof.force_prefixes(tok, prefixes, group_size=3))
+                  logits_processor=bench.force_prefixes(tok, prefixes, group_size=3))
     assert len(out) == 6 and [t.group for t in out] == [0, 0, 0, 1, 1, 1]
     assert len({tuple(t.ids) for t in out[:3]}) > 1                       # distinct samples in a group
     for t in out:
@@ -249,7 +299,7 @@ def test_zoom_loop_under_autocast(tiny, compile):
     with torch.autocast(DEV, dtype=torch.bfloat16):
         out = cof.run(model, tok, [img(140, 168, 1), img(112, 140, 2)], [Q, "q"], cfg, group_size=2,
                       generator=torch.Generator(device=DEV).manual_seed(0),
-                      logits_processor=cof.force_prefixes(tok, prefixes, group_size=2))
+                      logits_processor=bench.force_prefixes(tok, prefixes, group_size=2))
     assert [t.n_zooms >= 1 for t in out] == [True, True, False, False]
     gaps = []
     for t in out:

@@ -12,6 +12,7 @@ from PIL import Image
 
 import cof
 import crop_kernels as ck
+import evaluate as E
 
 # sha256 of the released strings (eval/vstar/vllm_inference.py), computed from shared/reference/cof_prompts.json.
 SYSTEM_SHA = "7741881df5c8718aa767b57ab9ac7db3bbeb584c949adf90658f7a1adae61aae"
@@ -301,9 +302,9 @@ def test_extract_answer():
     ("cotton", "A", False), ("A. rubber", "A", True), ("B. cotton", "A", False), ("", "A", False),
     ("I am not sure", "A", False)])
 def test_match_answer(pred, label, ok):
-    options = cof.parse_options("What is the material of the glove?\n(A) rubber\n(B) cotton\n(C) kevlar\n(D) leather")
+    options = E.parse_options("What is the material of the glove?\n(A) rubber\n(B) cotton\n(C) kevlar\n(D) leather")
     assert options == {"A": "rubber", "B": "cotton", "C": "kevlar", "D": "leather"}
-    assert cof.match_answer(pred, label, options) is ok
+    assert E.match_answer(pred, label, options) is ok
 
 
 def test_config_rejects_unknown_keys():

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 import cof
 import crop_kernels
+import evaluate as E
 from data import agent, build, formats, synth
 from data import tiny
 import tokenizer as T
@@ -46,7 +47,7 @@ def test_same_seed_same_dataset(built, tmp_path, monkeypatch):
                 workers=2)
     again = str(tmp_path / "again")
     assert formats.read_sft(os.path.join(again, "sft_train.json"))[1] == 0
-    assert len(cof.read_synthetic(os.path.join(again, "val.jsonl"))) == 6
+    assert len(E.read_synthetic(os.path.join(again, "val.jsonl"))) == 6
     a, b = _tree(out), _tree(again)
     assert sorted(a) == sorted(b) and len(a) > 60
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]][:5]
@@ -64,7 +65,7 @@ def test_question_text_and_answer_match_the_scene():
     for sc in synth.make_split(7, "train", 40):
         lines = sc.text.split("\n")
         assert lines[-1] == "Answer with the option's letter from the given choices directly."
-        opts = cof.parse_options(sc.text)
+        opts = E.parse_options(sc.text)
         assert list(opts) == list("ABCD") and sorted(opts.values()) == sorted(
             synth.ORIENTATIONS if sc.category == "direct_attributes" else synth.RELATIONS)
         assert opts[sc.label] == sc.answer
@@ -88,7 +89,7 @@ def test_fixed_option_order_changes_only_the_options():
         canon = list(synth.ORIENTATIONS if a.category == "direct_attributes" else synth.RELATIONS)
         assert b.options == canon and b.options[" ABCD".index(b.label) - 1] == b.answer == a.answer
         assert (a.objects, a.target_box, a.question.split("\n")[0]) == (b.objects, b.target_box, b.question.split("\n")[0])
-        assert cof.parse_options(b.text) == dict(zip("ABCD", canon))
+        assert E.parse_options(b.text) == dict(zip("ABCD", canon))
     for kind, (cat, diff) in synth.KIND_TARGET.items():
         sc = synth.make_scene(synth.scene_rng(7, "test", 0), category=cat, difficulty=diff)
         assert {t.period for t in sc.details} == {synth.PERIOD["edge" if kind == "edge" else diff]}
@@ -301,8 +302,8 @@ def test_trajectory_text_format(built):
         assert all(call.match(t) for t in asst[:-1]) and final.match(asst[-1])
         assert all(x["content"] == "<image>" + cof.USER_PROMPT for x in m[3::2])
         q = m[1]["content"][len("<image> Question: "):-len(cof.LETTER_HINT + cof.USER_PROMPT)]
-        assert cof.extract_answer(asst[-1]) in cof.parse_options(q)
-        opts = list(cof.parse_options(q).values())      # one option order per question; the letter follows the reading
+        assert cof.extract_answer(asst[-1]) in E.parse_options(q)
+        opts = list(E.parse_options(q).values())      # one option order per question; the letter follows the reading
         assert opts in (list(synth.ORIENTATIONS), list(synth.RELATIONS)) and "The options are" not in asst[-1]
         # the image files hold exactly what cof.py sends back: each zoom image is the crop rule applied to the main
         # image read back from disk (the files are lossless)
@@ -364,7 +365,7 @@ def test_rl_and_vstar_records(built):
     train_images = {p for row in json.load(open(os.path.join(out, "sft_train.json"))) for p in row["images"]}
     assert not any(os.path.join(out, row["row"]["images"][0]["image"][len("file://"):]) in train_images for row in rows)
     test = [json.loads(l) for l in open(os.path.join(out, "test_questions.jsonl"))]
-    items = cof.read_vstar(out)                  # the output folder is a V*-layout folder
+    items = E.read_vstar(out)                  # the output folder is a V*-layout folder
     assert len(items) == len(test) == 8
     for t, it in zip(test, items):
         assert it["label"] == t["label"] and it["options"][t["label"]] and t["text"].endswith(cof.LETTER_HINT)

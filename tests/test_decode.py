@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+import bench
 import cof
 import decode
 import model as M
@@ -153,7 +154,7 @@ def both(model, tok, cfg, group_size=1, seed=None, prefixes=ZOOMS, images=IMAGES
         g = None if seed is None else torch.Generator().manual_seed(seed)
         out.append(cof.run(model, tok, images, questions, cof.CofConfig(**{**cfg, "compile": comp}),
                            group_size=group_size, generator=g,
-                           logits_processor=cof.force_prefixes(tok, prefixes, group_size)))
+                           logits_processor=bench.force_prefixes(tok, prefixes, group_size)))
     return out
 
 
@@ -304,7 +305,7 @@ def test_graphs_replay_the_compiled_step_through_the_zoom_loop(tiny):
                          (dict(do_sample=True, max_new_tokens=16, max_turns=3), 4, 5)):
         fast, graphed = [cof.run(model, tok, IMAGES, QUESTIONS, cof.CofConfig(**cfg, compile=True, cuda_graphs=cg),
                                  group_size=g, generator=None if seed is None else torch.Generator().manual_seed(seed),
-                                 logits_processor=cof.force_prefixes(tok, ZOOMS, g)) for cg in (False, True)]
+                                 logits_processor=bench.force_prefixes(tok, ZOOMS, g)) for cg in (False, True)]
         assert [t.n_zooms for t in fast[::g]] == [2, 1, 0] and len({len(t.ids) for t in fast}) > 2
         assert_same(fast, graphed)
     ids = torch.randint(10, 200, (4, 9), generator=torch.Generator().manual_seed(3))

@@ -4,8 +4,8 @@ import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ["crop_kernels", "model", "decode", "tokenizer", "cof", "data.synth", "data.agent", "data.build",
-           "data.formats", "data.tiny", "sft", "trainer", "grpo", "bench", "sweep"]
+MODULES = ["crop_kernels", "model", "decode", "tokenizer", "report", "cof", "evaluate", "data.synth", "data.agent",
+           "data.build", "data.formats", "data.tiny", "sft", "trainer", "grpo", "bench", "sweep"]
 FIELDS = {"messages", "images", "pixel_values"}   # row fields and tensor names the guide mentions, not code
 
 

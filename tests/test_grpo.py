@@ -10,9 +10,11 @@ import shutil
 import pytest
 import torch
 
+import bench
 import cof
 import grpo
 import model as M
+import report
 import sft
 import trainer
 from data import build, formats
@@ -219,7 +221,7 @@ def trajectories(setup):
         "processor_min_pixels": VIEW["min_pixels"], "processor_max_pixels": VIEW["max_pixels"]})
     trajs = cof.run(net, tok, [p["image"] for p in prompts], [p["question"] for p in prompts], ccfg, group_size=3,
                     generator=torch.Generator().manual_seed(0), messages=[p["messages"] for p in prompts],
-                    logits_processor=cof.force_prefixes(tok, pre, group_size=3))
+                    logits_processor=bench.force_prefixes(tok, pre, group_size=3))
     assert all(t.image_grid_thw.shape[0] == 3 for t in trajs)     # main image + two crops
     return net, tok, cfg, prompts, trajs
 
@@ -453,7 +455,7 @@ def test_curves_png_draws_every_panel(tmp_path):
     rows = [dict(step=s, reward=0.5, **{"easy/zoom_rate": 100.0, "easy/accuracy": 0.0}) for s in range(1, 21)]
     rows += [{"step": 20, "eval/accuracy": 50.0, "eval/easy/accuracy": 50.0}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    img = Image.open(grpo.plot_metrics(str(path), str(tmp_path / "c.png"))).convert("RGB")
+    img = Image.open(report.plot_metrics(str(path), str(tmp_path / "c.png"))).convert("RGB")
     assert img.size == (1120, 600)
     mid_reward = (45 + 270) // 2                      # reward panel box: y 45..270, 0.5 -> the middle
     assert any(img.getpixel((x, y)) == (0, 0, 0) for x in range(200, 400) for y in (mid_reward - 1, mid_reward,

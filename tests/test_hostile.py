@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cof
+import evaluate as E
 import hostile_corpus as corpus
 import model as M
 import sft
@@ -233,8 +234,8 @@ def test_benchmark_images_stay_inside_their_folder(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
     for rel in ("../outside.png", str(tmp_path / "outside.png")):
         (tmp_path / "bench" / "test_questions.jsonl").write_text(json.dumps({"image": rel, "text": "q", "label": "A"}) + "\n")
-        with pytest.raises(cof.BenchError, match="leaves the benchmark folder"):
-            cof.read_vstar(str(tmp_path / "bench"))
+        with pytest.raises(E.BenchError, match="leaves the benchmark folder"):
+            E.read_vstar(str(tmp_path / "bench"))
 
 
 def test_rows_are_checked_for_what_training_reads(tmp_path):
@@ -294,7 +295,7 @@ OPTS = {"A": "red", "B": "green", "C": "blue", "D": "yellow"}
 def test_match_answer_follows_vlmevalkit_option_inference(pred, letter):
     """VLMEvalKit's documented behaviour (can_infer_option / can_infer_text): one option named -> that option;
     several -> no answer."""
-    got = [L for L in "ABCD" if cof.match_answer(pred, L, OPTS)]
+    got = [L for L in "ABCD" if E.match_answer(pred, L, OPTS)]
     assert got == ([letter] if letter else [])
 
 
@@ -377,18 +378,18 @@ def test_raw_errors_become_named_errors(tmp_path):
     bench = tmp_path / "b"
     os.makedirs(bench)
     (bench / "test_questions.jsonl").write_text('[1, 2]\n')
-    with pytest.raises(cof.BenchError, match="line 1: expected a JSON object, got list"):
-        cof.read_vstar(str(bench))
+    with pytest.raises(E.BenchError, match="line 1: expected a JSON object, got list"):
+        E.read_vstar(str(bench))
     (bench / "test_questions.jsonl").write_text(json.dumps({"image": 5, "text": "q", "label": "A"}) + "\n")
-    with pytest.raises(cof.BenchError, match="image must be a non-empty path string, got 5"):
-        cof.read_vstar(str(bench))
+    with pytest.raises(E.BenchError, match="image must be a non-empty path string, got 5"):
+        E.read_vstar(str(bench))
     res = tmp_path / "results.jsonl"
     res.write_text('{"no_key": 1}\n[1]\n{"key": "orig:1", "correct": true}\n{"key": "orig:2", "corr')
-    assert list(cof.load_results(str(res))) == ["orig:1"]
+    assert list(E.load_results(str(res))) == ["orig:1"]
     tsv = tmp_path / "hr.tsv"
     tsv.write_text("index\tquestion\tanswer\tcategory\tA\tB\tcycle_category\timage\n0\tq\tA\tsingle\tx\ty\tzero\tQUJD\n")
-    with pytest.raises(cof.BenchError, match="cycle_category must be an integer"):
-        cof.read_hrbench(str(tsv))
+    with pytest.raises(E.BenchError, match="cycle_category must be an integer"):
+        E.read_hrbench(str(tsv))
 
 
 _RESAVER = """
@@ -459,10 +460,10 @@ CATEGORIES = {
     "reward functions returning too many / too few / None / NaN rewards": (("reward_fn",), 8),
     "RL rows and records with a label or question that is not a string": (("rl_row", "rl_records"), 10),
     "evaluation output: its source recorded, a rerun refused or restarted, the summary's folder":
-        (("eval_source", "eval_out", "cof.evaluate", "cof.load_results"), 10),
+        (("eval_source", "eval_out", "evaluate.evaluate", "evaluate.load_results"), 10),
     "trainer files that fail to load (rng, optimizer, trainable, state.json, metrics.jsonl, latest)": (("resume",), 25),
     "command-line numbers and choices of every main": (("sft.py", "grpo.py", "sweep.py", "data.build", "bench.py",
-                                                        "crop_kernels/sources", "crop_kernels/threads", "cof.py"), 80),
+                                                        "crop_kernels/sources", "crop_kernels/threads", "evaluate.py"), 80),
     "raw errors from deep inside (parse_zoom, tokenize_chat, token ids, resize, config vs weights)":
         (("parse_zoom", "extract_answer", "tokenize_chat", "tokenizer", "model", "config", "crop_kernels"), 50),
     "files: truncated, corrupt, not UTF-8": (("files", "checkpoint"), 30),

@@ -37,6 +37,8 @@ import cof
 import crop_kernels as ck
 import decode
 import evaluate as E
+import hub
+import logprobs
 import model as M
 import tokenizer as T
 from data import tiny
@@ -597,11 +599,11 @@ def _our_logprob_cases(net, ids, targets, banned):
 
 def _dense_logprob_cases(logits, targets, banned):
     """(b) the dense computation from the full logits() [B, T, V]: grpo.token_logprobs and sft.sft_loss before
-    model.token_logprobs (the policy log-softmax, or cross-entropy, of the scored rows)."""
+    logprobs.token_logprobs (the policy log-softmax, or cross-entropy, of the scored rows)."""
     sel = targets >= 0                                                                       # [B, T]
 
     def lp(entropy):
-        x = M.policy_log_softmax(logits()[sel], banned)                                      # [N, V]
+        x = logprobs.policy_log_softmax(logits()[sel], banned)                                      # [N, V]
         with torch.no_grad():
             ent = -(x.exp() * x.nan_to_num(0.0)).sum(-1) if entropy else None                # [N]
         return x.gather(-1, targets[sel][:, None])[:, 0], ent                                # [N]
@@ -764,7 +766,7 @@ def main(argv=None):
             a.cof_cfg = E.cfg_from_args(a.cfg, do_sample=True)
         except ValueError as e:
             ap.error(str(e))
-    with checks.one_line_errors("bench.py", E.BenchError, FileNotFoundError, M.CheckpointError):
+    with checks.one_line_errors("bench.py", E.BenchError, FileNotFoundError, hub.CheckpointError):
         return _run(ap, a)
 
 

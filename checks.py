@@ -11,7 +11,7 @@ Library functions call `number`, `string`, `one_of`, `sequence`, `kind` and `dev
 call (never per token); config dataclasses declare LIMITS and CHOICES tables and call `options`; command lines give
 argparse `arg(...)` as an option's type (argparse then prints its one-line error naming the option, exit status 2)
 and turn a config's TypeError / ValueError into the same `parser.error`. Files that fail to load are named by their
-readers (data/formats.py, evaluate.read_*, model.CheckpointError, sft's trainer files), which say what to do.
+readers (data/formats.py, evaluate.read_*, hub.CheckpointError, trainer.py's files), which say what to do.
 
 This is the lowest file: every other file may import it, it imports none of them.
 """

@@ -31,6 +31,7 @@ import torch
 import checks
 import crop_kernels as ck
 import decode
+import logprobs
 import model as M
 import tokenizer as T
 
@@ -415,7 +416,7 @@ class Trajectory:
     prompt and for environment tokens (turn headers, crop tokens, USER_PROMPT, error text, a closing <|im_end|>
     added after a turn cut at max_new_tokens). `logprobs[i]` is log p(ids[i]) for generated tokens (0.0 elsewhere)
     under the policy that sampled it: the model's logits with the banned vision tokens at -inf (cfg.ban_vision_tokens),
-    divided by the temperature when sampling (model.policy_logprobs computes the same from a training forward)."""
+    divided by the temperature when sampling (logprobs.policy_logprobs computes the same from a training forward)."""
     question: str
     ids: list
     gen_mask: list
@@ -534,7 +535,7 @@ def _greedy_turn(model, ids, pixels, grids, k, stops, banned, cfg, logits_proces
         x = logits if logits_processor is None else logits_processor([(0, k, turn)], logits.clone())    # [1, V]
         t = x.index_fill(-1, banned, float("-inf")).argmax(-1)                                       # [1]
         turn.append(int(t))
-        lps.append(float(M.policy_logprobs(logits, t, banned)))
+        lps.append(float(logprobs.policy_logprobs(logits, t, banned)))
         if turn[-1] in stops or len(turn) == cfg.max_new_tokens:
             return turn, lps
         logits = model.extend(cache, t[:, None], last_only=True)[:, -1]                              # [1, V]
@@ -555,7 +556,7 @@ def _pick(logits, cfg, generator, banned=()):
         logits = logits.index_fill(-1, torch.as_tensor(banned, device=logits.device), float("-inf"))
     nxt = decode.sample_next(logits, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, generator,
                              checked=True)                                                              # [R]
-    return nxt, M.policy_logprobs(logits, nxt, (), _temperature(cfg))                                  # [R], [R]
+    return nxt, logprobs.policy_logprobs(logits, nxt, (), _temperature(cfg))                                  # [R], [R]
 
 
 class _Turns:
@@ -755,7 +756,7 @@ def _next_tokens(raw, rows, live, env, generator, logits_processor):
     if logits_processor is not None:
         views = [(r, len(row.turns), row.turn) for r, row in zip(live, rows)]
         nxt, _ = _pick(logits_processor(views, raw.clone()), cfg, generator, env.banned)
-        lp = M.policy_logprobs(raw, nxt, env.banned, _temperature(cfg))
+        lp = logprobs.policy_logprobs(raw, nxt, env.banned, _temperature(cfg))
     else:
         nxt, lp = _pick(raw, cfg, generator, env.banned)                                         # [R], [R]
     return nxt.tolist(), lp.tolist()

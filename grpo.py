@@ -40,6 +40,7 @@ import checks
 import cof
 import crop_kernels as ck
 import evaluate as E
+import logprobs
 import model as M
 import report
 import sft
@@ -280,10 +281,10 @@ def check_rewards(rewards, n):
 
 def token_logprobs(model, trajs, tokenizer, cfg, device, with_entropy=False):
     """One teacher-forced forward over a micro-batch of trajectories (right-padded, every image of every turn) ->
-    log p of each token under the policy the sampler used (model.policy_log_softmax: banned vision tokens,
+    log p of each token under the policy the sampler used (logprobs.policy_log_softmax: banned vision tokens,
     temperature), as [B, T] with 0 where there is no generated token; the generated-token mask [B, T]; and the
     policy's entropy at the generated tokens [N] (no gradient) when asked. Position t holds the log-prob of token t
-    (predicted at t-1). Only the generated tokens go through the head, in chunks (model.token_logprobs)."""
+    (predicted at t-1). Only the generated tokens go through the head, in chunks (logprobs.token_logprobs)."""
     B, T = len(trajs), max(len(t.ids) for t in trajs)
     ids = torch.full((B, T), tokenizer.pad_id, dtype=torch.long)
     attn = torch.zeros(B, T, dtype=torch.long)

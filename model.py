@@ -15,30 +15,29 @@ is the v4.49+ math for images) and the Qwen2.5-VL chat template + processor (pro
             generation on it.
 
 The processor's two halves live beside it: the tokenizer and chat layout in tokenizer.py, the pixels (smart_resize,
-resize, patchify, the checkpoint's pixel limits) in crop_kernels.py. `data/tiny.py` writes random models in this
-format for the tests; `python bench.py model` times this file against transformers.
+resize, patchify, the checkpoint's pixel limits) in crop_kernels.py. Below it, hub.py reads and writes the checkpoint
+directory's files and logprobs.py scores chosen tokens through the head in chunks (`forward(..., targets=...)`).
+`data/tiny.py` writes random models in this format for the tests; `python bench.py model` times this file against
+transformers.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import functools
-import json
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 import checks
 import crop_kernels as ck
+import hub
+import logprobs
 
 # ---- Config --------------------------------------------------------------------------------------------------------
 
@@ -655,132 +654,18 @@ def grid_list(image_grid_thw) -> list:
     return [tuple(g) for g in grid.tolist()]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that does not hold a loadable Qwen2.5-VL (message names the file and tensor)."""
-
-
-def _disk_name(name: str) -> str:
-    """transformers >= 4.52 in-memory names (save_original_format=False) -> hub names; hub names pass through."""
-    if name.startswith("model.visual."):
-        return name[len("model."):]
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model."):]
-    return name
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "chat_template.jinja",
-                    "preprocessor_config.json", "generation_config.json", "special_tokens_map.json", "vocab.json",
-                    "merges.txt", "processor_config.json")
-
-
-def resolve_checkpoint(path_or_id: str) -> str:
-    """A local directory as is; otherwise a hub id fetched (config, safetensors, tokenizer files) via huggingface_hub."""
-    path_or_id = os.fspath(checks.kind(path_or_id, "path_or_id", (str, os.PathLike), "a checkpoint directory or hub id"))
-    if os.path.isdir(path_or_id):
-        return path_or_id
-    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
-        raise FileNotFoundError(f"{path_or_id!r} is not a directory. Pass a checkpoint directory containing config.json "
-                                f"and model.safetensors (or model.safetensors.index.json), or a hub id like "
-                                f"'Qwen/Qwen2.5-VL-7B-Instruct'.")
-    try:
-        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
-    except Exception as e:  # offline, unknown repo, gated repo, ...
-        raise OSError(f"could not fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-                      f"If this machine is offline, download it elsewhere with "
-                      f"`huggingface-cli download {path_or_id} --local-dir DIR`, copy DIR here and pass "
-                      f"`from_pretrained('DIR')`.") from e
-
-
-def path_inside(root: str, rel: str):
-    """`rel` joined to `root` and normalised, or None when that leaves `root`. Lexical on purpose (no symlinks
-    resolved): hub snapshots and benchmark folders link their files into a store elsewhere."""
-    top = os.path.abspath(root)
-    full = os.path.normpath(os.path.join(top, rel))
-    return full if os.path.commonpath([full, top]) == top else None
-
-
-def _read_json(path: str, problem: str):
-    """json.load of a checkpoint file; bad JSON -> CheckpointError naming the file, caused by the parser's error."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting too deep to parse
-        raise CheckpointError(f"{path}: {problem} ({type(e).__name__}: {e})") from e
-
-
 def _read_config(directory: str) -> ModelConfig:
     """config.json -> ModelConfig; a missing, unparsable or invalid config raises, naming the file."""
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory}: no config.json")
-    raw = _read_json(path, "not valid JSON")
+    raw = hub.read_json(path, "not valid JSON")
     try:
         return ModelConfig.from_hf(raw, source=path)
     except (TypeError, ValueError) as e:
         # a size that disagrees with the weights breaks a derived check first (head_dim vs mrope_section): say so
-        hint = _sizes_vs_weights(directory, raw)
-        raise CheckpointError(hint or (f"{path}: {e}" if path not in str(e) else str(e))) from e
-
-
-def _sizes_vs_weights(directory: str, raw) -> str | None:
-    """A message naming config.json's hidden_size / vocab_size when they disagree with the checkpoint's embedding
-    tensor (model.embed_tokens.weight [vocab_size, hidden_size]); None when they agree or cannot be compared."""
-    text = (raw.get("text_config") or raw) if isinstance(raw, dict) else {}
-    try:
-        files = _checkpoint_files(directory)
-        stored = next(k for k in files if _disk_name(k) == "model.embed_tokens.weight")
-        with safe_open(files[stored], framework="pt") as f:
-            shape = dict(zip(("vocab_size", "hidden_size"), f.get_slice(stored).get_shape()))
-    except (StopIteration, OSError, ValueError, SafetensorError):   # no readable embedding: nothing to compare
-        return None
-    if not isinstance(text, dict):
-        return None
-    wrong = [f"{k} {text[k]!r}" for k in shape if k in text and text[k] != shape[k]]
-    if not wrong:
-        return None
-    return (f"{os.path.join(directory, 'config.json')}: {' and '.join(wrong)} "
-            f"{'disagree' if len(wrong) > 1 else 'disagrees'} with the weights "
-            f"(model.embed_tokens.weight is {list(shape.values())} = [vocab_size, hidden_size]); config.json and "
-            f"model.safetensors must come from the same model")
-
-
-def _read_generation_config(directory: str, cfg: ModelConfig):
-    """(eos_token_id, pad_token_id) for decode.generate(): generation_config.json's when the checkpoint has one (the
-    hub's stop list [<|im_end|>, <|endoftext|>] is what transformers' generate uses), else config.json's."""
-    path = os.path.join(directory, "generation_config.json")
-    gen = _read_json(path, "not a valid generation config") if os.path.exists(path) else {}
-    if not isinstance(gen, dict):
-        raise CheckpointError(f"{path}: not a valid generation config (expected an object, got {type(gen).__name__})")
-    return gen.get("eos_token_id", cfg.eos_token_id), gen.get("pad_token_id", cfg.pad_token_id)
-
-
-def _checkpoint_files(directory: str) -> dict[str, str]:
-    """tensor name (as stored) -> file path, from model.safetensors or model.safetensors.index.json."""
-    index = os.path.join(directory, "model.safetensors.index.json")
-    single = os.path.join(directory, "model.safetensors")
-    if os.path.exists(index):
-        wm = _read_json(index, "not valid JSON; download the checkpoint again")
-        wm = wm.get("weight_map") if isinstance(wm, dict) else None
-        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-            raise CheckpointError(f"{index}: expected {{\"weight_map\": {{tensor name: shard file name}}}}")
-        out = {}
-        for k, fn in wm.items():
-            out[k] = path_inside(directory, fn)
-            if out[k] is None:
-                raise CheckpointError(f"{index} names shard {fn!r} for {k}, which is outside the checkpoint directory "
-                                      f"{os.path.abspath(directory)}; shards must sit in the checkpoint directory")
-        for fn in set(out.values()):
-            if not os.path.exists(fn):
-                raise FileNotFoundError(f"{index} names shard {os.path.basename(fn)} but {fn} does not exist")
-        return out
-    if not os.path.exists(single):
-        raise FileNotFoundError(f"{directory}: neither model.safetensors nor model.safetensors.index.json found")
-    try:
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
-    except (SafetensorError, OSError) as e:  # an unreadable file; anything else (out of memory, ...) passes through
-        raise CheckpointError(f"{single}: cannot read the safetensors header ({type(e).__name__}: {e}); if the file "
-                              f"is truncated or corrupt, download it again") from e
+        hint = hub.sizes_vs_weights(directory, raw)
+        raise hub.CheckpointError(hint or (f"{path}: {e}" if path not in str(e) else str(e))) from e
 
 
 @torch.no_grad()
@@ -788,20 +673,20 @@ def _load_weights(model: nn.Module, directory: str):
     """Copy the checkpoint's tensors into `model`'s parameters, one memory-mapped tensor at a time converted in place
     to the parameter's dtype/device. Names, dtypes and shapes are checked against `weight_shapes`."""
     expected = weight_shapes(model.cfg)
-    files = _checkpoint_files(directory)
+    files = hub.checkpoint_files(directory)
     by_disk = {}  # hub name -> name as stored
     for stored in files:
-        disk = _disk_name(stored)
+        disk = hub.disk_name(stored)
         if disk == "lm_head.weight" and model.cfg.tie_word_embeddings:
             continue  # tied: transformers ignores a stored lm_head too
         if disk not in expected:
-            raise CheckpointError(f"{directory}: unexpected tensor {stored!r} (not part of a Qwen2.5-VL model with "
+            raise hub.CheckpointError(f"{directory}: unexpected tensor {stored!r} (not part of a Qwen2.5-VL model with "
                                   f"this config.json; wrong config or a different architecture?)")
         by_disk[disk] = stored
     missing = [k for k in expected if k not in by_disk]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"{directory}: missing tensor(s) {missing[:5]}{more} in the checkpoint")
+        raise hub.CheckpointError(f"{directory}: missing tensor(s) {missing[:5]}{more} in the checkpoint")
     per_file: dict[str, list[str]] = {}
     for disk, stored in by_disk.items():
         per_file.setdefault(files[stored], []).append(disk)
@@ -813,69 +698,15 @@ def _load_weights(model: nn.Module, directory: str):
                     sl = f.get_slice(stored)
                     shape = tuple(sl.get_shape())
                     if sl.get_dtype() not in ("F64", "F32", "F16", "BF16"):
-                        raise CheckpointError(f"{fn}: tensor {stored!r} is stored as {sl.get_dtype()}, not a "
+                        raise hub.CheckpointError(f"{fn}: tensor {stored!r} is stored as {sl.get_dtype()}, not a "
                                               f"floating-point type; this is not a Qwen2.5-VL weight file")
                     if shape != expected[disk]:
-                        raise CheckpointError(f"{fn}: tensor {stored!r} has shape {list(shape)} but config.json "
+                        raise hub.CheckpointError(f"{fn}: tensor {stored!r} has shape {list(shape)} but config.json "
                                               f"implies {list(expected[disk])}")
                     model.get_parameter(disk).copy_(f.get_tensor(stored))  # converts dtype/device in place
         except (SafetensorError, OSError) as e:  # a cut or damaged file; anything else (out of memory, ...) passes
-            raise CheckpointError(f"{fn}: cannot read tensors ({type(e).__name__}: {e}); if the file is "
+            raise hub.CheckpointError(f"{fn}: cannot read tensors ({type(e).__name__}: {e}); if the file is "
                                   f"truncated or corrupt, download it again") from e
-
-
-# ---- Log-probs of chosen tokens -----------------------------------------------------------------------------------
-# Training scores a few tokens per position (the next token: GRPO's log-probs, SFT's cross-entropy) out of a
-# 152,064-word vocabulary. The [B, T, V] logits of a batch are ~10 GB in fp32 at 4 x 4k tokens, and the log-softmax,
-# its gradient and the copies on the way several times that. Here only the positions that are scored go through the
-# head, LOGPROB_CHUNK at a time, each chunk checkpointed: its [chunk, V] logits live while it runs in the forward
-# and again while its backward runs (recomputed), never all at once. verl and TRL chunk their log-probs the same way;
-# Liger-Kernel fuses the head and the loss in one kernel, which GRPO's non-linear loss of the log-probs does not allow
-# (the gradient of a log-prob is known only after the whole loss is).
-
-LOGPROB_CHUNK = 512   # scored positions per chunk: [512, 152,064] fp32 logits are 0.3 GB
-
-
-def policy_log_softmax(logits, banned=(), temperature=1.0):
-    """The sampling policy's log-distribution: logits [..., V] with the `banned` ids at -inf, divided by the
-    temperature, log-softmax in float32 -> [..., V] (cof.py samples from it; token_logprobs scores with it)."""
-    x = logits.float()
-    if len(banned):
-        x = x.index_fill(-1, torch.as_tensor(banned, device=x.device), float("-inf"))
-    return torch.log_softmax(x / temperature, dim=-1)                                      # [..., V]
-
-
-def policy_logprobs(logits, tokens, banned=(), temperature=1.0):
-    """log p(tokens) under the sampling policy (policy_log_softmax); tokens [...] -> [...]. The zoom loop (cof.py)
-    records these at sampling time and grpo.py recomputes them in its training forward (token_logprobs), so the two
-    agree when the weights have not changed."""
-    x = policy_log_softmax(logits, banned, temperature)                                    # [..., V]
-    return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)                                  # [...]
-
-
-def _chunk_logprobs(h, weight, targets, banned, temperature, entropy: bool):
-    """token_logprobs of one chunk: h [c, D] -> (log p(targets) [c], the entropy [c] without gradient, or None)."""
-    lp = policy_log_softmax(F.linear(h, weight), banned, temperature)                      # [c, V]
-    logp = lp.gather(-1, targets[:, None])[:, 0]                                           # [c]
-    if not entropy:
-        return logp, None
-    with torch.no_grad():
-        return logp, -(lp.exp() * lp.nan_to_num(0.0)).sum(-1)                              # [c] (banned ids add 0)
-
-
-def token_logprobs(h, weight, targets, banned=(), temperature=1.0, entropy=False, chunk=None):
-    """log p(targets) [N] under policy_log_softmax(h @ weight.T, banned, temperature), for hidden states h [N, D] and
-    the head weight [V, D], `chunk` positions at a time (default LOGPROB_CHUNK; see above); with `entropy`, also the
-    distribution's entropy at each position [N] (no gradient), else None. Values and gradients are the dense
-    computation's (tests/test_model.py)."""
-    chunk = chunk or LOGPROB_CHUNK
-    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    parts = []
-    for i in range(0, max(1, h.shape[0]), chunk):   # no position: one empty chunk (the graph stays connected)
-        args = (h[i:i + chunk], weight, targets[i:i + chunk], banned, temperature, entropy)
-        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
-    logp, ent = zip(*parts)
-    return torch.cat(logp), (torch.cat(ent) if entropy else None)                          # [N], [N]
 
 
 # ---- The model -----------------------------------------------------------------------------------------------------
@@ -908,7 +739,7 @@ class Qwen25VL(nn.Module):
         on the meta device, then each tensor is read (memory-mapped) and converted straight into place."""
         checks.kind(dtype, "dtype", torch.dtype, "a torch dtype such as torch.bfloat16, or None", none=True)
         device = checks.device(device) if device is not None else None
-        directory = resolve_checkpoint(path_or_id)
+        directory = hub.resolve_checkpoint(path_or_id)
         cfg = _read_config(directory)
         if dtype is None:
             dtype = getattr(torch, cfg.torch_dtype) if isinstance(cfg.torch_dtype, str) and \
@@ -920,43 +751,18 @@ class Qwen25VL(nn.Module):
         try:
             model.image_min_pixels, model.image_max_pixels = ck.read_image_limits(directory)
         except ValueError as e:      # a preprocessor_config.json that does not parse: a checkpoint problem
-            raise CheckpointError(str(e)) from None
-        model.generation_eos, model.generation_pad = _read_generation_config(directory, cfg)
+            raise hub.CheckpointError(str(e)) from None
+        model.generation_eos, model.generation_pad = hub.read_generation_config(directory, cfg)
         _load_weights(model, directory)
         return model.eval()
 
     def save_pretrained(self, directory: str, max_shard_bytes: int = 5 * 2**30):
         """Write config.json (hub flat layout) + model.safetensors (sharded with an index above max_shard_bytes),
         with hub tensor names, plus the tokenizer/processor files of the directory this model was loaded from."""
-        os.makedirs(directory, exist_ok=True)
         cfg = self.cfg.to_hf()
         cfg["torch_dtype"] = str(self.model.embed_tokens.weight.dtype).replace("torch.", "")
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
         tensors = {k: self.get_parameter(k).detach().to("cpu").contiguous() for k in weight_shapes(self.cfg)}
-        shards, size = [{}], 0  # in name-table order; a new shard when the next tensor would overflow this one
-        for k, t in tensors.items():
-            if shards[-1] and size + t.nbytes > max_shard_bytes:
-                shards, size = shards + [{}], 0
-            shards[-1][k] = t
-            size += t.nbytes
-        for old in ("model.safetensors", "model.safetensors.index.json"):
-            if os.path.exists(os.path.join(directory, old)):
-                os.remove(os.path.join(directory, old))
-        names = ["model.safetensors"] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for fn, shard in zip(names, shards):
-            save_file(shard, os.path.join(directory, fn), metadata={"format": "pt"})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-                     "weight_map": {k: fn for fn, shard in zip(names, shards) for k in shard}}
-            with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-                json.dump(index, f, indent=2)
-        if self.source_dir and os.path.abspath(self.source_dir) != os.path.abspath(directory):
-            for fn in _TOKENIZER_FILES:
-                src = os.path.join(self.source_dir, fn)
-                if os.path.exists(src):
-                    shutil.copyfile(src, os.path.join(directory, fn))
+        hub.write_checkpoint(directory, cfg, tensors, max_shard_bytes, copy_from=self.source_dir)
 
     # ---- forward: positions -> embeddings (+ vision) -> attention mask -> decoder layers ---------------------------
 
@@ -1158,7 +964,7 @@ class Qwen25VL(nn.Module):
         if targets is None:
             return self._lm_head(h)                                                        # [B, T, V]
         sel = targets.to(h.device) >= 0                                                    # [B, T]
-        lp, ent = token_logprobs(h[sel], self.head_weight, targets.to(h.device)[sel], banned, temperature, entropy)
+        lp, ent = logprobs.token_logprobs(h[sel], self.head_weight, targets.to(h.device)[sel], banned, temperature, entropy)
         logp = torch.zeros(sel.shape, device=h.device).masked_scatter(sel, lp)             # [B, T]
         return logp, (None if ent is None else torch.zeros(sel.shape, device=h.device).masked_scatter(sel, ent))
 

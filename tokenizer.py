@@ -15,7 +15,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
 import checks
-from model import CheckpointError, grid_list, resolve_checkpoint
+import hub
+from model import grid_list
 
 # Qwen2's tokenizer pipeline (transformers' Qwen2Tokenizer rebuilds exactly this around vocab + merges).
 QWEN_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -65,7 +66,7 @@ class Tokenizer:
     def from_pretrained(cls, dir_or_id) -> "Tokenizer":
         """tokenizer.json, or (like transformers' Qwen2Tokenizer) vocab.json + merges.txt with the added tokens of
         tokenizer_config.json's added_tokens_decoder; eos/pad tokens from tokenizer_config.json."""
-        directory = resolve_checkpoint(dir_or_id)
+        directory = hub.resolve_checkpoint(dir_or_id)
         path = os.path.join(directory, "tokenizer.json")
         tc = {}
         cfg_path = os.path.join(directory, "tokenizer_config.json")
@@ -74,13 +75,13 @@ class Tokenizer:
                 with open(cfg_path, encoding="utf-8") as f:
                     tc = json.load(f)
             except ValueError as e:
-                raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+                raise hub.CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
             tc = tc if isinstance(tc, dict) else {}
         if os.path.exists(path):
             try:
                 tok = HFTokenizer.from_file(path)
             except Exception as e:  # tokenizers raises its own Exception type for unreadable files
-                raise CheckpointError(f"{path}: not a tokenizers file ({e})") from None
+                raise hub.CheckpointError(f"{path}: not a tokenizers file ({e})") from None
         elif os.path.exists(os.path.join(directory, "vocab.json")) and os.path.exists(os.path.join(directory, "merges.txt")):
             tok = _qwen_bpe_from_files(directory, tc.get("added_tokens_decoder") or {})
         else:
@@ -196,15 +197,15 @@ def _qwen_bpe_from_files(directory, added):
     try:
         vocab, merges = models.BPE.read_file(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
     except Exception as e:  # tokenizers' own exception type
-        raise CheckpointError(f"{directory}: vocab.json / merges.txt cannot be read ({e})") from None
+        raise hub.CheckpointError(f"{directory}: vocab.json / merges.txt cannot be read ({e})") from None
     tok = qwen_bpe(vocab, merges)
     for i, t in sorted(((int(i), t) for i, t in added.items()), key=lambda x: x[0]):
         if not isinstance(t, dict) or not isinstance(t.get("content"), str):
-            raise CheckpointError(f"{directory}/tokenizer_config.json: added token {i} has no 'content'")
+            raise hub.CheckpointError(f"{directory}/tokenizer_config.json: added token {i} has no 'content'")
         tok.add_tokens([AddedToken(t["content"], special=bool(t.get("special")), normalized=False,
                                    lstrip=bool(t.get("lstrip")), rstrip=bool(t.get("rstrip")),
                                    single_word=bool(t.get("single_word")))])
         if tok.token_to_id(t["content"]) != i:
-            raise CheckpointError(f"{directory}: added token {t['content']!r} should have id {i} but got "
+            raise hub.CheckpointError(f"{directory}: added token {t['content']!r} should have id {i} but got "
                                   f"{tok.token_to_id(t['content'])} (vocab.json holds {len(vocab)} entries)")
     return tok

@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 import checks
 import cof
 import evaluate as E
+import hub
 import model as M
 from data import formats, tiny
 
@@ -845,7 +846,7 @@ def run_cli(train_fn, cfg, prog, errors=()):
     resume that does not fit; `errors`: the trainer's own kinds of bad input) ends with one line naming it and exit
     status 1, not a traceback."""
     try:
-        with checks.one_line_errors(prog, formats.DataError, *errors, RunError, M.CheckpointError, FileNotFoundError,
+        with checks.one_line_errors(prog, formats.DataError, *errors, RunError, hub.CheckpointError, FileNotFoundError,
                                     E.BenchError, NotADirectoryError, FileExistsError):
             return train_fn(cfg)
     finally:

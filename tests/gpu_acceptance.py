@@ -77,6 +77,7 @@ import cof  # noqa: E402
 import crop_kernels as ck  # noqa: E402
 import decode  # noqa: E402
 import grpo  # noqa: E402
+import logprobs  # noqa: E402
 import model as M  # noqa: E402
 import sft  # noqa: E402
 from data import build, formats  # noqa: E402
@@ -415,7 +416,7 @@ def check_cof(ctx):
     for t in forced:
         full = _full_logits(net, t, dev)
         pos = [p for p in range(t.prompt_len, len(t.ids)) if t.gen_mask[p]]
-        lp = M.policy_logprobs(full[[p - 1 for p in pos]], torch.tensor([t.ids[p] for p in pos], device=dev), banned)
+        lp = logprobs.policy_logprobs(full[[p - 1 for p in pos]], torch.tensor([t.ids[p] for p in pos], device=dev), banned)
         worst = max(worst, float((lp.cpu() - torch.tensor([t.logprobs[p] for p in pos])).abs().max()))
         if len(t.ids) != len(t.gen_mask) or any(t.gen_mask[:t.prompt_len]):
             problems.append("masks do not line up with the ids")

@@ -35,6 +35,7 @@ import crop_kernels as ck  # noqa: E402
 import decode  # noqa: E402
 import evaluate as E  # noqa: E402
 import grpo  # noqa: E402
+import hub  # noqa: E402
 import model as M  # noqa: E402
 import report  # noqa: E402
 import sft  # noqa: E402
@@ -861,14 +862,14 @@ def _config(env, name, **change):
 
 
 add("config/hidden_disagrees_with_weights", lambda env: _config(env, "c1", hidden_size=48),
-    Raises(M.CheckpointError, "config.json", "hidden_size 48", "disagrees with the weights", "[384, 64]"))
+    Raises(hub.CheckpointError, "config.json", "hidden_size 48", "disagrees with the weights", "[384, 64]"))
 add("config/hidden_and_vocab_disagree", lambda env: _config(env, "c2", hidden_size=128, vocab_size=1000),
-    Raises(M.CheckpointError, "vocab_size 1000 and hidden_size 128", "disagree"))
+    Raises(hub.CheckpointError, "vocab_size 1000 and hidden_size 128", "disagree"))
 add("config/more_layers_than_weights", lambda env: _config(env, "c3", num_hidden_layers=3),
-    Raises(M.CheckpointError, "missing tensor", "model.layers.2"))
+    Raises(hub.CheckpointError, "missing tensor", "model.layers.2"))
 add("config/heads_zero", lambda env: _config(env, "c4", num_attention_heads=0),
-    Raises(M.CheckpointError, "num_attention_heads must be a whole number >= 1, got 0"))
-add("config/eps_text", lambda env: _config(env, "c5", rms_norm_eps="1e-6"), Raises(M.CheckpointError, "rms_norm_eps"))
+    Raises(hub.CheckpointError, "num_attention_heads must be a whole number >= 1, got 0"))
+add("config/eps_text", lambda env: _config(env, "c5", rms_norm_eps="1e-6"), Raises(hub.CheckpointError, "rms_norm_eps"))
 
 value_errors("crop_kernels", {
     "resize_empty": (lambda env: ck.resize(torch.zeros(3, 0, 0, dtype=torch.uint8), (28, 28)), "resize", "empty"),
@@ -1017,13 +1018,13 @@ for _name, _file_name, _data, _words in (
         ("preprocessor_pixels_text", "preprocessor_config.json", b'{"min_pixels": "a", "max_pixels": 5}',
          "min_pixels/max_pixels")):
     add(f"checkpoint/{_name}", lambda env, n=_name, f=_file_name, d=_data: M.Qwen25VL.from_pretrained(
-            _checkpoint_file(env, n, f, d)), Raises(M.CheckpointError, _words))
+            _checkpoint_file(env, n, f, d)), Raises(hub.CheckpointError, _words))
 for _name, _file_name, _data, _words in (
         ("tokenizer_truncated", "tokenizer.json", 100, "tokenizer.json"),
         ("tokenizer_config_junk", "tokenizer_config.json", b"{x", "tokenizer_config.json"),
         ("tokenizer_config_not_utf8", "tokenizer_config.json", b"\xff\xfe", "tokenizer_config.json")):
     add(f"checkpoint/{_name}", lambda env, n=_name, f=_file_name, d=_data: T.Tokenizer.from_pretrained(
-            _checkpoint_file(env, n, f, d)), Raises(M.CheckpointError, _words))
+            _checkpoint_file(env, n, f, d)), Raises(hub.CheckpointError, _words))
 
 
 if __name__ == "__main__":

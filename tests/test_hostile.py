@@ -11,6 +11,7 @@ import torch
 
 import cof
 import evaluate as E
+import hub
 import hostile_corpus as corpus
 import model as M
 import sft
@@ -221,10 +222,10 @@ def test_a_sharded_index_cannot_point_outside_the_checkpoint(tmp_path):
         keys = list(f.keys())
     for where in ("../outside/model.safetensors", str(tmp_path / "outside" / "model.safetensors")):
         (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: where for k in keys}}))
-        with pytest.raises(M.CheckpointError, match="outside the checkpoint directory"):
+        with pytest.raises(hub.CheckpointError, match="outside the checkpoint directory"):
             M.Qwen25VL.from_pretrained(d)
     (tmp_path / "m" / "model.safetensors.index.json").write_text("{not json")
-    with pytest.raises(M.CheckpointError, match="model.safetensors.index.json: not valid JSON"):
+    with pytest.raises(hub.CheckpointError, match="model.safetensors.index.json: not valid JSON"):
         M.Qwen25VL.from_pretrained(d)
 
 
@@ -330,7 +331,7 @@ def test_bad_config_values_are_named(tmp_path, change, words):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     change(cfg)
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(M.CheckpointError, match=re.escape(words)):
+    with pytest.raises(hub.CheckpointError, match=re.escape(words)):
         M.Qwen25VL.from_pretrained(d)
 
 
@@ -338,20 +339,20 @@ def test_bad_checkpoint_files_are_named(tmp_path):
     from safetensors.torch import load_file, save_file
     d = make_tiny(str(tmp_path / "m"), bpe_vocab_size=300)
     (tmp_path / "m" / "config.json").write_text("[1, 2]")
-    with pytest.raises(M.CheckpointError, match="config.json: expected a JSON object, got list"):
+    with pytest.raises(hub.CheckpointError, match="config.json: expected a JSON object, got list"):
         M.Qwen25VL.from_pretrained(d)
     d = make_tiny(str(tmp_path / "n"), bpe_vocab_size=300)
     (tmp_path / "n" / "generation_config.json").write_text("{oops")
-    with pytest.raises(M.CheckpointError, match="generation_config.json: not a valid generation config"):
+    with pytest.raises(hub.CheckpointError, match="generation_config.json: not a valid generation config"):
         M.Qwen25VL.from_pretrained(d)
     (tmp_path / "n" / "generation_config.json").unlink()
     sd = load_file(str(tmp_path / "n" / "model.safetensors"))
     sd["model.norm.weight"] = sd["model.norm.weight"].long()
     save_file(sd, str(tmp_path / "n" / "model.safetensors"))
-    with pytest.raises(M.CheckpointError, match="'model.norm.weight' is stored as I64, not a floating-point type"):
+    with pytest.raises(hub.CheckpointError, match="'model.norm.weight' is stored as I64, not a floating-point type"):
         M.Qwen25VL.from_pretrained(d)
     (tmp_path / "n" / "tokenizer.json").write_text("not json")
-    with pytest.raises(M.CheckpointError, match="tokenizer.json: not a tokenizers file"):
+    with pytest.raises(hub.CheckpointError, match="tokenizer.json: not a tokenizers file"):
         T.Tokenizer.from_pretrained(d)
 
 

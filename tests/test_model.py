@@ -14,6 +14,8 @@ from model_fixtures import hf, hf_logits, hf_processor, left_pad, ours, pixels, 
 from data import tiny
 import tokenizer as T
 import crop_kernels as ck
+import hub
+import logprobs
 
 TOL = 1e-4
 
@@ -314,7 +316,7 @@ def test_gradients_match_transformers():
     loss(m(ids, pv, g, attention_mask=mask)).backward()
     loss(ref(input_ids=ids, pixel_values=pv, image_grid_thw=g, attention_mask=mask,
              mm_token_type_ids=(ids == m.cfg.image_token_id).int()).logits).backward()
-    theirs = {M._disk_name(k): p.grad for k, p in ref.named_parameters()}
+    theirs = {hub.disk_name(k): p.grad for k, p in ref.named_parameters()}
     for name in ["visual.patch_embed.proj.weight", "visual.blocks.0.attn.qkv.weight", "visual.merger.mlp.0.weight",
                  "model.layers.0.self_attn.q_proj.bias", "model.layers.1.mlp.down_proj.weight", "lm_head.weight",
                  "model.embed_tokens.weight"]:
@@ -410,7 +412,7 @@ def test_token_logprobs_equal_the_dense_computation(case, chunk, monkeypatch):
     n = int(scored.sum())
     assert n % 7 and ids.shape[1] % 7 and n > 20
     kw = dict(banned=banned, temperature=0.7) if case == "grpo" else {}
-    lp_all = M.policy_log_softmax(m(ids, pv, g, attention_mask=mask), **kw)            # [B, T, V] the dense way
+    lp_all = logprobs.policy_log_softmax(m(ids, pv, g, attention_mask=mask), **kw)            # [B, T, V] the dense way
     ref = lp_all[scored].gather(-1, targets[scored][:, None])[:, 0]                    # [n]
     ref_ent = -(lp_all.exp() * lp_all.nan_to_num(0.0)).sum(-1)[scored]
     weight = torch.randn(n, generator=torch.Generator().manual_seed(2))                # a loss of the log-probs
@@ -428,7 +430,7 @@ def test_token_logprobs_equal_the_dense_computation(case, chunk, monkeypatch):
                     Widest.rows = max(Widest.rows, t.numel() // V)
             return out
 
-    monkeypatch.setattr(M, "LOGPROB_CHUNK", chunk)
+    monkeypatch.setattr(logprobs, "LOGPROB_CHUNK", chunk)
     with Widest():
         logp, ent = m(ids, pv, g, attention_mask=mask, targets=targets, entropy=case == "grpo", **kw)
         (logp[scored] * weight).sum().backward()

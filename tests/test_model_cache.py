@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import decode
+import hub
 import model as M
 from model_fixtures import hf, left_pad, ours, pixels, seq, tiny_dir
 
@@ -180,14 +181,14 @@ def test_unreadable_checkpoint_keeps_the_cause_and_out_of_memory_passes_through(
     path = d / "model.safetensors"
     raw = path.read_bytes()
     path.write_bytes(raw[:len(raw) // 2])                        # a cut download: the header read fails
-    with pytest.raises(M.CheckpointError, match="SafetensorError") as e:
+    with pytest.raises(hub.CheckpointError, match="SafetensorError") as e:
         M.Qwen25VL.from_pretrained(d)
     assert str(path) in str(e.value) and isinstance(e.value.__cause__, safetensors.SafetensorError)
     path.write_bytes(raw)
     M.Qwen25VL.from_pretrained(d).save_pretrained(tmp_path / "sharded", max_shard_bytes=len(raw) // 3)
     shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:100])                  # a cut shard: the tensor loop fails
-    with pytest.raises(M.CheckpointError, match="SafetensorError") as e:
+    with pytest.raises(hub.CheckpointError, match="SafetensorError") as e:
         M.Qwen25VL.from_pretrained(tmp_path / "sharded")
     assert str(shard) in str(e.value) and isinstance(e.value.__cause__, safetensors.SafetensorError)
     real_open = safetensors.safe_open
@@ -200,6 +201,7 @@ def test_unreadable_checkpoint_keeps_the_cause_and_out_of_memory_passes_through(
                 raise MemoryError("simulated")
             return real_open(*a, **k)
 
-        monkeypatch.setattr(M, "safe_open", out_of_memory)   # the name model.py reads the files with
+        monkeypatch.setattr(hub, "safe_open", out_of_memory)     # the names hub.py (headers) and model.py
+        monkeypatch.setattr(M, "safe_open", out_of_memory)       # (tensors) read the files with
         with pytest.raises(MemoryError, match="simulated"):      # not relabelled as a corrupt file
             M.Qwen25VL.from_pretrained(d)

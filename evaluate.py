@@ -39,6 +39,7 @@ import torch
 import checks
 import cof
 import crop_kernels as ck
+import hub
 import model as M
 import report
 import tokenizer as T
@@ -175,7 +176,7 @@ def _inside(root, rel, where):
 
     if not isinstance(rel, str) or not rel or "\0" in rel:
         raise BenchError(f"{where}: image must be a non-empty path string, got {rel!r}")
-    full = M.path_inside(root, rel)
+    full = hub.path_inside(root, rel)
     if full is None:
         raise BenchError(f"{where}: image {rel!r} leaves the benchmark folder {os.path.abspath(root)}; keep images "
                          f"inside it")
@@ -635,15 +636,42 @@ def _resolutions(text, name):
             for r in text.split(",")]
 
 
+def read_item(path):
+    """`ask --item FILE`: {"image": path relative to FILE, "question": text, "cfg": {CofConfig field: value}}; a file
+    of another shape is a BenchError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            item = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise BenchError(f"{path}: cannot read the item ({type(e).__name__}: {e})") from None
+    if not isinstance(item, dict) or not isinstance(item.get("image"), str) or \
+            not isinstance(item.get("question"), str) or not isinstance(item.get("cfg", {}), dict):
+        raise BenchError(f"{path}: an item is an object with \"image\" and \"question\" strings and an optional "
+                         f"\"cfg\" object")
+    return dict(item, image=os.path.join(os.path.dirname(os.path.abspath(path)), item["image"]))
+
+
 def ask_main(argv):
-    """`evaluate.py ask --model M --image I --question Q`: the loop on one image, each turn printed (and a trace PNG)."""
+    """`evaluate.py ask --model M --image I --question Q` (or `--item FILE`): the loop on one image, each turn printed
+    (and a trace PNG)."""
     p = argparse.ArgumentParser(prog="evaluate.py ask", parents=[_common_options()],
                                 description="Chain-of-Focus on one image: prints each turn; `evaluate.py -h` for "
                                             "benchmarks.")
-    p.add_argument("--image", required=True)
-    p.add_argument("--question", required=True)
+    p.add_argument("--image", default=None)
+    p.add_argument("--question", default=None)
+    p.add_argument("--item", default=None, help="JSON file {image, question, cfg}: a question (the image's path "
+                                                "relative to the file) and the loop options the model was trained "
+                                                "with; --image, --question and --cfg override it")
     p.add_argument("--trace", default=None, help="write the chain as a PNG here")
-    a, cfg = _parse(p, argv)
+    a = p.parse_args(argv)
+    item = read_item(a.item) if a.item else {}
+    a.image, a.question = a.image or item.get("image"), a.question or item.get("question")
+    if not a.image or not a.question:
+        p.error("give --image and --question, or --item FILE")
+    try:
+        cfg = cfg_from_args(a.cfg, **item.get("cfg", {}))
+    except ValueError as e:
+        p.error(str(e))
     cfg = replace(cfg, keep_images=True) if a.trace else cfg
     model, tok = load(a.model, a.device, a.dtype)
 
@@ -668,7 +696,7 @@ def main(argv=None):
     is argparse's one-line error (exit 2); a file that does not load (benchmark, image, checkpoint) one line
     `evaluate.py: error: ...` (exit 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    with checks.one_line_errors("evaluate.py", BenchError, FileNotFoundError, M.CheckpointError, ck.ImageError,
+    with checks.one_line_errors("evaluate.py", BenchError, FileNotFoundError, hub.CheckpointError, ck.ImageError,
                                 ck.ImageTooLargeError):
         return ask_main(argv[1:]) if argv[:1] == ["ask"] else eval_main(argv)
 

@@ -588,6 +588,13 @@ def _kernels():
     # In the kernels: locals that hold these are annotated tl.constexpr (a plain assignment makes a runtime value),
     # and a constexpr stays on the right of an operator whose other side is a tensor (the interpreter runs the
     # operators as Python: constexpr has no __rlshift__, and constexpr * tensor would wrap a tensor in a constexpr).
+    _KERNELS[key] = (_pass1_kernel(triton, tl), _pass2_kernel(triton, tl))
+    return _KERNELS[key]
+
+
+def _pass1_kernel(triton, tl):
+    """The first pass: a crop's rows (or columns) resampled along one axis into the uint8 workspace, Pillow's fixed
+    point (one program per crop block of BP x BQ workspace values)."""
 
     @triton.jit
     def pass1_kernel(src_ptr, ws_ptr, bounds_ptr, wts_ptr, meta_ptr, prog_ptr,
@@ -642,6 +649,13 @@ def _kernels():
         out = tl.minimum(tl.maximum(acc >> _K_PRECISION_BITS, 0), 255).to(tl.uint8)  # clip8
         tl.store(ws_ptr + ws_off + c * P * Q + p * Q + q, out, mask=inside)
 
+    return pass1_kernel
+
+
+def _pass2_kernel(triton, tl):
+    """The second pass: the other axis resampled, normalised through the LUT and written straight into the
+    crop's rows of pixel_values in Qwen2-VL's patch order (one program per BLOCK output values)."""
+
     @triton.jit
     def pass2_kernel(ws_ptr, out_ptr, lut_ptr, bounds_ptr, wts_ptr, meta_ptr, prog_ptr,
                      NM: tl.constexpr, BLOCK: tl.constexpr):
@@ -695,8 +709,7 @@ def _kernels():
         for tt in tl.static_range(tps):  # the temporal copies
             tl.store(dst + tt * pp, val, mask=inside)
 
-    _KERNELS[key] = (pass1_kernel, pass2_kernel)
-    return _KERNELS[key]
+    return pass2_kernel
 
 
 def _identity_coeffs(n):

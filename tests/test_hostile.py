@@ -395,7 +395,7 @@ def test_raw_errors_become_named_errors(tmp_path):
 
 _RESAVER = """
 import sys
-import model as M, sft
+import model as M, sft, trainer
 d, out = sys.argv[1], sys.argv[2]
 raw = M.Qwen25VL.from_pretrained(d)
 cfg = sft.TrainConfig(out=out, keep_last=5)

@@ -583,11 +583,10 @@ def _common_options():
     return common
 
 
-def _parse(p, argv, **base):
-    """Options and the CofConfig of `--cfg` (with `base`); a bad one is argparse's one-line error (exit 2)."""
-    a = p.parse_args(argv)
+def _cfg(p, a, **base):
+    """The CofConfig of the parsed options' `--cfg` pairs over `base`; a bad one is argparse's one-line error (exit 2)."""
     try:
-        return a, cfg_from_args(a.cfg, **base)
+        return cfg_from_args(a.cfg, **base)
     except ValueError as e:
         p.error(str(e))
 
@@ -610,7 +609,8 @@ def eval_main(argv):
     p.add_argument("--batch-size", type=checks.arg(lo=1, whole=True), default=8)
     p.add_argument("--limit", type=checks.arg(lo=1, whole=True), default=None, help="first N questions only")
     p.add_argument("--hr-prompt", default="vstar", choices=["vstar", "vlmeval"])
-    a, cfg = _parse(p, argv)
+    a = p.parse_args(argv)
+    cfg = _cfg(p, a)
     if os.path.isdir(a.out):
         p.error(f"--out {a.out} is a folder; name the results file, e.g. {os.path.join(a.out, 'results.jsonl')}")
     res = list(SWEEP) if a.sweep else (a.resolutions or [None])
@@ -668,10 +668,7 @@ def ask_main(argv):
     a.image, a.question = a.image or item.get("image"), a.question or item.get("question")
     if not a.image or not a.question:
         p.error("give --image and --question, or --item FILE")
-    try:
-        cfg = cfg_from_args(a.cfg, **item.get("cfg", {}))
-    except ValueError as e:
-        p.error(str(e))
+    cfg = _cfg(p, a, **item.get("cfg", {}))
     cfg = replace(cfg, keep_images=True) if a.trace else cfg
     model, tok = load(a.model, a.device, a.dtype)
 

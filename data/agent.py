@@ -84,12 +84,15 @@ class World:
     in the pixels, the ideal reader). A view can hold a texture that a small-patch model does not make out until it
     is magnified: that, not lost pixels, is why zooming helps Qwen2.5-VL-7B on an image it sees at full size.
     restate_options: the trajectory's last thought restates the options before the letter (_conclusion).
+    min_box: the smallest side, in main-image px, of a box the oracle zooms on (0: the object's own box): a small
+    box is grown about its centre, inside the image. The crop rule blows a small crop up to at least 112 x 112 px;
+    a box of at least 38 px keeps every zoom at twice the main image's scale.
     """
 
     def __init__(self, image, question, label=None, options=None, resolution=None, view_max_pixels=TINY_VIEW_MAX_PIXELS,
                  view_min_pixels=VIEW_MIN_PIXELS, scene=None, target_box=None, target_name=None, acuity=0.0,
-                 restate_options=True):
-        self.question, self.label, self.scene, self.acuity = question, label, scene, acuity
+                 restate_options=True, min_box=0):
+        self.question, self.label, self.scene, self.acuity, self.min_box = question, label, scene, acuity, min_box
         self.restate_options = restate_options
         self.options = options if options is not None else E.parse_options(question)
         self.view_max_pixels, self.view_min_pixels = view_max_pixels, view_min_pixels
@@ -111,6 +114,15 @@ class World:
     def from_source(self, box):
         sx, sy = self.src_scale
         return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+    def grown(self, box):
+        """`box` (main-image px) grown about its centre to at least min_box px a side, shifted inside the image."""
+        out = list(box)
+        for lo, size in ((0, self.size[0]), (1, self.size[1])):
+            side = max(out[lo + 2] - out[lo], min(self.min_box, size))
+            start = min(max(0, (out[lo] + out[lo + 2] - side) / 2), size - side)
+            out[lo], out[lo + 2] = start, start + side
+        return tuple(out)
 
     def _processor(self, img):
         h, w = crop_kernels.smart_resize(img.height, img.width, crop_kernels.FACTOR, self.view_min_pixels,
@@ -172,12 +184,12 @@ class OracleTools:
     def locate(self, world):
         """The target object's box grown to the 28 px sub-grid (a big object's whole cell, a small object's own
         box), in main-image px."""
-        return _round_box(world.from_source(synth.snap(world.scene.object_box)))
+        return _round_box(world.grown(world.from_source(synth.snap(world.scene.object_box))))
 
     def adjust_box(self, world, box):
         """The detail region on the 28 px sub-grid (the tag, the striped centre, the two patches), in main-image
         px; None when `box` is already that tight."""
-        new = _round_box(world.from_source(world.scene.detail_box))
+        new = _round_box(world.grown(world.from_source(world.scene.detail_box)))
         return None if tuple(new) == tuple(box) else new
 
     def look(self, world, view):
@@ -442,13 +454,13 @@ def to_messages(question_with_options, label, assistant_texts):
 
 
 def scene_world(scene, image=None, resolution=synth.SCENE, view_max_pixels=TINY_VIEW_MAX_PIXELS, acuity=0.0,
-                restate_options=True):
+                restate_options=True, min_box=0):
     """A World for a toy-V* scene (rendered when `image` is None); restate_options: the trajectory's last thought
-    restates the options before the letter (for shuffled options)."""
+    restates the options before the letter (for shuffled options); min_box: see World."""
     image = image if image is not None else synth.render(scene)
     return World(image, scene.question, scene.label, dict(zip("ABCD", scene.options)), resolution, view_max_pixels,
                  scene=scene, target_box=scene.target_box, target_name=scene.name, acuity=acuity,
-                 restate_options=restate_options)
+                 restate_options=restate_options, min_box=min_box)
 
 
 # ----------------------------------------------------------------------------------------------------------------

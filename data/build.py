@@ -27,7 +27,9 @@ times with its options rotated, so the letters cannot be learnt by heart), and a
 that lookup reliably (README "The built-in run").
 
 The resolution sweep's setting (sweep.py) is this build with a ladder of --resolutions, a generous
---view-max-pixels, wider --periods and the agent's --acuity; --always-zoom true writes its always-zoom baseline.
+--view-max-pixels, other --periods, the agent's --acuity and --min-box, three --kinds, and an --eyesight given per
+rung ("medium@168=0.85": the model's direct accuracy on that kind at that resolution); --always-zoom true writes its
+always-zoom baseline.
 """
 from __future__ import annotations
 
@@ -79,7 +81,9 @@ class BuildConfig:
     max_zooms: int = 3
     periods: str = ""               # stripe periods replacing synth.PERIOD's, e.g. "medium=6,hard=4" (empty: PERIOD)
     acuity: float = 0.0             # finest period (px of a model view) the agent counts as legible (0: ideal reader)
-    eyesight: str = EYESIGHT        # per kind, the model's measured direct accuracy ("": the agent's reader alone)
+    min_box: int = 0                # smallest side (main-image px) of a box the agent zooms on (0: the object's own)
+    eyesight: str = EYESIGHT        # per kind, the model's measured direct accuracy ("": the agent's reader alone);
+    #                                 "kind@R=acc" gives it for the items at resolution R only (a sweep's ladder)
     eyesight_bar: float = 0.8       # the main view counts as legible for a kind the model reads at least this well
     oracle_share: str = "edge=0.6"  # per kind, the share of items whose trajectory trusts the agent's reader alone
     #                                 (a teacher with sharper eyes than the model's: the mistake GRPO should undo)
@@ -113,6 +117,25 @@ class BuildConfig:
             out[k.strip()] = checks.parse_number(v, f"{label} {k.strip()}", lo=0)
         return out
 
+    def parsed_eyesight(self):
+        """--eyesight as {(kind, resolution or None): accuracy}: 'kind=acc' holds at every resolution, 'kind@R=acc'
+        at resolution R (and wins there)."""
+        out = {}
+        for part in filter(None, checks.string(self.eyesight, "--eyesight", empty=True).split(",")):
+            key, _, v = part.partition("=")
+            kind, at, R = key.strip().partition("@")
+            if kind not in synth.QUESTION_KINDS:
+                raise ValueError(f"--eyesight {self.eyesight!r}: unknown kind {kind!r} in {part.strip()!r}; use "
+                                 f"{', '.join(synth.QUESTION_KINDS)}, optionally with @resolution (easy@224=0.9)")
+            R = checks.parse_number(R, f"--eyesight {key.strip()} resolution", lo=1, whole=True) if at else None
+            out[(kind, R)] = checks.parse_number(v, f"--eyesight {key.strip()}", lo=0)
+        return out
+
+    def eyesight_at(self, kind, resolution):
+        """The model's measured direct accuracy on `kind` at `resolution` (--eyesight), None where not given."""
+        eye = self.parsed_eyesight()
+        return eye.get((kind, resolution), eye.get((kind, None)))
+
     def parsed_periods(self):
         out = {}
         for part in filter(None, self.periods.split(",")):
@@ -132,7 +155,7 @@ class BuildConfig:
 
     # option -> (lowest, whether allowed[, highest, whether allowed]), checked with the types by checks.options
     LIMITS = dict(n=(0, True), rl=(0, True), seed=(0, True, checks.SEED_MAX, True), val=(0, True), test=(0, True),
-                  view_max_pixels=(1, True), max_zooms=(0, True), acuity=(0, True), eyesight_bar=(0, True, 1, True),
+                  view_max_pixels=(1, True), max_zooms=(0, True), acuity=(0, True), min_box=(0, True), eyesight_bar=(0, True, 1, True),
                   option_orders=(1, True), table_items=(0, True), per_kind=(0, True))
 
     def __post_init__(self):
@@ -140,9 +163,10 @@ class BuildConfig:
         for name in ("kinds", "rl_kinds"):
             if not any(v > 0 for v in self.parsed_kinds(name).values()):
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: give some kind a weight > 0")
-        for name in ("eyesight", "oracle_share"):
-            for k, v in self.parsed_kinds(name).items():
-                checks.number(v, f"--{name.replace('_', '-')} {k}", 0, 1)
+        for k, v in self.parsed_kinds("oracle_share").items():
+            checks.number(v, f"--oracle-share {k}", 0, 1)
+        for (k, R), v in self.parsed_eyesight().items():
+            checks.number(v, f"--eyesight {k}" + (f"@{R}" if R else ""), 0, 1)
         self.parsed_periods(), self.parsed_colours(), self.parsed_resolutions()
 
 
@@ -162,9 +186,12 @@ def _items(cfg, split, n, weights="kinds"):
 
 
 def _items_by_kind(cfg, n):
-    """n items of each question kind (synth.QUESTION_KINDS), from their own seed stream (split "by_kind")."""
-    colours, periods, out = cfg.parsed_colours(), cfg.parsed_periods(), []
+    """n items of each question kind with a weight in --kinds (synth.QUESTION_KINDS), from their own seed stream
+    (split "by_kind")."""
+    colours, periods, weights, out = cfg.parsed_colours(), cfg.parsed_periods(), cfg.parsed_kinds("kinds"), []
     for k, kind in enumerate(synth.QUESTION_KINDS):
+        if weights.get(kind, 0) <= 0:
+            continue
         cat, diff = synth.KIND_TARGET[kind]
         for i in range(n):
             rng = synth.scene_rng(cfg.seed, "by_kind", k * 1_000_000 + i)
@@ -194,11 +221,13 @@ def vstar_record(scene, image_rel, qid):
             "uid": scene.uid}
 
 
-def main_view_allowed(cfg, kind, split, i):
-    """Whether the agent may answer item i of `split` (of question kind `kind`) from the main view (where its reader
-    reads the detail there): the model reads this kind directly at least --eyesight-bar of the time, or the item is
-    one of the --oracle-share whose teacher trusts its own reader (a draw of the item's own, not the scene's)."""
-    if cfg.parsed_kinds("eyesight").get(kind, 1.0) >= cfg.eyesight_bar:
+def main_view_allowed(cfg, kind, split, i, resolution=None):
+    """Whether the agent may answer item i of `split` (of question kind `kind`, at `resolution`) from the main view
+    (where its reader reads the detail there): the model reads this kind directly at this resolution at least
+    --eyesight-bar of the time (a kind not given: always), or the item is one of the --oracle-share whose teacher
+    trusts its own reader (a draw of the item's own, not the scene's)."""
+    eye = cfg.eyesight_at(kind, resolution)
+    if eye is None or eye >= cfg.eyesight_bar:
         return True
     draw = np.random.default_rng([cfg.seed, synth.SPLIT_IDS[split], i, 1]).random()
     return bool(draw < cfg.parsed_kinds("oracle_share").get(kind, 0.0))
@@ -245,9 +274,9 @@ def _search(cfg, split, tools, orders, job):
     res = cfg.parsed_resolutions()
     R = res[i % len(res)]
     world = agent.scene_world(sc, synth.render(sc), R, cfg.view_max_pixels, cfg.acuity,
-                              restate_options=cfg.shuffle_options)
+                              restate_options=cfg.shuffle_options, min_box=cfg.min_box)
     kind = synth.question_kind(sc.category, sc.difficulty)
-    result = agent.search(world, tools, cfg.max_zooms, cfg.always_zoom or not main_view_allowed(cfg, kind, split, i))
+    result = agent.search(world, tools, cfg.max_zooms, cfg.always_zoom or not main_view_allowed(cfg, kind, split, i, R))
     first = result.steps[0].look
     rec = {"uid": sc.uid, "category": sc.category, "difficulty": sc.difficulty, "kind": kind, "resolution": R,
            "success": result.success, "zooms": len(result.zooms) if result.success else None,
@@ -294,7 +323,7 @@ KINDS = tuple(synth.KIND_TARGET.values())      # (category, difficulty) of each 
 
 
 def legibility_table(resolutions=E.SWEEP, view_max_pixels=agent.TINY_VIEW_MAX_PIXELS, n=12, seed=12345, acuity=0.0,
-                     periods=None):
+                     periods=None, min_box=0):
     """For each resolution and kind of item: the stripe period in px of the main image and of each model view
     (main view, zoom on the object's cell, zoom on the detail), the measured contrast left (fraction of the rendered
     RMS contrast) and the share of items whose texture is read correctly with contrast >= LEGIBLE_CONTRAST (and a
@@ -308,7 +337,7 @@ def legibility_table(resolutions=E.SWEEP, view_max_pixels=agent.TINY_VIEW_MAX_PI
         for kind in KINDS:
             stats = {"main": [], "cell": [], "detail": []}
             for sc, img in zip(scenes[kind], images[kind]):
-                w = agent.scene_world(sc, img, R, view_max_pixels, acuity)
+                w = agent.scene_world(sc, img, R, view_max_pixels, acuity, min_box=min_box)
                 views = {"main": w.main_view(), "cell": w.zoom(agent.tool_call_text(tools.locate(w)))}
                 tight = tools.adjust_box(w, tools.locate(w))
                 views["detail"] = w.zoom(agent.tool_call_text(tight)) if tight else views["cell"]
@@ -375,7 +404,7 @@ def build(cfg, workers=None):
             "test_mix": dict(Counter(synth.question_kind(s.category, s.difficulty) for s in test))}
     if cfg.table_items:
         card["legibility"] = legibility_table(view_max_pixels=cfg.view_max_pixels, n=cfg.table_items,
-                                              acuity=cfg.acuity, periods=cfg.parsed_periods())
+                                              acuity=cfg.acuity, periods=cfg.parsed_periods(), min_box=cfg.min_box)
         if cfg.view_max_pixels != agent.QWEN_VIEW_MAX_PIXELS:
             card["legibility_qwen"] = legibility_table(view_max_pixels=agent.QWEN_VIEW_MAX_PIXELS, n=cfg.table_items,
                                                        periods=cfg.parsed_periods())
@@ -406,15 +435,22 @@ def kind_summary(cfg, recs):
     """Per question kind of the train items: how many, the share whose main view the agent's reader reads (the
     FFT reader's eyesight), the model's measured direct accuracy (--eyesight), and the share of the trajectories that
     answer from the main view, with their mean zooms."""
-    eyesight, out = cfg.parsed_kinds("eyesight"), []
+    out = []
     for kind in synth.QUESTION_KINDS:
         rs = [r for r in recs if r["kind"] == kind]
         ok = [r for r in rs if r["success"]]
         if rs:
             out.append({"kind": kind, "items": len(rs), "reader_direct": sum(r["reader_direct"] for r in rs) / len(rs),
-                        "eyesight": eyesight.get(kind), "direct": sum(r["zooms"] == 0 for r in ok) / max(len(ok), 1),
+                        "eyesight": _eyesight_label(cfg, kind), "direct": sum(r["zooms"] == 0 for r in ok) / max(len(ok), 1),
                         "mean_zooms": sum(r["zooms"] for r in ok) / max(len(ok), 1)})
     return out
+
+
+def _eyesight_label(cfg, kind):
+    """--eyesight for `kind` as the card shows it: its accuracy, "by resolution" when given per rung, or None."""
+    if cfg.eyesight_at(kind, None) is not None:
+        return cfg.eyesight_at(kind, None)
+    return "by resolution" if any(k == kind for k, _ in cfg.parsed_eyesight()) else None
 
 
 def kind_markdown(card):
@@ -425,7 +461,8 @@ def kind_markdown(card):
          f"do.\n\n| kind | items | reader reads the main view | model reads it (measured) | trajectories answering "
          f"directly | mean zooms |\n|---|---|---|---|---|---|\n")
     for r in card.get("kinds", []):
-        eye = "-" if r["eyesight"] is None else f"{100 * r['eyesight']:.0f}%"
+        eye = {None: "-"}.get(r["eyesight"], r["eyesight"])
+        eye = f"{100 * eye:.0f}%" if isinstance(eye, float) else eye
         s += (f"| {r['kind']} | {r['items']} | {100 * r['reader_direct']:.0f}% | {eye} | {100 * r['direct']:.0f}% | "
               f"{r['mean_zooms']:.2f} |\n")
     return s + "\n"

@@ -221,14 +221,16 @@ def test_zoom_counts_follow_difficulty_at_the_working_resolution():
 
 def test_kind_weights_decide_where_items_are():
     """--kinds / --rl-kinds: each split draws item kinds with its weights (a weight of 0 never appears), and the
-    by-kind set has exactly --per-kind items of every kind."""
+    by-kind set has exactly --per-kind items of every kind --kinds weighs (the same items as with every kind on)."""
     cfg = build.BuildConfig(kinds="easy=1,hard=3", rl_kinds="edge=1,relative=1,medium=2", per_kind=2)
     kinds = lambda items: [synth.question_kind(s.category, s.difficulty) for s in items]  # noqa: E731
     train = kinds(build._items(cfg, "train", 400))
     assert set(train) == {"easy", "hard"} and abs(train.count("hard") / 400 - 0.75) < 0.07
     rl = kinds(build._items(cfg, "rl", 400, "rl_kinds"))
     assert set(rl) == {"edge", "relative", "medium"} and abs(rl.count("medium") / 400 - 0.5) < 0.08
-    assert kinds(build._items_by_kind(cfg, 2)) == [k for k in synth.QUESTION_KINDS for _ in range(2)]
+    assert kinds(build._items_by_kind(cfg, 2)) == ["easy", "easy", "hard", "hard"]
+    every = build._items_by_kind(build.BuildConfig(per_kind=2), 2)
+    assert [s.uid for s in build._items_by_kind(cfg, 2)] == [s.uid for s in every if s.uid.split("-")[1] in ("easy", "hard")]
     for bad in ("easy=abc", "wide=1", "easy=-1", "easy=nan"):
         with pytest.raises(ValueError, match="--kinds"):
             build._items(build.BuildConfig(kinds=bad), "train", 1)
@@ -245,6 +247,15 @@ def test_trajectories_follow_the_eyesight_rule(tmp_path):
     assert abs(sum(allowed) / 3000 - 0.6) < 0.03
     assert all(build.main_view_allowed(cfg, k, "train", i) for k in ("easy", "medium") for i in range(50))  # 1.0 if unlisted
     assert build.main_view_allowed(cfg, "edge", "train", 7) == build.main_view_allowed(cfg, "edge", "train", 7)
+    # per resolution ("kind@R=acc" wins at R; "kind=acc" holds elsewhere)
+    rung = replace(cfg, eyesight="easy=0.9,easy@112=0.3,medium@224=0.95,medium@112=0.1", oracle_share="")
+    assert [build.main_view_allowed(rung, "easy", "train", 0, R) for R in (112, 224, None)] == [False, True, True]
+    assert [build.main_view_allowed(rung, "medium", "train", 0, R) for R in (112, 168, 224)] == [False, True, True]
+    assert rung.eyesight_at("medium", 224) == 0.95 and rung.eyesight_at("medium", 168) is None
+    for bad, msg in (("easy@x=0.5", "resolution"), ("easy@0=0.5", "resolution"), ("wide@112=0.5", "unknown kind"),
+                     ("easy@112=1.5", "easy@112")):
+        with pytest.raises(ValueError, match=msg):
+            build.BuildConfig(eyesight=bad)
     scenes = [synth.make_scene(synth.scene_rng(2, "train", i), category=c, difficulty=d)
               for i in range(12) for c, d in (synth.KIND_TARGET["easy"], synth.KIND_TARGET["edge"])]
     _, recs = build.trajectories(cfg, scenes, "train")

@@ -5,37 +5,41 @@ V* at each of 8 resolutions from 224 to 3840 px, and the adaptive model "automat
 zooming to direct observation" as resolution rises, with far fewer zooms and tokens than always-zoom models. This
 file reproduces the experiment in miniature on the synthetic task, on a CPU, with one command:
 
-    python sweep.py                      # data, three trainings, 4 x 8 evaluations, table (md + json) and plot
+    python sweep.py                      # data, three trainings, 4 x 7 evaluations, tables and plot
 
-The setting (what differs from the default run, and why). Qwen2.5-VL-7B sees an image at its own size (its processor
-caps at 12.8 M px), so a crop adds no pixels the model did not have: zooming helps because the small detail, blown
-up, covers more patches. Two knobs make the tiny model's world work that way:
-  * view cap 448 x 448 px (VIEW_MAX_PIXELS): every rung of the ladder is seen at full size, so what the model sees of
-    the main image grows with resolution (the default run caps every image at 112 x 112);
-  * acuity 5 px (ACUITY): the search agent counts a stripe texture as legible only where its period spans at least
-    5 px of the model's view (and synth.read_pattern reads it). Stripe periods are widened to match (PERIODS: easy
-    20, medium 7.5, hard 5 px of the 448 scene), so that on the ladder of 8 long sides from 112 to 448 px (LADDER;
-    the paper's spans 224 to 3840 px, 17x, ours 4x: the scene has 448 px to give, and its grid is gone below 112)
-    easy items are legible directly everywhere, medium ones need a zoom from 140 to 280 and are direct from 336,
-    hard ones need a zoom from 224 to 392 and are direct at 448, and below that nothing can be read (the crop comes
-    from the resized image: the detail is gone). results.md ends with this table, measured.
+The setting. Qwen2.5-VL-7B sees an image at its own size (its processor caps at 12.8 M px), so a crop adds no pixels
+the model did not have: zooming helps because the small detail, blown up, covers more patches. Here:
+  * the scene (data/synth.py, 448 px, 4 x 4 cells) is resized to each rung of LADDER (long side 56 to 224 px) and
+    seen at that size (VIEW_MAX_PIXELS = 224 x 224; the loop shows rungs under 112 px at 112, blurred): 16 tokens
+    at the bottom, 64 at the top, few enough for a 2-layer model to find the target among;
+  * three kinds of direction question (KIND_WEIGHTS): easy (a big object, stripes of 16 px of the scene), medium
+    (a small object, one token at the top rung, 12 px) and hard (a 28 px tag on a big object, 12 px), so that each
+    kind's stripes go from gone (under ~2 px of the image) to legible only after a zoom to legible directly as
+    the rung grows (results.md's last table, measured with the agent's reader);
+  * the search agent answers from the main view only where the model reads that kind directly at that rung at
+    least 80% of the time (EYESIGHT: the tool-banned accuracy, on val items, of a CoF-SFT model trained with the
+    reader's rule alone, 5 px acuity) and its reader reads it there; elsewhere it zooms. results.md prints this
+    table next to the direct model's accuracy in this run.
+Both SFT models are fine-tuned from the default run's SFT checkpoint (`python sft.py`, trained first if missing), which
+already reads stripes of 5-7 px, knows the colours, the grid words and the tool-call format. Trained from scratch on
+this setting's rows, the tiny model learnt where to zoom but read no better than chance in 2,500 steps
+(docs/notes.md). MIN_BOX keeps every zoom at about twice the main image's scale, so the stripes a zoom is needed
+for (2.5-5 px in the main view) show at 5-10 px, the scale it reads.
 
 The four models, all evaluated greedily through cof.py's loop on the same balanced test items (data/build.py's
 test_by_kind: `per_kind` of each kind) resized to each rung:
   (a) direct      CoF-SFT with <tool_call> banned (CofConfig.direct): the model forced to answer from the image;
-  (b) always-zoom SFT on trajectories that zoom on every question (data.build --always_zoom);
-  (c) CoF-SFT     SFT on the agent's adaptive trajectories (a zoom only where the detail is illegible);
-  (d) CoF-GRPO    (c) after grpo.py on the RL prompts of the same mix of rungs.
-Both SFT models start from the default run's SFT checkpoint (`python sft.py`, trained first if missing): it already
-knows the colours, the grid words and the tool-call format, so a short fine-tune teaches the new views.
+  (b) always-zoom SFT on trajectories that zoom on every question (data.build --always-zoom);
+  (c) CoF-SFT     SFT on the agent's adaptive trajectories;
+  (d) CoF-GRPO    (c) after grpo.py (AGAR) on RL prompts of the same rungs and kinds.
 
 Every stage is skipped when its output is complete and resumes when it was cut (sft.py / grpo.py --resume auto,
 evaluate.evaluate's per-question file); a trained stage is recognised by its last checkpoint only, so other training
 options want another --out. Stages that do not need each other run side by side (`parallel`, on by default: two
 1-thread jobs make better use of 2 cores than one 2-thread job does for a model this small); the trainers print to
 OUT/logs/<job>.log and the sweep prints each running job's progress once a minute. Outputs under OUT (runs/sweep):
-data/, data-always/, sft-cof/, sft-always/, grpo/, logs/, eval/<model>.jsonl (every trajectory), results.json,
-results.md, results.png.
+data/, data-always/, sft-cof/, sft-always/, grpo/, logs/, eval/<model>.jsonl (every trajectory),
+results.json, results.md, results.png.
 """
 from __future__ import annotations
 
@@ -63,27 +67,41 @@ import trainer
 from data import build, synth, tiny
 from trainer import option
 
-LADDER = (112, 140, 168, 224, 280, 336, 392, 448)   # long side, px (the scene is 448)
-VIEW_MAX_PIXELS = 448 * 448                          # the model processor's cap: no rung is shrunk for the model
-ACUITY = 5.0                                         # finest stripe period (px of a model view) counted as legible
-PERIODS = "easy=20,edge=20,medium=7.5,hard=5"               # stripe periods (px of the 448 scene) of this setting
-KIND_WEIGHTS = "easy=0.07,edge=0.05,medium=0.42,hard=0.16,relative=0.3"   # the train/val items' kinds
-RL_KIND_WEIGHTS = "easy=2,edge=1,medium=2,hard=2,relative=1"              # the RL prompts' kinds
+LADDER = (56, 84, 112, 140, 168, 196, 224)   # long side, px (the scene is 448)
+VIEW_MAX_PIXELS = 224 * 224                  # the model processor's cap: no rung is shrunk for the model
+ACUITY = 5.0                                 # finest stripe period (px of a model view) the agent's reader counts
+PERIODS = "easy=16,medium=14"                # stripe periods (px of the 448 scene) of this setting
+MIN_BOX = 38                                 # smallest box the agent zooms on (main-image px): every zoom x2 or more
+KIND_WEIGHTS = "easy=1,medium=1"             # the question kinds of the train / val / test items
+RL_KIND_WEIGHTS = "easy=1,medium=1"          # the RL prompts' kinds
+KINDS = tuple(build.BuildConfig(kinds=KIND_WEIGHTS).parsed_kinds("kinds"))
 MODELS = ("direct", "always-zoom", "cof-sft", "cof-grpo")
-KINDS = synth.QUESTION_KINDS
+# The model's eyesight: per kind, its direct (tool-banned) accuracy at each rung of LADDER, measured on 70 items a
+# kind (build --seed 1 --per_kind 70, every item at every rung: not the test items) by a CoF-SFT fine-tune on this
+# setting's rows built with the reader's rule alone (--eyesight "", 6,000 scenes, easy / medium / hard; docs/notes.md).
+# The agent answers from the main view where this reaches EYESIGHT_BAR (and its reader reads it there): the model's
+# zoomed reading of these kinds is 40-80%, so a direct answer it gets right 60% of the time is worth keeping.
+EYESIGHT = {"easy": (0.043, 0.043, 0.043, 0.643, 0.829, 0.8, 0.786),
+            "medium": (0.043, 0.071, 0.071, 0.214, 0.629, 0.771, 0.7)}
+EYESIGHT_BAR = 0.6
+
+
+def eyesight_option():
+    """EYESIGHT as data.build's --eyesight value ('kind@R=accuracy,...')."""
+    return ",".join(f"{k}@{R}={a:g}" for k, accs in EYESIGHT.items() for R, a in zip(LADDER, accs))
 
 
 @dataclasses.dataclass
 class SweepConfig:
     out: str = option("runs/sweep", "output directory (every stage's files; reused and resumed on a second run)")
     seed: int = option(0, "seed of the data, the trainings and the sampling")
-    base: str = option("", "checkpoint both SFT runs start from; empty = the default run's (`python sft.py`)")
-    train_items: int = option(2000, "training scenes (SFT rows = the successful searches among them)")
+    base: str = option("", "checkpoint both SFT runs start from; empty = the default run's (`sft.py`, trained if missing)")
+    train_items: int = option(6000, "training scenes (SFT rows = the successful searches among them)")
     rl_items: int = option(2000, "RL prompts")
-    per_kind: int = option(50, "test items of each question kind; each is asked at every rung")
-    sft_steps: int = option(1000, "optimizer steps of each SFT fine-tune (batch 32)")
+    per_kind: int = option(105, "test items of each question kind; each is asked at every rung")
+    sft_steps: int = option(1500, "optimizer steps of each SFT fine-tune (batch 32)")
     sft_lr: float = option(1e-3, "peak learning rate of the SFT fine-tunes")
-    grpo_steps: int = option(200, "GRPO steps (16 prompts x 6 samples each)")
+    grpo_steps: int = option(150, "GRPO steps (16 prompts x 6 samples each)")
     eval_batch: int = option(50, "questions decoded together in the evaluation")
     threads: int = option(1, "torch CPU threads of each job (fixed, so that the numbers do not depend on `parallel`)")
     parallel: bool = option(True, "run stages that do not need each other side by side (two at a time)")
@@ -119,7 +137,8 @@ def build_data(cfg, always_zoom):
                              val=200, test=0, per_kind=0 if always_zoom else cfg.per_kind,
                              resolutions=",".join(map(str, LADDER)), view_max_pixels=VIEW_MAX_PIXELS,
                              kinds=KIND_WEIGHTS, rl_kinds=RL_KIND_WEIGHTS, periods=PERIODS, acuity=ACUITY,
-                             eyesight="", oracle_share="", always_zoom=always_zoom,
+                             min_box=MIN_BOX, eyesight=eyesight_option(), eyesight_bar=EYESIGHT_BAR, oracle_share="",
+                             always_zoom=always_zoom,
                              table_items=0 if always_zoom else 3)
     card = os.path.join(out, "card.json")
     if E.matches_record(card, {"config": dataclasses.asdict(bcfg), "version": build.VERSION}):
@@ -140,10 +159,11 @@ def _die_with_parent():
 
 
 class Job:
-    """A trainer run as its own process (the command a reader would type), unless `done` (its last checkpoint) exists.
-    Its output goes to OUT/logs/NAME.log, so that two jobs side by side do not interleave their progress bars."""
+    """A trainer run as its own process (the command a reader would type; `procs` > 1: under torchrun), unless `done`
+    (its last checkpoint) exists. Its output goes to OUT/logs/NAME.log, so that two jobs side by side do not
+    interleave their progress bars."""
 
-    def __init__(self, cfg, name, argv, done):
+    def __init__(self, cfg, name, argv, done, procs=1):
         self.name, self.done, self.proc = name, done, None
         if os.path.exists(done):
             log(f"reusing {done}")
@@ -152,8 +172,9 @@ class Job:
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         log(f"{name}: " + " ".join(argv) + f"  (output: {self.log_path})")
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), argv[0])
+        launch = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={procs}"] if procs > 1 else [])
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, script] + argv[1:], stdout=out, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(launch + [script] + argv[1:], stdout=out, stderr=subprocess.STDOUT,
                                          preexec_fn=_die_with_parent)
         self.t0 = time.time()
 
@@ -198,13 +219,25 @@ def _common(cfg, data):
             "--seed", str(cfg.seed), "--resume", "auto", "--max_len", "2048"]
 
 
-def train_sft(cfg, base, data, name):
-    """Start the SFT fine-tune NAME (a Job) on the trajectories in DATA."""
+def default_run(cfg):
+    """The checkpoint both SFT runs start from: --base, or the default run's (`sft.py` with no options, trained
+    first when missing: the 112 px world, where the tiny model learns to read stripes of 5-7 px)."""
+    if cfg.base:
+        return Job(cfg, "sft-default", [], cfg.base)
+    done = os.path.join(sft.TINY_PRESET["out"], f"ckpt-{sft.TINY_PRESET['max_steps']:06d}")
+    return Job(cfg, "sft-default", ["sft.py"], done, procs=2)
+
+
+def train_sft(cfg, start, data, name):
+    """Start the SFT run NAME (a Job) from START on the trajectories in DATA, with the default run's recipe
+    (sft.TINY_PRESET) at `sft_steps` and `sft_lr`."""
     out = os.path.join(cfg.out, name)
-    argv = ["sft.py", "--model", base, "--data", os.path.join(data, "sft_train.json"), "--out", out,
-            "--max_steps", str(cfg.sft_steps), "--batch_size", "8", "--grad_accum", "4", "--lr", str(cfg.sft_lr),
-            "--warmup_ratio", "0.05", "--min_lr_ratio", "0.05", "--answer_weight", "4", "--freeze_vision", "no",
-            "--eval_every", "0", "--save_every", "250", "--no-eval_no_zoom"] + _common(cfg, data)
+    recipe = {k: sft.TINY_PRESET[k] for k in ("batch_size", "grad_accum", "warmup_ratio", "min_lr_ratio",
+                                                "weight_decay", "clip_grad", "answer_weight")}
+    argv = ["sft.py", "--model", start, "--data", os.path.join(data, "sft_train.json"), "--out", out,
+            "--max_steps", str(cfg.sft_steps), "--lr", str(cfg.sft_lr), "--freeze_vision", "no",
+            "--eval_every", "0", "--save_every", "250", "--no-eval_no_zoom"]
+    argv += [a for k, v in recipe.items() for a in (f"--{k}", str(v))] + _common(cfg, data)
     return Job(cfg, name, argv, os.path.join(out, f"ckpt-{cfg.sft_steps:06d}"))
 
 
@@ -259,8 +292,8 @@ def result_rows(records):
 def markdown(rows):
     """The full table, then accuracy and mean zooms pivoted (rung x model)."""
     f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-    s = ("| long side | model | accuracy | easy | medium | hard | relative | mean zooms | answered directly | "
-         "tokens / q | s / q |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    s = ("| long side | model | accuracy | " + " | ".join(KINDS) + " | mean zooms | answered directly | tokens / q | "
+         "s / q |\n" + "|---" * (len(KINDS) + 7) + "|\n")
     for r in rows:
         s += (f"| {r['resolution']} | {r['model']} | {f(r['accuracy'])} | "
               + " | ".join(f(r[f'acc_{k}'], 0) for k in KINDS)
@@ -273,6 +306,24 @@ def markdown(rows):
             cells = [next((f(r[key], d) for r in rows if r["model"] == m and r["resolution"] == R), "-")
                      for m in names]
             s += f"| {R} | " + " | ".join(cells) + " |\n"
+    return s
+
+
+def eyesight_markdown(rows):
+    """The agent's rule (EYESIGHT, measured before the run; `direct` where it reaches EYESIGHT_BAR) next to this
+    run's direct model, per kind and rung (direct accuracy in %)."""
+    s = (f"The eyesight rule: per kind and rung, the direct accuracy EYESIGHT was measured at (val items) -> this run's "
+         f"direct model (test items), and what the agent's trajectories do there (direct where EYESIGHT >= "
+         f"{100 * EYESIGHT_BAR:.0f}% and the reader reads the main view, else zoom):\n\n| kind | "
+         + " | ".join(str(R) for R in LADDER) + " |\n" + "|---" * (len(LADDER) + 1) + "|\n")
+    got = {r["resolution"]: r for r in rows if r["model"] == "direct"}
+    for k, accs in EYESIGHT.items():
+        cells = []
+        for R, a in zip(LADDER, accs):
+            now = got.get(R, {}).get(f"acc_{k}")
+            cells.append(f"{100 * a:.0f} -> {'-' if now is None else f'{now:.0f}'} "
+                         f"({'direct' if a >= EYESIGHT_BAR else 'zoom'})")
+        s += f"| {k} | " + " | ".join(cells) + " |\n"
     return s
 
 
@@ -298,11 +349,11 @@ def plot(rows, png):
 
 
 def run(cfg):
-    """The stages in dependency order. With `parallel`, stages that do not need each other run side by side: the
-    two fine-tunes, then GRPO beside the evaluation of the other three models, each job with `threads` threads (1:
-    two 1-thread jobs keep 2 cores busier than one 2-thread job on a model this small). The default SFT run, when
-    missing, runs alone with its own 2 threads (beside another job, its threads would wait for each other and it
-    slows down five times). Thread counts never depend on `parallel`, so it changes the wall time, not a number."""
+    """The stages in dependency order. The default run (when missing) trains alone, two processes under torchrun, as
+    the main job does. With `parallel`, stages that do not need each other then run side by side: the two SFT
+    fine-tunes, then GRPO beside the evaluation of the other three models, each job with `threads` threads (1: two
+    1-thread jobs keep 2 cores busier than one 2-thread job on a model this small). Thread counts never depend on
+    `parallel`, so it changes the wall time, not a number."""
     t0 = time.time()
     torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)
@@ -315,10 +366,9 @@ def run(cfg):
         return job
 
     try:
-        base = cfg.base or os.path.join(sft.TINY_PRESET["out"], f"ckpt-{sft.TINY_PRESET['max_steps']:06d}")
         data, data_always = build_data(cfg, False), build_data(cfg, True)
-        running.append(Job(cfg, "sft-default", ["sft.py"], base))   # alone: the default run's 2 threads
-        running[-1].wait()
+        running.append(default_run(cfg))      # alone, on both cores
+        base = running[-1].wait()
         sft_cof = start(train_sft(cfg, base, data, "sft-cof"))
         sft_always = start(train_sft(cfg, base, data_always, "sft-always"))
         ckpts = {"cof-sft": sft_cof.wait([sft_always])}
@@ -332,19 +382,27 @@ def run(cfg):
     finally:
         for job in running:
             job.stop()
-    records = {name: records[name] for name in MODELS}
+    return write_results(cfg, {name: records[name] for name in MODELS}, ckpts, time.time() - t0)
+
+
+def write_results(cfg, records, ckpts, seconds):
+    """results.json, results.md (the table, the eyesight rule against this run's direct model, the legibility
+    table) and results.png under OUT; returns the table's rows."""
     rows = result_rows(records)
-    legible = build.legibility_table(LADDER, VIEW_MAX_PIXELS, n=3, acuity=ACUITY,
+    legible = build.legibility_table(LADDER, VIEW_MAX_PIXELS, n=3, acuity=ACUITY, min_box=MIN_BOX,
                                      periods=build.BuildConfig(periods=PERIODS).parsed_periods())
-    minutes = (time.time() - t0) / 60
+    legible = [r for r in legible if synth.question_kind(r["category"], r["difficulty"]) in KINDS]
+    minutes = seconds / 60
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump({"config": dataclasses.asdict(cfg), "ladder": LADDER, "acuity": ACUITY, "periods": PERIODS,
-                   "view_max_pixels": VIEW_MAX_PIXELS, "checkpoints": ckpts, "rows": rows, "legibility": legible,
-                   "minutes_this_run": round(minutes, 1)}, f, indent=1)
+                   "view_max_pixels": VIEW_MAX_PIXELS, "eyesight": EYESIGHT, "eyesight_bar": EYESIGHT_BAR,
+                   "checkpoints": ckpts, "rows": rows, "legibility": legible, "minutes_this_run": round(minutes, 1)},
+                  f, indent=1)
     table = markdown(rows)
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(table + f"\nLegibility in this setting (acuity {ACUITY:g} px; stripe period in px / contrast left / "
-                f"share read right by the agent's reader, 3 items per row):\n\n" + build.table_markdown(legible))
+        f.write(table + "\n" + eyesight_markdown(rows)
+                + f"\nLegibility in this setting (acuity {ACUITY:g} px; stripe period in px / contrast left / share "
+                f"read right by the agent's reader, 3 items per row):\n\n" + build.table_markdown(legible))
     print(table)
     log(f"wrote {cfg.out}/results.md, results.json and {plot(rows, os.path.join(cfg.out, 'results.png'))} "
         f"({minutes:.1f} min)")

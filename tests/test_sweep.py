@@ -23,16 +23,15 @@ PERIODS = build.BuildConfig(periods=sweep.PERIODS).parsed_periods()
 def test_periods_change_only_the_stripes():
     plain = synth.make_split(3, "train", 30)
     wide = synth.make_split(3, "train", 30, periods=PERIODS)
-    assert PERIODS == {"easy": 20.0, "edge": 20.0, "medium": 7.5, "hard": 5.0}
+    assert PERIODS == {"easy": 16.0, "edge": 8.0, "medium": 14.0, "hard": 2.5}      # edge and hard keep their own
+    swap = {synth.PERIOD[d]: PERIODS[d] for d in synth.PERIOD}
     for a, b in zip(plain, wide):
         assert (a.question, a.label, a.target_box, a.detail_box) == (b.question, b.label, b.target_box, b.detail_box)
         assert [(o.cell, o.colour, o.shape, o.box, o.tag) for o in a.objects] == \
             [(o.cell, o.colour, o.shape, o.box, o.tag) for o in b.objects]
         for oa, ob in zip(a.objects, b.objects):            # every texture, distractors' too, swaps its period
             for ta, tb in zip(oa.textures, ob.textures):
-                want = {synth.PERIOD[d]: PERIODS[d] for d in synth.PERIOD}[ta.period]
-                assert (ta.box, ta.orientation, tb.period) == (tb.box, tb.orientation, want)
-    assert {t.period for sc in wide for t in sc.details} == set(PERIODS.values())
+                assert (ta.box, ta.orientation, tb.period) == (tb.box, tb.orientation, swap[ta.period])
     for bad in ({"huge": 3.0}, {"medium": 1.0}, {"hard": float("nan")}):
         with pytest.raises(ValueError, match="stripe periods"):
             synth.check_periods(bad)
@@ -41,46 +40,56 @@ def test_periods_change_only_the_stripes():
 
 
 def test_the_setting_crosses_over_where_the_docstring_says():
-    """sweep.py's claims, measured by the reader with the acuity rule: easy direct everywhere; medium needs a zoom at
-    140..280 and is direct from 336; hard needs a zoom at 224..392 and is direct at 448; nothing below that."""
-    rows = build.legibility_table(resolutions=(112, 168, 280, 336, 392, 448), view_max_pixels=sweep.VIEW_MAX_PIXELS,
-                                  n=2, acuity=sweep.ACUITY, periods=PERIODS)
-    got = {(r["resolution"], r["category"][:3], r["difficulty"]): (r["main_legible"], r["cell_legible"]) for r in rows}
-    assert all(got[(R, "dir", "easy")] == (1, 1) for R in (112, 168, 448))
-    assert got[(112, "dir", "medium")] == (0, 0) and got[(168, "dir", "medium")] == (0, 1)
-    assert got[(280, "dir", "medium")] == (0, 1) and got[(336, "dir", "medium")] == (1, 1)
-    assert got[(168, "dir", "hard")] == (0, 0) and got[(280, "dir", "hard")] == (0, 1)
-    assert got[(392, "dir", "hard")] == (0, 1) and got[(448, "dir", "hard")] == (1, 1)
-    main = {r["resolution"]: r["main_px"] for r in rows}
-    assert main == {R: R for R in (112, 168, 280, 336, 392, 448)}        # no rung is shrunk for the model
+    """sweep.py's claims, measured by the reader with the acuity rule: both kinds' stripes need a zoom at 112 px and
+    are read directly from 168; easy is direct from 140; at 56 px only easy survives (a zoom reads it); rungs under
+    112 are shown at 112."""
+    ladder = (56, 112, 140, 168, 196, 224)
+    rows = build.legibility_table(resolutions=ladder, view_max_pixels=sweep.VIEW_MAX_PIXELS, n=2,
+                                  acuity=sweep.ACUITY, periods=PERIODS, min_box=sweep.MIN_BOX)
+    got = {(r["resolution"], r["difficulty"]): (r["main_legible"], r["cell_legible"]) for r in rows
+           if r["category"] == "direct_attributes"}
+    assert sweep.KINDS == ("easy", "medium")
+    assert got[(56, "easy")] == (0, 1) and got[(56, "medium")] == (0, 0)
+    assert got[(112, "easy")] == (0, 1) and got[(112, "medium")] == (0, 1)
+    assert got[(140, "easy")] == (1, 1) and got[(140, "medium")] == (0, 1)
+    assert all(got[(R, k)] == (1, 1) for R in (168, 196, 224) for k in sweep.KINDS)
+    assert {r["resolution"]: r["main_px"] for r in rows} == {R: max(R, 112) for R in ladder}
 
 
 def _search(sc, R, acuity, always_zoom=False):
-    world = agent.scene_world(sc, synth.render(sc), R, sweep.VIEW_MAX_PIXELS, acuity)
+    world = agent.scene_world(sc, synth.render(sc), R, sweep.VIEW_MAX_PIXELS, acuity, min_box=sweep.MIN_BOX)
     return agent.search(world, agent.OracleTools(), always_zoom=always_zoom)
 
 
 def test_acuity_is_what_makes_the_agent_zoom():
     sc = synth.make_scene(synth.scene_rng(0, "test", 5), category="direct_attributes", difficulty="medium",
                           periods=PERIODS)
-    ideal, sharp = _search(sc, 280, 0.0), _search(sc, 280, sweep.ACUITY)
-    # at 280 px the stripes are 4.7 px in the view: in the pixels (the ideal reader answers directly), under acuity
+    ideal, sharp = _search(sc, 140, 0.0), _search(sc, 140, sweep.ACUITY)
+    # at 140 px the stripes are 4.4 px in the view: in the pixels (the ideal reader answers directly), under acuity
     assert ideal.success and ideal.zooms == []
     assert sharp.success and len(sharp.zooms) == 1 and sharp.final.letter == sc.label
     texts, images = agent.summarize(sharp)
-    assert "<tool_call>" in texts[0] and images[1].size[0] > 2 * 280 * 56 // 448
+    assert "<tool_call>" in texts[0] and images[1].size[0] >= 2 * 1.5 * sweep.MIN_BOX - 4   # the zoom doubles
 
 
 def test_always_zoom_zooms_where_the_adaptive_agent_answers_directly():
     sc = synth.make_scene(synth.scene_rng(0, "test", 6), category="direct_attributes", difficulty="easy",
                           periods=PERIODS)
-    adaptive, always = _search(sc, 448, sweep.ACUITY), _search(sc, 448, sweep.ACUITY, always_zoom=True)
+    adaptive, always = _search(sc, 224, sweep.ACUITY), _search(sc, 224, sweep.ACUITY, always_zoom=True)
     assert adaptive.success and adaptive.zooms == []
     assert always.success and len(always.zooms) == 1 and always.final.letter == sc.label
     cfg = build.BuildConfig.from_args(["--always-zoom", "true", "--acuity", "5", "--periods", sweep.PERIODS])
     assert cfg.always_zoom is True and cfg.acuity == 5.0
     with pytest.raises(SystemExit):
         build.BuildConfig.from_args(["--always-zoom", "maybe"])
+
+
+def test_eyesight_table_is_the_build_option():
+    """EYESIGHT has one accuracy per rung and kind, and the build sees each of them at its own rung."""
+    assert set(sweep.EYESIGHT) == set(sweep.KINDS) and all(len(v) == len(sweep.LADDER) for v in sweep.EYESIGHT.values())
+    cfg = build.BuildConfig(eyesight=sweep.eyesight_option())
+    for k, accs in sweep.EYESIGHT.items():
+        assert [cfg.eyesight_at(k, R) for R in sweep.LADDER] == list(accs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,14 +151,16 @@ def test_direct_equals_banning_the_logit_in_the_model(tiny_model):
 
 
 def _records():
-    """Two models x two rungs, one question of each kind (easy, edge, medium, hard, relative), with known outcomes."""
+    """Two models x two rungs, two questions of each kind (easy, medium), with known outcomes."""
     out = {}
-    for name, zooms in (("always-zoom", [1, 1, 1, 2, 1]), ("cof-sft", [0, 0, 1, 2, 0])):
+    for name, zooms in (("always-zoom", [1, 1]), ("cof-sft", [0, 1])):
         recs = []
-        for R in (112, 448):
+        for R in (112, 224):
             for k, kind in enumerate(sweep.KINDS):
-                recs.append(dict(resolution=R, kind=kind, category="x", correct=(k < 4 if R == 448 else k == 0),
-                                 n_zooms=zooms[k], n_generated=40 + 30 * zooms[k], seconds=0.5, error=None))
+                for j in range(2):
+                    recs.append(dict(resolution=R, kind=kind, category="x", correct=(k == 0 or j == 0) if R == 224
+                                     else (k == 0 and j == 0), n_zooms=zooms[k], n_generated=40 + 30 * zooms[k],
+                                     seconds=0.5, error=None))
         out[name] = recs
     return out
 
@@ -157,15 +168,18 @@ def _records():
 def test_result_rows_markdown_and_plot(tmp_path):
     rows = sweep.result_rows(_records())
     by = {(r["model"], r["resolution"]): r for r in rows}
-    assert len(rows) == 4 and by[("cof-sft", 448)]["accuracy"] == 80.0 and by[("cof-sft", 112)]["accuracy"] == 20.0
-    r = by[("cof-sft", 448)]
-    assert (r["acc_easy"], r["acc_edge"], r["acc_relative"], r["n"]) == (100.0, 100.0, 0.0, 5)
-    assert r["mean_zooms"] == 0.6 and r["direct_share"] == 60.0 and r["gen_tokens"] == 58.0 and r["s_per_q"] == 0.5
-    assert by[("always-zoom", 448)]["direct_share"] == 0.0 and by[("always-zoom", 448)]["gen_tokens"] == 76.0
+    assert len(rows) == 4 and by[("cof-sft", 224)]["accuracy"] == 75.0 and by[("cof-sft", 112)]["accuracy"] == 25.0
+    r = by[("cof-sft", 224)]
+    assert (r["acc_easy"], r["acc_medium"], r["n"]) == (100.0, 50.0, 4)
+    assert r["mean_zooms"] == 0.5 and r["direct_share"] == 50.0 and r["gen_tokens"] == 55.0 and r["s_per_q"] == 0.5
+    assert by[("always-zoom", 224)]["direct_share"] == 0.0 and by[("always-zoom", 224)]["gen_tokens"] == 70.0
     md = sweep.markdown(rows)
-    assert "| 448 | cof-sft | 80.0 | 100 | 100 | 100 | 100 | 0 | 0.60 | 60% | 58 | 0.500 |" in md
-    assert "| long side | always-zoom | cof-sft |\n|---|---|---|\n| 112 | 20.0 | 20.0 |" in md
-    assert "| 448 | 1.20 | 0.60 |" in md                                 # mean zooms pivot
+    assert "| long side | model | accuracy | easy | medium | mean zooms |" in md
+    assert "| 224 | cof-sft | 75.0 | 100 | 50 | 0.50 | 50% | 55 | 0.500 |" in md
+    assert "| long side | always-zoom | cof-sft |\n|---|---|---|\n| 56 | - | - |\n| 84 | - | - |\n| 112 | 25.0 | 25.0 |" in md
+    assert "| 224 | 1.00 | 0.50 |" in md                                 # mean zooms pivot
+    eye = sweep.eyesight_markdown([dict(r, model="direct") for r in rows if r["model"] == "cof-sft"])
+    assert eye.count("\n| ") == 1 + len(sweep.KINDS) and "-> 100 (" in eye and "-> 50 (" in eye
     png = sweep.plot(rows, str(tmp_path / "p.png"))
     im = Image.open(png)
     assert im.size == (3 * 560, 300) and len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 3      # lines drawn in the models' colours
@@ -226,3 +240,22 @@ def test_a_killed_sweep_takes_its_trainers_with_it():
     while state() not in ("Z", "gone") and time.time() < deadline:
         time.sleep(0.05)
     assert state() in ("Z", "gone")
+
+
+def test_min_box_grows_zoom_boxes_about_their_centre_inside_the_image():
+    """World.min_box: the oracle's boxes grow to at least min_box a side (the object's box stays inside), shift to
+    stay in the image, and the crop rule then shows them at twice the main image's scale or more."""
+    sc = synth.make_scene(synth.scene_rng(0, "test", 5), category="direct_attributes", difficulty="medium",
+                          periods=PERIODS)
+    tools = agent.OracleTools()
+    for R in (112, 168, 224):
+        plain = agent.scene_world(sc, None, R, sweep.VIEW_MAX_PIXELS)
+        grown = agent.scene_world(sc, None, R, sweep.VIEW_MAX_PIXELS, min_box=sweep.MIN_BOX)
+        b0, b = tools.locate(plain), tools.locate(grown)
+        assert b0[2] - b0[0] < sweep.MIN_BOX and agent.contains(b, b0)
+        assert min(b[2] - b[0], b[3] - b[1]) >= sweep.MIN_BOX - 1 and 0 <= b[0] and b[2] <= grown.size[0]
+        assert abs((b[0] + b[2]) - (b0[0] + b0[2])) <= 2 or b[0] == 0 or b[2] == grown.size[0]
+        assert grown.zoom(agent.tool_call_text(b)).scale[0] >= 1.9
+    w = agent.scene_world(sc, None, 112, sweep.VIEW_MAX_PIXELS, min_box=38)
+    assert w.grown((0, 100, 10, 110)) == (0, 74, 38, 112)                # pushed in from the corner
+    assert w.grown((10, 10, 60, 60)) == (10, 10, 60, 60)                 # big enough already

@@ -59,9 +59,8 @@ import evaluate as E
 import grpo
 import report
 import sft
-import trainer
+from checks import option
 from data import build, synth, tiny
-from trainer import option
 
 LADDER = (112, 140, 168, 224, 280, 336, 392, 448)   # long side, px (the scene is 448)
 VIEW_MAX_PIXELS = 448 * 448                          # the model processor's cap: no rung is shrunk for the model
@@ -192,10 +191,10 @@ class Job:
 
 def _common(cfg, data):
     """Options both trainers take in this setting (the tiny preset's, with the generous view)."""
-    return ["--min_pixels", str(tiny.TINY_MIN_PIXELS), "--max_pixels", str(VIEW_MAX_PIXELS), "--drop_system",
-            "--eval_data", os.path.join(data, "val.jsonl"), "--eval_n", "100", "--eval_max_new_tokens", "96",
-            "--eval_batch", str(cfg.eval_batch), "--eval_question_format", "train", "--threads", str(cfg.threads),
-            "--seed", str(cfg.seed), "--resume", "auto", "--max_len", "2048"]
+    return ["--eval.processor_min_pixels", str(tiny.TINY_MIN_PIXELS), "--eval.processor_max_pixels",
+            str(VIEW_MAX_PIXELS), "--eval.system", "false", "--eval_data", os.path.join(data, "val.jsonl"), "--eval_n",
+            "100", "--eval.max_new_tokens", "96", "--eval_batch", str(cfg.eval_batch), "--eval.question_format",
+            "train", "--threads", str(cfg.threads), "--seed", str(cfg.seed), "--resume", "auto"]
 
 
 def train_sft(cfg, base, data, name):
@@ -204,7 +203,7 @@ def train_sft(cfg, base, data, name):
     argv = ["sft.py", "--model", base, "--data", os.path.join(data, "sft_train.json"), "--out", out,
             "--max_steps", str(cfg.sft_steps), "--batch_size", "8", "--grad_accum", "4", "--lr", str(cfg.sft_lr),
             "--warmup_ratio", "0.05", "--min_lr_ratio", "0.05", "--answer_weight", "4", "--freeze_vision", "no",
-            "--eval_every", "0", "--save_every", "250", "--no-eval_no_zoom"] + _common(cfg, data)
+            "--eval_every", "0", "--save_every", "250", "--eval_no_zoom", "false", "--max_len", "2048"] + _common(cfg, data)
     return Job(cfg, name, argv, os.path.join(out, f"ckpt-{cfg.sft_steps:06d}"))
 
 
@@ -212,10 +211,12 @@ def train_grpo(cfg, start, data):
     """Start GRPO (a Job) from the CoF-SFT checkpoint START."""
     out = os.path.join(cfg.out, "grpo")
     preset = {k: grpo.TINY_GRPO_PRESET[k] for k in ("prompts_per_step", "group_size", "micro_batch", "lr", "beta",
-                                                    "max_new_tokens")}
+                                                    "rollout.max_new_tokens")}
     argv = ["grpo.py", "--model", start, "--data", os.path.join(data, "rl_train.jsonl"), "--out", out,
-            "--max_steps", str(cfg.grpo_steps), "--freeze_vision", "yes", "--freeze_merger", "--no-eval_start",
-            "--eval_every", "0", "--save_every", "25", "--compile" if cfg.compile else "--no-compile"]
+            "--max_steps", str(cfg.grpo_steps), "--freeze_vision", "yes", "--freeze_merger", "--eval_start", "false",
+            "--eval_every", "0", "--save_every", "25", "--rollout.compile", str(cfg.compile).lower(),
+            "--rollout.processor_min_pixels", str(tiny.TINY_MIN_PIXELS), "--rollout.processor_max_pixels",
+            str(VIEW_MAX_PIXELS), "--rollout.system", "false", "--rollout.max_model_len", "2048"]
     argv += [a for k, v in preset.items() for a in (f"--{k}", str(v))] + _common(cfg, data)
     return Job(cfg, "grpo", argv, os.path.join(out, f"ckpt-{cfg.grpo_steps:06d}"))
 
@@ -352,7 +353,7 @@ def run(cfg):
 
 
 def main(argv=None):
-    cfg = trainer.parse_config(SweepConfig, argv, None, __doc__.split("\n\n")[0])
+    cfg = checks.parse_config(SweepConfig, argv, None, __doc__.split("\n\n")[0])
     try:
         run(cfg)
     except (subprocess.CalledProcessError, RuntimeError, ValueError, FileNotFoundError) as e:

@@ -621,7 +621,7 @@ def _sft_resume_cli(env):
     ckpt = _damage(env, "cli_state", "state.json", b"{oops")
     return sft.main(["--model", env.model, "--data", env.rows, "--out", os.path.dirname(ckpt), "--resume", ckpt,
                      "--max_steps", "2", "--batch_size", "1", "--grad_accum", "1", "--max_len", "512",
-                     "--eval_n", "0", "--no-progress", "--threads", "1"])
+                     "--eval_n", "0", "--progress", "false", "--threads", "1"])
 
 
 add("resume/sft_cli_damaged_state", _sft_resume_cli, Exits(1, "sft.py: error:", "state.json", RESUME))
@@ -648,12 +648,18 @@ argv_error(sft.main, "sft.py", {
     "dtype_choice": (["--dtype", "fp8"], "--dtype", "one of"),
     "freeze_choice": (["--freeze_vision", "maybe"], "--freeze_vision"),
     "unknown_option": (["--lerning_rate", "1"], "unrecognized arguments", "--lerning_rate"),
-    "pixels_inverted": (["--min_pixels", "5000", "--max_pixels", "100"], "--min_pixels", "larger than --max_pixels"),
+    "pixels_inverted": (["--eval.processor_min_pixels", "5000", "--eval.processor_max_pixels", "100"],
+                        "--eval.processor_min_pixels", "larger than --eval.processor_max_pixels"),
+    "bool_text": (["--eval_no_zoom", "maybe"], "--eval_no_zoom", "true/false"),
+    "nested_unknown": (["--eval.max_turn", "3"], "unrecognized arguments", "--eval.max_turn"),
+    "nested_bad": (["--eval.max_new_tokens", "0"], "--eval.max_new_tokens must be a whole number >= 1"),
 })
 argv_error(grpo.main, "grpo.py", {
     "group_size_zero": (["--group_size", "0"], "--group_size", ">= 1"),
-    "temperature_zero": (["--temperature", "0"], "--temperature", "> 0"),
-    "temperature_nan": (["--temperature", "nan"], "--temperature"),
+    "temperature_zero": (["--rollout.temperature", "0"], "--rollout.temperature", "> 0"),
+    "temperature_nan": (["--rollout.temperature", "nan"], "--rollout.temperature"),
+    "greedy_rollouts": (["--rollout.do_sample", "false"], "--rollout.do_sample", "must stay true"),
+    "loops_differ": (["--rollout.system", "true"], "--rollout.system True and --eval.system False differ"),
     "clip_low_one": (["--clip_low", "1"], "--clip_low", "< 1"),
     "clip_dual_half": (["--clip_dual", "0.5"], "--clip_dual", "> 1"),
     "seed_negative": (["--seed", "-1"], "--seed"),

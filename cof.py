@@ -896,6 +896,3 @@ def rollouts(model, tokenizer, images, questions, group_size, cfg=None, generato
     cfg = CofConfig.from_dict({**{f.name: getattr(base, f.name) for f in fields(CofConfig)}, **overrides})
     return run(model, tokenizer, images, questions, cfg, group_size=group_size, generator=generator, messages=messages)
 
-
-if __name__ == "__main__":
-    raise SystemExit("cof.py is a module, not a command: see `python evaluate.py -h` and `python evaluate.py ask -h`")

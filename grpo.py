@@ -20,7 +20,7 @@ environment token are in the training forward but masked out of the loss.
     python grpo.py                                    # tiny model, synthetic task, from `python sft.py`'s checkpoint
     torchrun --nproc_per_node 8 grpo.py --model SFT_CKPT --data rl.jsonl --eval_data val.jsonl
 
-The shared training machinery (model setup, LoRA, optimizer, distributed, checkpoints, evaluation) is sft.py's.
+The shared training machinery (model setup, LoRA, optimizer, distributed, checkpoints, evaluation) is trainer.py's.
 """
 from __future__ import annotations
 

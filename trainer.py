@@ -1,6 +1,6 @@
-"""What sft.py and grpo.py share: the run's options and command line, distributed setup, the policy (what trains,
-LoRA, activation checkpointing), the optimizer and its schedule, checkpoints and exact resume, metrics, and the
-CoF-loop evaluation during training.
+"""What sft.py and grpo.py share: the run's options (the evaluation's loop nested as `eval`), distributed setup, the
+policy (what trains, LoRA, activation checkpointing), the optimizer and its schedule, checkpoints and exact resume,
+metrics, and the CoF-loop evaluation during training.
 
 Reproduces the parts of the released recipes that are not the loss: LLaMA-Factory's LoRA (all linear layers of the
 language model, alpha = 2 * rank by default) and freezing of the vision tower, AdamW with a cosine schedule and

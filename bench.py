@@ -18,7 +18,6 @@ released loop's cost is cof.reference_run's: the spec loop, which encodes the wh
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import math
@@ -694,7 +693,7 @@ def bench_memory(a):
 
 
 def parser():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = checks.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
     m = sub.add_parser("model", help="prefill/decode tokens/s, model.py vs transformers")
     m.add_argument("--preset", choices=("small", "7b"), default="small",
@@ -724,7 +723,7 @@ def parser():
     c.add_argument("--n", type=POSITIVE, default=8, help="questions")
     c.add_argument("--size", type=checks.arg(lo=28, whole=True), default=448, help="long side of the random images")
     c.add_argument("--zooms", type=checks.arg(lo=0, whole=True), default=2)
-    c.add_argument("--new-tokens", type=POSITIVE, default=32, help="max new tokens per turn")
+    c.add_argument("--new_tokens", type=POSITIVE, default=32, help="max new tokens per turn")
     c.add_argument("--device", default=None, type=DEVICE)
     c.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
     c.add_argument("--threads", type=THREADS, default=0, help="CPU threads for torch (0 = torch's default)")

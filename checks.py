@@ -8,10 +8,13 @@ message names the argument or option, shows the bad value and says what is allow
     questions must be a non-empty list, got []
 
 Library functions call `number`, `string`, `one_of`, `sequence`, `kind` and `device` on their arguments once per
-call (never per token); config dataclasses declare LIMITS and CHOICES tables and call `options`; command lines give
-argparse `arg(...)` as an option's type (argparse then prints its one-line error naming the option, exit status 2)
-and turn a config's TypeError / ValueError into the same `parser.error`. Files that fail to load are named by their
-readers (data/formats.py, evaluate.read_*, hub.CheckpointError, trainer.py's files), which say what to do.
+call (never per token); config dataclasses declare their fields with `option` (a nested config too: the trainers'
+`eval: CofConfig`), LIMITS and CHOICES tables, and call `options`. Every command line is a `ArgumentParser`, one
+spelling for all: `--max_steps 3`, `--eval.max_turns 3`, `--progress false` (see there); a config's command line is
+`parse_config`, which declares one option per field. Options give argparse `arg(...)` as their type (argparse then
+prints its one-line error naming the option, exit status 2) and turn a config's TypeError / ValueError into the same
+`parser.error`. Files that fail to load are named by their readers (data/formats.py, evaluate.read_*,
+hub.CheckpointError, trainer.py's files), which say what to do.
 
 This is the lowest file: every other file may import it, it imports none of them.
 """
@@ -22,6 +25,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import sys
 
 import torch
 
@@ -129,15 +133,37 @@ def _short(value):
 
 # ---- config dataclasses --------------------------------------------------------------------------------------------
 
+def option(default, help):
+    """A config dataclass field with its help text (what `--help` shows). A default that is itself a config (a nested
+    one: `eval: CofConfig`) is copied for every instance."""
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def nested_default(f):
+    """The default of the dataclass field `f` when it is a nested config (declared with `option(SomeConfig(...))`),
+    else None."""
+    if f.default_factory is dataclasses.MISSING:
+        return None
+    default = f.default_factory()
+    return default if dataclasses.is_dataclass(default) else None
+
+
 def options(cfg, label=lambda name: f"--{name}"):
-    """Check every field of the dataclass `cfg` against its declared type (int, float, str, bool, `int | None`; a
-    float must be finite), cfg.LIMITS[name] = (lowest, whether the lowest is allowed[, highest, whether the highest
-    is allowed]) and cfg.CHOICES[name] (allowed values), where the class has them. `label` turns a field name into
-    the name the user wrote (`--lr` on a command line, `CofConfig.max_turns` in code)."""
+    """Check every field of the dataclass `cfg` against its declared type (int, float, str, bool, `int | None`, a
+    nested config; a float must be finite), cfg.LIMITS[name] = (lowest, whether the lowest is allowed[, highest,
+    whether the highest is allowed]) and cfg.CHOICES[name] (allowed values), where the class has them. `label` turns
+    a field name into the name the user wrote (`--lr` on a command line, `CofConfig.max_turns` in code). A nested
+    config checks its own fields when it is built."""
     limits, choices = getattr(cfg, "LIMITS", {}), getattr(cfg, "CHOICES", {})
     for f in dataclasses.fields(cfg):
         v, name = getattr(cfg, f.name), label(f.name)
         typ = f.type if isinstance(f.type, str) else f.type.__name__
+        nested = nested_default(f)
+        if nested is not None:
+            kind(v, name, type(nested), f"a {type(nested).__name__}")
+            continue
         if typ.endswith(" | None"):
             if v is None:
                 continue
@@ -154,13 +180,38 @@ def options(cfg, label=lambda name: f"--{name}"):
 
 
 def from_dict(cls, d):
-    """cls(**d) for a config dataclass, refusing keys it does not have (a typo must not be silently dropped)."""
+    """cls(**d) for a config dataclass, refusing keys it does not have (a typo must not be silently dropped). A nested
+    config's fields come as `name.field` keys (the command line's spelling: `eval.max_turns`) or as a dict under its
+    name (what dataclasses.asdict writes); the fields not given keep the nested default."""
     kind(d, f"{cls.__name__} options", dict, "a dict of option -> value")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names, key=str)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    subs = {name: sub for name, f in fields.items() for sub in [nested_default(f)] if sub is not None}
+    d, parts = dict(d), {name: {} for name in subs}
+    for key in [k for k in d if isinstance(k, str) and k.partition(".")[0] in subs and "." in k]:
+        outer, _, inner = key.partition(".")
+        parts[outer][inner] = d.pop(key)
+    unknown = sorted(set(d) - set(fields), key=str)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(names)}")
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(fields)}")
+    for name, sub in subs.items():
+        if parts[name] or isinstance(d.get(name), dict):
+            base = d[name] if dataclasses.is_dataclass(d.get(name)) else sub
+            given = {**(d[name] if isinstance(d.get(name), dict) else {}), **parts[name]}
+            d[name] = nested(base, given, f"--{name}")
     return cls(**d)
+
+
+def nested(base, given, label):
+    """The nested config `base` with the fields in `given` replaced; an unknown field or a bad value is an error
+    naming it as `label.field` (`--eval.max_turns must be a whole number >= 1, got 0`)."""
+    names = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(given) - names, key=str)
+    if unknown:
+        raise ValueError(f"unknown {label} keys {unknown}; valid keys: {sorted(names)}")
+    try:
+        return dataclasses.replace(base, **given)
+    except (TypeError, ValueError) as e:
+        raise type(e)(str(e).replace(f"{type(base).__name__}.", f"{label}.")) from None
 
 
 # ---- command lines -------------------------------------------------------------------------------------------------
@@ -175,6 +226,85 @@ def arg(check=parse_number, **kw):
             raise argparse.ArgumentTypeError(str(e)) from None
     convert.__name__ = getattr(check, "__name__", "value")
     return convert
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the one spelling of every command line here: an option is written as the field it sets, with
+    underscores (`--max_steps 3`), a nested config's field with a dot (`--eval.max_turns 3`), a yes/no option as
+    `--flag` or `--flag false`. The other spellings are read as these, with nothing declared twice: a dash in an
+    option's name as an underscore (`--max-steps`), `--no_flag` / `--no-flag` as `--flag false`. An option is never
+    abbreviated: `--eval.max_turn` is an error, not `--eval.max_turns`."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **{"allow_abbrev": False, **kw})
+
+    def parse_known_args(self, args=None, namespace=None):
+        args, out = list(sys.argv[1:] if args is None else args), []
+        while args and args[0] != "--":                          # after a bare `--` every word is a value
+            word = args.pop(0)
+            if not word.startswith("--"):
+                out.append(word)
+                continue
+            name, eq, value = word.partition("=")
+            name = "--" + name[2:].replace("-", "_")
+            flag = self._option_string_actions.get("--" + name[5:]) if name.startswith("--no_") else None
+            if name not in self._option_string_actions and flag is not None and flag.nargs == "?":
+                out += [flag.option_strings[0], "false"]
+            else:
+                out.append(name + eq + value)
+        return super().parse_known_args(out + args, namespace)
+
+
+def parse_value(text, name, typ):
+    """A command-line value for a config field of type `typ` (`int`, `float`, `str`, `bool`, `int | None`): a bool is
+    true / false (or 1 / 0, yes / no), an optional field takes `none`; ValueError naming `name` otherwise."""
+    if typ.endswith(" | None") and text.lower() == "none":
+        return None
+    typ = typ.removesuffix(" | None")
+    if typ == "bool":
+        return parse_bool(text)
+    if typ in ("int", "float"):
+        try:
+            return int(text) if typ == "int" else float(text)
+        except ValueError:
+            raise ValueError(_must(name, "a whole number" if typ == "int" else "a number", text)) from None
+    return text
+
+
+def config_options(cls):
+    """(option name, field, default) of every command-line option of the config dataclass `cls`: its fields, and a
+    nested config's fields as `name.field` with the nested default."""
+    out = []
+    for f in dataclasses.fields(cls):
+        sub = nested_default(f)
+        out += [(f"{f.name}.{g.name}", g, getattr(sub, g.name)) for g in dataclasses.fields(sub)] if sub is not None \
+            else [(f.name, f, f.default)]
+    return out
+
+
+def parse_config(cls, argv=None, preset=None, description=""):
+    """Fill the config dataclass `cls` from the command line, spelled as ArgumentParser says; `--help` lists every
+    option with its help and default. An option not given keeps the dataclass default, or preset(given)[name] where
+    the preset has it (the built-in default runs; its keys are option names). argparse rejects unknown options, the
+    dataclass impossible values, each as argparse's one-line error (exit status 2)."""
+    p = ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter,
+                       usage="%(prog)s [--option value ...]")
+    shown = preset({}) if preset else {}
+    for name, f, default in config_options(cls):
+        typ = f.type if isinstance(f.type, str) else f.type.__name__
+        h = f"{f.metadata.get('help', '')} (default: {default!r}"
+        h += f"; built-in default run: {shown[name]!r})" if name in shown else ")"
+        if typ == "bool":
+            p.add_argument(f"--{name}", nargs="?", const=True, type=arg(parse_value, typ=typ),
+                           default=argparse.SUPPRESS, help=h, metavar="true|false")
+        else:
+            p.add_argument(f"--{name}", type=arg(parse_value, typ=typ), default=argparse.SUPPRESS, help=h,
+                           metavar=name.upper())
+    given = vars(p.parse_args(argv))
+    try:
+        return from_dict(cls, {**(preset(given) if preset else {}), **given})
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
 
 
 @contextlib.contextmanager

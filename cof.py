@@ -355,29 +355,29 @@ def zoom(main_u8, text, cfg, keep=False):
 @dataclass
 class CofConfig:
     """Loop options; defaults are the released evaluation values (vllm_inference.py, inference_vstar.sh)."""
-    min_pixels: int = MAIN_MIN_PIXELS            # main image smart_resize
-    max_pixels: int = MAIN_MAX_PIXELS
-    enlarge: float = ENLARGE                     # box grown about its centre before cropping
-    scaleup: float = SCALEUP                     # crop upscale before smart_resize
-    crop_min_pixels: int = MAIN_MIN_PIXELS
-    crop_max_pixels: int = MAIN_MAX_PIXELS       # the RL tool uses 5120*28*28
-    processor_min_pixels: int | None = None      # None: the checkpoint's preprocessor_config.json (model.image_*_pixels)
-    processor_max_pixels: int | None = None
-    max_turns: int = MAX_TURNS                   # generations per conversation (a tool call in the last one ends it)
-    max_new_tokens: int = MAX_NEW_TOKENS         # per turn
-    max_model_len: int = 32768                   # whole conversation (vLLM max_model_len in the released eval)
-    invalid: str = "image"                       # "image": released eval fallback; "text": error message turn (RL)
-    do_sample: bool = False                      # greedy by default; GRPO rollouts sample
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    system: bool = True                          # send SYSTEM_PROMPT (the released eval does)
-    keep_images: bool = False                    # keep uint8 images of main image and crops (traces, GRPO)
-    ban_vision_tokens: bool = True               # never sample <|image_pad|> <|video_pad|> <|vision_start|> <|vision_end|>
-    question_format: str = "released"            # "released": the eval's "Question: "; "train": the SFT/RL rows' " Question: "
-    compile: bool = False                        # one-token steps through decode.Decoder (torch.compile)
-    cuda_graphs: bool = False                    # ... replayed as CUDA graphs (needs compile and a CUDA model)
-    direct: bool = False                         # never sample <tool_call>: forced direct answers (no-zoom baseline)
+    min_pixels: int = checks.option(MAIN_MIN_PIXELS, "the main image's smart_resize lower bound (pixels)")
+    max_pixels: int = checks.option(MAIN_MAX_PIXELS, "the main image's smart_resize upper bound (pixels)")
+    enlarge: float = checks.option(ENLARGE, "a box is grown about its centre by this before cropping")
+    scaleup: float = checks.option(SCALEUP, "a crop is upscaled by this before its smart_resize")
+    crop_min_pixels: int = checks.option(MAIN_MIN_PIXELS, "a crop's smart_resize lower bound (pixels)")
+    crop_max_pixels: int = checks.option(MAIN_MAX_PIXELS, "a crop's smart_resize upper bound (RL tool: 5120*28*28)")
+    processor_min_pixels: int | None = checks.option(None, "the image processor's lower bound; none: the checkpoint's")
+    processor_max_pixels: int | None = checks.option(None, "the image processor's upper bound; none: the checkpoint's")
+    max_turns: int = checks.option(MAX_TURNS, "generations per conversation (a tool call in the last one ends it)")
+    max_new_tokens: int = checks.option(MAX_NEW_TOKENS, "new tokens per turn")
+    max_model_len: int = checks.option(32768, "tokens of a whole conversation (vLLM's max_model_len, released)")
+    invalid: str = checks.option("image", "invalid box: image (the released eval's fallback) | text (RL's error turn)")
+    do_sample: bool = checks.option(False, "sample (GRPO's rollouts); false: greedy")
+    temperature: float = checks.option(1.0, "sampling temperature")
+    top_p: float = checks.option(1.0, "nucleus sampling: the smallest set of tokens with this much probability")
+    top_k: int = checks.option(0, "sample from the k most likely tokens; 0 = all")
+    system: bool = checks.option(True, "send SYSTEM_PROMPT (the released eval does)")
+    keep_images: bool = checks.option(False, "keep the uint8 main image and crops in the trajectory (traces, GRPO)")
+    ban_vision_tokens: bool = checks.option(True, "never sample the vision tokens (see vision_token_ids)")
+    question_format: str = checks.option("released", "released: the eval's 'Question:' | train: the rows' ' Question:'")
+    compile: bool = checks.option(False, "one-token steps through decode.Decoder (torch.compile)")
+    cuda_graphs: bool = checks.option(False, "... replayed as CUDA graphs (needs compile and a CUDA model)")
+    direct: bool = checks.option(False, "never sample <tool_call>: forced direct answers (the no-zoom baseline)")
 
     # field -> (lowest allowed value, whether it may equal it[, highest, whether it may equal it]): checks.options
     LIMITS = dict(min_pixels=(1, True), max_pixels=(1, True), enlarge=(1, True), scaleup=(0, False),
@@ -393,7 +393,8 @@ class CofConfig:
         for lo, hi in (("min_pixels", "max_pixels"), ("crop_min_pixels", "crop_max_pixels"),
                        ("processor_min_pixels", "processor_max_pixels")):
             if getattr(self, lo) is not None and getattr(self, hi) is not None and getattr(self, lo) > getattr(self, hi):
-                raise ValueError(f"CofConfig.{lo} ({getattr(self, lo)}) is larger than {hi} ({getattr(self, hi)})")
+                raise ValueError(f"CofConfig.{lo} ({getattr(self, lo)}) is larger than CofConfig.{hi} "
+                                 f"({getattr(self, hi)})")
 
     @classmethod
     def from_dict(cls, d):
@@ -895,6 +896,3 @@ def rollouts(model, tokenizer, images, questions, group_size, cfg=None, generato
     cfg = CofConfig.from_dict({**{f.name: getattr(base, f.name) for f in fields(CofConfig)}, **overrides})
     return run(model, tokenizer, images, questions, cfg, group_size=group_size, generator=generator, messages=messages)
 
-
-if __name__ == "__main__":
-    raise SystemExit("cof.py is a module, not a command: see `python evaluate.py -h` and `python evaluate.py ask -h`")

@@ -1052,9 +1052,7 @@ def parse_sources(text, name="sources"):
 
 
 def _main(argv=None):
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = checks.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bench", action="store_true", help="print the benchmark table")
     ap.add_argument("--check", action="store_true", help="GPU acceptance: bit-exactness on CUDA, then the benchmark")
     ap.add_argument("--sources", default=BENCH_SOURCES, type=checks.arg(parse_sources),

@@ -6,34 +6,14 @@ KV cache. This file builds generation on it, as gpt-fast keeps generate.py besid
   * `sample_next`: greedy, or temperature -> top-k -> top-p (transformers' warper order), then one uniform draw per
     row (inverse CDF);
   * `generate(model, ...)`: prefill + decode loop, transformers' `generate` semantics (eos list, pad after stop);
-  * `Decoder`: the decode step of `generate` and of cof.py's zoom loop, one text token per row, written so that its
-    shapes do not depend on the data and the whole step (all layers, rotary, cache writes, the attention mask, the
-    head) compiles into one graph with no host sync inside. On small models and large batches decode is dominated by
-    the ~15 small eager ops per layer, not by arithmetic; compiled, they become a few fused loops.
-
-The step, for a cache of B rows (row b holds its real tokens at slots [0, length[b])):
-  * row b writes its token's keys/values at slot length[b]; a padding row (a finished conversation, or one whose
-    turn goes through `extend` this step) writes there too and does not count it: the slot is overwritten by its
-    next real token, exactly as `KVCache.place` treats padding;
-  * its query reads slots [0, length[b]] through a [B, 1, 1, n_keys] mask: every row reads the same n_keys slots,
-    the longest row's length rounded up to a multiple of KEY_BUCKET (masked slots hold finite values, so they cost
-    arithmetic but never change a result);
-  * M-RoPE positions of a text token are next_pos[b] on all three axes.
-It is compiled with symbolic sizes (`dynamic=True`), so neither compacting finished rows nor a growing cache
-recompiles: after the first call, only a batch of one row compiles once more (torch specialises sizes 0 and 1). On
-a CPU that one-row graph is rewritten before inductor compiles it (`lower_for_cpu`): its matrix-vector products
-and its attention as plain multiplies and sums, which inductor fuses into passes that read the weights twice as
-fast as MKL does at one row. On a GPU the compiled step can also be recorded as CUDA graphs (`Graphs`, opt-in:
-not yet measured on a GPU), so that one call replays all its kernel launches.
-`Decoder.compiles` counts compilations. New turns (the environment's reply with a crop image) go through `extend`.
-
-Numerics: the same operations on the same weights as `extend`, but not the same kernels: the eager path reads
-exactly the filled slots (without a mask when no row has padding), this step reads n_keys slots with a mask, and
-inductor fuses the elementwise work; masked keys add exact zeros, yet sums may be blocked differently. Greedy tokens
-agree and log-probs differ by ~1e-6 in fp32 (tests/test_decode.py); a sampled token can differ only where its
-uniform draw falls within that distance of the boundary between two tokens' intervals. Inductor also picks its
-kernels' blocking from the sizes of the first call, so two processes that met other sizes first may differ in the
-last bits (a resumed GRPO run: same samples, weights within 1e-5; eager rollouts resume bit for bit).
+  * `step_graph`, compiled by `Decoder`: the decode step of `generate` and of cof.py's zoom loop, one text token per
+    row, written so that its shapes do not depend on the data and the whole step (all layers, rotary, cache writes,
+    the attention mask, the head) compiles into one graph with no host sync inside, with symbolic sizes: neither
+    finished rows leaving the batch nor a growing cache recompile. On a CPU its one-row graph is rewritten first
+    (`lower_for_cpu`); on a GPU it can be replayed as CUDA graphs (`Graphs`, opt-in). New turns (the environment's
+    reply with a crop image) go through `extend`.
+It gives `extend`'s greedy tokens, and its log-probs within ~1e-6 in fp32 (tests/test_decode.py); docs/details.md
+has the step's layout and its numerics.
 """
 from __future__ import annotations
 

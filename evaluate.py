@@ -23,7 +23,6 @@ have an `evaluate` of their own.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import json
@@ -535,9 +534,10 @@ def format_table(rows):
 
 
 def cfg_from_args(pairs, **base):
-    """A cof.CofConfig from `key=value` strings (typed by the dataclass fields); ValueError naming `--cfg` and the pair
-    for anything that is not a valid option (a command line turns it into argparse's error)."""
-    types = {f.name: f.type for f in fields(cof.CofConfig)}
+    """A cof.CofConfig from `key=value` strings (typed by the dataclass fields, as checks.parse_value reads a command
+    line's values); ValueError naming `--cfg` and the pair for anything that is not a valid option (a command line
+    turns it into argparse's error)."""
+    types = {f.name: str(f.type) for f in fields(cof.CofConfig)}
     d = dict(base)
     for p in pairs or []:
         if "=" not in p:
@@ -545,16 +545,8 @@ def cfg_from_args(pairs, **base):
         k, v = p.split("=", 1)
         if k not in types:
             raise ValueError(f"unknown --cfg key {k!r}; valid keys: {sorted(types)}")
-        t = str(types[k])
         try:
-            if t == "bool":
-                d[k] = checks.parse_bool(v)
-            elif "int" in t:
-                d[k] = None if v.lower() == "none" and "None" in t else checks.parse_number(v, k, whole=True)
-            elif "float" in t:
-                d[k] = checks.parse_number(v, k)
-            else:
-                d[k] = v
+            d[k] = checks.parse_value(v, k, types[k])
         except ValueError as e:
             raise ValueError(f"--cfg {p if len(p) <= 80 else p[:77] + '...'}: {e}") from None
     try:
@@ -573,7 +565,7 @@ def load(model_path, device=None, dtype=None):
 
 
 def _common_options():
-    common = argparse.ArgumentParser(add_help=False)
+    common = checks.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="checkpoint directory or hub id")
     common.add_argument("--device", default=None, type=checks.arg(lambda t, n: str(checks.device(t, n))),
                         help="cuda / cpu (default: cuda when available)")
@@ -594,7 +586,7 @@ def _cfg(p, a, **base):
 def eval_main(argv):
     """`evaluate.py`: a benchmark through the loop, one JSON line per question in --out (resumed when it was written
     by the same model, options and data; another source is refused unless --fresh), a summary table beside it."""
-    p = argparse.ArgumentParser(prog="evaluate.py", parents=[_common_options()],
+    p = checks.ArgumentParser(prog="evaluate.py", parents=[_common_options()],
                                 description="Evaluate the CoF loop on a benchmark (JSONL per question + summary); "
                                             "`evaluate.py ask -h` for one image.")
     p.add_argument("--bench", required=True, choices=["vstar", "hrbench", "synthetic"])
@@ -606,9 +598,9 @@ def eval_main(argv):
     p.add_argument("--resolutions", default=None, type=checks.arg(_resolutions),
                    help="comma-separated long sides to resize to before the loop ('orig' = as is)")
     p.add_argument("--sweep", action="store_true", help=f"the 8-size sweep {','.join(map(str, SWEEP))}")
-    p.add_argument("--batch-size", type=checks.arg(lo=1, whole=True), default=8)
+    p.add_argument("--batch_size", type=checks.arg(lo=1, whole=True), default=8)
     p.add_argument("--limit", type=checks.arg(lo=1, whole=True), default=None, help="first N questions only")
-    p.add_argument("--hr-prompt", default="vstar", choices=["vstar", "vlmeval"])
+    p.add_argument("--hr_prompt", default="vstar", choices=["vstar", "vlmeval"])
     a = p.parse_args(argv)
     cfg = _cfg(p, a)
     if os.path.isdir(a.out):
@@ -654,7 +646,7 @@ def read_item(path):
 def ask_main(argv):
     """`evaluate.py ask --model M --image I --question Q` (or `--item FILE`): the loop on one image, each turn printed
     (and a trace PNG)."""
-    p = argparse.ArgumentParser(prog="evaluate.py ask", parents=[_common_options()],
+    p = checks.ArgumentParser(prog="evaluate.py ask", parents=[_common_options()],
                                 description="Chain-of-Focus on one image: prints each turn; `evaluate.py -h` for "
                                             "benchmarks.")
     p.add_argument("--image", default=None)

@@ -20,7 +20,7 @@ environment token are in the training forward but masked out of the loss.
     python grpo.py                                    # tiny model, synthetic task, from `python sft.py`'s checkpoint
     torchrun --nproc_per_node 8 grpo.py --model SFT_CKPT --data rl.jsonl --eval_data val.jsonl
 
-The shared training machinery (model setup, LoRA, optimizer, distributed, checkpoints, evaluation) is sft.py's.
+The shared training machinery (model setup, LoRA, optimizer, distributed, checkpoints, evaluation) is trainer.py's.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,10 +47,17 @@ import sft
 import tokenizer as T
 import trainer
 from data import formats, tiny
-from trainer import dist_info, log0, option
+from checks import option
+from trainer import dist_info, log0
 
 
 # ------------------------------------------------------------------------------------------------ config
+
+# The rollouts' loop (the released RL recipe): G samples at temperature 1, at most 4 assistant turns, a failed tool
+# call answered by an error text turn; decoded through decode.py's compiled step (the same tokens as eager, ~2x faster
+# on the CPU default; eager where torch.compile is unavailable or the model is FSDP); the evaluation's image limits.
+ROLLOUT_LOOP = replace(trainer.EVAL_LOOP, do_sample=True, max_turns=4, invalid="text", compile=True)
+
 
 @dataclass
 class GRPOConfig(trainer.RunConfig):
@@ -83,18 +90,14 @@ class GRPOConfig(trainer.RunConfig):
                                    "seq_mean: mean per trajectory, then over trajectories (original GRPO)")
     scale_rewards: str = option("group", "group: divide by the group std (GRPO) | none: only subtract the mean (Dr. GRPO)")
     reward: str = option("agar", "agar: the released adaptive group-aware shaping | plain: 0.9 acc + 0.1 format")
-    temperature: float = option(1.0, "sampling temperature of the rollouts (released: 1.0)")
-    max_turns: int = option(4, "assistant turns per rollout (released max_assistant_turns: 4)")
-    max_new_tokens: int = option(512, "new tokens per turn")
-    max_len: int = option(32768, "longest conversation in tokens (images included); longer rollouts stop there")
+    rollout: cof.CofConfig = option(ROLLOUT_LOOP, "the rollouts' zoom loop (cof.CofConfig: --rollout.temperature, "
+                                    "--rollout.max_turns, --rollout.max_new_tokens, --rollout.max_model_len, ...); "
+                                    "--rollout.system false drops the rows' system turn, as in SFT")
     eval_start: bool = option(True, "evaluate the start model before the first step (the 'before' of the final table)")
-    compile: bool = option(True, "decode rollouts through decode.py's compiled step (same tokens as eager, ~2x faster "
-                               "on the CPU default; eager where torch.compile is unavailable or the model is FSDP)")
 
     LIMITS = dict(trainer.RunConfig.LIMITS, epochs=(0, True), prompts_per_step=(1, True), group_size=(1, True),
                   rollout_batch=(0, True), micro_batch=(1, True), ppo_epochs=(1, True), beta=(0, True),
-                  clip_low=(0, True), clip_high=(0, True), clip_dual=(0, True), temperature=(0, False),
-                  max_turns=(1, True), max_new_tokens=(1, True), max_len=(1, True))
+                  clip_low=(0, True), clip_high=(0, True), clip_dual=(0, True))
     CHOICES = dict(trainer.RunConfig.CHOICES, loss=("token_mean", "seq_mean"), scale_rewards=("group", "none"),
                    reward=("agar", "plain"), old_logprobs=("auto", "sampler", "trainer"))
 
@@ -104,6 +107,15 @@ class GRPOConfig(trainer.RunConfig):
             raise ValueError(f"--clip_low must be < 1, got {self.clip_low}")
         if 0 < self.clip_dual <= 1:
             raise ValueError(f"--clip_dual must be > 1 (or 0 = off), got {self.clip_dual}")
+        checks.number(self.rollout.temperature, "--rollout.temperature", lo=0, lo_open=True)
+        if not (self.rollout.do_sample and self.rollout.ban_vision_tokens):
+            raise ValueError("--rollout.do_sample and --rollout.ban_vision_tokens must stay true: the update scores "
+                             "the sampled tokens under the sampling policy, which bans the vision tokens")
+        for name in ("processor_min_pixels", "processor_max_pixels", "system"):
+            if getattr(self.rollout, name) != getattr(self.eval, name):
+                raise ValueError(f"--rollout.{name} {getattr(self.rollout, name)} and --eval.{name} "
+                                 f"{getattr(self.eval, name)} differ: the evaluation must show the model its images "
+                                 f"and prompt as the rollouts do; set both")
 
 
 # The built-in default (`python grpo.py`: the tiny model after `python sft.py`, the synthetic task, a 2-core CPU).
@@ -112,11 +124,14 @@ class GRPOConfig(trainer.RunConfig):
 # moves. 150 steps at lr 5e-5 move the edge kind to zooming (+40 points of zoom rate) while every other kind stays
 # within about a point in both seeds; at lr 1e-4 or 200 steps the kinds nobody should move drift by 2-3.5 points
 # (docs/notes.md has the probes).
-TINY_GRPO_PRESET = dict(max_steps=150, prompts_per_step=16, group_size=6, micro_batch=24, lr=5e-5, beta=0.01,
-                        max_new_tokens=96, max_len=1024, min_pixels=tiny.TINY_MIN_PIXELS, max_pixels=tiny.TINY_MAX_PIXELS, drop_system=True,
-                        freeze_vision="yes", freeze_merger=True, eval_every=100, eval_n=0, eval_max_new_tokens=96,
-                        eval_batch=100, eval_question_format="train", save_every=50, threads=2, out="runs/grpo-tiny",
-                        overwrite=True)
+TINY_GRPO_PRESET = {"max_steps": 150, "prompts_per_step": 16, "group_size": 6, "micro_batch": 24, "lr": 5e-5,
+                    "beta": 0.01, "freeze_vision": "yes", "freeze_merger": True, "rollout.max_new_tokens": 96,
+                    "rollout.max_model_len": 1024, "rollout.processor_min_pixels": tiny.TINY_MIN_PIXELS,
+                    "rollout.processor_max_pixels": tiny.TINY_MAX_PIXELS, "rollout.system": False,
+                    "eval.processor_min_pixels": tiny.TINY_MIN_PIXELS, "eval.processor_max_pixels": tiny.TINY_MAX_PIXELS,
+                    "eval.system": False, "eval.max_new_tokens": 96, "eval.question_format": "train", "eval_every": 100,
+                    "eval_n": 0, "eval_batch": 100, "save_every": 50, "threads": 2, "out": "runs/grpo-tiny",
+                    "overwrite": True}
 SFT_DEFAULT_OUT = sft.TINY_PRESET["out"]
 
 
@@ -130,14 +145,14 @@ def tiny_preset(given):
 
 
 def parse_args(argv=None) -> GRPOConfig:
-    return trainer.parse_config(GRPOConfig, argv, tiny_preset, __doc__.split("\n\n")[0])
+    return checks.parse_config(GRPOConfig, argv, tiny_preset, __doc__.split("\n\n")[0])
 
 
 # ------------------------------------------------------------------------------------------------ prompts
 
 def load_prompts(path, cfg):
     """CoF-RL rows -> prompt dicts: image (path), question, label, options, kind, messages (the row's prompt turns,
-    the system turn dropped with --drop_system, as in SFT). Rows are validated by data.formats.read_rl (a bad row
+    the system turn dropped with --rollout.system false, as in SFT). Rows are validated by data.formats.read_rl (a bad row
     raises DataError naming the file and row unless --skip_bad); a row needs exactly one image."""
     rows, n_bad = formats.read_rl(path, skip_bad=cfg.skip_bad)
     prompts = []
@@ -156,7 +171,7 @@ def load_prompts(path, cfg):
             n_bad += 1
             continue
         messages = formats.to_chat(r["prompt"])
-        if cfg.drop_system and messages[0]["role"] == "system":
+        if not cfg.rollout.system and messages[0]["role"] == "system":
             messages = messages[1:]
         question = r["question"] or messages[-1]["content"][-1].get("text", "")
         prompts.append(dict(image=r["images"][0], question=question, label=r["ground_truth"],
@@ -297,7 +312,7 @@ def token_logprobs(model, trajs, tokenizer, cfg, device, with_entropy=False):
     with trainer.autocast(device):
         lp, ent = model(ids, pixel_values=torch.cat([t.pixel_values for t in trajs]).to(device),
                         image_grid_thw=torch.cat([t.image_grid_thw for t in trajs]), attention_mask=attn,
-                        targets=targets, banned=cof.vision_token_ids(tokenizer), temperature=cfg.temperature,
+                        targets=targets, banned=cof.vision_token_ids(tokenizer), temperature=cfg.rollout.temperature,
                         entropy=with_entropy)                                    # [B, T] at the predicting position
     logp = F.pad(lp[:, :-1], (1, 0))                                             # [B, T] at the token
     return logp, gen, None if ent is None else ent[:, :-1][gen[:, 1:]]           # [N]
@@ -352,10 +367,8 @@ def rollout(raw, tokenizer, prompts, idx, cfg, step, device):
     of --rollout_batch prompts. Each call samples from its own generator seeded by (seed, step, its first prompt's
     row), so a resumed run samples the same tokens, and with --rollout_batch 1 so does any number of ranks."""
     was_training, unshard = raw.training, trainer.is_fsdp(raw)
-    ccfg = cof.CofConfig(do_sample=True, temperature=cfg.temperature, max_turns=cfg.max_turns,
-                         max_new_tokens=cfg.max_new_tokens, max_model_len=cfg.max_len, invalid="text",
-                         processor_min_pixels=cfg.min_pixels, processor_max_pixels=cfg.max_pixels,
-                         compile=cfg.compile and not unshard)
+    ccfg = replace(cfg.rollout, compile=cfg.rollout.compile and not unshard,
+                   cuda_graphs=cfg.rollout.cuda_graphs and not unshard)
     chunk = cfg.rollout_batch or len(idx)
     raw.eval()
     if unshard:

@@ -11,9 +11,8 @@ the update of one process with the same global batch.
     python sft.py --model DIR --data rows.json     # real checkpoint; torchrun ... sft.py --dist fsdp for big models
 
 `python sft.py --help` lists every option. This file is SFT itself: its options, rows -> token ids and labels, the
-pixels, batches, the loss, one step and the loop. Sequences come from tokenizer.tokenize_chat, images from
-crop_kernels.processor_resize and crop_kernels.patchify; what grpo.py shares (options, LoRA and freezing, optimizer,
-checkpoints and exact resume, metrics, the CoF-loop evaluation) is in trainer.py.
+pixels (crop_kernels.processor_resize, patchify), batches, the loss, one step and the loop; what grpo.py shares
+(options, LoRA and freezing, optimizer, checkpoints and exact resume, metrics, the CoF-loop evaluation) is trainer.py.
 
 Labels stop at each assistant turn's <|im_end|>. LLaMA-Factory's qwen2_vl template (what the released SFT used) also
 labels the "\n" after it; we do not: generation stops at <|im_end|> and the environment writes that "\n", so the
@@ -44,31 +43,36 @@ IGNORE = -100  # label value that the loss skips (PyTorch's cross_entropy defaul
 @dataclass
 class TrainConfig(trainer.RunConfig):
     """sft.py's options: trainer.RunConfig plus the SFT data, batch and loss options (defaults = the released recipe)."""
-    data: str = trainer.option("", "CoF SFT JSON (ShareGPT rows with <image> placeholders); empty = build the synthetic set")
-    out: str = trainer.option("runs/sft", "output dir: checkpoints ckpt-NNNNNN/, `latest`, metrics.jsonl")
-    epochs: float = trainer.option(3.0, "passes over the training rows (ignored when --max_steps > 0)")
-    max_steps: int = trainer.option(0, "optimizer steps to run; 0 = derive from --epochs")
-    batch_size: int = trainer.option(2, "rows per micro-batch per rank")
-    grad_accum: int = trainer.option(2, "micro-batches per optimizer step; global batch = batch_size * grad_accum * ranks")
-    group_by_length: bool = trainer.option(True, "sort each step's rows by length before cutting them into micro-batches: "
-                                       "less padding, the same rows and the same loss per step")
-    max_len: int = trainer.option(16384, "longest allowed sample in tokens (images included); longer rows are bad data")
-    answer_weight: float = trainer.option(1.0, "loss weight of tokens in final-answer turns (turns with no <tool_call>)")
-    workers: int = trainer.option(0, "DataLoader worker processes for image decoding")
-    eval_no_zoom: bool = trainer.option(True, "also evaluate with the zoom tool banned (forced direct answers) at the end")
+    data: str = checks.option("", "CoF SFT JSON (ShareGPT rows with <image> placeholders); empty = build the synthetic set")
+    out: str = checks.option("runs/sft", "output dir: checkpoints ckpt-NNNNNN/, `latest`, metrics.jsonl")
+    epochs: float = checks.option(3.0, "passes over the training rows (ignored when --max_steps > 0)")
+    max_steps: int = checks.option(0, "optimizer steps to run; 0 = derive from --epochs")
+    batch_size: int = checks.option(2, "rows per micro-batch per rank")
+    grad_accum: int = checks.option(2, "micro-batches per optimizer step; global batch = batch_size * grad_accum * ranks")
+    group_by_length: bool = checks.option(True, "sort each step's rows by length before cutting them into micro-batches: "
+                                         "less padding, the same rows and the same loss per step")
+    max_len: int = checks.option(16384, "longest allowed sample in tokens (images included); longer rows are bad data")
+    answer_weight: float = checks.option(1.0, "loss weight of tokens in final-answer turns (turns with no <tool_call>)")
+    workers: int = checks.option(0, "DataLoader worker processes for image decoding")
+    eval_no_zoom: bool = checks.option(True, "also evaluate with the zoom tool banned (forced direct answers) at the end")
 
-    LIMITS = dict(trainer.RunConfig.LIMITS, epochs=(0, True), batch_size=(1, True), grad_accum=(1, True), max_len=(1, True),
-                  answer_weight=(0, True), workers=(0, True))
+    LIMITS = dict(trainer.RunConfig.LIMITS, epochs=(0, True), batch_size=(1, True), grad_accum=(1, True),
+                  max_len=(1, True), answer_weight=(0, True), workers=(0, True))
+
+    def __post_init__(self):   # the training images are resized to the evaluation loop's processor limits
+        super().__post_init__()
+        if None in (self.eval.processor_min_pixels, self.eval.processor_max_pixels):
+            raise ValueError("SFT needs numbers for --eval.processor_min_pixels and --eval.processor_max_pixels")
 
 
-# Values the built-in default run (`python sft.py`: synthetic task, tiny model from scratch; also any run without
-# --model) uses for every option the command line leaves unset. Sizes of the tiny model are in data/tiny.py TINY_MODEL; the view
-# of every image is capped at 112 x 112 px (data/agent.py TINY_VIEW_MAX_PIXELS), which is what makes zooming necessary.
-TINY_PRESET = dict(epochs=0.0, max_steps=3000, batch_size=8, grad_accum=4, lr=2e-3, warmup_ratio=0.05,
-                   min_lr_ratio=0.05, weight_decay=0.0, clip_grad=1.0, max_len=1024, min_pixels=tiny.TINY_MIN_PIXELS,
-                   max_pixels=tiny.TINY_MAX_PIXELS, drop_system=True, answer_weight=4.0, eval_every=1500, eval_n=0,
-                   eval_max_new_tokens=96, eval_batch=100, eval_question_format="train", save_every=500, threads=2,
-                   out="runs/sft-tiny", overwrite=True)
+# The built-in default run (`python sft.py`, any run without --model: the synthetic task, the tiny model of data/tiny.py
+# from scratch) sets these options where the command line does not; every image's view is capped at 112 x 112 px
+# (data/agent.py TINY_VIEW_MAX_PIXELS), which is what makes zooming necessary.
+TINY_PRESET = {"epochs": 0.0, "max_steps": 3000, "batch_size": 8, "grad_accum": 4, "lr": 2e-3, "warmup_ratio": 0.05,
+               "min_lr_ratio": 0.05, "weight_decay": 0.0, "clip_grad": 1.0, "max_len": 1024, "answer_weight": 4.0,
+               "eval.processor_min_pixels": tiny.TINY_MIN_PIXELS, "eval.processor_max_pixels": tiny.TINY_MAX_PIXELS,
+               "eval.system": False, "eval.max_new_tokens": 96, "eval.question_format": "train", "eval_every": 1500,
+               "eval_n": 0, "eval_batch": 100, "save_every": 500, "threads": 2, "out": "runs/sft-tiny", "overwrite": True}
 
 
 def tiny_preset(given):
@@ -88,7 +92,7 @@ def tiny_preset(given):
 def parse_args(argv=None) -> TrainConfig:
     """TrainConfig from the command line; without --model the tiny preset fills the options not given (the tiny
     model is trained from scratch)."""
-    return trainer.parse_config(TrainConfig, argv, tiny_preset, __doc__.split("\n\n")[0])
+    return checks.parse_config(TrainConfig, argv, tiny_preset, __doc__.split("\n\n")[0])
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -101,15 +105,15 @@ def image_grid(path, cfg) -> tuple:
     """(t, h, w) patch grid of one image as preprocess_image will make it, from the file header only."""
     with Image.open(path) as im:
         w, h = im.size   # EXIF rotation would swap h and w; the token count h*w/4 does not change
-    rh, rw = ck.smart_resize(h, w, factor=ck.FACTOR, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    rh, rw = ck.smart_resize(h, w, ck.FACTOR, cfg.eval.processor_min_pixels, cfg.eval.processor_max_pixels)
     return (1, rh // ck.PATCH_SIZE, rw // ck.PATCH_SIZE)
 
 
-def render(row, tokenizer, grids, answer_weight=1.0, drop_system=False):
+def render(row, tokenizer, grids, answer_weight=1.0, system=True):
     """One row -> (input_ids, labels, weights) as lists. Labels are the token itself on assistant tokens (the closing
     <|im_end|> included) and IGNORE elsewhere; <|image_pad|> is never a label. `weights` is the loss weight of each
     label: `answer_weight` in assistant turns without a <tool_call> (final answers), 1 in the others."""
-    messages = row["messages"][1:] if drop_system and row["messages"][0]["role"] == "system" else row["messages"]
+    messages = row["messages"][1:] if not system and row["messages"][0]["role"] == "system" else row["messages"]
     ids, amask = T.tokenize_chat(tokenizer, formats.to_chat(messages), image_grid_thw=torch.tensor(grids).view(-1, 3)
                                if grids else None)
     turn_w = [answer_weight if "<tool_call>" not in _text(m["content"]) else 1.0
@@ -145,10 +149,10 @@ def load_rows(path, tokenizer, cfg):
                 except (ck.ImageError, ck.ImageTooLargeError) as e:
                     raise BadRow(f"{where}, images[{k}]: {e}; replace the file or pass --skip_bad") from None
             grids = [image_grid(p, cfg) for p in row["images"]]
-            ids, labels, weights = render(row, tokenizer, grids, cfg.answer_weight, cfg.drop_system)
+            ids, labels, weights = render(row, tokenizer, grids, cfg.answer_weight, cfg.eval.system)
             if len(ids) > cfg.max_len:
                 raise BadRow(f"{where}: sample is {len(ids)} tokens (images included), longer than --max_len "
-                             f"{cfg.max_len}; raise --max_len, lower --max_pixels, or pass --skip_bad to drop it")
+                             f"{cfg.max_len}; raise --max_len, lower --eval.processor_max_pixels or drop it: --skip_bad")
             if not any(l != IGNORE for l in labels):
                 raise BadRow(f"{where}: no assistant tokens to learn from; add an assistant turn or --skip_bad")
             row["tokens"] = dict(input_ids=torch.tensor(ids, dtype=torch.int32), grids=grids,   # rendered once, here
@@ -181,7 +185,7 @@ class SFTData(torch.utils.data.Dataset):
     def _image(self, path):
         if self.images is not None and path in self.images:
             return self.images[path]
-        im = ck.processor_resize(ck.load_image(path), self.cfg.min_pixels, self.cfg.max_pixels)
+        im = ck.processor_resize(ck.load_image(path), self.cfg.eval.processor_min_pixels, self.cfg.eval.processor_max_pixels)
         if self.images is not None:
             self.images[path] = im
         return im
@@ -198,7 +202,7 @@ class SFTData(torch.utils.data.Dataset):
         if done is not None and [tuple(g) for g in grid.tolist()] == [tuple(g) for g in done["grids"]]:
             s = dict(input_ids=done["input_ids"].long(), labels=done["labels"].long(), weights=done["weights"])
         else:   # rows that did not go through load_rows (or an image that changed on disk since)
-            ids, labels, weights = render(row, self.tok, grid.tolist(), self.cfg.answer_weight, self.cfg.drop_system)
+            ids, labels, weights = render(row, self.tok, grid.tolist(), self.cfg.answer_weight, self.cfg.eval.system)
             s = dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), weights=torch.tensor(weights))
         s["image_grid_thw"] = grid
         if self.cache is not None:
@@ -209,12 +213,10 @@ class SFTData(torch.utils.data.Dataset):
 def collate(samples, pad_id):
     """Right-pad a micro-batch. Returns input_ids/labels/weights/attention_mask [B, T] and the images of all rows in
     row order (the order of their <|image_pad|> runs)."""
-    T = max(len(s["input_ids"]) for s in samples)
-    B = len(samples)
+    B, T = len(samples), max(len(s["input_ids"]) for s in samples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    weights = torch.zeros(B, T)
-    mask = torch.zeros(B, T, dtype=torch.long)
+    weights, mask = torch.zeros(B, T), torch.zeros(B, T, dtype=torch.long)
     for b, s in enumerate(samples):
         n = len(s["input_ids"])
         ids[b, :n], labels[b, :n], weights[b, :n], mask[b, :n] = s["input_ids"], s["labels"], s["weights"], 1
@@ -243,8 +245,7 @@ class StepSampler(torch.utils.data.Sampler):
     would have. With `lengths` (token count per row) the G rows are first sorted by length (stable), so each
     micro-batch holds rows of similar length and pads little; the step's rows, and so its loss, do not change, and
     the reversed rounds give every rank a share of the long micro-batches (dealt in order, the last rank would get
-    the longest of every round and the others would wait for it at each all-reduce).
-    """
+    the longest of every round and the others would wait for it at each all-reduce)."""
 
     def __init__(self, n_rows, cfg, start, end, rank, world, lengths=None):
         self.n, self.cfg, self.start, self.end, self.rank, self.world = n_rows, cfg, start, end, rank, world
@@ -283,8 +284,7 @@ def sft_loss(logp, labels, weights, n_global):
     logp [B, T]: log p(labels[:, t + 1]) at position t, as Qwen25VL.forward(..., targets=sft_targets(labels))
     returns it (float32, only the labelled positions through the head); labels/weights [B, T] (labels IGNORE where
     no loss), n_global = sum of `weights` over every micro-batch of this optimizer step on every rank. Summing the
-    returned value over micro-batches and ranks gives the mean loss per label token of the global batch.
-    """
+    returned value over micro-batches and ranks gives the mean loss per label token of the global batch."""
     sel = labels[:, 1:] != IGNORE                                # [B, T-1], position t predicts token t+1
     return -(logp[:, :-1][sel] * weights[:, 1:][sel]).sum() / n_global
 

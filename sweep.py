@@ -29,7 +29,7 @@ for (2.5-5 px in the main view) show at 5-10 px, the scale it reads.
 The four models, all evaluated greedily through cof.py's loop on the same balanced test items (data/build.py's
 test_by_kind: `per_kind` of each kind) resized to each rung:
   (a) direct      CoF-SFT with <tool_call> banned (CofConfig.direct): the model forced to answer from the image;
-  (b) always-zoom SFT on trajectories that zoom on every question (data.build --always-zoom);
+  (b) always-zoom SFT on trajectories that zoom on every question (data.build --always_zoom);
   (c) CoF-SFT     SFT on the agent's adaptive trajectories;
   (d) CoF-GRPO    (c) after grpo.py (AGAR) on RL prompts of the same rungs and kinds.
 
@@ -63,9 +63,8 @@ import evaluate as E
 import grpo
 import report
 import sft
-import trainer
+from checks import option
 from data import build, synth, tiny
-from trainer import option
 
 LADDER = (56, 84, 112, 140, 168, 196, 224)   # long side, px (the scene is 448)
 VIEW_MAX_PIXELS = 224 * 224                  # the model processor's cap: no rung is shrunk for the model
@@ -213,10 +212,10 @@ class Job:
 
 def _common(cfg, data):
     """Options both trainers take in this setting (the tiny preset's, with the generous view)."""
-    return ["--min_pixels", str(tiny.TINY_MIN_PIXELS), "--max_pixels", str(VIEW_MAX_PIXELS), "--drop_system",
-            "--eval_data", os.path.join(data, "val.jsonl"), "--eval_n", "100", "--eval_max_new_tokens", "96",
-            "--eval_batch", str(cfg.eval_batch), "--eval_question_format", "train", "--threads", str(cfg.threads),
-            "--seed", str(cfg.seed), "--resume", "auto", "--max_len", "2048"]
+    return ["--eval.processor_min_pixels", str(tiny.TINY_MIN_PIXELS), "--eval.processor_max_pixels",
+            str(VIEW_MAX_PIXELS), "--eval.system", "false", "--eval_data", os.path.join(data, "val.jsonl"), "--eval_n",
+            "100", "--eval.max_new_tokens", "96", "--eval_batch", str(cfg.eval_batch), "--eval.question_format",
+            "train", "--threads", str(cfg.threads), "--seed", str(cfg.seed), "--resume", "auto"]
 
 
 def default_run(cfg):
@@ -236,7 +235,8 @@ def train_sft(cfg, start, data, name):
                                                 "weight_decay", "clip_grad", "answer_weight")}
     argv = ["sft.py", "--model", start, "--data", os.path.join(data, "sft_train.json"), "--out", out,
             "--max_steps", str(cfg.sft_steps), "--lr", str(cfg.sft_lr), "--freeze_vision", "no",
-            "--eval_every", "0", "--save_every", "250", "--no-eval_no_zoom"]
+            "--eval_every", "0", "--save_every", "250", "--eval_no_zoom", "false",
+            "--max_len", "2048"]
     argv += [a for k, v in recipe.items() for a in (f"--{k}", str(v))] + _common(cfg, data)
     return Job(cfg, name, argv, os.path.join(out, f"ckpt-{cfg.sft_steps:06d}"))
 
@@ -245,10 +245,12 @@ def train_grpo(cfg, start, data):
     """Start GRPO (a Job) from the CoF-SFT checkpoint START."""
     out = os.path.join(cfg.out, "grpo")
     preset = {k: grpo.TINY_GRPO_PRESET[k] for k in ("prompts_per_step", "group_size", "micro_batch", "lr", "beta",
-                                                    "max_new_tokens")}
+                                                    "rollout.max_new_tokens")}
     argv = ["grpo.py", "--model", start, "--data", os.path.join(data, "rl_train.jsonl"), "--out", out,
-            "--max_steps", str(cfg.grpo_steps), "--freeze_vision", "yes", "--freeze_merger", "--no-eval_start",
-            "--eval_every", "0", "--save_every", "25", "--compile" if cfg.compile else "--no-compile"]
+            "--max_steps", str(cfg.grpo_steps), "--freeze_vision", "yes", "--freeze_merger", "--eval_start", "false",
+            "--eval_every", "0", "--save_every", "25", "--rollout.compile", str(cfg.compile).lower(),
+            "--rollout.processor_min_pixels", str(tiny.TINY_MIN_PIXELS), "--rollout.processor_max_pixels",
+            str(VIEW_MAX_PIXELS), "--rollout.system", "false", "--rollout.max_model_len", "2048"]
     argv += [a for k, v in preset.items() for a in (f"--{k}", str(v))] + _common(cfg, data)
     return Job(cfg, "grpo", argv, os.path.join(out, f"ckpt-{cfg.grpo_steps:06d}"))
 
@@ -410,7 +412,7 @@ def write_results(cfg, records, ckpts, seconds):
 
 
 def main(argv=None):
-    cfg = trainer.parse_config(SweepConfig, argv, None, __doc__.split("\n\n")[0])
+    cfg = checks.parse_config(SweepConfig, argv, None, __doc__.split("\n\n")[0])
     try:
         run(cfg)
     except (subprocess.CalledProcessError, RuntimeError, ValueError, FileNotFoundError) as e:

@@ -1,6 +1,6 @@
-"""What sft.py and grpo.py share: the run's options and command line, distributed setup, the policy (what trains,
-LoRA, activation checkpointing), the optimizer and its schedule, checkpoints and exact resume, metrics, and the
-CoF-loop evaluation during training.
+"""What sft.py and grpo.py share: the run's options (the evaluation's loop nested as `eval`), distributed setup, the
+policy (what trains, LoRA, activation checkpointing), the optimizer and its schedule, checkpoints and exact resume,
+metrics, and the CoF-loop evaluation during training.
 
 Reproduces the parts of the released recipes that are not the loss: LLaMA-Factory's LoRA (all linear layers of the
 language model, alpha = 2 * rank by default) and freezing of the vision tower, AdamW with a cosine schedule and
@@ -11,7 +11,6 @@ exactly; `torchrun` runs DDP, or FSDP2 (`--dist fsdp`) with one shard group per 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -20,7 +19,7 @@ import os
 import pickle
 import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +36,14 @@ import cof
 import evaluate as E
 import hub
 import model as M
+from checks import option
 from data import formats, tiny
 
 # ------------------------------------------------------------------------------------------------ config
 
-def option(default, help):
-    return field(default=default, metadata={"help": help})
+# The evaluation's loop: the released evaluation's, with the image processor's pixel limits set to the main image's
+# (112 * 112 to 3840 * 3840 pixels) instead of the checkpoint's own.
+EVAL_LOOP = cof.CofConfig(processor_min_pixels=cof.MAIN_MIN_PIXELS, processor_max_pixels=cof.MAIN_MAX_PIXELS)
 
 
 @dataclass
@@ -67,11 +68,6 @@ class RunConfig:
     beta2: float = option(0.999, "AdamW beta2")
     adam_eps: float = option(1e-8, "AdamW epsilon")
     clip_grad: float = option(1.0, "clip the global gradient norm to this; 0 = off")
-    # images and prompts
-    min_pixels: int = option(cof.MAIN_MIN_PIXELS, "smart_resize lower bound for every image (released: 12544)")
-    max_pixels: int = option(cof.MAIN_MAX_PIXELS, "smart_resize upper bound for every image (released: 3840*3840)")
-    drop_system: bool = option(False, "train and evaluate without the rows' system prompt (the chat template's default "
-                                    "one-line system prompt is used instead); saves ~250 tokens per row")
     # model
     freeze_vision: str = option("auto", "freeze the vision tower (merger excluded): yes | no | auto (= yes for a "
                                       "pretrained --model, no for the tiny model trained from scratch)")
@@ -92,11 +88,10 @@ class RunConfig:
     log_every: int = option(1, "steps between metric lines")
     eval_every: int = option(0, "steps between CoF evaluations; 0 = only at the end")
     eval_n: int = option(200, "held-out records per evaluation; 0 = all")
-    eval_max_turns: int = option(6, "generations per question in the CoF evaluation (released: 6)")
-    eval_max_new_tokens: int = option(512, "new tokens per generation in the CoF evaluation (released: 512)")
     eval_batch: int = option(16, "questions decoded together in the CoF evaluation")
-    eval_question_format: str = option("released", "the evaluation's user text after the image: released (the released "
-                                                 "eval's 'Question: ...') | train (the SFT/RL rows' ' Question: ...')")
+    eval: cof.CofConfig = option(EVAL_LOOP, "the CoF evaluation's zoom loop (cof.CofConfig: --eval.max_turns, "
+                                 "--eval.max_new_tokens, ...); SFT also renders and resizes its training rows as it "
+                                 "shows them (--eval.system, --eval.processor_min_pixels/max_pixels)")
     save_every: int = option(0, "steps between checkpoints; 0 = only at the end")
     keep_last: int = option(2, "checkpoints kept on disk (older ones are deleted after a successful save)")
     resume: str = option("", "checkpoint dir to continue from, or `auto` = the one named in OUT/latest")
@@ -108,43 +103,18 @@ class RunConfig:
     # checks.options with each field's type (every float must also be finite)
     LIMITS = dict(max_steps=(0, True), lr=(0, False), vision_lr_scale=(0, True), min_lr_ratio=(0, True, 1, True),
                   warmup_ratio=(0, True, 1, True), weight_decay=(0, True), beta1=(0, True, 1, False),
-                  beta2=(0, True, 1, False), adam_eps=(0, False), clip_grad=(0, True), min_pixels=(1, True),
-                  max_pixels=(1, True), lora_rank=(0, True), lora_alpha=(0, True), lora_dropout=(0, True, 1, True),
-                  seed=(0, True, checks.SEED_MAX, True), threads=(0, True, checks.THREADS_MAX, True), log_every=(1, True),
-                  eval_every=(0, True), eval_n=(0, True), eval_max_turns=(1, True), eval_max_new_tokens=(1, True),
-                  eval_batch=(1, True), save_every=(0, True), keep_last=(0, True))
-    CHOICES = dict(freeze_vision=("auto", "yes", "no"), dist=("ddp", "fsdp"), dtype=("auto", "float32", "bfloat16"),
-                   eval_question_format=("released", "train"))
+                  beta2=(0, True, 1, False), adam_eps=(0, False), clip_grad=(0, True), lora_rank=(0, True),
+                  lora_alpha=(0, True), lora_dropout=(0, True, 1, True), seed=(0, True, checks.SEED_MAX, True),
+                  threads=(0, True, checks.THREADS_MAX, True), log_every=(1, True), eval_every=(0, True),
+                  eval_n=(0, True), eval_batch=(1, True), save_every=(0, True), keep_last=(0, True))
+    CHOICES = dict(freeze_vision=("auto", "yes", "no"), dist=("ddp", "fsdp"), dtype=("auto", "float32", "bfloat16"))
 
     def __post_init__(self):
         checks.options(self)
-        if self.min_pixels > self.max_pixels:
-            raise ValueError(f"--min_pixels {self.min_pixels} is larger than --max_pixels {self.max_pixels}")
 
     @classmethod
     def from_dict(cls, d: dict):
         return checks.from_dict(cls, d)
-
-
-def parse_config(cls, argv=None, preset=None, description=""):
-    """Fill the dataclass `cls` from the command line (`--name value`, `--flag/--no-flag`); an option not given keeps
-    the dataclass default, or preset(given)[name] where the preset has it (the built-in default runs). argparse
-    rejects unknown options; the dataclass rejects impossible values."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
-    shown = preset({}) if preset else {}
-    for f in dataclasses.fields(cls):
-        h = f"{f.metadata['help']} (default: {f.default!r}"
-        h += f"; built-in default run: {shown[f.name]!r})" if f.name in shown else ")"
-        if f.type in ("bool", bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h)
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(f"--{f.name}", type=typ, default=argparse.SUPPRESS, help=h, metavar=f.name.upper())
-    given = vars(p.parse_args(argv))
-    try:
-        return cls.from_dict({**(preset(given) if preset else {}), **given})
-    except (TypeError, ValueError) as e:
-        p.error(str(e))
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -758,16 +728,14 @@ def finish_run():
 
 def evaluate(raw, tokenizer, eval_path, cfg, step, no_zoom=False, tag=None, limit=None):
     """CoF-loop evaluation on the first --eval_n (or `limit`; 0 = all) held-out questions; each rank runs its share
-    and the results are gathered. no_zoom: the forced no-zoom baseline (CofConfig.direct). Every trajectory is
+    and the results are gathered. no_zoom: the forced no-zoom baseline (CofConfig.direct) in --eval's loop. Every trajectory is
     written to OUT/eval/{tag}-step{N}-rank{r}.jsonl. Returns accuracy (%), mean_zooms, n, errors (questions whose loop raised)
     and kinds (evaluate.kind_table rows: per question kind and overall)."""
     rank, world, _ = dist_info()
     items = E.read_synthetic(eval_path)
     n = cfg.eval_n if limit is None else limit
     items = items[:n] if n > 0 else items
-    ccfg = cof.CofConfig(processor_min_pixels=cfg.min_pixels, processor_max_pixels=cfg.max_pixels,
-                         max_turns=cfg.eval_max_turns, max_new_tokens=cfg.eval_max_new_tokens,
-                         system=not cfg.drop_system, question_format=cfg.eval_question_format, direct=no_zoom)
+    ccfg = replace(cfg.eval, direct=cfg.eval.direct or no_zoom)
     tag = tag or ("no-zoom" if no_zoom else "cof")
     os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)   # every trajectory is kept: report.draw_trace draws them
     path = os.path.join(cfg.out, "eval", f"{tag}-step{step:06d}-rank{rank}.jsonl")

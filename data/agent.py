@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
+import checks
 import cof
 import crop_kernels
 import decode
@@ -509,10 +510,13 @@ def kinds_figure(path, seed=0, scale=2):
     return path
 
 
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="Draw one toy-V* item of each question kind as the tiny model sees it.")
+def main(argv=None):
+    p = checks.ArgumentParser(description="Draw one toy-V* item of each question kind as the tiny model sees it.")
     p.add_argument("png", help="output path, e.g. docs/kinds.png")
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     print(kinds_figure(a.png, a.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -11,29 +11,28 @@ Writes under OUT:
   val.jsonl, test_questions.jsonl  the held-out splits in V*'s test_questions.jsonl layout (image, text, category,
                                  question_id, label) plus bbox ([x, y, w, h], V* per-image json style),
                                  target_object, difficulty, kind, uid; OUT is a V*-layout folder for `evaluate.py`
-  test_by_kind.jsonl             a second held-out set in the same layout with --per-kind items of each kind
+  test_by_kind.jsonl             a second held-out set in the same layout with --per_kind items of each kind
                                  (easy / medium / hard / relative), so per-kind rates are not read off a handful
   card.json, card.md             counts, zoom histogram, the measured legibility table, a sample trajectory
 Same --seed, same files (byte for byte). Items are drawn per (seed, split, index), so --n only adds items.
 
 What the trajectories teach: each item's kind is drawn with the weights of --kinds. The agent answers from the main
 view where its reader reads the detail there AND the model reads that kind directly (--eyesight, measured: the tool-
-banned accuracy of the default SFT model per kind, at least --eyesight-bar), except for the --oracle-share of a
+banned accuracy of the default SFT model per kind, at least --eyesight_bar), except for the --oracle_share of a
 kind's items, where it trusts its own reader alone: a teacher with sharper eyes than the model (on "edge" items by
 default, the mistake GRPO's adaptive reward is there to undo). Each question's options come in one fixed order
-(--shuffle-options false), so that the letter follows from what was read: with V*'s shuffled options the 2-layer
-model has to look the letter up (the last thought restates the options; --option-orders N writes every search N
+(--shuffle_options false), so that the letter follows from what was read: with V*'s shuffled options the 2-layer
+model has to look the letter up (the last thought restates the options; --option_orders N writes every search N
 times with its options rotated, so the letters cannot be learnt by heart), and at 3,000 SFT steps it did not learn
 that lookup reliably (README "The built-in run").
 
 The resolution sweep's setting (sweep.py) is this build with a ladder of --resolutions, a generous
---view-max-pixels, other --periods, the agent's --acuity and --min-box, three --kinds, and an --eyesight given per
-rung ("medium@168=0.85": the model's direct accuracy on that kind at that resolution); --always-zoom true writes its
+--view_max_pixels, other --periods, the agent's --acuity and --min_box, three --kinds, and an --eyesight given per
+rung ("medium@168=0.85": the model's direct accuracy on that kind at that resolution); --always_zoom true writes its
 always-zoom baseline.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
@@ -43,7 +42,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -61,7 +60,7 @@ VERSION = 11
 
 # The default run's model's eyesight: per question kind, the share of test_by_kind.jsonl its greedy answers get right
 # with the zoom tool banned (sft.py's end-of-run `eval_no_zoom` per kind, README "data/"). The agent answers from the
-# main view only where this is at least --eyesight-bar and its own reader (synth.read_texture) reads the detail there.
+# main view only where this is at least --eyesight_bar and its own reader (synth.read_texture) reads the detail there.
 EYESIGHT = "easy=0.865,edge=0.335,medium=0.02,hard=0.035,relative=0.1"
 
 
@@ -97,19 +96,12 @@ class BuildConfig:
 
     @classmethod
     def from_args(cls, argv=None):
-        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        for f in fields(cls):
-            kind = checks.parse_bool if isinstance(f.default, bool) else type(f.default)
-            p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-        try:
-            return cls(**vars(p.parse_args(argv)))
-        except (TypeError, ValueError) as e:      # a value the options' checks refuse: argparse's error, exit 2
-            p.error(str(e))
+        return checks.parse_config(cls, argv, description=__doc__)
 
     def parsed_kinds(self, name):
         """The option `name` ('kind=number,...') as {kind: float} over synth.QUESTION_KINDS; ValueError naming the
         option otherwise."""
-        text, label, out = getattr(self, name), "--" + name.replace("_", "-"), {}
+        text, label, out = getattr(self, name), f"--{name}", {}
         for part in filter(None, checks.string(text, label, empty=True).split(",")):
             k, _, v = part.partition("=")
             if k.strip() not in synth.QUESTION_KINDS:
@@ -159,12 +151,12 @@ class BuildConfig:
                   option_orders=(1, True), table_items=(0, True), per_kind=(0, True))
 
     def __post_init__(self):
-        checks.options(self, label=lambda name: "--" + name.replace("_", "-"))
+        checks.options(self)
         for name in ("kinds", "rl_kinds"):
             if not any(v > 0 for v in self.parsed_kinds(name).values()):
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: give some kind a weight > 0")
+                raise ValueError(f"--{name} {getattr(self, name)!r}: give some kind a weight > 0")
         for k, v in self.parsed_kinds("oracle_share").items():
-            checks.number(v, f"--oracle-share {k}", 0, 1)
+            checks.number(v, f"--oracle_share {k}", 0, 1)
         for (k, R), v in self.parsed_eyesight().items():
             checks.number(v, f"--eyesight {k}" + (f"@{R}" if R else ""), 0, 1)
         self.parsed_periods(), self.parsed_colours(), self.parsed_resolutions()
@@ -224,7 +216,7 @@ def vstar_record(scene, image_rel, qid):
 def main_view_allowed(cfg, kind, split, i, resolution=None):
     """Whether the agent may answer item i of `split` (of question kind `kind`, at `resolution`) from the main view
     (where its reader reads the detail there): the model reads this kind directly at this resolution at least
-    --eyesight-bar of the time (a kind not given: always), or the item is one of the --oracle-share whose teacher
+    --eyesight_bar of the time (a kind not given: always), or the item is one of the --oracle_share whose teacher
     trusts its own reader (a draw of the item's own, not the scene's)."""
     eye = cfg.eyesight_at(kind, resolution)
     if eye is None or eye >= cfg.eyesight_bar:
@@ -457,7 +449,7 @@ def kind_markdown(card):
     bar = card["config"]["eyesight_bar"]
     s = (f"Per question kind (train items): what the agent's reader (synth.read_texture) reads in the main view, the "
          f"model's measured direct accuracy (--eyesight; the main view counts as legible where it is >= {bar:g}, "
-         f"or for the --oracle-share {card['config']['oracle_share']!r} of the items), and what the trajectories "
+         f"or for the --oracle_share {card['config']['oracle_share']!r} of the items), and what the trajectories "
          f"do.\n\n| kind | items | reader reads the main view | model reads it (measured) | trajectories answering "
          f"directly | mean zooms |\n|---|---|---|---|---|---|\n")
     for r in card.get("kinds", []):

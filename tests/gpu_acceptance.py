@@ -479,8 +479,9 @@ def _sft_dataset(root, n=16):
     return path, [m["content"] for r in rows for m in r["messages"]]
 
 
-SFT_ARGS = dict(epochs=0.0, batch_size=4, grad_accum=1, lr=5e-3, warmup_ratio=0.2, min_pixels=28 * 28,
-                max_pixels=56 * 56, freeze_vision="no", max_len=4096, save_every=0, progress=False)
+SFT_ARGS = {"epochs": 0.0, "batch_size": 4, "grad_accum": 1, "lr": 5e-3, "warmup_ratio": 0.2,
+            "eval.processor_min_pixels": 28 * 28, "eval.processor_max_pixels": 56 * 56, "freeze_vision": "no",
+            "max_len": 4096, "save_every": 0, "progress": False}
 
 
 def check_sft(ctx):
@@ -490,7 +491,8 @@ def check_sft(ctx):
                             intermediate_size=64, vision_hidden_size=32, vision_depth=2, vision_heads=2,
                             vision_intermediate_size=64, corpus=corpus, bpe_vocab_size=400)
     steps = 20
-    cfg = sft.TrainConfig(model=model_dir, data=data, out=ctx.path("sft", "run"), max_steps=steps, **SFT_ARGS)
+    cfg = sft.TrainConfig.from_dict(dict(model=model_dir, data=data, out=ctx.path("sft", "run"), max_steps=steps,
+                                         **SFT_ARGS))
     res = sft.train(cfg)
     losses = res["losses"]
     first, last = losses[0], float(np.mean(losses[-3:]))
@@ -518,7 +520,7 @@ def check_sft(ctx):
         rep.add("SKIP", "sft/torchrun", "needs CUDA (torchrun with NCCL); the CPU suite runs torchrun with gloo")
         return
     out = ctx.path("sft", "torchrun")
-    args = ["--model", model_dir, "--data", data, "--out", out, "--max_steps", "3", "--no-progress"]
+    args = ["--model", model_dir, "--data", data, "--out", out, "--max_steps", "3", "--progress", "false"]
     for k, v in SFT_ARGS.items():
         if k != "progress":
             args += [f"--{k}", str(v)]
@@ -562,11 +564,14 @@ def check_grpo(ctx):
     corpus = [m["content"].replace("<image>", "") for r in rows for m in r["messages"]]
     model_dir = tiny.make_tiny(ctx.path("grpo", "model"), corpus=corpus, bpe_vocab_size=500, init="train", **view)
     steps = 5 if ctx.cuda else 2
-    cfg = grpo.GRPOConfig(model=model_dir, data=os.path.join(synth, "rl_train.jsonl"), eval_data="",
-                          out=ctx.path("grpo", "run"), max_steps=steps, prompts_per_step=4, group_size=3, micro_batch=4,
-                          lr=1e-3, beta=0.01, max_new_tokens=12, max_turns=3, max_len=1024, drop_system=True,
-                          freeze_vision="no", save_every=0, progress=False, eval_start=False,
-                          compile=False, **view)   # the compiled step has cof's checks; two more compiles cost time
+    loops = {f"{loop}.{k}": v for loop in ("rollout", "eval") for k, v in
+             dict(processor_min_pixels=view["min_pixels"], processor_max_pixels=view["max_pixels"], system=False).items()}
+    cfg = grpo.GRPOConfig.from_dict(dict(
+        model=model_dir, data=os.path.join(synth, "rl_train.jsonl"), eval_data="", out=ctx.path("grpo", "run"),
+        max_steps=steps, prompts_per_step=4, group_size=3, micro_batch=4, lr=1e-3, beta=0.01, freeze_vision="no",
+        save_every=0, progress=False, eval_start=False, **loops, **{"rollout.max_new_tokens": 12,
+        "rollout.max_turns": 3, "rollout.max_model_len": 1024,
+        "rollout.compile": False}))   # the compiled step has cof's checks; two more compiles cost time
     res = grpo.train(cfg, reward_fn=_length_reward)
     hist = res["history"]
     finite = all(math.isfinite(h[k]) for h in hist for k in ("loss", "grad_norm", "kl", "reward", "logp_mismatch_max"))

@@ -621,7 +621,7 @@ def _sft_resume_cli(env):
     ckpt = _damage(env, "cli_state", "state.json", b"{oops")
     return sft.main(["--model", env.model, "--data", env.rows, "--out", os.path.dirname(ckpt), "--resume", ckpt,
                      "--max_steps", "2", "--batch_size", "1", "--grad_accum", "1", "--max_len", "512",
-                     "--eval_n", "0", "--no-progress", "--threads", "1"])
+                     "--eval_n", "0", "--progress", "false", "--threads", "1"])
 
 
 add("resume/sft_cli_damaged_state", _sft_resume_cli, Exits(1, "sft.py: error:", "state.json", RESUME))
@@ -648,12 +648,18 @@ argv_error(sft.main, "sft.py", {
     "dtype_choice": (["--dtype", "fp8"], "--dtype", "one of"),
     "freeze_choice": (["--freeze_vision", "maybe"], "--freeze_vision"),
     "unknown_option": (["--lerning_rate", "1"], "unrecognized arguments", "--lerning_rate"),
-    "pixels_inverted": (["--min_pixels", "5000", "--max_pixels", "100"], "--min_pixels", "larger than --max_pixels"),
+    "pixels_inverted": (["--eval.processor_min_pixels", "5000", "--eval.processor_max_pixels", "100"],
+                        "--eval.processor_min_pixels", "larger than --eval.processor_max_pixels"),
+    "bool_text": (["--eval_no_zoom", "maybe"], "--eval_no_zoom", "true/false"),
+    "nested_unknown": (["--eval.max_turn", "3"], "unrecognized arguments", "--eval.max_turn"),
+    "nested_bad": (["--eval.max_new_tokens", "0"], "--eval.max_new_tokens must be a whole number >= 1"),
 })
 argv_error(grpo.main, "grpo.py", {
     "group_size_zero": (["--group_size", "0"], "--group_size", ">= 1"),
-    "temperature_zero": (["--temperature", "0"], "--temperature", "> 0"),
-    "temperature_nan": (["--temperature", "nan"], "--temperature"),
+    "temperature_zero": (["--rollout.temperature", "0"], "--rollout.temperature", "> 0"),
+    "temperature_nan": (["--rollout.temperature", "nan"], "--rollout.temperature"),
+    "greedy_rollouts": (["--rollout.do_sample", "false"], "--rollout.do_sample", "must stay true"),
+    "loops_differ": (["--rollout.system", "true"], "--rollout.system True and --eval.system False differ"),
     "clip_low_one": (["--clip_low", "1"], "--clip_low", "< 1"),
     "clip_dual_half": (["--clip_dual", "0.5"], "--clip_dual", "> 1"),
     "seed_negative": (["--seed", "-1"], "--seed"),
@@ -679,19 +685,19 @@ argv_error(build.main, "data.build", {
     "kinds_nan": (["--kinds", "easy=nan"], "--kinds easy"),
     "kinds_all_zero": (["--kinds", "easy=0,hard=0"], "--kinds", "weight > 0"),
     "kinds_unknown": (["--kinds", "tricky=1"], "--kinds", "unknown kind"),
-    "rl_kinds_text": (["--rl-kinds", "easy=x"], "--rl-kinds easy"),
-    "oracle_share_above_one": (["--oracle-share", "edge=1.5"], "--oracle-share edge", "<= 1"),
+    "rl_kinds_text": (["--rl_kinds", "easy=x"], "--rl_kinds easy"),
+    "oracle_share_above_one": (["--oracle_share", "edge=1.5"], "--oracle_share edge", "<= 1"),
     "eyesight_unknown": (["--eyesight", "wide=0.5"], "--eyesight", "unknown kind"),
-    "eyesight_bar_above_one": (["--eyesight-bar", "2"], "--eyesight-bar", "<= 1"),
-    "option_orders_zero": (["--option-orders", "0"], "--option-orders", ">= 1"),
+    "eyesight_bar_above_one": (["--eyesight_bar", "2"], "--eyesight_bar", "<= 1"),
+    "option_orders_zero": (["--option_orders", "0"], "--option_orders", ">= 1"),
     "resolutions_text": (["--resolutions", "448,abc"], "--resolutions", "'abc'"),
     "resolutions_zero": (["--resolutions", "0"], "--resolutions", ">= 1"),
     "acuity_nan": (["--acuity", "nan"], "--acuity"),
-    "view_zero": (["--view-max-pixels", "0"], "--view-max-pixels"),
+    "view_zero": (["--view_max_pixels", "0"], "--view_max_pixels"),
     "periods_fine": (["--periods", "medium=1"], "stripe periods"),
     "periods_text": (["--periods", "medium:6"], "--periods"),
     "colours_unknown": (["--colours", "red,mauve"], "--colours", "mauve"),
-    "always_zoom_text": (["--always-zoom", "maybe"], "--always-zoom"),
+    "always_zoom_text": (["--always_zoom", "maybe"], "--always_zoom"),
 })
 argv_error(bench.main, "bench.py", {
     "model_reps_zero": (["model", "--reps", "0"], "--reps", ">= 1"),
@@ -744,7 +750,7 @@ argv_error(E.main, "evaluate.py", {
     "cfg_bool": (["ask", "--model", "{model}", "--image", "{png}", "--question", "q", "--cfg", "do_sample=ture"],
                  "--cfg do_sample=ture"),
     "eval_batch_zero": (["--model", "{model}", "--bench", "vstar", "--data", "{vstar}", "--out", "{tmp}/o.jsonl",
-                         "--batch-size", "0"], "--batch-size", ">= 1"),
+                         "--batch_size", "0"], "--batch_size", ">= 1"),
     "eval_limit_negative": (["--model", "{model}", "--bench", "vstar", "--data", "{vstar}", "--out",
                              "{tmp}/o.jsonl", "--limit", "-1"], "--limit"),
     "eval_resolutions_text": (["--model", "{model}", "--bench", "vstar", "--data", "{vstar}", "--out",
@@ -770,7 +776,7 @@ add("gpu_acceptance/threads_negative", lambda env: __import__("gpu_acceptance").
 add("gpu_acceptance/device_unknown", lambda env: __import__("gpu_acceptance")._parse(["--device", "tpu"]),
     Exits(2, "--device", "invalid choice"))
 add("data.build/out_is_a_file", lambda env: build.main(["--out", env.png, "--n", "1", "--rl", "0", "--val", "0",
-                                                         "--test", "0", "--per-kind", "0", "--table-items", "0"]),
+                                                         "--test", "0", "--per_kind", "0", "--table_items", "0"]),
     Exits(1, "data.build: error:", "img.png"))
 add("sft.py/data_missing", lambda env: sft.main(["--model", env.model, "--data", env.path("none.json"), "--out",
                                                  env.path("o"), "--max_steps", "1"]),

@@ -7,7 +7,7 @@ def test_bench_cof_baseline_gives_the_same_tokens(capsys):
     """`python bench.py cof`: the re-encode baseline (the spec loop, cof.reference_run), the one-cache loop and the
     batched loop make the same trajectories (forced zooms on a random model), so the table compares costs of one
     computation."""
-    rows = bench.main(["cof", "--n", "2", "--hidden", "64", "--layers", "2", "--new-tokens", "6", "--zooms", "2"])
+    rows = bench.main(["cof", "--n", "2", "--hidden", "64", "--layers", "2", "--new_tokens", "6", "--zooms", "2"])
     assert [r["same_tokens_as_baseline"] for r in rows] == [True, True, True, True]
     assert [r["zooms"] for r in rows] == [2.0, 2.0, 2.0, 2.0]
     assert "re-encode each turn" in capsys.readouterr().out

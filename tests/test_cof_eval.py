@@ -284,7 +284,7 @@ def test_cli_single_and_eval(tiny_dir, vstar_dir, tmp_path, capsys):
     assert Image.open(tmp_path / "trace.png").width == 640 + (220 + 20) + 30   # panel, (empty) crop column, margins
     res = tmp_path / "ev.jsonl"
     rows = E.main(["--model", tiny_dir, "--bench", "vstar", "--data", vstar_dir, "--out", str(res),
-                   "--device", "cpu", "--resolutions", "orig,112", "--cfg", "max_new_tokens=4", "--batch-size", "3"])
+                   "--device", "cpu", "--resolutions", "orig,112", "--cfg", "max_new_tokens=4", "--batch_size", "3"])
     assert [r["n"] for r in rows] == [3, 3] and len(open(res).readlines()) == 6
     assert [r["resolution"] for r in rows] == ["orig", 112]
     assert E.summarize(list(E.load_results(str(res)).values())) == rows

@@ -220,8 +220,8 @@ def test_zoom_counts_follow_difficulty_at_the_working_resolution():
 
 
 def test_kind_weights_decide_where_items_are():
-    """--kinds / --rl-kinds: each split draws item kinds with its weights (a weight of 0 never appears), and the
-    by-kind set has exactly --per-kind items of every kind --kinds weighs (the same items as with every kind on)."""
+    """--kinds / --rl_kinds: each split draws item kinds with its weights (a weight of 0 never appears), and the
+    by-kind set has exactly --per_kind items of every kind --kinds weighs (the same items as with every kind on)."""
     cfg = build.BuildConfig(kinds="easy=1,hard=3", rl_kinds="edge=1,relative=1,medium=2", per_kind=2)
     kinds = lambda items: [synth.question_kind(s.category, s.difficulty) for s in items]  # noqa: E731
     train = kinds(build._items(cfg, "train", 400))
@@ -234,13 +234,13 @@ def test_kind_weights_decide_where_items_are():
     for bad in ("easy=abc", "wide=1", "easy=-1", "easy=nan"):
         with pytest.raises(ValueError, match="--kinds"):
             build._items(build.BuildConfig(kinds=bad), "train", 1)
-    with pytest.raises(ValueError, match="--rl-kinds .* weight > 0"):
+    with pytest.raises(ValueError, match="--rl_kinds .* weight > 0"):
         build._items(build.BuildConfig(rl_kinds="easy=0"), "rl", 1, "rl_kinds")
 
 
 def test_trajectories_follow_the_eyesight_rule(tmp_path):
     """The agent answers from the main view only where the model's measured eyesight for the kind reaches the bar (and
-    its reader reads the detail there), or for the --oracle-share of a kind's items; everything else zooms."""
+    its reader reads the detail there), or for the --oracle_share of a kind's items; everything else zooms."""
     cfg = build.BuildConfig(out=str(tmp_path), seed=2, eyesight="easy=0.9,edge=0.5", eyesight_bar=0.8,
                             oracle_share="edge=0.6")
     allowed = [build.main_view_allowed(cfg, "edge", "train", i) for i in range(3000)]
@@ -275,7 +275,7 @@ def test_trajectories_follow_the_eyesight_rule(tmp_path):
 
 
 def test_option_orders_rotate_the_letters_not_the_search(tmp_path):
-    """--option-orders N: each search gives N rows with the options rotated 0..N-1 places: the same images and
+    """--option_orders N: each search gives N rows with the options rotated 0..N-1 places: the same images and
     thoughts up to the last one, whose restated options, letter and <answer> follow the rotated question."""
     cfg = build.BuildConfig(out=str(tmp_path), seed=4, shuffle_options=True)
     scenes = synth.make_split(4, "train", 5)

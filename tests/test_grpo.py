@@ -24,6 +24,10 @@ import tokenizer as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIEW = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+# the trainers' options for the tiny model's view: both loops see images through its processor limits, without the
+# rows' system turn
+LOOPS = {f"{loop}.{key}": value for loop in ("rollout", "eval") for key, value in
+         dict(processor_min_pixels=VIEW["min_pixels"], processor_max_pixels=VIEW["max_pixels"], system=False).items()}
 
 
 def call(b):
@@ -50,11 +54,12 @@ ADAM_EPS = 1e-6
 
 def _cfg(setup, out, **kw):
     base = dict(model=setup["model"], data=setup["data"], eval_data="", out=str(setup["root"] / out), max_steps=4,
-                prompts_per_step=4, group_size=3, micro_batch=4, lr=1e-3, beta=0.01, max_new_tokens=12, max_turns=3,
-                max_len=1024, drop_system=True, freeze_vision="no", save_every=2, progress=False, threads=1,
-                eval_start=False, **VIEW)
+                prompts_per_step=4, group_size=3, micro_batch=4, lr=1e-3, beta=0.01, freeze_vision="no", save_every=2,
+                progress=False, threads=1, eval_start=False, **LOOPS, **{"rollout.max_new_tokens": 12,
+                                                                         "rollout.max_turns": 3,
+                                                                         "rollout.max_model_len": 1024})
     base.update(kw)
-    return grpo.GRPOConfig(**base)
+    return grpo.GRPOConfig.from_dict(base)
 
 
 # ---- advantages and rewards ----------------------------------------------------------------------------------------
@@ -335,12 +340,12 @@ def test_resume_is_exact(setup, compiled):
     for, which a resumed process meets at another step, so log-probs can differ in the last bits."""
     from grpo_runner import length_reward
     tag = "compiled" if compiled else "eager"
-    full = grpo.train(_cfg(setup, f"full-{tag}", compile=compiled), reward_fn=length_reward)
+    full = grpo.train(_cfg(setup, f"full-{tag}", **{"rollout.compile": compiled}), reward_fn=length_reward)
     assert len(full["history"]) == 4 and any(abs(h["loss"]) > 0 for h in full["history"])
     out = setup["root"] / f"resumed-{tag}"
     os.makedirs(out)
     shutil.copytree(setup["root"] / f"full-{tag}" / "ckpt-000002", out / "ckpt-000002")
-    res = grpo.train(_cfg(setup, f"resumed-{tag}", compile=compiled, resume=str(out / "ckpt-000002")),
+    res = grpo.train(_cfg(setup, f"resumed-{tag}", resume=str(out / "ckpt-000002"), **{"rollout.compile": compiled}),
                      reward_fn=length_reward)
     assert res["start"] == 2
     same = ("reward", "response_tokens")                            # the same samples either way
@@ -368,9 +373,10 @@ def test_torchrun_two_ranks_equal_one_process(setup):
     loss is normalised by the global token count, so the updates agree."""
     conf = lambda out: json.dumps(dict(model=setup["model"], data=setup["data"], out=str(setup["root"] / out),  # noqa
                                        max_steps=3, prompts_per_step=4, group_size=3, micro_batch=2, rollout_batch=1,
-                                       lr=1e-3, beta=0.01, max_new_tokens=12, max_turns=3, max_len=1024,
-                                       drop_system=True, freeze_vision="no", save_every=0, progress=False, threads=1,
-                                       eval_start=False, adam_eps=ADAM_EPS, **VIEW))
+                                       lr=1e-3, beta=0.01, freeze_vision="no", save_every=0, progress=False, threads=1,
+                                       eval_start=False, adam_eps=ADAM_EPS, **LOOPS,
+                                       **{"rollout.max_new_tokens": 12, "rollout.max_turns": 3,
+                                          "rollout.max_model_len": 1024}))
     _run([conf("one")])
     _run([conf("two")], nproc=2)
     a, b = _losses(str(setup["root"] / "one")), _losses(str(setup["root"] / "two"))
@@ -386,9 +392,9 @@ def test_torchrun_two_ranks_equal_one_process(setup):
 def test_cli_default_reward_logs_per_kind(setup):
     args = ["--model", setup["model"], "--data", setup["data"], "--eval_data", setup["val"], "--out",
             str(setup["root"] / "cli"), "--max_steps", "2", "--prompts_per_step", "4", "--group_size", "2",
-            "--micro_batch", "8", "--max_new_tokens", "8", "--max_turns", "2", "--eval_n", "4",
-            "--eval_max_new_tokens", "8", "--eval_max_turns", "2", "--drop_system", "--threads", "1", "--no-progress",
-            "--min_pixels", str(VIEW["min_pixels"]), "--max_pixels", str(VIEW["max_pixels"])]
+            "--micro_batch", "8", "--rollout.max_new_tokens", "8", "--rollout.max_turns", "2", "--eval_n", "4",
+            "--eval.max_new_tokens", "8", "--eval.max_turns", "2", "--threads", "1", "--progress", "false"]
+    args += [a for k, v in LOOPS.items() for a in (f"--{k}", str(v).lower())]
     _, out, _ = _run(args, script="grpo.py")
     rows = [json.loads(l) for l in open(setup["root"] / "cli" / "metrics.jsonl")]
     train_rows = [r for r in rows if "reward" in r]
@@ -416,7 +422,7 @@ def test_one_line_errors(setup, case):
         open(data, "w").write('{"prompt": [\n')
         want = re.escape(data) + ".*line 1 is not valid JSON"
     rc, out, err = _run(["--model", model_dir, "--data", data, "--out", str(setup["root"] / f"err-{case}"),
-                         "--max_steps", "1", "--no-progress"], script="grpo.py", check=False)
+                         "--max_steps", "1", "--progress", "false"], script="grpo.py", check=False)
     assert rc == 1 and re.search("grpo.py: error: " + want, err), err[-2000:]
     assert "Traceback" not in err
 

@@ -198,7 +198,8 @@ def test_metrics_of_a_resumed_run_have_no_duplicate_steps(tmp_path):
     (["--lr", "inf"], "--lr must be a finite number"), (["--lr", "nan"], "--lr must be a finite number"),
     (["--min_lr_ratio", "nan"], "--min_lr_ratio must be a finite number"),
     (["--max_steps", "-5"], "--max_steps must be a whole number >= 0, got -5"),
-    (["--log_every", "0"], "--log_every must be a whole number >= 1"), (["--max_pixels", "0"], "--max_pixels must be a whole number >= 1"),
+    (["--log_every", "0"], "--log_every must be a whole number >= 1"),
+    (["--eval.processor_max_pixels", "0"], "--eval.processor_max_pixels must be a whole number >= 1"),
     (["--batch_size", "-1"], "--batch_size must be a whole number >= 1"),
     (["--beta2", "1"], "--beta2 must be a finite number >= 0 and < 1, got 1.0"),
     (["--seed", "-1"], "--seed must be a whole number >= 0 and <= 4294967295, got -1"),
@@ -250,7 +251,8 @@ def test_rows_are_checked_for_what_training_reads(tmp_path):
     def row(img, text="<image> Question: what?"):
         return {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "<answer>A</answer>"}],
                 "images": [img]}
-    cfg = sft.TrainConfig(max_len=4096, min_pixels=28 * 28, max_pixels=64 * 64)
+    cfg = sft.TrainConfig.from_dict({"max_len": 4096, "eval.processor_min_pixels": 28 * 28,
+                                     "eval.processor_max_pixels": 64 * 64})
     for img, words in (("not_an_image.png", "cannot read it as an image"), ("cut.png", "cannot read it as an image")):
         (tmp_path / "rows.json").write_text(json.dumps([row(img)]))
         with pytest.raises(sft.BadRow, match=re.escape(str(tmp_path / "rows.json")) + ", row 0, images\\[0\\]: .*" + words):

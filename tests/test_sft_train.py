@@ -68,10 +68,10 @@ def setup(tmp_path_factory):
 
 def _cfg(setup, out, **kw):
     base = dict(model=setup["model"], data=setup["data"], out=str(setup["root"] / out), epochs=0.0, max_steps=6,
-                batch_size=2, grad_accum=2, lr=3e-3, warmup_ratio=0.2, min_pixels=28 * 28, max_pixels=56 * 56,
-                freeze_vision="no", max_len=4096, save_every=3, progress=False, threads=1)
+                batch_size=2, grad_accum=2, lr=3e-3, warmup_ratio=0.2, freeze_vision="no", max_len=4096, save_every=3,
+                progress=False, threads=1, **{"eval.processor_min_pixels": 28 * 28, "eval.processor_max_pixels": 56 * 56})
     base.update(kw)
-    return sft.TrainConfig(**base)
+    return sft.TrainConfig.from_dict(base)
 
 
 def test_loss_goes_down(setup):
@@ -143,13 +143,14 @@ def test_cached_samples_equal_fresh_ones_and_the_processor(setup):
     pixel values are model.preprocess_image's (the processor) for every image of the row."""
     from crop_kernels import load_image
     tok = T.Tokenizer.from_pretrained(setup["model"])
-    cfg = _cfg(setup, "unused", max_pixels=56 * 28)        # 56x56 main images are resized to 28x28, 56x28 crops kept
+    cfg = _cfg(setup, "unused", **{"eval.processor_max_pixels": 56 * 28})   # 56x56 main images -> 28x28, 56x28 crops kept
     rows, _ = sft.load_rows(setup["data"], tok, cfg)
     cached, fresh = sft.SFTData(rows, tok, cfg, cache=True), sft.SFTData(rows, tok, cfg)
     for i in (0, 1, 0):
         a, b = cached[i], fresh[i]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        want = [ck.preprocess_image(load_image(p), cfg.min_pixels, cfg.max_pixels) for p in rows[i]["images"]]
+        want = [ck.preprocess_image(load_image(p), cfg.eval.processor_min_pixels, cfg.eval.processor_max_pixels)
+                for p in rows[i]["images"]]
         assert torch.equal(a["pixel_values"], torch.cat([pv for pv, _ in want]))
         assert torch.equal(a["image_grid_thw"], torch.cat([g for _, g in want]))
         assert a["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4]]
@@ -193,8 +194,9 @@ def _losses(out):
                                          ("fsdp", ["--lora_rank", "4", "--lora_targets", "q_proj,v_proj"])])
 def test_torchrun_two_ranks_equal_one_process(setup, mode, extra):
     common = ["--model", setup["model"], "--data", setup["data"], "--max_steps", "4", "--lr", "3e-3",
-              "--min_pixels", str(28 * 28), "--max_pixels", str(56 * 56), "--freeze_vision", "no",
-              "--save_every", "0", "--no-progress", "--threads", "1", "--max_len", "4096"] + extra
+              "--eval.processor_min_pixels", str(28 * 28), "--eval.processor_max_pixels", str(56 * 56),
+              "--freeze_vision", "no", "--save_every", "0", "--progress", "false", "--threads", "1", "--max_len", "4096"
+              ] + extra
     one, two = str(setup["root"] / f"one-{mode}"), str(setup["root"] / f"two-{mode}")
     _run(common + ["--out", one, "--batch_size", "1", "--grad_accum", "4"])
     _run(common + ["--out", two, "--batch_size", "1", "--grad_accum", "2", "--dist", mode], nproc=2)

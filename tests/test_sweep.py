@@ -78,10 +78,10 @@ def test_always_zoom_zooms_where_the_adaptive_agent_answers_directly():
     adaptive, always = _search(sc, 224, sweep.ACUITY), _search(sc, 224, sweep.ACUITY, always_zoom=True)
     assert adaptive.success and adaptive.zooms == []
     assert always.success and len(always.zooms) == 1 and always.final.letter == sc.label
-    cfg = build.BuildConfig.from_args(["--always-zoom", "true", "--acuity", "5", "--periods", sweep.PERIODS])
+    cfg = build.BuildConfig.from_args(["--always_zoom", "true", "--acuity", "5", "--periods", sweep.PERIODS])
     assert cfg.always_zoom is True and cfg.acuity == 5.0
     with pytest.raises(SystemExit):
-        build.BuildConfig.from_args(["--always-zoom", "maybe"])
+        build.BuildConfig.from_args(["--always_zoom", "maybe"])
 
 
 def test_eyesight_table_is_the_build_option():

@@ -12,14 +12,14 @@ the model did not have: zooming helps because the small detail, blown up, covers
   * the scene (data/synth.py, 448 px, 4 x 4 cells) is resized to each rung of LADDER (long side 56 to 224 px) and
     seen at that size (VIEW_MAX_PIXELS = 224 x 224; the loop shows rungs under 112 px at 112, blurred): 16 tokens
     at the bottom, 64 at the top, few enough for a 2-layer model to find the target among;
-  * three kinds of direction question (KIND_WEIGHTS): easy (a big object, stripes of 16 px of the scene), medium
-    (a small object, one token at the top rung, 12 px) and hard (a 28 px tag on a big object, 12 px), so that each
-    kind's stripes go from gone (under ~2 px of the image) to legible only after a zoom to legible directly as
-    the rung grows (results.md's last table, measured with the agent's reader);
+  * two kinds of direction question (KIND_WEIGHTS): easy (a big object, stripes of 16 px of the scene) and medium
+    (a small object, one token at the top rung, 14 px), so that each kind's stripes go from gone (under ~2 px of
+    the image) to legible only after a zoom to legible directly as the rung grows (results.md's last table,
+    measured with the agent's reader); the tag and patch kinds are left out: the tiny model read them near chance;
   * the search agent answers from the main view only where the model reads that kind directly at that rung at
-    least 80% of the time (EYESIGHT: the tool-banned accuracy, on val items, of a CoF-SFT model trained with the
-    reader's rule alone, 5 px acuity) and its reader reads it there; elsewhere it zooms. results.md prints this
-    table next to the direct model's accuracy in this run.
+    least EYESIGHT_BAR of the time (EYESIGHT: the tool-banned accuracy, on items of another seed, of a CoF-SFT
+    model trained with the reader's rule alone, 5 px acuity) and its reader reads it there; elsewhere it zooms.
+    results.md prints this table next to the direct model's accuracy in this run.
 Both SFT models are fine-tuned from the default run's SFT checkpoint (`python sft.py`, trained first if missing), which
 already reads stripes of 5-7 px, knows the colours, the grid words and the tool-call format. Trained from scratch on
 this setting's rows, the tiny model learnt where to zoom but read no better than chance in 2,500 steps

@@ -27,7 +27,7 @@ times with its options rotated, so the letters cannot be learnt by heart), and a
 that lookup reliably (README "The built-in run").
 
 The resolution sweep's setting (sweep.py) is this build with a ladder of --resolutions, a generous
---view_max_pixels, other --periods, the agent's --acuity and --min_box, three --kinds, and an --eyesight given per
+--view_max_pixels, other --periods, the agent's --acuity and --min_box, fewer --kinds, and an --eyesight given per
 rung ("medium@168=0.85": the model's direct accuracy on that kind at that resolution); --always_zoom true writes its
 always-zoom baseline.
 """
